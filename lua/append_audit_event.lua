@@ -1,0 +1,31 @@
+-- append_audit_event: a host-authored event after the run's last sequence.
+--
+-- KEYS[1..7]  the queue keys (see include/common.lua)
+-- KEYS[8]     <P>:{Q}:run:<run_id>         HASH the run
+-- KEYS[9]     <P>:{Q}:run:<run_id>:events  STREAM its events
+-- ARGV[1] key base   ARGV[2] run_id   ARGV[3] type
+-- ARGV[4] data (JSON object)   ARGV[5] metadata (JSON object or '')
+-- ARGV[6] max JSON bytes
+-- Allowed on finished runs too (the stream then keeps the run's expiry).
+-- Returns {sequence, created_at_ms}. Errors: NOT_FOUND.
+local rid = ARGV[2]
+check_id('run_id', rid)
+check_id('event type', ARGV[3])
+local max_bytes = check_int('max JSON bytes', ARGV[6], 1, 512 * 1024 * 1024)
+if ARGV[4] == '' then fail('INVALID', 'event data must be a JSON object') end
+check_json('event data', ARGV[4], '{', '}', max_bytes)
+check_json('event metadata', ARGV[5], '{', '}', max_bytes)
+
+local rk, sk = KEYS[8], KEYS[9]
+if redis.call('EXISTS', rk) == 0 then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
+local last = 0
+local top = redis.call('XREVRANGE', sk, '+', '-', 'COUNT', 1)
+if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
+local seq = last + 1
+local now = now_ms()
+local f = { 'type', ARGV[3], 'data', ARGV[4], 'source', 'host', 'created_at', now }
+if ARGV[5] ~= '' then f[#f + 1] = 'metadata'; f[#f + 1] = ARGV[5] end
+redis.call('XADD', sk, seq .. '-0', unpack(f))
+local ttl = redis.call('PTTL', rk)
+if ttl > 0 then redis.call('PEXPIRE', sk, ttl) end
+return { seq, now }

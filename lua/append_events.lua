@@ -1,0 +1,95 @@
+-- append_events: append one or more events to a run's stream, in one call.
+--
+-- KEYS[1..7]  the queue keys (see include/common.lua)
+-- KEYS[8]     <P>:{Q}:run:<run_id>         HASH the run
+-- KEYS[9]     <P>:{Q}:run:<run_id>:events  STREAM its events, entry id <sequence>-0
+-- ARGV[1] key base   ARGV[2] run_id
+-- ARGV[3] claim token ('' = host call without fencing)
+-- ARGV[4] max JSON bytes
+-- ARGV[5..] 7 values per event: sequence, type, data (JSON object),
+--   usage (JSON object or ''), source, artifact_refs (JSON array or ''),
+--   metadata (JSON object or '')
+-- Returns one {sequence, created_at_ms, 1 = appended | 0 = identical retry} per event.
+--
+-- A sequence that already exists is an idempotent retry when its content is
+-- the same and a CONFLICT when it differs. A new sequence must be above the
+-- stream's last one (OUT_OF_ORDER otherwise) and the run must not be finished
+-- (FINISHED). A token that no longer holds the run is STALE_TOKEN. Every event
+-- is checked before the first one is written, so a batch lands whole or not at all.
+local B = ARGV[1]
+local rid = ARGV[2]
+check_id('run_id', rid)
+local token = ARGV[3]
+local max_bytes = check_int('max JSON bytes', ARGV[4], 1, 512 * 1024 * 1024)
+local n = (#ARGV - 4) / 7
+if n < 1 or n ~= math.floor(n) then fail('INVALID', 'events must come as 7 values each, at least one') end
+local events = {}
+for i = 0, n - 1 do
+  local a = 5 + i * 7
+  local e = {
+    seq = check_int('sequence', ARGV[a], 1, 1e15), type = ARGV[a + 1], data = ARGV[a + 2],
+    usage = ARGV[a + 3], source = ARGV[a + 4], artifact_refs = ARGV[a + 5], metadata = ARGV[a + 6],
+  }
+  check_id('event type', e.type)
+  check_id('event source', e.source)
+  if e.data == '' then fail('INVALID', 'event data must be a JSON object') end
+  check_json('event data', e.data, '{', '}', max_bytes)
+  check_json('event usage', e.usage, '{', '}', max_bytes)
+  check_json('event artifact_refs', e.artifact_refs, '[', ']', max_bytes)
+  check_json('event metadata', e.metadata, '{', '}', max_bytes)
+  events[#events + 1] = e
+end
+
+local rk, sk = KEYS[8], KEYS[9]
+local h = route_fields(rk)
+if not h then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
+if token ~= '' and (h.status ~= 'claimed' or h.claim_token ~= token) then
+  fail('STALE_TOKEN', 'run ' .. rid .. ' is no longer held with this claim token (status ' .. h.status .. ')')
+end
+
+local last = 0
+local top = redis.call('XREVRANGE', sk, '+', '-', 'COUNT', 1)
+if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
+
+local function same(fields, e)
+  local m = {}
+  for j = 1, #fields, 2 do m[fields[j]] = fields[j + 1] end
+  return m.type == e.type and m.data == e.data and m.source == e.source and (m.usage or '') == e.usage
+    and (m.artifact_refs or '') == e.artifact_refs and (m.metadata or '') == e.metadata, m.created_at
+end
+
+-- First pass: decide every event without writing.
+local out = {}
+local high = last
+for i, e in ipairs(events) do
+  if e.seq <= high then
+    local found = e.seq <= last and redis.call('XRANGE', sk, e.seq .. '-0', e.seq .. '-0')[1]
+    if not found then
+      fail('OUT_OF_ORDER', 'event sequence ' .. e.seq .. ' of run ' .. rid .. ' is not above the last one (' .. high .. ')')
+    end
+    local equal, created = same(found[2], e)
+    if not equal then
+      fail('CONFLICT', 'event sequence ' .. e.seq .. ' of run ' .. rid .. ' already exists with other content')
+    end
+    out[i] = { e.seq, created, 0 }
+  else
+    if TERMINAL[h.status] then
+      fail('FINISHED', 'run ' .. rid .. ' is ' .. h.status .. '; it takes no new events')
+    end
+    high = e.seq
+    out[i] = false
+  end
+end
+
+local now = now_ms()
+for i, e in ipairs(events) do
+  if not out[i] then
+    local f = { 'type', e.type, 'data', e.data, 'source', e.source, 'created_at', now }
+    if e.usage ~= '' then f[#f + 1] = 'usage'; f[#f + 1] = e.usage end
+    if e.artifact_refs ~= '' then f[#f + 1] = 'artifact_refs'; f[#f + 1] = e.artifact_refs end
+    if e.metadata ~= '' then f[#f + 1] = 'metadata'; f[#f + 1] = e.metadata end
+    redis.call('XADD', sk, e.seq .. '-0', unpack(f))
+    out[i] = { e.seq, now, 1 }
+  end
+end
+return out

@@ -1,0 +1,52 @@
+-- finalize_run: move a run to a terminal status, with usage, cost and metadata.
+--
+-- KEYS[1..7]  the queue keys (see include/common.lua)
+-- KEYS[8]     <P>:{Q}:run:<run_id>  HASH the run
+-- ARGV[1] key base   ARGV[2] run_id
+-- ARGV[3] status: completed | failed | cancelled | timeout
+-- ARGV[4] status_reason ('' = keep)
+-- ARGV[5] usage JSON object ('' = keep)   ARGV[6] cost JSON object ('' = keep)
+-- ARGV[7] '1' when ARGV[8..9] carry metadata, else '0'
+-- ARGV[8] the run's metadata as the client read it ('' = none): a compare-and-set
+--         guard, because the client merged the new keys into it
+-- ARGV[9] merged metadata JSON object
+-- ARGV[10] claim token ('' = host call without fencing)
+-- ARGV[11] max JSON bytes   ARGV[12] retention ms
+-- Returns {1 = finished now | 0 = already had this status, HGETALL...}.
+-- Errors: NOT_FOUND, STALE_TOKEN, CONFLICT (finished with another status),
+-- RETRY (metadata changed since the client read it; the library retries).
+local B = ARGV[1]
+local rid = ARGV[2]
+check_id('run_id', rid)
+local status = ARGV[3]
+if not TERMINAL[status] then
+  fail('INVALID', "finalize status must be completed, failed, cancelled or timeout, got '" .. status .. "'")
+end
+check_text('status_reason', ARGV[4], 4096)
+local max_bytes = check_int('max JSON bytes', ARGV[11], 1, 512 * 1024 * 1024)
+check_json('usage', ARGV[5], '{', '}', max_bytes)
+check_json('cost', ARGV[6], '{', '}', max_bytes)
+local with_meta = ARGV[7] == '1'
+if with_meta then check_json('metadata', ARGV[9], '{', '}', max_bytes) end
+local token = ARGV[10]
+local retention = check_int('retention ms', ARGV[12], 0, 1e13)
+
+local rk = KEYS[8]
+local h = route_fields(rk)
+if not h then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
+if TERMINAL[h.status] then
+  if h.status == status then return { 0, hgetall(rk) } end
+  fail('CONFLICT', 'run ' .. rid .. ' is already ' .. h.status .. '; it cannot become ' .. status)
+end
+if token ~= '' and (h.status ~= 'claimed' or h.claim_token ~= token) then
+  fail('STALE_TOKEN', 'run ' .. rid .. ' is no longer held with this claim token (status ' .. h.status .. ')')
+end
+if with_meta then
+  local current = redis.call('HGET', rk, 'metadata') or ''
+  if current ~= ARGV[8] then fail('RETRY', 'metadata of run ' .. rid .. ' changed meanwhile') end
+  redis.call('HSET', rk, 'metadata', ARGV[9])
+end
+if ARGV[5] ~= '' then redis.call('HSET', rk, 'usage', ARGV[5]) end
+if ARGV[6] ~= '' then redis.call('HSET', rk, 'cost', ARGV[6]) end
+finish(B, rid, h, status, ARGV[4], now_ms(), retention)
+return { 1, hgetall(rk) }

@@ -1,0 +1,210 @@
+-- common.lua: helpers shared by every runledger script.
+--
+-- The Rust side prepends this file to each script in lua/ before loading it,
+-- so each operation is still one self-contained EVALSHA.
+--
+-- Queue scripts share one KEYS layout (all keys of one queue, one hash slot):
+--   KEYS[1] <P>:{Q}:queued     ZSET unpinned queued runs, score = lane score
+--   KEYS[2] <P>:{Q}:leases     ZSET claimed runs, score = lease expiry (ms)
+--   KEYS[3] <P>:{Q}:delayed    ZSET queued runs not due yet, score = due time (ms)
+--   KEYS[4] <P>:{Q}:deadlines  ZSET unfinished runs with a deadline, score = deadline (ms)
+--   KEYS[5] <P>:{Q}:finished   ZSET finished runs, score = finished_at (ms)
+--   KEYS[6] <P>:{Q}:stats      HASH cumulative counters
+--   KEYS[7] <P>:{Q}:wake       LIST at most one wake-up token for blocked workers
+-- ARGV[1] is always the queue's key base `<P>:{Q}:`. Keys that depend on a
+-- run's stored fields (its hash, event stream, runner lane, pinned lane, list
+-- indexes) are built from it inside the script: they carry the same hash tag,
+-- so the script never leaves the queue's slot.
+--
+-- Errors are raised as `CODE message`; codes: INVALID, NOT_FOUND, STALE_TOKEN,
+-- CONFLICT, FINISHED, OUT_OF_ORDER, DEADLINE. Every script validates all of
+-- its arguments before its first write.
+
+local K = {
+  queued = KEYS[1], leases = KEYS[2], delayed = KEYS[3], deadlines = KEYS[4],
+  finished = KEYS[5], stats = KEYS[6], wake = KEYS[7],
+}
+
+local TERMINAL = { completed = true, failed = true, cancelled = true, timeout = true }
+
+-- Lane score: priority descending, then creation order (the global run id).
+-- 2^42 ids per priority band; priorities are bounded to [-1000, 1000], so the
+-- largest score (2000 * 2^42) stays an exact double.
+local BAND = 4398046511104
+
+local function fail(code, msg)
+  error({ err = code .. ' ' .. msg })
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function fmt(n)
+  return string.format('%.0f', n)
+end
+
+local function check_id(name, v)
+  if v == nil or v == '' then fail('INVALID', name .. ' must not be empty') end
+  if #v > 200 then fail('INVALID', name .. ' is longer than 200 bytes') end
+  if string.find(v, '[%c{}]') then
+    fail('INVALID', name .. ' must not contain control characters, { or }')
+  end
+end
+
+local function check_opt_id(name, v)
+  if v ~= '' then check_id(name, v) end
+end
+
+local function check_int(name, v, lo, hi)
+  local n = tonumber(v)
+  if n == nil or n ~= math.floor(n) or n < lo or n > hi then
+    fail('INVALID', name .. ' must be an integer in [' .. fmt(lo) .. ', ' .. fmt(hi) .. '], got ' .. tostring(v))
+  end
+  return n
+end
+
+local function check_opt_int(name, v, lo, hi)
+  if v == '' then return nil end
+  return check_int(name, v, lo, hi)
+end
+
+-- A cheap shape check; the client has already parsed the JSON with serde.
+local function check_json(name, v, open, close, max_bytes)
+  if v == '' then return end
+  if #v > max_bytes then
+    fail('INVALID', name .. ' is ' .. #v .. ' bytes, over the limit of ' .. max_bytes)
+  end
+  if string.sub(v, 1, 1) ~= open or string.sub(v, -1) ~= close then
+    fail('INVALID', name .. ' must be a JSON ' .. (open == '{' and 'object' or 'array'))
+  end
+end
+
+local function check_text(name, v, max_bytes)
+  if #v > max_bytes then fail('INVALID', name .. ' is longer than ' .. max_bytes .. ' bytes') end
+end
+
+local function lane_score(priority, id)
+  return (1000 - priority) * BAND + id
+end
+
+-- Puts a queued run into the lane it is claimed from.
+local function lane_add(B, rid, h)
+  local score = lane_score(tonumber(h.priority), tonumber(h.id))
+  if h.requested_runtime_id then
+    redis.call('ZADD', B .. 'pinned:' .. h.requested_runtime_id, score, rid)
+    redis.call('SADD', B .. 'pins', h.requested_runtime_id)
+  else
+    redis.call('ZADD', K.queued, score, rid)
+    redis.call('ZADD', B .. 'runner:' .. h.runner_id, score, rid)
+  end
+end
+
+local function lane_remove(B, rid, h)
+  if h.requested_runtime_id then
+    redis.call('ZREM', B .. 'pinned:' .. h.requested_runtime_id, rid)
+  else
+    redis.call('ZREM', K.queued, rid)
+    redis.call('ZREM', B .. 'runner:' .. h.runner_id, rid)
+  end
+end
+
+-- Wakes one blocked worker; the list never holds more than one token.
+local function wake()
+  redis.call('LPUSH', K.wake, '1')
+  redis.call('LTRIM', K.wake, 0, 0)
+end
+
+-- Reads the fields the scripts route on; nil when the run does not exist.
+local function route_fields(rk)
+  local v = redis.call('HMGET', rk, 'id', 'status', 'priority', 'runner_id', 'requested_runtime_id',
+    'claim_token', 'dispatch_attempts', 'max_attempts', 'deadline_at', 'not_before')
+  if not v[1] then return nil end
+  return {
+    id = v[1], status = v[2], priority = v[3], runner_id = v[4], requested_runtime_id = v[5] or nil,
+    claim_token = v[6] or nil, dispatch_attempts = tonumber(v[7] or '0'), max_attempts = tonumber(v[8] or '0'),
+    deadline_at = tonumber(v[9] or ''), not_before = v[10] or nil,
+  }
+end
+
+local function clear_claim(rk)
+  redis.call('HDEL', rk, 'claim_token', 'claimed_by_runtime_id', 'claim_lease_expires_at')
+end
+
+-- Moves a run to a terminal status: it leaves every queue, lease and
+-- deadline index, gets finished_at, and expires after the retention period
+-- (the reaper purges it and its index entries at retention; the TTL, one day
+-- later, is the backstop when no reaper runs).
+local function finish(B, rid, h, status, reason, now, retention_ms)
+  local rk = B .. 'run:' .. rid
+  if h.status == 'queued' then lane_remove(B, rid, h) end
+  redis.call('ZREM', K.leases, rid)
+  redis.call('ZREM', K.delayed, rid)
+  redis.call('ZREM', K.deadlines, rid)
+  clear_claim(rk)
+  redis.call('HSET', rk, 'status', status, 'finished_at', now, 'updated_at', now)
+  if reason and reason ~= '' then redis.call('HSET', rk, 'status_reason', reason) end
+  redis.call('ZADD', K.finished, now, rid)
+  redis.call('HINCRBY', K.stats, status, 1)
+  local ttl = retention_ms + 86400000
+  redis.call('PEXPIRE', rk, ttl)
+  redis.call('PEXPIRE', rk .. ':events', ttl)
+end
+
+-- Puts a queued run where it belongs: the delayed set when not due, else its lane.
+local function requeue(B, rid, h, now)
+  local due = tonumber(h.not_before or '')
+  if due and due > now then
+    redis.call('ZADD', K.delayed, due, rid)
+  else
+    lane_add(B, rid, h)
+    wake()
+  end
+end
+
+-- Takes back claims whose lease expired before `now`, at most `limit`.
+-- status 'queued' requeues them unless they used up max_attempts (then they
+-- end `failed`, counted as dead); a terminal status finishes them.
+-- Returns the run ids touched.
+local function recover_expired(B, now, limit, status, reason, retention_ms)
+  local ids = redis.call('ZRANGEBYSCORE', K.leases, '-inf', now, 'LIMIT', 0, limit)
+  for _, rid in ipairs(ids) do
+    local rk = B .. 'run:' .. rid
+    local h = route_fields(rk)
+    redis.call('ZREM', K.leases, rid)
+    if h and h.status == 'claimed' then
+      if TERMINAL[status] then
+        finish(B, rid, h, status, reason, now, retention_ms)
+      elseif h.max_attempts > 0 and h.dispatch_attempts >= h.max_attempts then
+        finish(B, rid, h, 'failed', 'dead: lease expired after ' .. h.dispatch_attempts .. ' of ' ..
+          h.max_attempts .. ' attempts', now, retention_ms)
+        redis.call('HINCRBY', K.stats, 'dead', 1)
+      else
+        clear_claim(rk)
+        redis.call('HSET', rk, 'status', 'queued', 'status_reason', reason, 'updated_at', now)
+        redis.call('HINCRBY', K.stats, 'reclaimed', 1)
+        h.status = 'queued'
+        requeue(B, rid, h, now)
+      end
+    end
+  end
+  return ids
+end
+
+-- Moves due delayed runs into their lanes, at most `limit`.
+local function promote_delayed(B, now, limit)
+  local ids = redis.call('ZRANGEBYSCORE', K.delayed, '-inf', now, 'LIMIT', 0, limit)
+  for _, rid in ipairs(ids) do
+    redis.call('ZREM', K.delayed, rid)
+    local h = route_fields(B .. 'run:' .. rid)
+    if h and h.status == 'queued' then lane_add(B, rid, h) end
+  end
+  if #ids > 0 then wake() end
+  return #ids
+end
+
+local function hgetall(rk)
+  return redis.call('HGETALL', rk)
+end
+

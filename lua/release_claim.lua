@@ -1,0 +1,49 @@
+-- release_claim: give up a claim, back to the queue or to a terminal status.
+--
+-- KEYS[1..7]  the queue keys (see include/common.lua)
+-- KEYS[8]     <P>:{Q}:run:<run_id>  HASH the run
+-- ARGV[1] key base   ARGV[2] run_id   ARGV[3] claim token
+-- ARGV[4] status: queued | completed | failed | cancelled | timeout
+-- ARGV[5] status_reason ('' = none)
+-- ARGV[6] retry delay ms (0 = claimable at once; only with status queued)
+-- ARGV[7] retention ms
+-- Returns HGETALL of the run. Errors: NOT_FOUND, STALE_TOKEN.
+local B = ARGV[1]
+local rid = ARGV[2]
+check_id('run_id', rid)
+local token = ARGV[3]
+if token == '' then fail('INVALID', 'claim token must not be empty') end
+local status = ARGV[4]
+if status ~= 'queued' and not TERMINAL[status] then
+  fail('INVALID', "release status must be queued, completed, failed, cancelled or timeout, got '" .. status .. "'")
+end
+check_text('status_reason', ARGV[5], 4096)
+local delay = check_int('retry delay ms', ARGV[6], 0, 1e12)
+if delay > 0 and status ~= 'queued' then fail('INVALID', 'a retry delay needs status queued') end
+local retention = check_int('retention ms', ARGV[7], 0, 1e13)
+
+local rk = KEYS[8]
+local h = route_fields(rk)
+if not h then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
+if h.status ~= 'claimed' or h.claim_token ~= token then
+  fail('STALE_TOKEN', 'run ' .. rid .. ' is no longer held with this claim token (status ' .. h.status .. ')')
+end
+local now = now_ms()
+if TERMINAL[status] then
+  finish(B, rid, h, status, ARGV[5], now, retention)
+  return hgetall(rk)
+end
+redis.call('ZREM', K.leases, rid)
+clear_claim(rk)
+redis.call('HSET', rk, 'status', 'queued', 'updated_at', now)
+if ARGV[5] ~= '' then redis.call('HSET', rk, 'status_reason', ARGV[5]) end
+if delay > 0 then
+  h.not_before = fmt(now + delay)
+  redis.call('HSET', rk, 'not_before', h.not_before)
+else
+  h.not_before = nil
+  redis.call('HDEL', rk, 'not_before')
+end
+h.status = 'queued'
+requeue(B, rid, h, now)
+return hgetall(rk)

@@ -1,0 +1,31 @@
+-- renew_claim: extend the lease of a claim the caller still holds.
+--
+-- KEYS[1..7]  the queue keys (see include/common.lua)
+-- KEYS[8]     <P>:{Q}:run:<run_id>  HASH the run
+-- ARGV[1] key base   ARGV[2] run_id   ARGV[3] claim token
+-- ARGV[4] lease ms (1 .. 86400000)    ARGV[5] retention ms
+-- Returns HGETALL of the run; its cancel_requested_at tells the holder that a
+-- cancellation was asked for. Errors: NOT_FOUND, STALE_TOKEN (the claim was
+-- lost), DEADLINE (the run passed its deadline and is now `timeout`).
+local B = ARGV[1]
+local rid = ARGV[2]
+check_id('run_id', rid)
+local token = ARGV[3]
+if token == '' then fail('INVALID', 'claim token must not be empty') end
+local lease = check_int('lease ms', ARGV[4], 1, 86400000)
+local retention = check_int('retention ms', ARGV[5], 0, 1e13)
+
+local rk = KEYS[8]
+local h = route_fields(rk)
+if not h then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
+if h.status ~= 'claimed' or h.claim_token ~= token then
+  fail('STALE_TOKEN', 'run ' .. rid .. ' is no longer held with this claim token (status ' .. h.status .. ')')
+end
+local now = now_ms()
+if h.deadline_at and h.deadline_at <= now then
+  finish(B, rid, h, 'timeout', 'deadline passed', now, retention)
+  fail('DEADLINE', 'run ' .. rid .. ' passed its deadline and is now timeout')
+end
+redis.call('HSET', rk, 'claim_lease_expires_at', now + lease, 'updated_at', now)
+redis.call('ZADD', K.leases, now + lease, rid)
+return hgetall(rk)

@@ -1,0 +1,31 @@
+-- request_cancel: cancel a run, or ask its holder to stop.
+--
+-- KEYS[1..7]  the queue keys (see include/common.lua)
+-- KEYS[8]     <P>:{Q}:run:<run_id>  HASH the run
+-- KEYS[9]     <P>:{Q}:cancel        pub/sub channel the workers listen on
+-- ARGV[1] key base   ARGV[2] run_id   ARGV[3] status_reason ('' = none)
+-- ARGV[4] retention ms
+-- A queued (or delayed) run becomes `cancelled` at once and leaves the queue.
+-- A claimed or running run gets cancel_requested_at, and its run_id is
+-- published on the cancel channel so the worker holding it stops at once.
+-- A finished run is returned unchanged.
+-- Returns HGETALL of the run. Errors: NOT_FOUND.
+local B = ARGV[1]
+local rid = ARGV[2]
+check_id('run_id', rid)
+check_text('status_reason', ARGV[3], 4096)
+local retention = check_int('retention ms', ARGV[4], 0, 1e13)
+
+local rk = KEYS[8]
+local h = route_fields(rk)
+if not h then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
+if TERMINAL[h.status] then return hgetall(rk) end
+local now = now_ms()
+redis.call('HSET', rk, 'cancel_requested_at', now, 'updated_at', now)
+if ARGV[3] ~= '' then redis.call('HSET', rk, 'status_reason', ARGV[3]) end
+if h.status == 'queued' then
+  finish(B, rid, h, 'cancelled', ARGV[3] ~= '' and ARGV[3] or 'cancelled while queued', now, retention)
+else
+  redis.call('PUBLISH', KEYS[9], rid)
+end
+return hgetall(rk)
