@@ -1,14 +1,19 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! runledger: a Redis-backed distributed work queue and run ledger.
+//!
+//! Hosts create runs; workers claim them under leases, append events and
+//! finish them. Every state change is one Lua script in `lua/`, run by SHA.
+//! Start with [`Store`]: its methods are the operations of the seed
+//! `RunLedgerStore`, plus batch enqueue, queue stats and a reaper pass.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod embedded;
+pub mod error;
+pub mod keys;
+pub mod model;
+pub mod scripts;
+pub mod store;
+pub mod validate;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use error::{Error, Result};
+pub use model::*;
+pub use store::{Store, StoreConfig};
+pub use store::{ClaimOutcome, Release};

@@ -1,0 +1,143 @@
+//! A private `redis-server` on a free loopback port, for the demo, the
+//! benchmark and the tests. It lives in its own temp dir and is stopped (by
+//! its PID) when the handle drops, or when this process dies.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// A running private redis-server.
+pub struct RedisServer {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+/// Where `redis-server` is on PATH, if anywhere.
+pub fn find_redis_server() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join("redis-server")).find(|p| p.is_file())
+}
+
+pub const INSTALL_HINT: &str = "redis-server was not found on PATH. Install it (Debian/Ubuntu: \
+    `sudo apt-get install -y redis-server`; macOS: `brew install redis`) or point REDIS_URL at a running Redis.";
+
+impl RedisServer {
+    /// Starts redis-server from PATH with persistence off.
+    pub fn start() -> Result<RedisServer> {
+        RedisServer::start_with(&[])
+    }
+
+    /// Starts redis-server with extra config arguments (`["--maxmemory", "1gb"]`).
+    pub fn start_with(extra: &[&str]) -> Result<RedisServer> {
+        let binary = find_redis_server().ok_or_else(|| Error::Server(INSTALL_HINT.into()))?;
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let port = free_port()?;
+            match RedisServer::spawn(&binary, port, extra) {
+                Ok(server) => return Ok(server),
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        Err(Error::Server(format!("could not start redis-server: {last_error}")))
+    }
+
+    fn spawn(binary: &Path, port: u16, extra: &[&str]) -> Result<RedisServer> {
+        let dir = tempfile::Builder::new()
+            .prefix("runledger-redis-")
+            .tempdir()
+            .map_err(|e| Error::Server(format!("temp dir: {e}")))?;
+        let mut command = Command::new(binary);
+        command
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            .arg("--logfile")
+            .arg(dir.path().join("redis.log"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+            // The server dies with us even if we are killed before Drop runs.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+        }
+        let child = command.spawn().map_err(|e| Error::Server(format!("spawn {}: {e}", binary.display())))?;
+        let mut server = RedisServer { child, port, dir };
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                let log = std::fs::read_to_string(server.dir.path().join("redis.log")).unwrap_or_default();
+                return Err(Error::Server(format!("exited with {status}: {}", log.trim())));
+            }
+            if ping(port) {
+                return Ok(server);
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err(Error::Server(format!("no answer on port {port} after 10 s")));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Stops the server (SIGKILL to our own child, by PID) and waits for it.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Server(format!("no free port: {e}")))?;
+    listener.local_addr().map(|a| a.port()).map_err(|e| Error::Server(format!("no free port: {e}")))
+}
+
+fn ping(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(stream.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+}

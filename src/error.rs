@@ -1,0 +1,74 @@
+//! The library's error type: one variant per thing a caller can act on.
+
+use redis::RedisError;
+
+/// Everything a runledger operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An argument was rejected before anything was written.
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    /// The run or runtime does not exist (or has expired).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The claim token no longer holds the run: the lease was lost.
+    #[error("claim lost: {0}")]
+    StaleToken(String),
+    /// The write contradicts what is stored (another terminal status, an event
+    /// with the same sequence and other content).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The run is finished and takes no new runner events.
+    #[error("run finished: {0}")]
+    Finished(String),
+    /// An event sequence at or below the stream's last one that is not a retry.
+    #[error("out of order: {0}")]
+    OutOfOrder(String),
+    /// The run passed its deadline; it is now `timeout`.
+    #[error("deadline passed: {0}")]
+    DeadlinePassed(String),
+    /// Redis could not be reached or answered with an error of its own.
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+    /// A reply had a shape the library did not expect (a bug or a foreign key).
+    #[error("unexpected reply from Redis: {0}")]
+    Protocol(String),
+    /// Starting or talking to a private redis-server failed.
+    #[error("redis-server: {0}")]
+    Server(String),
+}
+
+/// The library's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Turns a script's `CODE message` error into its variant; other Redis
+    /// errors stay [`Error::Redis`].
+    pub(crate) fn from_redis(err: RedisError) -> Error {
+        let message = || {
+            let detail = err.detail().unwrap_or_default();
+            // Redis appends " script: <sha>, on @user_script:<line>." to errors raised by scripts.
+            detail.split(" script: ").next().unwrap_or(detail).trim().to_string()
+        };
+        match err.code() {
+            Some("INVALID") => Error::Invalid(message()),
+            Some("NOT_FOUND") => Error::NotFound(message()),
+            Some("STALE_TOKEN") => Error::StaleToken(message()),
+            Some("CONFLICT") => Error::Conflict(message()),
+            Some("FINISHED") => Error::Finished(message()),
+            Some("OUT_OF_ORDER") => Error::OutOfOrder(message()),
+            Some("DEADLINE") => Error::DeadlinePassed(message()),
+            _ => Error::Redis(err),
+        }
+    }
+
+    /// True when a script asked the client to re-read and try again.
+    pub(crate) fn is_retry(err: &RedisError) -> bool {
+        err.code() == Some("RETRY")
+    }
+
+    /// True when the connection itself failed, so it should be replaced.
+    pub(crate) fn is_connection_failure(err: &RedisError) -> bool {
+        err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() || err.is_timeout()
+    }
+}

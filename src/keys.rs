@@ -1,0 +1,106 @@
+//! Key names. The README's key table documents each of them; this file is the
+//! one place that spells them.
+
+/// The keys of one queue. All of them carry the hash tag `{Q}`, so everything
+/// a script touches lives in the queue's Redis Cluster slot.
+#[derive(Clone, Debug)]
+pub struct QueueKeys {
+    /// `<prefix>:{<queue>}:`, the base every key of the queue starts with.
+    pub base: String,
+}
+
+impl QueueKeys {
+    pub fn new(prefix: &str, queue: &str) -> Self {
+        QueueKeys { base: format!("{prefix}:{{{queue}}}:") }
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.base)
+    }
+
+    pub fn queued(&self) -> String {
+        self.key("queued")
+    }
+    pub fn leases(&self) -> String {
+        self.key("leases")
+    }
+    pub fn delayed(&self) -> String {
+        self.key("delayed")
+    }
+    pub fn deadlines(&self) -> String {
+        self.key("deadlines")
+    }
+    pub fn finished(&self) -> String {
+        self.key("finished")
+    }
+    pub fn stats(&self) -> String {
+        self.key("stats")
+    }
+    pub fn wake(&self) -> String {
+        self.key("wake")
+    }
+    pub fn cancel_channel(&self) -> String {
+        self.key("cancel")
+    }
+    pub fn pins(&self) -> String {
+        self.key("pins")
+    }
+    pub fn runs_index(&self) -> String {
+        self.key("runs")
+    }
+    pub fn scope_index(&self, scope: &str, value: &str) -> String {
+        self.key(&format!("idx:{scope}:{value}"))
+    }
+    pub fn run(&self, run_id: &str) -> String {
+        self.key(&format!("run:{run_id}"))
+    }
+    pub fn events(&self, run_id: &str) -> String {
+        self.key(&format!("run:{run_id}:events"))
+    }
+    pub fn runner_lane(&self, runner_id: &str) -> String {
+        self.key(&format!("runner:{runner_id}"))
+    }
+    pub fn pinned_lane(&self, runtime_id: &str) -> String {
+        self.key(&format!("pinned:{runtime_id}"))
+    }
+
+    /// KEYS[1..7] of every queue script, in the order of `lua/include/common.lua`.
+    pub fn fixed(&self) -> [String; 7] {
+        [
+            self.queued(),
+            self.leases(),
+            self.delayed(),
+            self.deadlines(),
+            self.finished(),
+            self.stats(),
+            self.wake(),
+        ]
+    }
+}
+
+/// Keys outside any queue.
+#[derive(Clone, Debug)]
+pub struct GlobalKeys {
+    pub prefix: String,
+}
+
+impl GlobalKeys {
+    pub fn id_counter(&self) -> String {
+        format!("{}:id", self.prefix)
+    }
+    pub fn queues(&self) -> String {
+        format!("{}:queues", self.prefix)
+    }
+    pub fn runtime_base(&self) -> String {
+        format!("{}:runtime:", self.prefix)
+    }
+    pub fn runtime(&self, runtime_id: &str) -> String {
+        format!("{}:runtime:{runtime_id}", self.prefix)
+    }
+    pub fn runtimes(&self) -> String {
+        format!("{}:runtimes", self.prefix)
+    }
+    pub fn runtime_seq(&self) -> String {
+        format!("{}:runtimes:seq", self.prefix)
+    }
+}

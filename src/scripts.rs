@@ -1,0 +1,75 @@
+//! The Lua scripts of `lua/`, each prepended with `lua/include/common.lua`.
+//!
+//! [`redis::Script`] runs them by SHA and loads them again on NOSCRIPT (after
+//! `SCRIPT FLUSH` or a restart); [`Lua::code`] serves pipelines, which cannot
+//! use `Script` and load by hand.
+
+use redis::Script;
+
+/// One script: its loaded form and its source.
+pub struct Lua {
+    pub script: Script,
+    pub code: &'static str,
+}
+
+impl Lua {
+    fn new(code: &'static str) -> Self {
+        Lua { script: Script::new(code), code }
+    }
+}
+
+macro_rules! lua {
+    ($name:literal) => {
+        Lua::new(concat!(
+            include_str!("../lua/include/common.lua"),
+            include_str!(concat!("../lua/", $name, ".lua"))
+        ))
+    };
+}
+
+/// Every script, loaded once per process.
+pub struct Scripts {
+    pub create_run: Lua,
+    pub claim_next_run: Lua,
+    pub renew_claim: Lua,
+    pub release_claim: Lua,
+    pub release_expired_claims: Lua,
+    pub append_events: Lua,
+    pub append_audit_event: Lua,
+    pub finalize_run: Lua,
+    pub request_cancel: Lua,
+    pub list_runs: Lua,
+    pub queue_stats: Lua,
+    pub reap: Lua,
+    pub register_runtime: Lua,
+    pub heartbeat_runtime: Lua,
+    pub mark_stale_runtimes: Lua,
+}
+
+impl Scripts {
+    pub fn new() -> Self {
+        Scripts {
+            create_run: lua!("create_run"),
+            claim_next_run: lua!("claim_next_run"),
+            renew_claim: lua!("renew_claim"),
+            release_claim: lua!("release_claim"),
+            release_expired_claims: lua!("release_expired_claims"),
+            append_events: lua!("append_events"),
+            append_audit_event: lua!("append_audit_event"),
+            finalize_run: lua!("finalize_run"),
+            request_cancel: lua!("request_cancel"),
+            list_runs: lua!("list_runs"),
+            queue_stats: lua!("queue_stats"),
+            reap: lua!("reap"),
+            register_runtime: lua!("register_runtime"),
+            heartbeat_runtime: lua!("heartbeat_runtime"),
+            mark_stale_runtimes: lua!("mark_stale_runtimes"),
+        }
+    }
+}
+
+impl Default for Scripts {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,188 @@
+//! Run events: append (fenced, idempotent, batched), audit, paging.
+
+use serde_json::Value;
+
+use super::{Store, reply};
+use crate::error::{Error, Result};
+use crate::model::{Direction, EventPage, NewEvent, RunEvent};
+use crate::validate;
+
+/// The JSON strings an event is stored as. Empty metadata and artifact lists
+/// are stored as absent, so a retry compares equal however it spells them.
+fn encode(event: &NewEvent, max: usize) -> Result<[String; 7]> {
+    if event.sequence < 1 {
+        return Err(Error::Invalid(format!("event sequence must be 1 or more, got {}", event.sequence)));
+    }
+    validate::id("event type", &event.event_type)?;
+    validate::id("event source", &event.source)?;
+    let data = validate::object("event data", &event.data, max)?;
+    let usage = validate::opt_object("event usage", event.usage.as_ref(), max)?;
+    let refs = if event.artifact_refs.is_empty() {
+        String::new()
+    } else {
+        validate::sized("event artifact_refs", &Value::Array(event.artifact_refs.clone()), max)?
+    };
+    let metadata = match &event.metadata {
+        Some(Value::Object(map)) if map.is_empty() => String::new(),
+        other => validate::opt_object("event metadata", other.as_ref(), max)?,
+    };
+    Ok([event.sequence.to_string(), event.event_type.clone(), data, usage, event.source.clone(), refs, metadata])
+}
+
+impl Store {
+    /// Appends one event (the seed's append_event). See [`Store::append_events`].
+    pub async fn append_event(&self, run_id: &str, claim_token: Option<&str>, event: &NewEvent) -> Result<RunEvent> {
+        let mut events = self.append_events(run_id, claim_token, std::slice::from_ref(event)).await?;
+        events.pop().ok_or_else(|| Error::Protocol("append: empty reply".into()))
+    }
+
+    /// Appends events in one round trip. With a claim token the write is fenced
+    /// ([`Error::StaleToken`] once the claim is lost). A sequence that exists
+    /// with the same content is an idempotent retry; with other content it is
+    /// [`Error::Conflict`]. The batch lands whole or not at all.
+    pub async fn append_events(
+        &self,
+        run_id: &str,
+        claim_token: Option<&str>,
+        events: &[NewEvent],
+    ) -> Result<Vec<RunEvent>> {
+        validate::id("run_id", run_id)?;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let max = self.max_json();
+        let queue = self.locate(run_id).await?;
+        let keys = self.queue_keys(&queue);
+        let mut k: Vec<String> = keys.fixed().into();
+        k.push(keys.run(run_id));
+        k.push(keys.events(run_id));
+        let mut args = vec![
+            keys.base.clone(),
+            run_id.to_string(),
+            claim_token.unwrap_or_default().to_string(),
+            max.to_string(),
+        ];
+        for event in events {
+            args.extend(encode(event, max)?);
+        }
+        let value = self.eval(&self.scripts().append_events, &k, &args).await?;
+        let results = reply::array(value)?;
+        if results.len() != events.len() {
+            return Err(Error::Protocol("append: reply does not match the events sent".into()));
+        }
+        results
+            .into_iter()
+            .zip(events)
+            .map(|(item, event)| {
+                let mut parts = reply::array(item)?.into_iter();
+                let _seq = parts.next();
+                let created_ms = parts.next().map(reply::int).transpose()?.unwrap_or(0);
+                Ok(RunEvent {
+                    id: event.sequence,
+                    run_id: run_id.to_string(),
+                    sequence: event.sequence,
+                    event_type: event.event_type.clone(),
+                    data: event.data.clone(),
+                    usage: event.usage.clone(),
+                    created_at: created_ms.div_euclid(1000),
+                    source: event.source.clone(),
+                    artifact_refs: Value::Array(event.artifact_refs.clone()),
+                    metadata: event.metadata.clone().unwrap_or_else(|| Value::Object(Default::default())),
+                })
+            })
+            .collect()
+    }
+
+    /// A host-authored event after the run's last sequence (the seed's
+    /// append_audit_event); allowed on finished runs.
+    pub async fn append_audit_event(
+        &self,
+        run_id: &str,
+        event_type: &str,
+        data: Option<&Value>,
+        metadata: Option<&Value>,
+    ) -> Result<RunEvent> {
+        validate::id("event type", event_type)?;
+        let max = self.max_json();
+        let empty = Value::Object(Default::default());
+        let data = data.unwrap_or(&empty);
+        let data_text = validate::object("event data", data, max)?;
+        let meta_text = match metadata {
+            Some(Value::Object(map)) if map.is_empty() => String::new(),
+            other => validate::opt_object("event metadata", other, max)?,
+        };
+        let queue = self.locate(run_id).await?;
+        let keys = self.queue_keys(&queue);
+        let mut k: Vec<String> = keys.fixed().into();
+        k.push(keys.run(run_id));
+        k.push(keys.events(run_id));
+        let args = vec![
+            keys.base.clone(),
+            run_id.to_string(),
+            event_type.to_string(),
+            data_text,
+            meta_text,
+            max.to_string(),
+        ];
+        let value = self.eval(&self.scripts().append_audit_event, &k, &args).await?;
+        let mut parts = reply::array(value)?.into_iter();
+        let sequence = parts.next().map(reply::int).transpose()?.unwrap_or(0);
+        let created_ms = parts.next().map(reply::int).transpose()?.unwrap_or(0);
+        Ok(RunEvent {
+            id: sequence,
+            run_id: run_id.to_string(),
+            sequence,
+            event_type: event_type.to_string(),
+            data: data.clone(),
+            usage: None,
+            created_at: created_ms.div_euclid(1000),
+            source: "host".into(),
+            artifact_refs: Value::Array(Vec::new()),
+            metadata: metadata.cloned().unwrap_or(empty),
+        })
+    }
+
+    /// A page of a run's events (the seed's page_run_events): sequences above
+    /// `after` and below `before`, `limit` capped to 1..=100.
+    pub async fn page_run_events(
+        &self,
+        run_id: &str,
+        before: Option<i64>,
+        after: Option<i64>,
+        limit: usize,
+        direction: Direction,
+    ) -> Result<EventPage> {
+        let limit = limit.clamp(1, 100);
+        let queue = self.locate(run_id).await?;
+        let key = self.queue_keys(&queue).events(run_id);
+        let low = after.map(|a| format!("({}-0", a.max(0))).unwrap_or_else(|| "-".into());
+        let high = before.map(|b| format!("({}-0", b.max(0))).unwrap_or_else(|| "+".into());
+        let mut conn = self.conn().await?;
+        // An exclusive bound at 0-0 is an error in Redis; nothing lies below sequence 1.
+        if before.is_some_and(|b| b <= 1) {
+            return Ok(EventPage { items: Vec::new(), next_cursor: None, prev_cursor: None, has_more: false });
+        }
+        let cmd = match direction {
+            Direction::Forward => redis::cmd("XRANGE").arg(&key).arg(&low).arg(&high).arg("COUNT").arg(limit + 1).clone(),
+            Direction::Backward => redis::cmd("XREVRANGE").arg(&key).arg(&high).arg(&low).arg("COUNT").arg(limit + 1).clone(),
+        };
+        let value: redis::Value = cmd.query_async(&mut conn).await.map_err(|e| self.failed(e))?;
+        let mut items = Vec::new();
+        for entry in reply::array(value)? {
+            let mut parts = reply::array(entry)?.into_iter();
+            let id = parts.next().map(reply::string).transpose()?.unwrap_or_default();
+            let sequence = id
+                .split('-')
+                .next()
+                .and_then(|s| s.parse::<i64>().ok())
+                .ok_or_else(|| Error::Protocol(format!("stream entry id {id} is not <sequence>-0")))?;
+            let fields = parts.next().ok_or_else(|| Error::Protocol("stream entry without fields".into()))?;
+            items.push(RunEvent::from_entry(run_id, sequence, reply::fields(fields)?)?);
+        }
+        let has_more = items.len() > limit;
+        items.truncate(limit);
+        let next_cursor = if has_more { items.last().map(|e| e.sequence) } else { None };
+        let prev_cursor = items.first().map(|e| e.sequence);
+        Ok(EventPage { items, next_cursor, prev_cursor, has_more })
+    }
+}

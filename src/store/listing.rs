@@ -1,0 +1,131 @@
+//! Listing runs across queues and reading queue statistics.
+
+use super::{Store, reply};
+use crate::error::{Error, Result};
+use crate::model::{LeaseHolder, QueueStats, Run, RunFilter, RunPage};
+use crate::validate;
+
+/// Index entries one script call looks at, at most.
+const SCAN_BUDGET: usize = 2000;
+
+impl Store {
+    /// Pages runs newest id first (the seed's list_runs). Each queue is walked
+    /// through the most selective index the filter allows (thread, then
+    /// conversation, bot, workspace, else all runs); the other filters and the
+    /// statuses are checked on the runs that index yields. `limit` capped to 1..=100.
+    pub async fn list_runs(&self, filter: &RunFilter) -> Result<RunPage> {
+        let limit = filter.limit.clamp(1, 100);
+        for (name, value) in [
+            ("conversation_id", &filter.conversation_id),
+            ("bot_id", &filter.bot_id),
+            ("workspace_id", &filter.workspace_id),
+            ("thread_id", &filter.thread_id),
+        ] {
+            validate::opt_id(name, value.as_deref())?;
+        }
+        let queues = if filter.queues.is_empty() { self.known_queues().await? } else { filter.queues.clone() };
+        let statuses = filter.statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",");
+        let thread = match (filter.strict_thread, &filter.thread_id) {
+            (false, _) => String::new(),
+            (true, None) => "-".into(),
+            (true, Some(t)) => format!("={t}"),
+        };
+        let mut all: Vec<Run> = Vec::new();
+        for queue in &queues {
+            validate::id("queue_name", queue)?;
+            let keys = self.queue_keys(queue);
+            let index = match (&thread, &filter.conversation_id, &filter.bot_id, &filter.workspace_id) {
+                (t, _, _, _) if t.starts_with('=') => keys.scope_index("thread", &t[1..]),
+                (_, Some(c), _, _) => keys.scope_index("conversation", c),
+                (_, _, Some(b), _) => keys.scope_index("bot", b),
+                (_, _, _, Some(w)) => keys.scope_index("workspace", w),
+                _ => keys.runs_index(),
+            };
+            // Walk this queue until it yields limit + 1 matches or ends.
+            let mut before = filter.before_id;
+            let mut found = 0;
+            loop {
+                let args = vec![
+                    keys.base.clone(),
+                    before.map(|b| b.to_string()).unwrap_or_default(),
+                    (limit + 1 - found).to_string(),
+                    SCAN_BUDGET.to_string(),
+                    statuses.clone(),
+                    filter.conversation_id.clone().unwrap_or_default(),
+                    filter.bot_id.clone().unwrap_or_default(),
+                    filter.workspace_id.clone().unwrap_or_default(),
+                    thread.clone(),
+                ];
+                let value = self.eval(&self.scripts().list_runs, std::slice::from_ref(&index), &args).await?;
+                let mut parts = reply::array(value)?.into_iter();
+                let exhausted = parts.next().map(reply::int).transpose()?.unwrap_or(1) == 1;
+                let lowest = parts.next().map(reply::opt_int).transpose()?.flatten();
+                for item in parts {
+                    all.push(Run::from_fields(reply::fields(item)?, false)?);
+                    found += 1;
+                }
+                if exhausted || found > limit {
+                    break;
+                }
+                match lowest {
+                    Some(low) => before = Some(low),
+                    None => break,
+                }
+            }
+        }
+        all.sort_by(|a, b| b.id.cmp(&a.id));
+        let has_more = all.len() > limit;
+        all.truncate(limit);
+        let next_cursor = if has_more { all.last().map(|r| r.id) } else { None };
+        Ok(RunPage { items: all, next_cursor, has_more })
+    }
+
+    /// Depths, oldest claimable run, lease holders and counters of one queue.
+    pub async fn queue_stats(&self, queue: &str, holders: usize) -> Result<QueueStats> {
+        validate::id("queue_name", queue)?;
+        let keys = self.queue_keys(queue);
+        let mut k: Vec<String> = keys.fixed().into();
+        k.push(keys.pins());
+        let args = vec![keys.base.clone(), holders.min(1000).to_string()];
+        let value = self.eval(&self.scripts().queue_stats, &k, &args).await?;
+        let now_ms = self.server_time_ms().await?;
+        let mut parts = reply::array(value)?.into_iter();
+        let mut next_int = || -> Result<i64> {
+            parts
+                .next()
+                .map(reply::int)
+                .transpose()?
+                .ok_or_else(|| Error::Protocol("queue_stats: short reply".into()))
+        };
+        let queued = next_int()?;
+        let pinned = next_int()?;
+        let delayed = next_int()?;
+        let claimed = next_int()?;
+        let finished = next_int()?;
+        let oldest = parts.next().map(reply::opt_int).transpose()?.flatten();
+        let mut lease_holders = Vec::new();
+        for item in parts.next().map(reply::array).transpose()?.unwrap_or_default() {
+            let mut p = reply::array(item)?.into_iter();
+            let run_id = p.next().map(reply::string).transpose()?.unwrap_or_default();
+            let runtime_id = p.next().map(reply::string).transpose()?.unwrap_or_default();
+            let expires = p.next().map(reply::int).transpose()?.unwrap_or(0);
+            lease_holders.push(LeaseHolder { run_id, runtime_id, claim_lease_expires_at: expires as f64 / 1000.0 });
+        }
+        let mut counters = std::collections::BTreeMap::new();
+        let stats = parts.next().map(reply::fields).transpose()?;
+        for (k, v) in stats.map(|f| f.0).unwrap_or_default() {
+            counters.insert(k, v.parse::<i64>().unwrap_or(0));
+        }
+        Ok(QueueStats {
+            queue_name: queue.to_string(),
+            queued,
+            pinned,
+            delayed,
+            claimed,
+            finished,
+            oldest_queued_age: oldest.map(|ms| ((now_ms - ms).max(0)) as f64 / 1000.0),
+            lease_holders,
+            counters,
+        })
+    }
+}

@@ -1,0 +1,376 @@
+//! Run lifecycle: create, claim, renew, release, finalize, cancel, get.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{Store, reply};
+use crate::error::{Error, Result};
+use crate::model::{ClaimRequest, Finish, NewRun, Run, RunStatus};
+use crate::validate;
+
+/// What one claim attempt on one queue found.
+#[derive(Debug)]
+pub enum ClaimOutcome {
+    Claimed(Box<Run>),
+    /// Nothing claimable; `next_due_ms` is when a delayed run or a lease falls due.
+    Empty { next_due_ms: Option<i64> },
+}
+
+/// How a claim is given back.
+#[derive(Clone, Debug)]
+pub struct Release {
+    /// `Queued` (default) or a terminal status.
+    pub status: RunStatus,
+    pub status_reason: Option<String>,
+    /// With `Queued`: claimable again only after this delay.
+    pub retry_in: Option<Duration>,
+}
+
+impl Default for Release {
+    fn default() -> Self {
+        Release { status: RunStatus::Queued, status_reason: None, retry_in: None }
+    }
+}
+
+fn opt(value: &Option<String>) -> String {
+    value.clone().unwrap_or_default()
+}
+
+impl Store {
+    fn create_call(&self, run: &NewRun) -> Result<(Vec<String>, Vec<String>)> {
+        let queue = run.queue_name();
+        validate::id("queue_name", queue)?;
+        validate::id("run_id", &run.run_id)?;
+        validate::id("runner_id", &run.runner_id)?;
+        for (name, value) in [
+            ("event_id", &run.event_id),
+            ("binding_id", &run.binding_id),
+            ("conversation_id", &run.conversation_id),
+            ("thread_id", &run.thread_id),
+            ("workspace_id", &run.workspace_id),
+            ("bot_id", &run.bot_id),
+            ("agent_id", &run.agent_id),
+            ("requested_runtime_id", &run.requested_runtime_id),
+        ] {
+            validate::opt_id(name, value.as_deref())?;
+        }
+        validate::priority(run.priority)?;
+        let status = run.status.unwrap_or(RunStatus::Queued);
+        if !matches!(status, RunStatus::Queued | RunStatus::Running) {
+            return Err(Error::Invalid(format!("a new run's status must be queued or running, got {status}")));
+        }
+        let max = self.max_json();
+        let authorization = validate::opt_object("authorization", run.authorization.as_ref(), max)?;
+        let metadata = validate::opt_object("metadata", run.metadata.as_ref(), max)?;
+        let deadline = run.deadline_at.map(|s| validate::epoch_ms("deadline_at", s)).transpose()?;
+        let not_before = run.not_before.map(|s| validate::epoch_ms("not_before", s)).transpose()?;
+        let keys = self.queue_keys(queue);
+        let mut k: Vec<String> = keys.fixed().into();
+        k.push(keys.run(&run.run_id));
+        k.push(self.global().id_counter());
+        k.push(self.global().queues());
+        let args = vec![
+            keys.base.clone(),
+            run.run_id.clone(),
+            opt(&run.event_id),
+            opt(&run.binding_id),
+            run.runner_id.clone(),
+            opt(&run.conversation_id),
+            opt(&run.thread_id),
+            opt(&run.workspace_id),
+            opt(&run.bot_id),
+            opt(&run.agent_id),
+            deadline.map(|d| d.to_string()).unwrap_or_default(),
+            authorization,
+            metadata,
+            status.as_str().to_string(),
+            queue.to_string(),
+            run.priority.to_string(),
+            opt(&run.requested_runtime_id),
+            not_before.map(|d| d.to_string()).unwrap_or_default(),
+            run.max_attempts.to_string(),
+            max.to_string(),
+        ];
+        Ok((k, args))
+    }
+
+    fn created(&self, value: redis::Value) -> Result<Run> {
+        let mut parts = reply::array(value)?.into_iter();
+        let _created = parts.next().map(reply::int).transpose()?;
+        let fields = parts.next().ok_or_else(|| Error::Protocol("create_run: short reply".into()))?;
+        let run = Run::from_fields(reply::fields(fields)?, false)?;
+        self.remember(&run.run_id, &run.queue_name);
+        Ok(run)
+    }
+
+    /// Creates a run unless one with this run_id exists in its queue; either way
+    /// returns the stored run (the seed's create_run).
+    pub async fn create_run(&self, run: &NewRun) -> Result<Run> {
+        let (keys, args) = self.create_call(run)?;
+        let value = self.eval(&self.scripts().create_run, &keys, &args).await?;
+        self.note_queue(run.queue_name());
+        self.created(value)
+    }
+
+    /// Creates many runs in one round trip (a pipeline of create scripts).
+    /// Every run is validated before anything is sent.
+    pub async fn create_runs(&self, runs: &[NewRun]) -> Result<Vec<Run>> {
+        let calls = runs.iter().map(|r| self.create_call(r)).collect::<Result<Vec<_>>>()?;
+        if calls.is_empty() {
+            return Ok(Vec::new());
+        }
+        let values = self.eval_many(&self.scripts().create_run, &calls).await?;
+        for run in runs {
+            self.note_queue(run.queue_name());
+        }
+        values.into_iter().map(|v| self.created(v)).collect()
+    }
+
+    /// Claims the next run for a runtime from the request's queues, in order
+    /// (the seed's claim_next_run). `None` when nothing is claimable.
+    pub async fn claim_next_run(&self, request: &ClaimRequest) -> Result<Option<Run>> {
+        let queues = if request.queues.is_empty() { self.known_queues().await? } else { request.queues.clone() };
+        for queue in &queues {
+            if let ClaimOutcome::Claimed(run) = self.claim_from(queue, request).await? {
+                return Ok(Some(*run));
+            }
+        }
+        Ok(None)
+    }
+
+    /// One claim attempt on one queue.
+    pub async fn claim_from(&self, queue: &str, request: &ClaimRequest) -> Result<ClaimOutcome> {
+        validate::id("queue_name", queue)?;
+        validate::id("runtime_id", &request.runtime_id)?;
+        for runner in &request.runner_ids {
+            validate::id("runner_id", runner)?;
+        }
+        let lease = validate::lease_ms("lease", request.lease)?;
+        let keys = self.queue_keys(queue);
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let mut args = vec![
+            keys.base.clone(),
+            request.runtime_id.clone(),
+            lease.to_string(),
+            token,
+            self.retention_ms(),
+        ];
+        args.extend(request.runner_ids.iter().cloned());
+        let value = self.eval(&self.scripts().claim_next_run, &keys.fixed(), &args).await?;
+        let mut parts = reply::array(value)?.into_iter();
+        let claimed = parts.next().map(reply::int).transpose()?.unwrap_or(0);
+        let rest = parts.next().ok_or_else(|| Error::Protocol("claim: short reply".into()))?;
+        if claimed == 1 {
+            let run = Run::from_fields(reply::fields(rest)?, true)?;
+            self.remember(&run.run_id, queue);
+            Ok(ClaimOutcome::Claimed(Box::new(run)))
+        } else {
+            Ok(ClaimOutcome::Empty { next_due_ms: reply::opt_int(rest)? })
+        }
+    }
+
+    /// Extends the lease of a claim still held with `claim_token`. The result's
+    /// `cancel_requested_at` tells the holder a cancellation was asked for.
+    pub async fn renew_claim(&self, run_id: &str, claim_token: &str, lease: Duration) -> Result<Run> {
+        let lease = validate::lease_ms("lease", lease)?;
+        let queue = self.locate(run_id).await?;
+        let keys = self.queue_keys(&queue);
+        let mut k: Vec<String> = keys.fixed().into();
+        k.push(keys.run(run_id));
+        let args = vec![
+            keys.base.clone(),
+            run_id.to_string(),
+            claim_token.to_string(),
+            lease.to_string(),
+            self.retention_ms(),
+        ];
+        let value = self.eval(&self.scripts().renew_claim, &k, &args).await?;
+        Run::from_fields(reply::fields(value)?, true)
+    }
+
+    /// Gives a claim back: to the queue (optionally after a delay) or to a
+    /// terminal status.
+    pub async fn release_claim(&self, run_id: &str, claim_token: &str, release: &Release) -> Result<Run> {
+        if let Some(reason) = &release.status_reason {
+            validate::text("status_reason", reason, 4096)?;
+        }
+        if release.status != RunStatus::Queued && !release.status.is_terminal() {
+            return Err(Error::Invalid(format!(
+                "release status must be queued or terminal, got {}",
+                release.status
+            )));
+        }
+        let delay = release.retry_in.map(|d| d.as_millis() as u64).unwrap_or(0);
+        let queue = self.locate(run_id).await?;
+        let keys = self.queue_keys(&queue);
+        let mut k: Vec<String> = keys.fixed().into();
+        k.push(keys.run(run_id));
+        let args = vec![
+            keys.base.clone(),
+            run_id.to_string(),
+            claim_token.to_string(),
+            release.status.as_str().to_string(),
+            opt(&release.status_reason),
+            delay.to_string(),
+            self.retention_ms(),
+        ];
+        let value = self.eval(&self.scripts().release_claim, &k, &args).await?;
+        Run::from_fields(reply::fields(value)?, false)
+    }
+
+    /// Takes back claims whose lease expired (the seed's release_expired_claims),
+    /// over the given queues (empty = all). `now_ms` overrides the server clock.
+    pub async fn release_expired_claims(
+        &self,
+        queues: &[String],
+        now_ms: Option<i64>,
+        status: RunStatus,
+        status_reason: &str,
+        limit: usize,
+    ) -> Result<Vec<Run>> {
+        if status != RunStatus::Queued && !status.is_terminal() {
+            return Err(Error::Invalid(format!("status must be queued or terminal, got {status}")));
+        }
+        validate::text("status_reason", status_reason, 4096)?;
+        let limit = limit.clamp(1, 500);
+        let queues = if queues.is_empty() { self.known_queues().await? } else { queues.to_vec() };
+        let mut out = Vec::new();
+        for queue in &queues {
+            if out.len() >= limit {
+                break;
+            }
+            let keys = self.queue_keys(queue);
+            let args = vec![
+                keys.base.clone(),
+                now_ms.map(|n| n.to_string()).unwrap_or_default(),
+                status.as_str().to_string(),
+                status_reason.to_string(),
+                (limit - out.len()).to_string(),
+                self.retention_ms(),
+            ];
+            let value = self.eval(&self.scripts().release_expired_claims, &keys.fixed(), &args).await?;
+            for item in reply::array(value)? {
+                out.push(Run::from_fields(reply::fields(item)?, false)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Finishes a run (the seed's finalize_run, terminal statuses only). With a
+    /// token it is fenced: a lost claim gives [`Error::StaleToken`]. Finishing
+    /// a finished run again with the same status returns it unchanged; another
+    /// status is [`Error::Conflict`].
+    pub async fn finalize_run(&self, run_id: &str, finish: &Finish, claim_token: Option<&str>) -> Result<Run> {
+        if !finish.status.is_terminal() {
+            return Err(Error::Invalid(format!(
+                "finalize status must be completed, failed, cancelled or timeout, got {}",
+                finish.status
+            )));
+        }
+        if let Some(reason) = &finish.status_reason {
+            validate::text("status_reason", reason, 4096)?;
+        }
+        let max = self.max_json();
+        let usage = validate::opt_object("usage", finish.usage.as_ref(), max)?;
+        let cost = validate::opt_object("cost", finish.cost.as_ref(), max)?;
+        if let Some(m) = &finish.metadata {
+            validate::object("metadata", m, max)?;
+        }
+        let queue = self.locate(run_id).await?;
+        let keys = self.queue_keys(&queue);
+        let mut k: Vec<String> = keys.fixed().into();
+        k.push(keys.run(run_id));
+        for _ in 0..20 {
+            let (flag, expected, merged) = match &finish.metadata {
+                None => ("0", String::new(), String::new()),
+                Some(patch) => {
+                    let (expected, merged) = self.merged_metadata(&k[7], patch).await?;
+                    ("1", expected, merged)
+                }
+            };
+            let args = vec![
+                keys.base.clone(),
+                run_id.to_string(),
+                finish.status.as_str().to_string(),
+                opt(&finish.status_reason),
+                usage.clone(),
+                cost.clone(),
+                flag.to_string(),
+                expected,
+                merged,
+                claim_token.unwrap_or_default().to_string(),
+                max.to_string(),
+                self.retention_ms(),
+            ];
+            match self.eval_raw(&self.scripts().finalize_run, &k, &args).await {
+                Ok(value) => {
+                    let mut parts = reply::array(value)?.into_iter();
+                    let _changed = parts.next();
+                    let fields = parts.next().ok_or_else(|| Error::Protocol("finalize: short reply".into()))?;
+                    return Run::from_fields(reply::fields(fields)?, false);
+                }
+                Err(e) if Error::is_retry(&e) => continue,
+                Err(e) => return Err(self.failed(e)),
+            }
+        }
+        Err(Error::Conflict(format!("metadata of run {run_id} kept changing; finalize gave up")))
+    }
+
+    /// Reads a hash's `metadata` and merges `patch` into it (top-level keys).
+    /// Returns (what was read, the merged JSON) for the script's compare-and-set.
+    pub(crate) async fn merged_metadata(&self, key: &str, patch: &Value) -> Result<(String, String)> {
+        let mut conn = self.conn().await?;
+        let current: Option<String> =
+            redis::cmd("HGET").arg(key).arg("metadata").query_async(&mut conn).await.map_err(|e| self.failed(e))?;
+        let current = current.unwrap_or_default();
+        let mut merged = match serde_json::from_str::<Value>(&current) {
+            Ok(Value::Object(map)) => map,
+            _ => Default::default(),
+        };
+        if let Value::Object(patch) = patch {
+            for (k, v) in patch {
+                merged.insert(k.clone(), v.clone());
+            }
+        }
+        let merged = validate::sized("metadata", &Value::Object(merged), self.max_json())?;
+        Ok((current, merged))
+    }
+
+    /// Cancels a queued run at once; for a claimed run records the request and
+    /// notifies the worker holding it. A finished run is returned unchanged.
+    pub async fn request_cancel(&self, run_id: &str, status_reason: Option<&str>) -> Result<Run> {
+        if let Some(reason) = status_reason {
+            validate::text("status_reason", reason, 4096)?;
+        }
+        let queue = self.locate(run_id).await?;
+        let keys = self.queue_keys(&queue);
+        let mut k: Vec<String> = keys.fixed().into();
+        k.push(keys.run(run_id));
+        k.push(keys.cancel_channel());
+        let args = vec![
+            keys.base.clone(),
+            run_id.to_string(),
+            status_reason.unwrap_or_default().to_string(),
+            self.retention_ms(),
+        ];
+        let value = self.eval(&self.scripts().request_cancel, &k, &args).await?;
+        Run::from_fields(reply::fields(value)?, false)
+    }
+
+    /// One run by run_id (the claim token is never shown).
+    pub async fn get_run(&self, run_id: &str) -> Result<Run> {
+        let queue = self.locate(run_id).await?;
+        let mut conn = self.conn().await?;
+        let value: redis::Value = redis::cmd("HGETALL")
+            .arg(self.queue_keys(&queue).run(run_id))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.failed(e))?;
+        let fields = reply::fields(value)?;
+        if fields.0.is_empty() {
+            return Err(Error::NotFound(format!("run {run_id} does not exist")));
+        }
+        Run::from_fields(fields, false)
+    }
+}

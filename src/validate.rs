@@ -1,0 +1,119 @@
+//! Argument checks done before anything is sent, so a bad call fails with one
+//! clear error. The scripts check the same rules again before writing.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+pub const MAX_ID_BYTES: usize = 200;
+pub const MAX_LEASE: Duration = Duration::from_secs(86_400);
+
+/// Ids, queue names, runner ids: non-empty, at most 200 bytes, no control
+/// characters and no `{` `}` (they would break the queue's hash tag).
+pub fn id(name: &str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::Invalid(format!("{name} must not be empty")));
+    }
+    if value.len() > MAX_ID_BYTES {
+        return Err(Error::Invalid(format!("{name} is longer than {MAX_ID_BYTES} bytes")));
+    }
+    if value.chars().any(|c| c.is_control() || c == '{' || c == '}') {
+        return Err(Error::Invalid(format!(
+            "{name} must not contain control characters, {{ or }}: {value:?}"
+        )));
+    }
+    Ok(())
+}
+
+pub fn opt_id(name: &str, value: Option<&str>) -> Result<()> {
+    value.map_or(Ok(()), |v| id(name, v))
+}
+
+/// A JSON value that must be an object, serialized, within `max_bytes`.
+pub fn object(name: &str, value: &Value, max_bytes: usize) -> Result<String> {
+    if !value.is_object() {
+        return Err(Error::Invalid(format!("{name} must be a JSON object, got {}", kind(value))));
+    }
+    sized(name, value, max_bytes)
+}
+
+pub fn opt_object(name: &str, value: Option<&Value>, max_bytes: usize) -> Result<String> {
+    value.map_or(Ok(String::new()), |v| object(name, v, max_bytes))
+}
+
+pub fn sized(name: &str, value: &Value, max_bytes: usize) -> Result<String> {
+    let text = serde_json::to_string(value).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
+    if text.len() > max_bytes {
+        return Err(Error::Invalid(format!(
+            "{name} is {} bytes, over the limit of {max_bytes}",
+            text.len()
+        )));
+    }
+    Ok(text)
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Parses text the user gave as a JSON object (CLI flags).
+pub fn parse_object(name: &str, text: &str) -> Result<Value> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| Error::Invalid(format!("{name} is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(Error::Invalid(format!("{name} must be a JSON object, got {}", kind(&value))));
+    }
+    Ok(value)
+}
+
+pub fn priority(value: i64) -> Result<()> {
+    if !(-1000..=1000).contains(&value) {
+        return Err(Error::Invalid(format!("priority must be in -1000..=1000, got {value}")));
+    }
+    Ok(())
+}
+
+/// A lease, in whole milliseconds, more than zero and at most a day.
+pub fn lease_ms(name: &str, value: Duration) -> Result<u64> {
+    let ms = value.as_millis();
+    if ms == 0 || value > MAX_LEASE {
+        return Err(Error::Invalid(format!(
+            "{name} must be more than 0 and at most {} seconds, got {:?}",
+            MAX_LEASE.as_secs(),
+            value
+        )));
+    }
+    Ok(ms as u64)
+}
+
+/// Epoch seconds (fractions allowed) to epoch milliseconds.
+pub fn epoch_ms(name: &str, seconds: f64) -> Result<i64> {
+    if !seconds.is_finite() || !(0.0..=1e12).contains(&seconds) {
+        return Err(Error::Invalid(format!("{name} must be epoch seconds, got {seconds}")));
+    }
+    Ok((seconds * 1000.0).round() as i64)
+}
+
+/// Seconds given on the command line (may be fractional), as a Duration.
+pub fn seconds(name: &str, seconds: f64) -> Result<Duration> {
+    if !seconds.is_finite() || seconds <= 0.0 || seconds > 1e9 {
+        return Err(Error::Invalid(format!("{name} must be a positive number of seconds, got {seconds}")));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+pub fn text(name: &str, value: &str, max: usize) -> Result<()> {
+    if value.len() > max {
+        return Err(Error::Invalid(format!("{name} is longer than {max} bytes")));
+    }
+    Ok(())
+}
