@@ -16,4 +16,4 @@ pub mod validate;
 pub use error::{Error, Result};
 pub use model::*;
 pub use store::{Store, StoreConfig};
-pub use store::{ClaimOutcome, Release};
+pub use store::{ClaimOutcome, Release, Waiter};

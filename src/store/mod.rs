@@ -12,6 +12,8 @@ mod reaper;
 pub(crate) mod reply;
 mod runs;
 pub use runs::{ClaimOutcome, Release};
+mod waiting;
+pub use waiting::{SAFETY_POLL, Waiter};
 mod runtimes;
 
 use std::collections::{HashMap, HashSet};

@@ -1,0 +1,397 @@
+//! The ledger commands: one function per command of BRIEF section 5.
+
+use std::time::Duration;
+
+use clap::Args;
+use runledger::{
+    ClaimRequest, Direction, Error, Finish, NewEvent, NewRun, Release, Result, RunFilter, RunStatus, Store,
+    StoreConfig, Waiter, validate,
+};
+use serde_json::Value;
+
+use crate::output::Output;
+
+pub async fn connect(url: &str, prefix: &str) -> Result<Store> {
+    let cfg = StoreConfig { prefix: prefix.to_string(), ..StoreConfig::default() };
+    Store::connect_with(url, cfg).await.map_err(|e| match e {
+        Error::Redis(err) if err.is_connection_refusal() || err.is_io_error() => {
+            Error::Server(format!("cannot reach Redis at {url}: {err} (set --redis or REDIS_URL)"))
+        }
+        other => other,
+    })
+}
+
+fn json_arg(name: &str, text: &Option<String>) -> Result<Option<Value>> {
+    text.as_deref().map(|t| validate::parse_object(name, t)).transpose()
+}
+
+fn status_arg(text: &str) -> Result<RunStatus> {
+    text.parse()
+}
+
+#[derive(Args)]
+pub struct EnqueueArgs {
+    #[arg(long, default_value = "default")]
+    queue: String,
+    #[arg(long)]
+    runner: String,
+    /// Defaults to a new UUID.
+    #[arg(long)]
+    run_id: Option<String>,
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    priority: i64,
+    /// A JSON object.
+    #[arg(long)]
+    metadata: Option<String>,
+    #[arg(long)]
+    requested_runtime: Option<String>,
+    /// Epoch seconds.
+    #[arg(long)]
+    deadline: Option<f64>,
+    /// Epoch seconds.
+    #[arg(long)]
+    not_before: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    max_attempts: u32,
+    #[arg(long)]
+    conversation: Option<String>,
+    #[arg(long)]
+    thread: Option<String>,
+    #[arg(long)]
+    workspace: Option<String>,
+    #[arg(long)]
+    bot: Option<String>,
+    #[arg(long)]
+    agent: Option<String>,
+    #[arg(long)]
+    event_id: Option<String>,
+    #[arg(long)]
+    binding: Option<String>,
+    /// A JSON object, handed only to the claimer.
+    #[arg(long)]
+    authorization: Option<String>,
+    /// queued (enters the queue) or running (executed directly).
+    #[arg(long, default_value = "queued")]
+    status: String,
+}
+
+pub async fn enqueue(store: &Store, out: &Output, a: EnqueueArgs) -> Result<()> {
+    let run = NewRun {
+        run_id: a.run_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        runner_id: a.runner,
+        queue: Some(a.queue),
+        event_id: a.event_id,
+        binding_id: a.binding,
+        conversation_id: a.conversation,
+        thread_id: a.thread,
+        workspace_id: a.workspace,
+        bot_id: a.bot,
+        agent_id: a.agent,
+        deadline_at: a.deadline,
+        authorization: json_arg("--authorization", &a.authorization)?,
+        metadata: json_arg("--metadata", &a.metadata)?,
+        status: Some(status_arg(&a.status)?),
+        priority: a.priority,
+        requested_runtime_id: a.requested_runtime,
+        not_before: a.not_before,
+        max_attempts: a.max_attempts,
+    };
+    out.run(&store.create_run(&run).await?);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ClaimArgs {
+    #[arg(long)]
+    runtime: String,
+    /// Queues in order of preference (repeat); default: every known queue.
+    #[arg(long = "queue")]
+    queues: Vec<String>,
+    /// Only runs of these runners (repeat).
+    #[arg(long = "runner")]
+    runners: Vec<String>,
+    /// Lease length in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    lease: f64,
+    /// Wait up to this many seconds for a run (blocking, no polling).
+    #[arg(long)]
+    wait: Option<f64>,
+}
+
+pub async fn claim(store: &Store, out: &Output, a: ClaimArgs) -> Result<()> {
+    let request = ClaimRequest {
+        runtime_id: a.runtime,
+        queues: a.queues,
+        runner_ids: a.runners,
+        lease: validate::seconds("--lease", a.lease)?,
+    };
+    let run = match a.wait {
+        Some(wait) => {
+            let wait = if wait == 0.0 { Duration::ZERO } else { validate::seconds("--wait", wait)? };
+            Waiter::new(store).await?.claim(&request, wait).await?
+        }
+        None => store.claim_next_run(&request).await?,
+    };
+    match run {
+        Some(run) => out.run(&run),
+        None if out.json => println!("null"),
+        None => println!("nothing to claim"),
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct RenewArgs {
+    run_id: String,
+    #[arg(long)]
+    token: String,
+    #[arg(long, default_value_t = 60.0)]
+    lease: f64,
+}
+
+pub async fn renew(store: &Store, out: &Output, a: RenewArgs) -> Result<()> {
+    let run = store.renew_claim(&a.run_id, &a.token, validate::seconds("--lease", a.lease)?).await?;
+    out.run(&run);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ReleaseArgs {
+    run_id: String,
+    #[arg(long)]
+    token: String,
+    #[arg(long, default_value = "queued")]
+    status: String,
+    #[arg(long)]
+    reason: Option<String>,
+    /// Claimable again only after this many seconds.
+    #[arg(long)]
+    retry_in: Option<f64>,
+}
+
+pub async fn release(store: &Store, out: &Output, a: ReleaseArgs) -> Result<()> {
+    let release = Release {
+        status: status_arg(&a.status)?,
+        status_reason: a.reason,
+        retry_in: a.retry_in.map(|s| validate::seconds("--retry-in", s)).transpose()?,
+    };
+    out.run(&store.release_claim(&a.run_id, &a.token, &release).await?);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct AppendArgs {
+    run_id: String,
+    #[arg(long)]
+    seq: i64,
+    #[arg(long = "type")]
+    event_type: String,
+    /// A JSON object (default {}).
+    #[arg(long)]
+    data: Option<String>,
+    /// A JSON object.
+    #[arg(long)]
+    usage: Option<String>,
+    #[arg(long, default_value = "runner")]
+    source: String,
+    /// Fence the write with this claim token.
+    #[arg(long)]
+    token: Option<String>,
+}
+
+pub async fn append(store: &Store, out: &Output, a: AppendArgs) -> Result<()> {
+    let mut event = NewEvent::new(a.seq, a.event_type, json_arg("--data", &a.data)?.unwrap_or(Value::Object(Default::default())))
+        .source(a.source);
+    event.usage = json_arg("--usage", &a.usage)?;
+    let event = store.append_event(&a.run_id, a.token.as_deref(), &event).await?;
+    if out.json { out.json(&event) } else { out.event(&event) }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct AuditArgs {
+    run_id: String,
+    #[arg(long = "type")]
+    event_type: String,
+    #[arg(long)]
+    data: Option<String>,
+}
+
+pub async fn audit(store: &Store, out: &Output, a: AuditArgs) -> Result<()> {
+    let data = json_arg("--data", &a.data)?;
+    let event = store.append_audit_event(&a.run_id, &a.event_type, data.as_ref(), None).await?;
+    if out.json { out.json(&event) } else { out.event(&event) }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct FinalizeArgs {
+    run_id: String,
+    /// completed, failed, cancelled or timeout.
+    #[arg(long)]
+    status: String,
+    #[arg(long)]
+    reason: Option<String>,
+    #[arg(long)]
+    usage: Option<String>,
+    #[arg(long)]
+    cost: Option<String>,
+    /// Merged into the run's metadata.
+    #[arg(long)]
+    metadata: Option<String>,
+    #[arg(long)]
+    token: Option<String>,
+}
+
+pub async fn finalize(store: &Store, out: &Output, a: FinalizeArgs) -> Result<()> {
+    let finish = Finish {
+        status: status_arg(&a.status)?,
+        status_reason: a.reason,
+        usage: json_arg("--usage", &a.usage)?,
+        cost: json_arg("--cost", &a.cost)?,
+        metadata: json_arg("--metadata", &a.metadata)?,
+    };
+    out.run(&store.finalize_run(&a.run_id, &finish, a.token.as_deref()).await?);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct CancelArgs {
+    run_id: String,
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+pub async fn cancel(store: &Store, out: &Output, a: CancelArgs) -> Result<()> {
+    out.run(&store.request_cancel(&a.run_id, a.reason.as_deref()).await?);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct GetArgs {
+    run_id: String,
+}
+
+pub async fn get(store: &Store, out: &Output, a: GetArgs) -> Result<()> {
+    out.run(&store.get_run(&a.run_id).await?);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct RunsArgs {
+    #[arg(long = "queue")]
+    queues: Vec<String>,
+    #[arg(long = "status")]
+    statuses: Vec<String>,
+    #[arg(long)]
+    conversation: Option<String>,
+    #[arg(long)]
+    bot: Option<String>,
+    #[arg(long)]
+    workspace: Option<String>,
+    #[arg(long)]
+    thread: Option<String>,
+    /// Only runs of exactly this thread (or without a thread when --thread is absent).
+    #[arg(long)]
+    strict_thread: bool,
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    /// Only runs with a smaller id (the previous page's next_cursor).
+    #[arg(long)]
+    before: Option<i64>,
+}
+
+pub async fn runs(store: &Store, out: &Output, a: RunsArgs) -> Result<()> {
+    let filter = RunFilter {
+        queues: a.queues,
+        conversation_id: a.conversation,
+        statuses: a.statuses.iter().map(|s| status_arg(s)).collect::<Result<_>>()?,
+        before_id: a.before,
+        limit: a.limit,
+        bot_id: a.bot,
+        workspace_id: a.workspace,
+        strict_thread: a.strict_thread || a.thread.is_some(),
+        thread_id: a.thread,
+    };
+    out.runs(&store.list_runs(&filter).await?);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EventsArgs {
+    run_id: String,
+    #[arg(long)]
+    after: Option<i64>,
+    #[arg(long)]
+    before: Option<i64>,
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    #[arg(long)]
+    backward: bool,
+    /// Keep printing new events until the run finishes.
+    #[arg(long)]
+    follow: bool,
+}
+
+pub async fn events(store: &Store, out: &Output, a: EventsArgs) -> Result<()> {
+    let direction = if a.backward { Direction::Backward } else { Direction::Forward };
+    if !a.follow {
+        out.events(&store.page_run_events(&a.run_id, a.before, a.after, a.limit, direction).await?);
+        return Ok(());
+    }
+    let mut after = a.after;
+    loop {
+        let page = store.page_run_events(&a.run_id, None, after, 100, Direction::Forward).await?;
+        for event in &page.items {
+            out.event(event);
+            after = Some(event.sequence);
+        }
+        if page.has_more {
+            continue;
+        }
+        if store.get_run(&a.run_id).await?.status.is_terminal() {
+            // One more read: events written just before the finish.
+            let page = store.page_run_events(&a.run_id, None, after, 100, Direction::Forward).await?;
+            for event in &page.items {
+                out.event(event);
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[derive(Args)]
+pub struct RuntimesArgs {
+    #[arg(long = "status")]
+    statuses: Vec<String>,
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+}
+
+pub async fn runtimes(store: &Store, out: &Output, a: RuntimesArgs) -> Result<()> {
+    out.runtimes(&store.list_runtimes(&a.statuses, a.limit).await?);
+    Ok(())
+}
+
+pub async fn queues(store: &Store, out: &Output) -> Result<()> {
+    let mut stats = Vec::new();
+    for queue in store.known_queues().await? {
+        stats.push(store.queue_stats(&queue, 10).await?);
+    }
+    out.queues(&stats);
+    Ok(())
+}
+
+pub async fn reap(store: &Store, out: &Output) -> Result<()> {
+    let report = store.reap(&[], None).await?;
+    if out.json {
+        out.json(&report);
+    } else {
+        println!(
+            "promoted {}  reclaimed {}  timed out {}  purged {}  stale runtimes {}",
+            report.promoted, report.reclaimed, report.timed_out, report.purged, report.stale_runtimes
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! The `runledger` command line: host, operator and worker commands over the
+//! ledger. Every command prints readable text, or the seed's JSON with `--json`.
+//!
+//! Exit codes: 0 ok, 1 Redis or other failure, 2 bad input, 3 not found,
+//! 4 conflict (other terminal status, event content, out of order, finished),
+//! 5 claim lost (stale token or deadline passed).
+
+mod ledger;
+mod output;
+
+use clap::{Parser, Subcommand};
+use runledger::Error;
+
+#[derive(Parser)]
+#[command(name = "runledger", version, about = "A Redis-backed distributed work queue and run ledger")]
+pub struct Cli {
+    /// Redis server URL.
+    #[arg(long, global = true, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    redis: String,
+    /// Prefix of every key.
+    #[arg(long, global = true, env = "RUNLEDGER_PREFIX", default_value = "rl")]
+    prefix: String,
+    /// Print JSON (the seed's field names) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a run (idempotent by run id).
+    Enqueue(ledger::EnqueueArgs),
+    /// Claim the next run for a runtime; prints null when there is none.
+    Claim(ledger::ClaimArgs),
+    /// Extend a claim's lease.
+    Renew(ledger::RenewArgs),
+    /// Give a claim back to the queue or to a terminal status.
+    Release(ledger::ReleaseArgs),
+    /// Append a runner event.
+    Append(ledger::AppendArgs),
+    /// Append a host audit event after the last sequence.
+    Audit(ledger::AuditArgs),
+    /// Finish a run.
+    Finalize(ledger::FinalizeArgs),
+    /// Cancel a queued run, or ask the worker holding it to stop.
+    Cancel(ledger::CancelArgs),
+    /// Show one run.
+    Get(ledger::GetArgs),
+    /// List runs, newest first.
+    Runs(ledger::RunsArgs),
+    /// Show a run's events.
+    Events(ledger::EventsArgs),
+    /// List registered runtimes.
+    Runtimes(ledger::RuntimesArgs),
+    /// Depth per status, oldest queued age and lease holders of every queue.
+    Queues,
+    /// One pass of lease expiry, deadlines, delayed runs, stale runtimes, retention.
+    Reap,
+}
+
+#[tokio::main]
+async fn main() {
+    // Printing into a closed pipe (`runledger runs | head`) ends quietly, as other CLIs do.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(err) = run(cli).await {
+        eprintln!("runledger: {err}");
+        std::process::exit(exit_code(&err));
+    }
+}
+
+async fn run(cli: Cli) -> runledger::Result<()> {
+    let out = output::Output { json: cli.json };
+    let store = || ledger::connect(&cli.redis, &cli.prefix);
+    match cli.command {
+        Command::Enqueue(a) => ledger::enqueue(&store().await?, &out, a).await,
+        Command::Claim(a) => ledger::claim(&store().await?, &out, a).await,
+        Command::Renew(a) => ledger::renew(&store().await?, &out, a).await,
+        Command::Release(a) => ledger::release(&store().await?, &out, a).await,
+        Command::Append(a) => ledger::append(&store().await?, &out, a).await,
+        Command::Audit(a) => ledger::audit(&store().await?, &out, a).await,
+        Command::Finalize(a) => ledger::finalize(&store().await?, &out, a).await,
+        Command::Cancel(a) => ledger::cancel(&store().await?, &out, a).await,
+        Command::Get(a) => ledger::get(&store().await?, &out, a).await,
+        Command::Runs(a) => ledger::runs(&store().await?, &out, a).await,
+        Command::Events(a) => ledger::events(&store().await?, &out, a).await,
+        Command::Runtimes(a) => ledger::runtimes(&store().await?, &out, a).await,
+        Command::Queues => ledger::queues(&store().await?, &out).await,
+        Command::Reap => ledger::reap(&store().await?, &out).await,
+    }
+}
+
+fn exit_code(err: &Error) -> i32 {
+    match err {
+        Error::Invalid(_) => 2,
+        Error::NotFound(_) => 3,
+        Error::Conflict(_) | Error::Finished(_) | Error::OutOfOrder(_) => 4,
+        Error::StaleToken(_) | Error::DeadlinePassed(_) => 5,
+        Error::Redis(_) | Error::Protocol(_) | Error::Server(_) => 1,
+    }
+}
