@@ -7,7 +7,8 @@
 -- ARGV[4]  new claim token (chosen by the client, 32 hex chars)
 -- ARGV[5]  retention of finished runs in ms (for runs that time out here)
 -- ARGV[6..] runner_ids filter (none = any runner)
--- Returns {1, HGETALL...} with the claimed run, or {0, next_due_ms} where
+-- Returns {1, HGETALL..., last event sequence} with the claimed run (a
+-- re-claimed run continues its event stream), or {0, next_due_ms} where
 -- next_due_ms is the earliest time a delayed run or a lease falls due ('' if none).
 --
 -- Order is the seed's: priority descending, then creation order. Before
@@ -89,7 +90,10 @@ for _ = 1, 50 do
     redis.call('ZADD', K.leases, now + lease, rid)
     -- Chain the wake-up: another idle worker can take the next run.
     if redis.call('ZCARD', K.queued) > 0 then wake() end
-    return { 1, hgetall(rk) }
+    local last = 0
+    local top = redis.call('XREVRANGE', rk .. ':events', '+', '-', 'COUNT', 1)
+    if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
+    return { 1, hgetall(rk), last }
   end
 end
 

@@ -12,8 +12,10 @@ pub mod model;
 pub mod scripts;
 pub mod store;
 pub mod validate;
+pub mod worker;
 
 pub use error::{Error, Result};
 pub use model::*;
 pub use store::{Store, StoreConfig};
 pub use store::{ClaimOutcome, Release, Waiter};
+pub use worker::{Backoff, Done, Failure, RunContext, StopReason, Worker, WorkerReport};

@@ -121,6 +121,10 @@ pub struct Run {
     /// The lease expiry in epoch milliseconds (the seconds field rounds down).
     #[serde(skip)]
     pub claim_lease_expires_at_ms: Option<i64>,
+    /// In a claim result: the run's last event sequence, so a re-claimed run
+    /// continues its stream. 0 elsewhere.
+    #[serde(skip)]
+    pub last_sequence: i64,
 }
 
 fn secs(ms: Option<i64>) -> Option<i64> {
@@ -197,6 +201,7 @@ impl Run {
             max_attempts: f.int("max_attempts")?,
             authorization: if for_holder { authorization } else { None },
             claim_lease_expires_at_ms: lease_ms,
+            last_sequence: 0,
         })
     }
 }

@@ -162,7 +162,8 @@ impl Store {
         let claimed = parts.next().map(reply::int).transpose()?.unwrap_or(0);
         let rest = parts.next().ok_or_else(|| Error::Protocol("claim: short reply".into()))?;
         if claimed == 1 {
-            let run = Run::from_fields(reply::fields(rest)?, true)?;
+            let mut run = Run::from_fields(reply::fields(rest)?, true)?;
+            run.last_sequence = parts.next().map(reply::int).transpose()?.unwrap_or(0);
             self.remember(&run.run_id, queue);
             Ok(ClaimOutcome::Claimed(Box::new(run)))
         } else {

@@ -1,0 +1,624 @@
+//! The worker runtime: turns an async handler into a well-behaved, horizontally
+//! scaled worker, as BullMQ's Worker or asynq's Server do.
+//!
+//! One [`Worker`] registers its runtime and heartbeats it, waits for runs
+//! without polling (see [`crate::store::Waiter`]), runs up to `concurrency`
+//! handlers at once, renews each lease every lease/3, delivers cancellation
+//! within a pub/sub round trip, catches panics, retries with backoff, and on
+//! shutdown releases what it still holds back to the queue.
+
+mod context;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use rand::RngExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub use context::{Done, Failure, RunContext, StopReason};
+
+use crate::error::{Error, Result};
+use crate::model::{ClaimRequest, Finish, Heartbeat, RegisterRuntime, Run, RunStatus};
+use crate::store::{Release, Store, Waiter, lock};
+
+/// What a handler returns.
+pub type HandlerResult = std::result::Result<Done, Failure>;
+type BoxHandler = Arc<dyn Fn(RunContext) -> Pin<Box<dyn Future<Output = HandlerResult> + Send>> + Send + Sync>;
+
+/// Retry delays: exponential with full jitter, capped.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+    /// Claims a run may use before a retryable failure becomes final
+    /// (a run's own `max_attempts` wins when set).
+    pub max_attempts: i64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { base: Duration::from_secs(1), max: Duration::from_secs(300), max_attempts: 5 }
+    }
+}
+
+impl Backoff {
+    /// The delay before attempt `attempt + 1`: base * 2^(attempt-1), jittered to 50..100 %.
+    pub fn delay(&self, attempt: i64) -> Duration {
+        let exp = self.base.saturating_mul(1u32 << (attempt.clamp(1, 20) - 1) as u32).min(self.max);
+        exp.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+}
+
+/// How a worker picks among its queues.
+#[derive(Clone, Debug)]
+pub enum QueueOrder {
+    /// Always the first queue that has work.
+    Strict,
+    /// Each claim starts with a queue drawn with these relative weights.
+    Weighted(Vec<u32>),
+}
+
+/// Builds a [`Worker`].
+pub struct WorkerBuilder {
+    store: Store,
+    runtime_id: Option<String>,
+    queues: Vec<String>,
+    order: QueueOrder,
+    runner_ids: Vec<String>,
+    concurrency: usize,
+    lease: Duration,
+    renew_every: Option<Duration>,
+    heartbeat: Duration,
+    grace: Duration,
+    backoff: Backoff,
+    reap_every: Option<Duration>,
+    shutdown: CancellationToken,
+    handle_signals: bool,
+}
+
+impl WorkerBuilder {
+    pub fn runtime_id(mut self, id: impl Into<String>) -> Self {
+        self.runtime_id = Some(id.into());
+        self
+    }
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queues.push(queue.into());
+        self
+    }
+    pub fn queues<I: IntoIterator<Item = S>, S: Into<String>>(mut self, queues: I) -> Self {
+        self.queues.extend(queues.into_iter().map(Into::into));
+        self
+    }
+    /// Weights, one per queue in the order given.
+    pub fn weights(mut self, weights: Vec<u32>) -> Self {
+        self.order = QueueOrder::Weighted(weights);
+        self
+    }
+    pub fn runner(mut self, runner: impl Into<String>) -> Self {
+        self.runner_ids.push(runner.into());
+        self
+    }
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+    /// How often leases are renewed (default lease/3).
+    pub fn renew_every(mut self, every: Duration) -> Self {
+        self.renew_every = Some(every);
+        self
+    }
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.heartbeat = every;
+        self
+    }
+    /// How long in-flight handlers may run on after shutdown starts.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+    /// Run a reaper pass this often (default 5 s; `None` = never).
+    pub fn reap_every(mut self, every: Option<Duration>) -> Self {
+        self.reap_every = every;
+        self
+    }
+    /// Shut down when this token is cancelled.
+    pub fn shutdown_token(mut self, token: CancellationToken) -> Self {
+        self.shutdown = token;
+        self
+    }
+    /// Also shut down on SIGINT / SIGTERM (default on).
+    pub fn handle_signals(mut self, on: bool) -> Self {
+        self.handle_signals = on;
+        self
+    }
+
+    /// The worker, with `handler` run once per claimed run.
+    pub fn build<F, Fut>(self, handler: F) -> Result<Worker>
+    where
+        F: Fn(RunContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        if self.queues.is_empty() {
+            return Err(Error::Invalid("a worker needs at least one queue".into()));
+        }
+        for queue in &self.queues {
+            crate::validate::id("queue", queue)?;
+        }
+        if let QueueOrder::Weighted(w) = &self.order
+            && (w.len() != self.queues.len() || w.iter().all(|&x| x == 0))
+        {
+            return Err(Error::Invalid("weights must be one per queue and not all zero".into()));
+        }
+        crate::validate::lease_ms("lease", self.lease)?;
+        let runtime_id = self.runtime_id.unwrap_or_else(default_runtime_id);
+        crate::validate::id("runtime_id", &runtime_id)?;
+        let handler: BoxHandler = Arc::new(move |ctx| Box::pin(handler(ctx)));
+        Ok(Worker {
+            inner: Arc::new(Inner {
+                renew_every: self.renew_every.unwrap_or(self.lease / 3),
+                store: self.store,
+                runtime_id,
+                queues: self.queues,
+                order: self.order,
+                runner_ids: self.runner_ids,
+                concurrency: self.concurrency,
+                lease: self.lease,
+                heartbeat: self.heartbeat,
+                grace: self.grace,
+                backoff: self.backoff,
+                reap_every: self.reap_every,
+                handler,
+                in_flight: std::sync::Mutex::new(HashMap::new()),
+            }),
+            shutdown: self.shutdown,
+            handle_signals: self.handle_signals,
+        })
+    }
+}
+
+/// hostname-pid-random, unique enough to tell workers apart.
+pub fn default_runtime_id() -> String {
+    let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "host".into());
+    let host: String = host.chars().filter(|c| !c.is_control() && *c != '{' && *c != '}').take(100).collect();
+    format!("{host}-{}-{:04x}", std::process::id(), rand::rng().random::<u16>())
+}
+
+/// A running worker; see the module docs.
+pub struct Worker {
+    inner: Arc<Inner>,
+    shutdown: CancellationToken,
+    handle_signals: bool,
+}
+
+struct Inner {
+    store: Store,
+    runtime_id: String,
+    queues: Vec<String>,
+    order: QueueOrder,
+    runner_ids: Vec<String>,
+    concurrency: usize,
+    lease: Duration,
+    renew_every: Duration,
+    heartbeat: Duration,
+    grace: Duration,
+    backoff: Backoff,
+    reap_every: Option<Duration>,
+    handler: BoxHandler,
+    /// run_id -> the context of the run being executed.
+    in_flight: std::sync::Mutex<HashMap<String, RunContext>>,
+}
+
+/// What a worker did, returned when it stops.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerReport {
+    pub claimed: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub cancelled: u64,
+    pub lease_lost: u64,
+    pub released_on_shutdown: u64,
+}
+
+impl Worker {
+    pub fn builder(store: &Store) -> WorkerBuilder {
+        WorkerBuilder {
+            store: store.clone(),
+            runtime_id: None,
+            queues: Vec::new(),
+            order: QueueOrder::Strict,
+            runner_ids: Vec::new(),
+            concurrency: 1,
+            lease: Duration::from_secs(30),
+            renew_every: None,
+            heartbeat: Duration::from_secs(10),
+            grace: Duration::from_secs(10),
+            backoff: Backoff::default(),
+            reap_every: Some(Duration::from_secs(5)),
+            shutdown: CancellationToken::new(),
+            handle_signals: true,
+        }
+    }
+
+    pub fn runtime_id(&self) -> &str {
+        &self.inner.runtime_id
+    }
+
+    /// A token that stops this worker when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Runs until shutdown (token or, if enabled, SIGINT/SIGTERM).
+    pub async fn run(self) -> Result<WorkerReport> {
+        let inner = self.inner.clone();
+        let shutdown = self.shutdown.clone();
+        let store = &inner.store;
+        let mut registration = RegisterRuntime::new(&inner.runtime_id);
+        registration.heartbeat_deadline = inner.heartbeat * 3;
+        registration.version = Some(env!("CARGO_PKG_VERSION").into());
+        registration.capabilities = Some(serde_json::json!({
+            "queues": inner.queues, "runner_ids": inner.runner_ids, "concurrency": inner.concurrency
+        }));
+        store.register_runtime(&registration).await?;
+        info!(runtime = %inner.runtime_id, queues = ?inner.queues, "worker started");
+
+        let background = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        if self.handle_signals {
+            tasks.spawn(signals(shutdown.clone()));
+        }
+        tasks.spawn(heartbeats(inner.clone(), background.clone()));
+        tasks.spawn(cancel_listener(inner.clone(), background.clone()));
+        if let Some(every) = inner.reap_every {
+            tasks.spawn(reaper(inner.clone(), every, background.clone()));
+        }
+
+        let report = Arc::new(std::sync::Mutex::new(WorkerReport::default()));
+        let result = claim_loop(inner.clone(), shutdown.clone(), report.clone()).await;
+
+        background.cancel();
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        if let Err(e) = store.deregister_runtime(&inner.runtime_id).await {
+            warn!(error = %e, "could not deregister runtime");
+        }
+        info!(runtime = %inner.runtime_id, "worker stopped");
+        result?;
+        Ok(lock(&report).clone())
+    }
+}
+
+async fn signals(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    info!("signal received, shutting down");
+    shutdown.cancel();
+}
+
+async fn heartbeats(inner: Arc<Inner>, stop: CancellationToken) {
+    let beat = Heartbeat { heartbeat_deadline: inner.heartbeat * 3, ..Default::default() };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(inner.heartbeat) => {}
+        }
+        match inner.store.heartbeat_runtime(&inner.runtime_id, &beat).await {
+            Ok(_) => {}
+            Err(Error::NotFound(_)) => {
+                // Expired while we were away (a long pause): register again.
+                let mut registration = RegisterRuntime::new(&inner.runtime_id);
+                registration.heartbeat_deadline = inner.heartbeat * 3;
+                if let Err(e) = inner.store.register_runtime(&registration).await {
+                    warn!(error = %e, "re-registering runtime failed");
+                }
+            }
+            Err(e) => warn!(error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+/// Delivers `request_cancel` to the handler of the run within a pub/sub hop.
+async fn cancel_listener(inner: Arc<Inner>, stop: CancellationToken) {
+    loop {
+        let listen = async {
+            let mut pubsub = inner.store.pubsub().await?;
+            for queue in &inner.queues {
+                pubsub.subscribe(inner.store.queue_keys(queue).cancel_channel()).await?;
+            }
+            let mut messages = pubsub.on_message();
+            while let Some(msg) = messages.next().await {
+                let Ok(run_id) = msg.get_payload::<String>() else { continue };
+                let ctx = lock(&inner.in_flight).get(&run_id).cloned();
+                if let Some(ctx) = ctx {
+                    debug!(run_id, "cancel requested");
+                    ctx.stop(StopReason::Cancelled);
+                }
+            }
+            Ok::<(), Error>(())
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            result = listen => {
+                if let Err(e) = result {
+                    warn!(error = %e, "cancel listener lost its connection; reconnecting");
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+async fn reaper(inner: Arc<Inner>, every: Duration, stop: CancellationToken) {
+    loop {
+        let jitter = every.mul_f64(rand::rng().random_range(0.8..1.2));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(jitter) => {}
+        }
+        if let Err(e) = inner.store.reap(&inner.queues, None).await {
+            warn!(error = %e, "reaper pass failed");
+        }
+    }
+}
+
+fn queue_order(inner: &Inner) -> Vec<String> {
+    match &inner.order {
+        QueueOrder::Strict => inner.queues.clone(),
+        QueueOrder::Weighted(weights) => {
+            // Weighted draw without replacement: the first queue is drawn by
+            // weight, the rest follow so no work is missed.
+            let mut rng = rand::rng();
+            let mut pool: Vec<(String, u32)> = inner.queues.iter().cloned().zip(weights.iter().copied()).collect();
+            let mut out = Vec::with_capacity(pool.len());
+            while !pool.is_empty() {
+                let total: u32 = pool.iter().map(|(_, w)| *w).sum();
+                let idx = if total == 0 {
+                    0
+                } else {
+                    let mut pick = rng.random_range(0..total);
+                    pool.iter().position(|(_, w)| {
+                        if pick < *w {
+                            true
+                        } else {
+                            pick -= *w;
+                            false
+                        }
+                    })
+                    .unwrap_or(0)
+                };
+                out.push(pool.remove(idx).0);
+            }
+            out
+        }
+    }
+}
+
+async fn claim_loop(
+    inner: Arc<Inner>,
+    shutdown: CancellationToken,
+    report: Arc<std::sync::Mutex<WorkerReport>>,
+) -> Result<()> {
+    let slots = Arc::new(Semaphore::new(inner.concurrency));
+    let mut waiter = Waiter::new(&inner.store).await?;
+    let mut running = JoinSet::new();
+    let mut failures = 0u32;
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = slots.clone().acquire_owned() => permit.map_err(|_| Error::Protocol("worker slots closed".into()))?,
+        };
+        let request = ClaimRequest {
+            runtime_id: inner.runtime_id.clone(),
+            queues: queue_order(&inner),
+            runner_ids: inner.runner_ids.clone(),
+            lease: inner.lease,
+        };
+        let claimed = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            claimed = waiter.claim(&request, crate::store::SAFETY_POLL) => claimed,
+        };
+        match claimed {
+            Ok(Some(run)) => {
+                failures = 0;
+                lock(&report).claimed += 1;
+                running.spawn(execute(inner.clone(), run, shutdown.clone(), report.clone(), permit));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                // Redis away: back off instead of spinning, then try again.
+                failures += 1;
+                let pause = Duration::from_millis(100 * u64::from(failures.min(50)));
+                warn!(error = %e, ?pause, "claim failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+        // Reap finished executions so the set does not grow.
+        while running.try_join_next().is_some() {}
+    }
+    // Shutdown: let handlers finish within the grace period, then stop them;
+    // `execute` releases whatever is still held back to the queue.
+    let grace_end = tokio::time::sleep(inner.grace);
+    tokio::pin!(grace_end);
+    loop {
+        tokio::select! {
+            next = running.join_next() => if next.is_none() { break },
+            _ = &mut grace_end => {
+                let contexts: Vec<RunContext> = lock(&inner.in_flight).values().cloned().collect();
+                for ctx in contexts {
+                    ctx.stop(StopReason::Shutdown);
+                }
+                while running.join_next().await.is_some() {}
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs one claimed run to its end: handler, lease renewal, stop signals,
+/// and the final write (finish, retry or release).
+async fn execute(
+    inner: Arc<Inner>,
+    run: Run,
+    _shutdown: CancellationToken,
+    report: Arc<std::sync::Mutex<WorkerReport>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let store = inner.store.clone();
+    let run_id = run.run_id.clone();
+    let token = run.claim_token.clone().unwrap_or_default();
+    let attempts = run.dispatch_attempts;
+    let max_attempts = run.max_attempts.filter(|&m| m > 0).unwrap_or(inner.backoff.max_attempts);
+    let stop = CancellationToken::new();
+    let ctx = RunContext::new(store.clone(), run, stop.clone());
+    lock(&inner.in_flight).insert(run_id.clone(), ctx.clone());
+    if ctx.run.cancel_requested_at.is_some() {
+        ctx.stop(StopReason::Cancelled);
+    }
+
+    let renewer = tokio::spawn(renew_lease(inner.clone(), ctx.clone()));
+    let mut handler = tokio::spawn((inner.handler)(ctx.clone()));
+    let outcome = tokio::select! {
+        joined = &mut handler => Some(joined),
+        _ = stop.cancelled() => None,
+    };
+    renewer.abort();
+    lock(&inner.in_flight).remove(&run_id);
+
+    let result = match outcome {
+        Some(Ok(Ok(done))) => {
+            let mut finish = Finish::new(RunStatus::Completed);
+            finish.usage = done.usage;
+            finish.cost = done.cost;
+            finish.metadata = done.metadata;
+            lock(&report).completed += 1;
+            store.finalize_run(&run_id, &finish, Some(&token)).await.map(|_| ())
+        }
+        Some(Ok(Err(failure))) if failure.retryable && attempts < max_attempts => {
+            lock(&report).retried += 1;
+            let release = Release {
+                status: RunStatus::Queued,
+                status_reason: Some(format!("retrying after: {}", failure.message)),
+                retry_in: Some(inner.backoff.delay(attempts)),
+            };
+            store.release_claim(&run_id, &token, &release).await.map(|_| ())
+        }
+        Some(Ok(Err(failure))) => {
+            lock(&report).failed += 1;
+            let finish = Finish::new(RunStatus::Failed).reason(failure.message);
+            store.finalize_run(&run_id, &finish, Some(&token)).await.map(|_| ())
+        }
+        Some(Err(join_error)) => {
+            lock(&report).failed += 1;
+            let reason = if join_error.is_panic() {
+                let payload = join_error.into_panic();
+                let text = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-text panic".into());
+                format!("handler panicked: {text}")
+            } else {
+                "handler was aborted".into()
+            };
+            store.finalize_run(&run_id, &Finish::new(RunStatus::Failed).reason(reason), Some(&token)).await.map(|_| ())
+        }
+        None => {
+            // Stopped: the handler future must not outlive its claim.
+            handler.abort();
+            let _ = handler.await;
+            match ctx.stop_reason() {
+                Some(StopReason::Cancelled) => {
+                    lock(&report).cancelled += 1;
+                    let finish = Finish::new(RunStatus::Cancelled).reason("cancelled while running");
+                    store.finalize_run(&run_id, &finish, Some(&token)).await.map(|_| ())
+                }
+                Some(StopReason::Shutdown) => {
+                    lock(&report).released_on_shutdown += 1;
+                    let release = Release {
+                        status: RunStatus::Queued,
+                        status_reason: Some("worker shut down".into()),
+                        retry_in: None,
+                    };
+                    store.release_claim(&run_id, &token, &release).await.map(|_| ())
+                }
+                Some(StopReason::LeaseLost(why)) => {
+                    lock(&report).lease_lost += 1;
+                    warn!(run_id, why, "lease lost; run abandoned");
+                    Ok(())
+                }
+                None => Ok(()),
+            }
+        }
+    };
+    match result {
+        Ok(()) => {}
+        Err(Error::StaleToken(msg)) | Err(Error::DeadlinePassed(msg)) => {
+            lock(&report).lease_lost += 1;
+            warn!(run_id, msg, "lease lost before the result was written");
+        }
+        Err(Error::Conflict(msg)) => debug!(run_id, msg, "run was already finished"),
+        Err(e) => warn!(run_id, error = %e, "could not record the run's outcome; its lease will expire"),
+    }
+}
+
+/// Renews the lease every `renew_every`; stops the handler when the lease is
+/// lost, or when the local clock passes the lease end without a renewal.
+async fn renew_lease(inner: Arc<Inner>, ctx: RunContext) {
+    let mut lease_end = Instant::now() + inner.lease;
+    loop {
+        let next = (Instant::now() + inner.renew_every).min(lease_end);
+        tokio::time::sleep_until(next.into()).await;
+        if Instant::now() >= lease_end {
+            ctx.stop(StopReason::LeaseLost("lease expired before it could be renewed".into()));
+            return;
+        }
+        let sent = Instant::now();
+        match inner.store.renew_claim(&ctx.run.run_id, ctx.claim_token(), inner.lease).await {
+            Ok(run) => {
+                lease_end = sent + inner.lease;
+                if run.cancel_requested_at.is_some() {
+                    ctx.stop(StopReason::Cancelled);
+                }
+            }
+            Err(Error::StaleToken(msg)) | Err(Error::NotFound(msg)) | Err(Error::DeadlinePassed(msg)) => {
+                ctx.stop(StopReason::LeaseLost(msg));
+                return;
+            }
+            Err(e) => warn!(run_id = %ctx.run.run_id, error = %e, "lease renewal failed; retrying"),
+        }
+    }
+}
