@@ -18,4 +18,4 @@ pub use error::{Error, Result};
 pub use model::*;
 pub use store::{Store, StoreConfig};
 pub use store::{ClaimOutcome, Release, Waiter};
-pub use worker::{Backoff, Done, Failure, RunContext, StopReason, Worker, WorkerReport};
+pub use worker::{Backoff, Done, Failure, HandlerResult, RunContext, StopReason, Worker, WorkerReport};

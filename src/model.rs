@@ -121,6 +121,9 @@ pub struct Run {
     /// The lease expiry in epoch milliseconds (the seconds field rounds down).
     #[serde(skip)]
     pub claim_lease_expires_at_ms: Option<i64>,
+    /// created_at in epoch milliseconds.
+    #[serde(skip)]
+    pub created_at_ms: i64,
     /// In a claim result: the run's last event sequence, so a re-claimed run
     /// continues its stream. 0 elsewhere.
     #[serde(skip)]
@@ -167,6 +170,7 @@ impl Run {
         let lease_ms = f.int("claim_lease_expires_at")?;
         let token = f.text("claim_token");
         let authorization = f.json("authorization")?;
+        let created_ms = f.0.get("created_at").and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
         Ok(Run {
             id: f.int("id")?.ok_or_else(|| Error::Protocol("run without id".into()))?,
             run_id: f.required("run_id")?,
@@ -201,6 +205,7 @@ impl Run {
             max_attempts: f.int("max_attempts")?,
             authorization: if for_holder { authorization } else { None },
             claim_lease_expires_at_ms: lease_ms,
+            created_at_ms: created_ms,
             last_sequence: 0,
         })
     }

@@ -509,13 +509,15 @@ async fn execute(
         ctx.stop(StopReason::Cancelled);
     }
 
-    let renewer = tokio::spawn(renew_lease(inner.clone(), ctx.clone()));
-    let mut handler = tokio::spawn((inner.handler)(ctx.clone()));
+    // Both tasks die with this one: a worker that is dropped mid-run (a crash,
+    // as far as Redis can tell) must neither renew nor write any more.
+    let renewer = AbortOnDrop(tokio::spawn(renew_lease(inner.clone(), ctx.clone())));
+    let mut handler = AbortOnDrop(tokio::spawn((inner.handler)(ctx.clone())));
     let outcome = tokio::select! {
-        joined = &mut handler => Some(joined),
+        joined = &mut handler.0 => Some(joined),
         _ = stop.cancelled() => None,
     };
-    renewer.abort();
+    drop(renewer);
     lock(&inner.in_flight).remove(&run_id);
 
     let result = match outcome {
@@ -558,8 +560,8 @@ async fn execute(
         }
         None => {
             // Stopped: the handler future must not outlive its claim.
-            handler.abort();
-            let _ = handler.await;
+            handler.0.abort();
+            let _ = (&mut handler.0).await;
             match ctx.stop_reason() {
                 Some(StopReason::Cancelled) => {
                     lock(&report).cancelled += 1;
@@ -592,6 +594,15 @@ async fn execute(
         }
         Err(Error::Conflict(msg)) => debug!(run_id, msg, "run was already finished"),
         Err(e) => warn!(run_id, error = %e, "could not record the run's outcome; its lease will expire"),
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -5,8 +5,11 @@
 //! 4 conflict (other terminal status, event content, out of order, finished),
 //! 5 claim lost (stale token or deadline passed).
 
+mod demo;
 mod ledger;
 mod output;
+mod simulate;
+mod worker_cmd;
 
 use clap::{Parser, Subcommand};
 use runledger::Error;
@@ -14,9 +17,10 @@ use runledger::Error;
 #[derive(Parser)]
 #[command(name = "runledger", version, about = "A Redis-backed distributed work queue and run ledger")]
 pub struct Cli {
-    /// Redis server URL.
-    #[arg(long, global = true, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
-    redis: String,
+    /// Redis server URL [default: redis://127.0.0.1:6379/; demo and bench start a private
+    /// redis-server when neither this nor REDIS_URL is given].
+    #[arg(long, global = true, env = "REDIS_URL")]
+    redis: Option<String>,
     /// Prefix of every key.
     #[arg(long, global = true, env = "RUNLEDGER_PREFIX", default_value = "rl")]
     prefix: String,
@@ -57,6 +61,10 @@ enum Command {
     Queues,
     /// One pass of lease expiry, deadlines, delayed runs, stale runtimes, retention.
     Reap,
+    /// Run a demo worker (simulated agent work) until SIGINT/SIGTERM.
+    Worker(worker_cmd::WorkerArgs),
+    /// The main job: host, workers (one killed midway), live progress, checked summary.
+    Demo(demo::DemoArgs),
 }
 
 #[tokio::main]
@@ -82,7 +90,8 @@ async fn main() {
 
 async fn run(cli: Cli) -> runledger::Result<()> {
     let out = output::Output { json: cli.json };
-    let store = || ledger::connect(&cli.redis, &cli.prefix);
+    let url = cli.redis.clone().unwrap_or_else(|| "redis://127.0.0.1:6379/".to_string());
+    let store = || ledger::connect(&url, &cli.prefix);
     match cli.command {
         Command::Enqueue(a) => ledger::enqueue(&store().await?, &out, a).await,
         Command::Claim(a) => ledger::claim(&store().await?, &out, a).await,
@@ -98,6 +107,8 @@ async fn run(cli: Cli) -> runledger::Result<()> {
         Command::Runtimes(a) => ledger::runtimes(&store().await?, &out, a).await,
         Command::Queues => ledger::queues(&store().await?, &out).await,
         Command::Reap => ledger::reap(&store().await?, &out).await,
+        Command::Worker(a) => worker_cmd::run(&store().await?, &out, a).await,
+        Command::Demo(a) => demo::run(cli.redis.clone(), &cli.prefix, &out, a).await,
     }
 }
 

@@ -1,0 +1,342 @@
+//! `runledger demo`, the main job: a host and several workers on one Redis,
+//! one worker killed midway, live progress, and a summary that checks every
+//! run ended exactly once with a complete event stream.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use rand::RngExt;
+use runledger::embedded::RedisServer;
+use runledger::{Direction, Error, NewRun, Result, RunStatus, Store, StoreConfig, Worker, Backoff};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::output::Output;
+use crate::simulate::{Simulation, handle};
+
+#[derive(Args, Clone)]
+pub struct DemoArgs {
+    /// Runs to enqueue (80 % at once, the rest one by one into idle workers).
+    #[arg(long, default_value_t = 300)]
+    pub runs: usize,
+    /// Workers started in this process (the first is killed midway).
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Handlers per worker.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Simulated work per run, in milliseconds.
+    #[arg(long, default_value_t = 120)]
+    pub work_ms: u64,
+    /// Chance that an attempt fails (retryable).
+    #[arg(long, default_value_t = 0.05)]
+    pub fail_rate: f64,
+    /// Lease in seconds: how long the killed worker's runs wait to be re-claimed.
+    #[arg(long, default_value_t = 2.0)]
+    pub lease: f64,
+    /// Give up if the runs are not all finished after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+}
+
+const QUEUES: [&str; 3] = ["alpha", "beta", "gamma"];
+
+#[derive(Serialize)]
+struct Summary {
+    redis: String,
+    prefix: String,
+    runs: usize,
+    completed: usize,
+    failed: usize,
+    workers: usize,
+    concurrency: usize,
+    killed_workers: usize,
+    wall_seconds: f64,
+    throughput_runs_per_s: f64,
+    events: usize,
+    idle_claim_latency_ms_p50: f64,
+    idle_claim_latency_ms_p99: f64,
+    idle_claim_samples: usize,
+    reclaims: i64,
+    retries: i64,
+    check_ok: bool,
+    problems: Vec<String>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: DemoArgs) -> Result<()> {
+    if a.runs == 0 || a.workers == 0 || a.concurrency == 0 {
+        return Err(Error::Invalid("--runs, --workers and --concurrency must be at least 1".into()));
+    }
+    let (server, url, prefix) = match redis {
+        Some(url) => {
+            let tag = format!("{:08x}", rand::rng().random::<u32>());
+            (None, url, format!("{prefix}-demo-{tag}"))
+        }
+        None => {
+            let server = RedisServer::start()?;
+            let url = server.url();
+            (Some(server), url, prefix.to_string())
+        }
+    };
+    eprintln!(
+        "demo: Redis at {url}{}, key prefix {prefix}",
+        if server.is_some() { " (private redis-server, stopped at the end)" } else { "" }
+    );
+    let store = Store::connect_with(&url, StoreConfig { prefix: prefix.clone(), ..Default::default() }).await?;
+    let lease = runledger::validate::seconds("--lease", a.lease)?;
+    let started = Instant::now();
+
+    // Host: 80 % of the runs at once, over three queues and ten priorities.
+    let bulk = (a.runs * 4 / 5).max(1).min(a.runs);
+    let mut ids: Vec<(String, &str)> = Vec::with_capacity(a.runs);
+    let new_run = |i: usize| {
+        let queue = QUEUES[i % QUEUES.len()];
+        let run = NewRun::new(format!("demo-{i:05}"), "demo-agent")
+            .queue(queue)
+            .priority(rand::rng().random_range(0..10))
+            .metadata(json!({ "prompt": format!("task number {i}"), "user": "demo" }));
+        (run, queue)
+    };
+    for chunk in (0..bulk).collect::<Vec<_>>().chunks(100) {
+        let runs: Vec<NewRun> = chunk.iter().map(|&i| new_run(i).0).collect();
+        store.create_runs(&runs).await?;
+        ids.extend(chunk.iter().map(|&i| (format!("demo-{i:05}"), QUEUES[i % QUEUES.len()])));
+    }
+
+    // Workers, all in this process; each records how long first claims waited.
+    let waits: Arc<Mutex<HashMap<String, f64>>> = Arc::new(Mutex::new(HashMap::new()));
+    let sim = Simulation { work_ms: a.work_ms, steps: 3, fail_rate: a.fail_rate };
+    let mut handles = Vec::new();
+    let mut tokens = Vec::new();
+    for w in 0..a.workers {
+        let waits = waits.clone();
+        let worker = Worker::builder(&store)
+            .runtime_id(format!("demo-worker-{w}-{}", std::process::id()))
+            .queues(QUEUES)
+            .concurrency(a.concurrency)
+            .lease(lease)
+            .heartbeat(Duration::from_secs(1))
+            .reap_every(Some(Duration::from_secs(1)))
+            .backoff(Backoff { base: Duration::from_millis(100), max: Duration::from_secs(2), max_attempts: 6 })
+            .handle_signals(false)
+            .build(move |ctx| {
+                if ctx.run.dispatch_attempts == 1 {
+                    let wait = (now_ms() - ctx.run.created_at_ms) as f64;
+                    if let Ok(mut w) = waits.lock() {
+                        w.insert(ctx.run.run_id.clone(), wait);
+                    }
+                }
+                handle(ctx, sim)
+            })?;
+        tokens.push(worker.shutdown_token());
+        handles.push(tokio::spawn(worker.run()));
+    }
+
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:>6} [{bar:30}] {pos}/{len} {msg}")
+        .map_err(|e| Error::Invalid(e.to_string()))?
+        .progress_chars("=> ");
+    let per_queue: Vec<ProgressBar> = QUEUES
+        .iter()
+        .enumerate()
+        .map(|(qi, q)| {
+            let total = (0..a.runs).filter(|i| i % QUEUES.len() == qi).count();
+            let bar = bars.add(ProgressBar::new(total as u64));
+            bar.set_style(style.clone());
+            bar.set_prefix(q.to_string());
+            bar
+        })
+        .collect();
+    let status = bars.add(ProgressBar::new_spinner());
+
+    let mut killed = 0;
+    let mut trickled = bulk;
+    let mut next_trickle = Instant::now();
+    let deadline = started + Duration::from_secs(a.timeout);
+    let mut last_events = (Instant::now(), 0i64);
+    loop {
+        let mut finished = 0;
+        let mut reclaimed = 0;
+        for (qi, q) in QUEUES.iter().enumerate() {
+            let s = store.queue_stats(q, 0).await?;
+            finished += s.finished;
+            per_queue[qi].set_position(s.finished as u64);
+            per_queue[qi].set_message(format!("queued {} claimed {} delayed {}", s.queued, s.claimed, s.delayed));
+            reclaimed += s.counters.get("reclaimed").copied().unwrap_or(0);
+        }
+        let elapsed = last_events.0.elapsed().as_secs_f64().max(0.001);
+        let rate = (finished - last_events.1) as f64 / elapsed;
+        last_events = (Instant::now(), finished);
+        status.set_message(format!(
+            "{finished}/{} finished  {:.0} runs/s  re-claims {}  workers alive {}",
+            a.runs,
+            rate,
+            reclaimed,
+            a.workers - killed
+        ));
+
+        // Kill the first worker abruptly once 40 % of the bulk is done.
+        if killed == 0 && a.workers > 1 && finished as usize >= bulk * 2 / 5 {
+            handles[0].abort();
+            killed = 1;
+            bars.println("demo: worker 0 killed (no release, no deregister): its runs come back after the lease").ok();
+        }
+        // Once the bulk is drained, trickle the rest in one by one.
+        if trickled < a.runs && finished as usize >= bulk.saturating_sub(a.workers * a.concurrency) && Instant::now() >= next_trickle {
+            let (run, queue) = new_run(trickled);
+            store.create_run(&run).await?;
+            ids.push((run.run_id.clone(), queue));
+            trickled += 1;
+            next_trickle = Instant::now() + Duration::from_millis(15);
+        }
+        if finished as usize >= a.runs {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Server(format!("demo: only {finished} of {} runs finished within {} s", a.runs, a.timeout)));
+        }
+        let pause = if trickled < a.runs && finished as usize >= bulk.saturating_sub(a.workers * a.concurrency) { 2 } else { 100 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    for bar in &per_queue {
+        bar.finish();
+    }
+    status.finish_and_clear();
+    for t in &tokens {
+        t.cancel();
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+
+    // The check: every run terminal, finished exactly once, full event stream.
+    let mut problems = Vec::new();
+    let (mut completed, mut failed, mut events, mut extra_attempts) = (0, 0, 0, 0);
+    for (run_id, _) in &ids {
+        let run = store.get_run(run_id).await?;
+        match run.status {
+            RunStatus::Completed => completed += 1,
+            RunStatus::Failed => failed += 1,
+            other => problems.push(format!("{run_id} ended {other}")),
+        }
+        extra_attempts += (run.dispatch_attempts - 1).max(0);
+        let mut seqs = Vec::new();
+        let mut finished_events = 0;
+        let mut after = None;
+        loop {
+            let page = store.page_run_events(run_id, None, after, 100, Direction::Forward).await?;
+            for e in &page.items {
+                seqs.push(e.sequence);
+                if e.event_type == "finished" {
+                    finished_events += 1;
+                }
+            }
+            after = page.items.last().map(|e| e.sequence);
+            if !page.has_more {
+                break;
+            }
+        }
+        events += seqs.len();
+        if seqs.iter().enumerate().any(|(i, &s)| s != i as i64 + 1) {
+            problems.push(format!("{run_id}: event sequences not contiguous from 1: {seqs:?}"));
+        }
+        if run.status == RunStatus::Completed && finished_events != 1 {
+            problems.push(format!("{run_id}: completed with {finished_events} 'finished' events"));
+        }
+    }
+    let mut finishes = 0;
+    let mut reclaims = 0;
+    for q in QUEUES {
+        let s = store.queue_stats(q, 0).await?;
+        for status in ["completed", "failed", "cancelled", "timeout"] {
+            finishes += s.counters.get(status).copied().unwrap_or(0);
+        }
+        reclaims += s.counters.get("reclaimed").copied().unwrap_or(0);
+    }
+    if finishes != a.runs as i64 {
+        problems.push(format!("{finishes} finishes recorded for {} runs", a.runs));
+    }
+    let mut samples: Vec<f64> = {
+        let waits = lock(&waits);
+        ids[bulk..].iter().filter_map(|(id, _)| waits.get(id).copied()).collect()
+    };
+    samples.sort_by(|x, y| x.total_cmp(y));
+    let summary = Summary {
+        redis: url,
+        prefix,
+        runs: a.runs,
+        completed,
+        failed,
+        workers: a.workers,
+        concurrency: a.concurrency,
+        killed_workers: killed,
+        wall_seconds: wall,
+        throughput_runs_per_s: a.runs as f64 / wall,
+        events,
+        idle_claim_latency_ms_p50: percentile(&samples, 0.5),
+        idle_claim_latency_ms_p99: percentile(&samples, 0.99),
+        idle_claim_samples: samples.len(),
+        reclaims,
+        retries: extra_attempts,
+        check_ok: problems.is_empty(),
+        problems,
+    };
+    drop(server);
+    if out.json {
+        out.json(&summary);
+    } else {
+        print_summary(&summary);
+    }
+    if summary.check_ok {
+        Ok(())
+    } else {
+        Err(Error::Server(format!("demo check failed: {}", summary.problems.join("; "))))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn print_summary(s: &Summary) {
+    println!();
+    println!("runledger demo summary");
+    println!("  runs                {} (completed {}, failed after retries {})", s.runs, s.completed, s.failed);
+    println!(
+        "  workers             {} x concurrency {} ({} killed midway)",
+        s.workers, s.concurrency, s.killed_workers
+    );
+    println!("  wall time           {:.1} s", s.wall_seconds);
+    println!("  throughput          {:.1} runs/s", s.throughput_runs_per_s);
+    println!("  events              {}", s.events);
+    println!(
+        "  idle claim latency  p50 {:.2} ms  p99 {:.2} ms  ({} runs enqueued one by one into idle workers)",
+        s.idle_claim_latency_ms_p50, s.idle_claim_latency_ms_p99, s.idle_claim_samples
+    );
+    println!("  re-claims           {} (leases that expired, mostly the killed worker's)", s.reclaims);
+    println!("  extra attempts      {} (retries and re-claims)", s.retries);
+    if s.check_ok {
+        println!("  check               OK: every run ended exactly once with a complete event stream");
+    } else {
+        println!("  check               FAILED:");
+        for p in &s.problems {
+            println!("    - {p}");
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! `runledger worker`: a demo worker anyone can run to watch the system work.
+
+use std::time::Duration;
+
+use clap::Args;
+use runledger::{Backoff, Result, Store, Worker, validate};
+
+use crate::output::Output;
+use crate::simulate::{Simulation, handle};
+
+#[derive(Args, Clone)]
+pub struct WorkerArgs {
+    /// Queues to serve (repeat), in order of preference.
+    #[arg(long = "queue", required = true)]
+    pub queues: Vec<String>,
+    /// Relative weights, one per --queue (default: strict order).
+    #[arg(long = "weight")]
+    pub weights: Vec<u32>,
+    /// Only runs of these runners (repeat).
+    #[arg(long = "runner")]
+    pub runners: Vec<String>,
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Lease length in seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub lease: f64,
+    /// Heartbeat interval in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub heartbeat: f64,
+    /// Default: hostname-pid-random.
+    #[arg(long)]
+    pub runtime_id: Option<String>,
+    /// Simulated work per run, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub work_ms: u64,
+    /// Progress events per run.
+    #[arg(long, default_value_t = 3)]
+    pub steps: u32,
+    /// Chance that an attempt fails (retryable).
+    #[arg(long, default_value_t = 0.05)]
+    pub fail_rate: f64,
+    /// Seconds in-flight runs may finish after SIGTERM before they are released.
+    #[arg(long, default_value_t = 10.0)]
+    pub grace: f64,
+}
+
+pub fn build(store: &Store, a: &WorkerArgs, handle_signals: bool) -> Result<Worker> {
+    let sim = Simulation { work_ms: a.work_ms, steps: a.steps, fail_rate: a.fail_rate };
+    let mut builder = Worker::builder(store)
+        .queues(a.queues.iter().cloned())
+        .concurrency(a.concurrency)
+        .lease(validate::seconds("--lease", a.lease)?)
+        .heartbeat(validate::seconds("--heartbeat", a.heartbeat)?)
+        .grace(Duration::from_secs_f64(a.grace.max(0.0)))
+        .backoff(Backoff { base: Duration::from_millis(200), max: Duration::from_secs(10), max_attempts: 5 })
+        .handle_signals(handle_signals);
+    if !a.weights.is_empty() {
+        builder = builder.weights(a.weights.clone());
+    }
+    for runner in &a.runners {
+        builder = builder.runner(runner.clone());
+    }
+    if let Some(id) = &a.runtime_id {
+        builder = builder.runtime_id(id.clone());
+    }
+    builder.build(move |ctx| handle(ctx, sim))
+}
+
+pub async fn run(store: &Store, out: &Output, a: WorkerArgs) -> Result<()> {
+    let worker = build(store, &a, true)?;
+    eprintln!("runledger worker {} serving {:?} (Ctrl-C to stop)", worker.runtime_id(), a.queues);
+    let report = worker.run().await?;
+    if out.json {
+        out.json(&serde_json::json!({
+            "claimed": report.claimed, "completed": report.completed, "failed": report.failed,
+            "retried": report.retried, "cancelled": report.cancelled, "lease_lost": report.lease_lost,
+            "released_on_shutdown": report.released_on_shutdown,
+        }));
+    } else {
+        println!(
+            "claimed {}  completed {}  failed {}  retried {}  cancelled {}  lease lost {}  released {}",
+            report.claimed,
+            report.completed,
+            report.failed,
+            report.retried,
+            report.cancelled,
+            report.lease_lost,
+            report.released_on_shutdown
+        );
+    }
+    Ok(())
+}
