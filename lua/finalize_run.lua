@@ -12,6 +12,8 @@
 -- ARGV[9] merged metadata JSON object
 -- ARGV[10] claim token ('' = host call without fencing)
 -- ARGV[11] max JSON bytes   ARGV[12] retention ms
+-- A fenced finish records its token as `finish_token`, so that the same
+-- holder's retry is an idempotent no-op while any other token is STALE_TOKEN.
 -- Returns {1 = finished now | 0 = already had this status, HGETALL...}.
 -- Errors: NOT_FOUND, STALE_TOKEN, CONFLICT (finished with another status),
 -- RETRY (metadata changed since the client read it; the library retries).
@@ -35,6 +37,11 @@ local rk = KEYS[8]
 local h = route_fields(rk)
 if not h then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
 if TERMINAL[h.status] then
+  -- A fenced call on a finished run is a retry only from the claim that
+  -- finished it; any other token lost the run (its usage would be dropped).
+  if token ~= '' and redis.call('HGET', rk, 'finish_token') ~= token then
+    fail('STALE_TOKEN', 'run ' .. rid .. ' is no longer held with this claim token (status ' .. h.status .. ')')
+  end
   if h.status == status then return { 0, hgetall(rk) } end
   fail('CONFLICT', 'run ' .. rid .. ' is already ' .. h.status .. '; it cannot become ' .. status)
 end
@@ -49,4 +56,5 @@ end
 if ARGV[5] ~= '' then redis.call('HSET', rk, 'usage', ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('HSET', rk, 'cost', ARGV[6]) end
 finish(B, rid, h, status, ARGV[4], now_ms(), retention)
+if token ~= '' then redis.call('HSET', rk, 'finish_token', token) end
 return { 1, hgetall(rk) }
