@@ -33,6 +33,15 @@ impl Default for Release {
     }
 }
 
+/// Checks a claim request; returns its lease in ms.
+fn check_claim(request: &ClaimRequest) -> Result<u64> {
+    validate::id("runtime_id", &request.runtime_id)?;
+    for runner in &request.runner_ids {
+        validate::id("runner_id", runner)?;
+    }
+    validate::lease_ms("lease", request.lease)
+}
+
 fn opt(value: &Option<String>) -> String {
     value.clone().unwrap_or_default()
 }
@@ -130,6 +139,8 @@ impl Store {
     /// Claims the next run for a runtime from the request's queues, in order
     /// (the seed's claim_next_run). `None` when nothing is claimable.
     pub async fn claim_next_run(&self, request: &ClaimRequest) -> Result<Option<Run>> {
+        // Checked up front too: with no queue to try, a bad request must still fail.
+        check_claim(request)?;
         let queues = if request.queues.is_empty() { self.known_queues().await? } else { request.queues.clone() };
         for queue in &queues {
             if let ClaimOutcome::Claimed(run) = self.claim_from(queue, request).await? {
@@ -142,11 +153,7 @@ impl Store {
     /// One claim attempt on one queue.
     pub async fn claim_from(&self, queue: &str, request: &ClaimRequest) -> Result<ClaimOutcome> {
         validate::id("queue_name", queue)?;
-        validate::id("runtime_id", &request.runtime_id)?;
-        for runner in &request.runner_ids {
-            validate::id("runner_id", runner)?;
-        }
-        let lease = validate::lease_ms("lease", request.lease)?;
+        let lease = check_claim(request)?;
         let keys = self.queue_keys(queue);
         let token = uuid::Uuid::new_v4().simple().to_string();
         let mut args = vec![

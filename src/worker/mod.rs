@@ -223,7 +223,9 @@ struct Inner {
     in_flight: std::sync::Mutex<HashMap<String, RunContext>>,
 }
 
-/// What a worker did, returned when it stops.
+/// What a worker did, returned when it stops. Every claimed run is counted in
+/// exactly one outcome once its write has landed, so `claimed` is the sum of
+/// the others (a run whose result could not be written counts as `lease_lost`).
 #[derive(Clone, Debug, Default)]
 pub struct WorkerReport {
     pub claimed: u64,
@@ -517,34 +519,42 @@ async fn execute(
         joined = &mut handler.0 => Some(joined),
         _ = stop.cancelled() => None,
     };
+    if outcome.is_none() {
+        // Stopped: give the handler a moment to see `stopped()` and return on
+        // its own (clean up, record why), then make sure it is gone: it must
+        // not outlive its claim. The stop reason decides the outcome either way.
+        if tokio::time::timeout(STOP_WINDOW, &mut handler.0).await.is_err() {
+            handler.0.abort();
+            let _ = (&mut handler.0).await;
+        }
+    }
     drop(renewer);
     lock(&inner.in_flight).remove(&run_id);
 
-    let result = match outcome {
+    // Each outcome is counted once its write has landed, so a report adds up:
+    // claimed = completed + failed + retried + cancelled + lease_lost + released.
+    type Counter = fn(&mut WorkerReport) -> &mut u64;
+    let (counter, result): (Counter, Result<()>) = match outcome {
         Some(Ok(Ok(done))) => {
             let mut finish = Finish::new(RunStatus::Completed);
             finish.usage = done.usage;
             finish.cost = done.cost;
             finish.metadata = done.metadata;
-            lock(&report).completed += 1;
-            store.finalize_run(&run_id, &finish, Some(&token)).await.map(|_| ())
+            (|r| &mut r.completed, store.finalize_run(&run_id, &finish, Some(&token)).await.map(|_| ()))
         }
         Some(Ok(Err(failure))) if failure.retryable && attempts < max_attempts => {
-            lock(&report).retried += 1;
             let release = Release {
                 status: RunStatus::Queued,
                 status_reason: Some(format!("retrying after: {}", failure.message)),
                 retry_in: Some(inner.backoff.delay(attempts)),
             };
-            store.release_claim(&run_id, &token, &release).await.map(|_| ())
+            (|r| &mut r.retried, store.release_claim(&run_id, &token, &release).await.map(|_| ()))
         }
         Some(Ok(Err(failure))) => {
-            lock(&report).failed += 1;
             let finish = Finish::new(RunStatus::Failed).reason(failure.message);
-            store.finalize_run(&run_id, &finish, Some(&token)).await.map(|_| ())
+            (|r| &mut r.failed, store.finalize_run(&run_id, &finish, Some(&token)).await.map(|_| ()))
         }
         Some(Err(join_error)) => {
-            lock(&report).failed += 1;
             let reason = if join_error.is_panic() {
                 let payload = join_error.into_panic();
                 let text = payload
@@ -556,46 +566,46 @@ async fn execute(
             } else {
                 "handler was aborted".into()
             };
-            store.finalize_run(&run_id, &Finish::new(RunStatus::Failed).reason(reason), Some(&token)).await.map(|_| ())
+            let finish = Finish::new(RunStatus::Failed).reason(reason);
+            (|r| &mut r.failed, store.finalize_run(&run_id, &finish, Some(&token)).await.map(|_| ()))
         }
-        None => {
-            // Stopped: the handler future must not outlive its claim.
-            handler.0.abort();
-            let _ = (&mut handler.0).await;
-            match ctx.stop_reason() {
-                Some(StopReason::Cancelled) => {
-                    lock(&report).cancelled += 1;
-                    let finish = Finish::new(RunStatus::Cancelled).reason("cancelled while running");
-                    store.finalize_run(&run_id, &finish, Some(&token)).await.map(|_| ())
-                }
-                Some(StopReason::Shutdown) => {
-                    lock(&report).released_on_shutdown += 1;
-                    let release = Release {
-                        status: RunStatus::Queued,
-                        status_reason: Some("worker shut down".into()),
-                        retry_in: None,
-                    };
-                    store.release_claim(&run_id, &token, &release).await.map(|_| ())
-                }
-                Some(StopReason::LeaseLost(why)) => {
-                    lock(&report).lease_lost += 1;
-                    warn!(run_id, why, "lease lost; run abandoned");
-                    Ok(())
-                }
-                None => Ok(()),
+        None => match ctx.stop_reason() {
+            Some(StopReason::Cancelled) => {
+                let finish = Finish::new(RunStatus::Cancelled).reason("cancelled while running");
+                (|r| &mut r.cancelled, store.finalize_run(&run_id, &finish, Some(&token)).await.map(|_| ()))
             }
-        }
+            Some(StopReason::Shutdown) => {
+                let release = Release {
+                    status: RunStatus::Queued,
+                    status_reason: Some("worker shut down".into()),
+                    retry_in: None,
+                };
+                (|r| &mut r.released_on_shutdown, store.release_claim(&run_id, &token, &release).await.map(|_| ()))
+            }
+            Some(StopReason::LeaseLost(why)) => {
+                warn!(run_id, why, "lease lost; run abandoned");
+                (|r| &mut r.lease_lost, Ok(()))
+            }
+            None => (|r| &mut r.lease_lost, Err(Error::Protocol("stopped without a reason".into()))),
+        },
     };
     match result {
-        Ok(()) => {}
+        Ok(()) => *counter(&mut lock(&report)) += 1,
         Err(Error::StaleToken(msg)) | Err(Error::DeadlinePassed(msg)) => {
             lock(&report).lease_lost += 1;
             warn!(run_id, msg, "lease lost before the result was written");
         }
-        Err(Error::Conflict(msg)) => debug!(run_id, msg, "run was already finished"),
-        Err(e) => warn!(run_id, error = %e, "could not record the run's outcome; its lease will expire"),
+        Err(e) => {
+            // Conflict (finished elsewhere), Redis away...: the lease will expire
+            // and the run be re-claimed, as after a crash.
+            lock(&report).lease_lost += 1;
+            warn!(run_id, error = %e, "could not record the run's outcome; its lease will expire");
+        }
     }
 }
+
+/// How long a stopped handler may take to return on its own before it is aborted.
+const STOP_WINDOW: Duration = Duration::from_secs(1);
 
 /// Aborts the task when dropped.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);

@@ -5,6 +5,7 @@
 //! 4 conflict (other terminal status, event content, out of order, finished),
 //! 5 claim lost (stale token or deadline passed).
 
+mod bench;
 mod demo;
 mod ledger;
 mod output;
@@ -65,6 +66,8 @@ enum Command {
     Worker(worker_cmd::WorkerArgs),
     /// The main job: host, workers (one killed midway), live progress, checked summary.
     Demo(demo::DemoArgs),
+    /// Measure enqueue and lifecycle rates, idle claim latency, claim cost, memory.
+    Bench(bench::BenchArgs),
 }
 
 #[tokio::main]
@@ -109,6 +112,7 @@ async fn run(cli: Cli) -> runledger::Result<()> {
         Command::Reap => ledger::reap(&store().await?, &out).await,
         Command::Worker(a) => worker_cmd::run(&store().await?, &out, a).await,
         Command::Demo(a) => demo::run(cli.redis.clone(), &cli.prefix, &out, a).await,
+        Command::Bench(a) => bench::run(cli.redis.clone(), &cli.prefix, &out, a).await,
     }
 }
 

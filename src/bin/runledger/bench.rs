@@ -1,0 +1,425 @@
+//! `runledger bench`: the benchmark of issue #4. Enqueue rates, lifecycle
+//! rates with the library's Worker, idle claim latency, claim cost against
+//! queue depth, memory per run and Redis commands / CPU per lifecycle.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use rand::RngExt;
+use runledger::embedded::RedisServer;
+use runledger::{
+    ClaimOutcome, ClaimRequest, Done, Error, Finish, NewRun, Result, RunStatus, Store, StoreConfig, Worker,
+};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::demo::percentile;
+use crate::output::Output;
+
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// Runs per phase.
+    #[arg(long, default_value_t = 20_000)]
+    pub runs: usize,
+    /// Workers (one process, library Worker) of the main lifecycle phase.
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Workers of the second lifecycle phase (0 = skip).
+    #[arg(long, default_value_t = 32)]
+    pub many_workers: usize,
+    /// Queue depth of the deep claim-cost measurement (0 = skip).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub depth: usize,
+    /// Single enqueues of the idle-latency phase.
+    #[arg(long, default_value_t = 1_000)]
+    pub latency_samples: usize,
+    /// Print each figure next to its target and say which fall short.
+    #[arg(long)]
+    pub check: bool,
+}
+
+#[derive(Serialize, Default, Clone)]
+pub struct Figures {
+    pub redis_version: String,
+    pub redis_config: String,
+    pub runs: usize,
+    pub enqueue_single_per_s: f64,
+    pub enqueue_batched_per_s: f64,
+    pub lifecycle_per_s: f64,
+    pub lifecycle_workers: usize,
+    pub lifecycle_many_per_s: Option<f64>,
+    pub lifecycle_many_workers: usize,
+    pub idle_latency_ms_p50: f64,
+    pub idle_latency_ms_p99: f64,
+    pub idle_latency_ms_max: f64,
+    pub claim_us_at_1k: f64,
+    pub claim_us_at_depth: Option<f64>,
+    pub depth: usize,
+    pub claim_cost_ratio: Option<f64>,
+    pub memory_per_queued_run: f64,
+    pub memory_per_finished_run: f64,
+    pub commands_per_lifecycle: f64,
+    pub command_breakdown: HashMap<String, f64>,
+    pub round_trips_per_lifecycle: f64,
+    pub redis_cpu_us_per_lifecycle: f64,
+}
+
+const METADATA_PAD: &str = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore magna aliqua ut enim ad minim veniam quis nostrud exercitation";
+
+fn bench_run(i: usize, queue: &str) -> NewRun {
+    // ~200 bytes of metadata, as in the peers' workload.
+    NewRun::new(uuid::Uuid::new_v4().to_string(), "bench-agent")
+        .queue(queue)
+        .priority(rand::rng().random_range(0..10))
+        .metadata(json!({ "n": i, "user": "bench", "text": &METADATA_PAD[..150] }))
+}
+
+async fn info(store: &Store, section: &str) -> Result<HashMap<String, String>> {
+    let mut conn = store.conn().await?;
+    let text: String = redis::cmd("INFO").arg(section).query_async(&mut conn).await?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect())
+}
+
+async fn used_memory(store: &Store) -> Result<f64> {
+    let mut conn = store.conn().await?;
+    // Let lazy frees settle so the figure is stable.
+    let _: () = redis::cmd("MEMORY").arg("PURGE").query_async(&mut conn).await.unwrap_or(());
+    Ok(info(store, "memory").await?.get("used_memory").and_then(|v| v.parse().ok()).unwrap_or(0.0))
+}
+
+async fn redis_cpu(store: &Store) -> Result<f64> {
+    let cpu = info(store, "cpu").await?;
+    let get = |k: &str| cpu.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    Ok(get("used_cpu_sys") + get("used_cpu_user"))
+}
+
+async fn command_calls(store: &Store) -> Result<HashMap<String, f64>> {
+    let stats = info(store, "commandstats").await?;
+    let mut out = HashMap::new();
+    for (k, v) in stats {
+        if let Some(name) = k.strip_prefix("cmdstat_") {
+            let calls = v.split(',').find_map(|p| p.strip_prefix("calls=")).and_then(|c| c.parse().ok()).unwrap_or(0.0);
+            out.insert(name.to_string(), calls);
+        }
+    }
+    Ok(out)
+}
+
+async fn wait_finished(store: &Store, queue: &str, n: i64, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let stats = store.queue_stats(queue, 0).await?;
+        if stats.finished >= n {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            return Err(Error::Server(format!("bench: only {} of {n} runs finished in {queue}", stats.finished)));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn enqueue_batched(store: &Store, queue: &str, n: usize) -> Result<Duration> {
+    let start = Instant::now();
+    let mut i = 0;
+    while i < n {
+        let batch: Vec<NewRun> = (i..(i + 1000).min(n)).map(|k| bench_run(k, queue)).collect();
+        store.create_runs(&batch).await?;
+        i += batch.len();
+    }
+    Ok(start.elapsed())
+}
+
+/// The lifecycle: W workers each claim, append 3 events (one round trip), finish.
+async fn lifecycle(store: &Store, queue: &str, workers: usize, n: usize) -> Result<Duration> {
+    let mut tokens = Vec::new();
+    let mut handles = Vec::new();
+    let start = Instant::now();
+    for w in 0..workers {
+        let worker = Worker::builder(store)
+            .runtime_id(format!("bench-{w}-{}", std::process::id()))
+            .queue(queue)
+            .concurrency(1)
+            .lease(Duration::from_secs(30))
+            .handle_signals(false)
+            .reap_every(None)
+            .build(|ctx| async move {
+                let pad = &METADATA_PAD[..70];
+                ctx.emit_many(vec![
+                    ("progress".into(), json!({ "step": 1, "text": pad })),
+                    ("progress".into(), json!({ "step": 2, "text": pad })),
+                    ("result".into(), json!({ "step": 3, "text": pad })),
+                ])
+                .await?;
+                Ok(Done::default())
+            })?;
+        tokens.push(worker.shutdown_token());
+        handles.push(tokio::spawn(worker.run()));
+    }
+    wait_finished(store, queue, n as i64, Duration::from_secs(600)).await?;
+    let elapsed = start.elapsed();
+    for t in tokens {
+        t.cancel();
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+    Ok(elapsed)
+}
+
+async fn idle_latency(store: &Store, queue: &str, samples: usize, workers: usize) -> Result<Vec<f64>> {
+    let entered: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let mut tokens = Vec::new();
+    let mut handles = Vec::new();
+    for w in 0..workers {
+        let entered = entered.clone();
+        let worker = Worker::builder(store)
+            .runtime_id(format!("bench-idle-{w}-{}", std::process::id()))
+            .queue(queue)
+            .handle_signals(false)
+            .reap_every(None)
+            .build(move |ctx| {
+                let at = Instant::now();
+                if let Ok(mut m) = entered.lock() {
+                    m.insert(ctx.run.run_id.clone(), at);
+                }
+                async move { Ok(Done::default()) }
+            })?;
+        tokens.push(worker.shutdown_token());
+        handles.push(tokio::spawn(worker.run()));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut sent = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let run = bench_run(i, queue);
+        let at = Instant::now();
+        store.create_run(&run).await?;
+        sent.push((run.run_id, at));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    wait_finished(store, queue, samples as i64, Duration::from_secs(60)).await?;
+    for t in tokens {
+        t.cancel();
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+    let entered = entered.lock().map_err(|_| Error::Protocol("latency map poisoned".into()))?;
+    let mut out: Vec<f64> = sent
+        .iter()
+        .filter_map(|(id, at)| entered.get(id).map(|e| e.duration_since(*at).as_secs_f64() * 1000.0))
+        .collect();
+    out.sort_by(|a, b| a.total_cmp(b));
+    Ok(out)
+}
+
+/// Median time of `samples` claims (each followed by a finish, untimed) on a
+/// queue holding about `depth` runs.
+async fn claim_cost(store: &Store, queue: &str, samples: usize) -> Result<f64> {
+    let request = ClaimRequest::new("bench-claimer").queue(queue).lease(Duration::from_secs(60));
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let start = Instant::now();
+        let outcome = store.claim_from(queue, &request).await?;
+        times.push(start.elapsed().as_secs_f64() * 1e6);
+        if let ClaimOutcome::Claimed(run) = outcome {
+            store.finalize_run(&run.run_id, &Finish::new(RunStatus::Completed), run.claim_token.as_deref()).await?;
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(percentile(&times, 0.5))
+}
+
+pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: BenchArgs) -> Result<()> {
+    if a.runs == 0 || a.workers == 0 {
+        return Err(Error::Invalid("--runs and --workers must be at least 1".into()));
+    }
+    let (server, url, prefix) = match redis {
+        Some(url) => (None, url, format!("{prefix}-bench-{:08x}", rand::rng().random::<u32>())),
+        None => {
+            let server = RedisServer::start()?;
+            let url = server.url();
+            (Some(server), url, prefix.to_string())
+        }
+    };
+    let store = Store::connect_with(&url, StoreConfig { prefix: prefix.clone(), ..Default::default() }).await?;
+    let server_info = info(&store, "server").await?;
+    let mut conn = store.conn().await?;
+    let mut config = Vec::new();
+    for name in ["appendonly", "save", "maxmemory", "hash-max-listpack-value", "stream-node-max-bytes", "io-threads"] {
+        let pair: Vec<String> = redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await?;
+        if let [k, v] = &pair[..] {
+            config.push(format!("{k}={v}"));
+        }
+    }
+    let mut f = Figures {
+        redis_version: server_info.get("redis_version").cloned().unwrap_or_default(),
+        redis_config: config.join(" "),
+        runs: a.runs,
+        lifecycle_workers: a.workers,
+        lifecycle_many_workers: a.many_workers,
+        depth: a.depth,
+        ..Default::default()
+    };
+    eprintln!("bench: Redis {} at {url} ({}), {} runs", f.redis_version, f.redis_config, a.runs);
+
+    // 1. Enqueue, one call at a time.
+    let start = Instant::now();
+    for i in 0..a.runs {
+        store.create_run(&bench_run(i, "bench-single")).await?;
+    }
+    f.enqueue_single_per_s = a.runs as f64 / start.elapsed().as_secs_f64();
+    eprintln!("bench: enqueue one at a time {:.0}/s", f.enqueue_single_per_s);
+
+    // 2. Enqueue batched; memory per queued run.
+    let before = used_memory(&store).await?;
+    let took = enqueue_batched(&store, "bench", a.runs).await?;
+    f.enqueue_batched_per_s = a.runs as f64 / took.as_secs_f64();
+    let queued_mem = used_memory(&store).await?;
+    f.memory_per_queued_run = (queued_mem - before) / a.runs as f64;
+    eprintln!("bench: enqueue batched {:.0}/s, {:.0} bytes per queued run", f.enqueue_batched_per_s, f.memory_per_queued_run);
+
+    // 3. Lifecycle with W workers; commands, CPU and memory per lifecycle.
+    let calls_before = command_calls(&store).await?;
+    let cpu_before = redis_cpu(&store).await?;
+    let took = lifecycle(&store, "bench", a.workers, a.runs).await?;
+    let cpu_after = redis_cpu(&store).await?;
+    let calls_after = command_calls(&store).await?;
+    f.lifecycle_per_s = a.runs as f64 / took.as_secs_f64();
+    f.redis_cpu_us_per_lifecycle = (cpu_after - cpu_before) * 1e6 / a.runs as f64;
+    let mut total = 0.0;
+    for (name, after) in &calls_after {
+        if name == "info" || name == "config|get" || name == "memory|purge" {
+            continue;
+        }
+        let delta = after - calls_before.get(name).copied().unwrap_or(0.0);
+        if delta > 0.0 {
+            f.command_breakdown.insert(name.clone(), delta / a.runs as f64);
+            total += delta;
+        }
+    }
+    f.commands_per_lifecycle = total / a.runs as f64;
+    // Each evalsha is one round trip of the lifecycle (claim, events, finish);
+    // the waiter's BLPOPs and the monitor's queue_stats polls are not per run.
+    f.round_trips_per_lifecycle = f.command_breakdown.get("evalsha").copied().unwrap_or(0.0)
+        - calls_delta(&calls_before, &calls_after, "time") / a.runs as f64;
+    let finished_mem = used_memory(&store).await?;
+    f.memory_per_finished_run = (finished_mem - before) / a.runs as f64;
+    eprintln!(
+        "bench: lifecycle {} workers {:.0}/s, {:.1} commands and {:.0} us Redis CPU per run, {:.0} bytes per finished run",
+        a.workers, f.lifecycle_per_s, f.commands_per_lifecycle, f.redis_cpu_us_per_lifecycle, f.memory_per_finished_run
+    );
+
+    // 4. Lifecycle with many workers.
+    if a.many_workers > 0 {
+        enqueue_batched(&store, "bench-many", a.runs).await?;
+        let took = lifecycle(&store, "bench-many", a.many_workers, a.runs).await?;
+        f.lifecycle_many_per_s = Some(a.runs as f64 / took.as_secs_f64());
+        eprintln!("bench: lifecycle {} workers {:.0}/s", a.many_workers, a.runs as f64 / took.as_secs_f64());
+    }
+
+    // 5. Idle claim latency.
+    let lat = idle_latency(&store, "bench-idle", a.latency_samples, a.workers).await?;
+    f.idle_latency_ms_p50 = percentile(&lat, 0.5);
+    f.idle_latency_ms_p99 = percentile(&lat, 0.99);
+    f.idle_latency_ms_max = lat.last().copied().unwrap_or(0.0);
+    eprintln!("bench: idle claim latency p50 {:.3} ms p99 {:.3} ms", f.idle_latency_ms_p50, f.idle_latency_ms_p99);
+
+    // 6. Claim cost at 1k queued and at depth.
+    let samples = 200.min(a.runs);
+    enqueue_batched(&store, "bench-1k", 1000 + samples).await?;
+    f.claim_us_at_1k = claim_cost(&store, "bench-1k", samples).await?;
+    if a.depth > 0 {
+        eprintln!("bench: filling a queue with {} runs", a.depth);
+        enqueue_batched(&store, "bench-deep", a.depth + samples).await?;
+        let deep = claim_cost(&store, "bench-deep", samples).await?;
+        f.claim_us_at_depth = Some(deep);
+        f.claim_cost_ratio = Some(deep / f.claim_us_at_1k);
+    }
+    eprintln!("bench: claim {:.0} us at 1k, {:?} us at {}", f.claim_us_at_1k, f.claim_us_at_depth, a.depth);
+
+    drop(server);
+    if out.json {
+        out.json(&f);
+    } else {
+        print_table(&f);
+    }
+    if a.check {
+        let short = print_check(&f);
+        if short > 0 {
+            eprintln!("bench: {short} figure(s) short of target");
+        }
+    }
+    Ok(())
+}
+
+fn calls_delta(before: &HashMap<String, f64>, after: &HashMap<String, f64>, name: &str) -> f64 {
+    after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0)
+}
+
+fn print_table(f: &Figures) {
+    println!("runledger bench: Redis {} ({}), {} runs", f.redis_version, f.redis_config, f.runs);
+    println!("| figure | value |");
+    println!("| --- | --- |");
+    println!("| enqueue, one call at a time, runs/s | {:.0} |", f.enqueue_single_per_s);
+    println!("| enqueue, batched (1000), runs/s | {:.0} |", f.enqueue_batched_per_s);
+    println!("| lifecycle, {} workers, runs/s | {:.0} |", f.lifecycle_workers, f.lifecycle_per_s);
+    if let Some(v) = f.lifecycle_many_per_s {
+        println!("| lifecycle, {} workers, runs/s | {:.0} |", f.lifecycle_many_workers, v);
+    }
+    println!(
+        "| idle claim latency p50 / p99 / max, ms | {:.3} / {:.3} / {:.3} |",
+        f.idle_latency_ms_p50, f.idle_latency_ms_p99, f.idle_latency_ms_max
+    );
+    match (f.claim_us_at_depth, f.claim_cost_ratio) {
+        (Some(d), Some(r)) => println!(
+            "| claim cost at 1k vs {} queued, us | {:.0} vs {:.0} ({:.2}x) |",
+            f.depth, f.claim_us_at_1k, d, r
+        ),
+        _ => println!("| claim cost at 1k queued, us | {:.0} |", f.claim_us_at_1k),
+    }
+    println!("| Redis memory per queued run, bytes | {:.0} |", f.memory_per_queued_run);
+    println!("| Redis memory per finished run with 3 events, bytes | {:.0} |", f.memory_per_finished_run);
+    println!("| Redis CPU per lifecycle, us | {:.0} |", f.redis_cpu_us_per_lifecycle);
+    println!(
+        "| Redis commands per lifecycle (round trips) | {:.2} ({:.2}) |",
+        f.commands_per_lifecycle, f.round_trips_per_lifecycle
+    );
+}
+
+/// Prints figure vs target; returns how many fall short.
+fn print_check(f: &Figures) -> usize {
+    let mut rows: Vec<(&str, String, String, bool)> = vec![
+        ("enqueue, one at a time", format!("{:.0}/s", f.enqueue_single_per_s), ">= 8,360/s".into(), f.enqueue_single_per_s >= 8360.0),
+        ("enqueue, batched", format!("{:.0}/s", f.enqueue_batched_per_s), ">= 50,000/s".into(), f.enqueue_batched_per_s >= 50_000.0),
+        ("lifecycle, 4 workers", format!("{:.0}/s", f.lifecycle_per_s), ">= 7,466/s".into(), f.lifecycle_per_s >= 7466.0),
+        ("idle claim p99", format!("{:.2} ms", f.idle_latency_ms_p99), "<= 2.18 ms".into(), f.idle_latency_ms_p99 <= 2.18),
+        ("memory per queued run", format!("{:.0} B", f.memory_per_queued_run), "<= 600 B".into(), f.memory_per_queued_run <= 600.0),
+        ("memory per finished run", format!("{:.0} B", f.memory_per_finished_run), "<= 1,200 B".into(), f.memory_per_finished_run <= 1200.0),
+        ("Redis CPU per lifecycle", format!("{:.0} us", f.redis_cpu_us_per_lifecycle), "<= 90 us".into(), f.redis_cpu_us_per_lifecycle <= 90.0),
+        ("round trips per lifecycle", format!("{:.2}", f.round_trips_per_lifecycle), "<= 3".into(), f.round_trips_per_lifecycle <= 3.05),
+    ];
+    if let Some(v) = f.lifecycle_many_per_s {
+        rows.push(("lifecycle, 32 workers", format!("{v:.0}/s"), ">= 10,540/s".into(), v >= 10_540.0));
+    }
+    if let Some(r) = f.claim_cost_ratio {
+        rows.push(("claim cost deep vs 1k", format!("{r:.2}x"), "<= 1.5x".into(), r <= 1.5));
+    }
+    println!();
+    println!("| figure | measured | target | |");
+    println!("| --- | --- | --- | --- |");
+    let mut short = 0;
+    for (name, measured, target, ok) in rows {
+        if !ok {
+            short += 1;
+        }
+        println!("| {name} | {measured} | {target} | {} |", if ok { "ok" } else { "SHORT" });
+    }
+    short
+}
