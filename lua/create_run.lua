@@ -16,7 +16,8 @@
 -- ARGV[17] requested_runtime_id                     ARGV[18] not_before ms
 -- ARGV[19] max_attempts (0 = unlimited)             ARGV[20] max JSON bytes
 --   '' means "not set" for every optional argument.
--- Returns {1, HGETALL...} when created, {0, HGETALL...} when it existed.
+-- Returns {1, id, created_at_ms} when created (the caller knows the rest),
+-- {0, HGETALL...} when it existed.
 -- Cost: O(log n) in the queue depth.
 local B = ARGV[1]
 local rid = ARGV[2]
@@ -89,4 +90,4 @@ if status == 'queued' then
   if ARGV[17] ~= '' then h.requested_runtime_id = ARGV[17] end
   requeue(B, rid, h, now)
 end
-return { 1, hgetall(rk) }
+return { 1, id, now }

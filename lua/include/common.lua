@@ -112,8 +112,7 @@ end
 
 -- Wakes one blocked worker; the list never holds more than one token.
 local function wake()
-  redis.call('LPUSH', K.wake, '1')
-  redis.call('LTRIM', K.wake, 0, 0)
+  if redis.call('LLEN', K.wake) == 0 then redis.call('LPUSH', K.wake, '1') end
 end
 
 -- Reads the fields the scripts route on; nil when the run does not exist.
@@ -149,7 +148,14 @@ local function finish(B, rid, h, status, reason, now, retention_ms)
   redis.call('HINCRBY', K.stats, status, 1)
   local ttl = retention_ms + 86400000
   redis.call('PEXPIRE', rk, ttl)
-  redis.call('PEXPIRE', rk .. ':events', ttl)
+  -- A finished run's stream is complete: rewriting it drops the preallocated
+  -- space of its last node (about 4 KB for a short stream down to its size).
+  local sk = rk .. ':events'
+  local blob = redis.call('DUMP', sk)
+  if blob then
+    redis.call('DEL', sk)
+    redis.call('RESTORE', sk, ttl, blob)
+  end
 end
 
 -- Puts a queued run where it belongs: the delayed set when not due, else its lane.

@@ -42,6 +42,50 @@ fn check_claim(request: &ClaimRequest) -> Result<u64> {
     validate::lease_ms("lease", request.lease)
 }
 
+/// The run exactly as create_run.lua stores it (epoch ms rounded to seconds).
+fn new_run_record(new: &NewRun, id: i64, now_ms: i64) -> Run {
+    let status = new.status.unwrap_or(RunStatus::Queued);
+    let secs = |ms: i64| ms.div_euclid(1000);
+    let ms = |s: f64| (s * 1000.0).round() as i64;
+    Run {
+        id,
+        run_id: new.run_id.clone(),
+        event_id: new.event_id.clone(),
+        agent_id: new.agent_id.clone(),
+        binding_id: new.binding_id.clone(),
+        runner_id: new.runner_id.clone(),
+        conversation_id: new.conversation_id.clone(),
+        thread_id: new.thread_id.clone(),
+        workspace_id: new.workspace_id.clone(),
+        bot_id: new.bot_id.clone(),
+        status,
+        status_reason: None,
+        queue_name: new.queue_name().to_string(),
+        priority: new.priority,
+        requested_runtime_id: new.requested_runtime_id.clone(),
+        claimed_by_runtime_id: None,
+        claim_token: None,
+        claim_lease_expires_at: None,
+        dispatch_attempts: 0,
+        last_claimed_at: None,
+        created_at: secs(now_ms),
+        started_at: (status == RunStatus::Running).then_some(secs(now_ms)),
+        finished_at: None,
+        updated_at: secs(now_ms),
+        deadline_at: new.deadline_at.map(|s| secs(ms(s))),
+        cancel_requested_at: None,
+        usage: None,
+        cost: None,
+        metadata: new.metadata.clone().unwrap_or_else(|| Value::Object(Default::default())),
+        not_before: new.not_before.map(|s| secs(ms(s))),
+        max_attempts: (new.max_attempts > 0).then_some(i64::from(new.max_attempts)),
+        authorization: None,
+        claim_lease_expires_at_ms: None,
+        created_at_ms: now_ms,
+        last_sequence: 0,
+    }
+}
+
 fn opt(value: &Option<String>) -> String {
     value.clone().unwrap_or_default()
 }
@@ -104,11 +148,19 @@ impl Store {
         Ok((k, args))
     }
 
-    fn created(&self, value: redis::Value) -> Result<Run> {
+    /// The created run: read back when it already existed, else assembled from
+    /// the request and the id and time the script assigned (a smaller reply).
+    fn created(&self, new: &NewRun, value: redis::Value) -> Result<Run> {
         let mut parts = reply::array(value)?.into_iter();
-        let _created = parts.next().map(reply::int).transpose()?;
-        let fields = parts.next().ok_or_else(|| Error::Protocol("create_run: short reply".into()))?;
-        let run = Run::from_fields(reply::fields(fields)?, false)?;
+        let created = parts.next().map(reply::int).transpose()?.unwrap_or(0) == 1;
+        let run = if created {
+            let id = parts.next().map(reply::int).transpose()?.ok_or_else(|| Error::Protocol("create_run: no id".into()))?;
+            let now = parts.next().map(reply::int).transpose()?.unwrap_or(0);
+            new_run_record(new, id, now)
+        } else {
+            let fields = parts.next().ok_or_else(|| Error::Protocol("create_run: short reply".into()))?;
+            Run::from_fields(reply::fields(fields)?, false)?
+        };
         self.remember(&run.run_id, &run.queue_name);
         Ok(run)
     }
@@ -119,7 +171,7 @@ impl Store {
         let (keys, args) = self.create_call(run)?;
         let value = self.eval(&self.scripts().create_run, &keys, &args).await?;
         self.note_queue(run.queue_name());
-        self.created(value)
+        self.created(run, value)
     }
 
     /// Creates many runs in one round trip (a pipeline of create scripts).
@@ -133,7 +185,7 @@ impl Store {
         for run in runs {
             self.note_queue(run.queue_name());
         }
-        values.into_iter().map(|v| self.created(v)).collect()
+        values.into_iter().zip(runs).map(|(v, r)| self.created(r, v)).collect()
     }
 
     /// Claims the next run for a runtime from the request's queues, in order

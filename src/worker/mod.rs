@@ -515,19 +515,30 @@ async fn execute(
     // as far as Redis can tell) must neither renew nor write any more.
     let renewer = AbortOnDrop(tokio::spawn(renew_lease(inner.clone(), ctx.clone())));
     let mut handler = AbortOnDrop(tokio::spawn((inner.handler)(ctx.clone())));
-    let outcome = tokio::select! {
+    let mut joined = tokio::select! {
         joined = &mut handler.0 => Some(joined),
         _ = stop.cancelled() => None,
     };
-    if outcome.is_none() {
+    if joined.is_none() {
         // Stopped: give the handler a moment to see `stopped()` and return on
         // its own (clean up, record why), then make sure it is gone: it must
-        // not outlive its claim. The stop reason decides the outcome either way.
-        if tokio::time::timeout(STOP_WINDOW, &mut handler.0).await.is_err() {
-            handler.0.abort();
-            let _ = (&mut handler.0).await;
+        // not outlive its claim.
+        match tokio::time::timeout(STOP_WINDOW, &mut handler.0).await {
+            Ok(result) => joined = Some(result),
+            Err(_) => {
+                handler.0.abort();
+                let _ = (&mut handler.0).await;
+            }
         }
     }
+    // Once the run was stopped, only a success stands; a failure (typically
+    // the handler giving up because it was told to stop) is put down to the
+    // stop, whose reason decides: cancelled, released, or abandoned.
+    let outcome = match joined {
+        Some(Ok(Ok(done))) => Some(Ok(Ok(done))),
+        _ if ctx.is_stopped() => None,
+        other => other,
+    };
     drop(renewer);
     lock(&inner.in_flight).remove(&run_id);
 

@@ -237,15 +237,22 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: DemoArgs)
         }
         extra_attempts += (run.dispatch_attempts - 1).max(0);
         let mut seqs = Vec::new();
+        // An attempt cut short by the killed worker may have emitted its own
+        // `finished` before it died; the attempt that completed the run emits
+        // exactly one, as its last event.
         let mut finished_events = 0;
+        let mut last_is_finish = false;
         let mut after = None;
         loop {
             let page = store.page_run_events(run_id, None, after, 100, Direction::Forward).await?;
             for e in &page.items {
                 seqs.push(e.sequence);
-                if e.event_type == "finished" {
+                let final_finish =
+                    e.event_type == "finished" && e.data["attempt"].as_i64() == Some(run.dispatch_attempts);
+                if final_finish {
                     finished_events += 1;
                 }
+                last_is_finish = final_finish;
             }
             after = page.items.last().map(|e| e.sequence);
             if !page.has_more {
@@ -256,8 +263,12 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: DemoArgs)
         if seqs.iter().enumerate().any(|(i, &s)| s != i as i64 + 1) {
             problems.push(format!("{run_id}: event sequences not contiguous from 1: {seqs:?}"));
         }
-        if run.status == RunStatus::Completed && finished_events != 1 {
-            problems.push(format!("{run_id}: completed with {finished_events} 'finished' events"));
+        if run.status == RunStatus::Completed && (finished_events != 1 || !last_is_finish) {
+            problems.push(format!(
+                "{run_id}: completed by attempt {} with {finished_events} 'finished' events of that attempt{}",
+                run.dispatch_attempts,
+                if last_is_finish { "" } else { ", not as its last event" }
+            ));
         }
     }
     let mut finishes = 0;

@@ -38,7 +38,7 @@ pub async fn handle(ctx: RunContext, sim: Simulation) -> HandlerResult {
         ctx.emit("progress", json!({ "step": step, "of": steps })).await?;
     }
     let tokens = rand::rng().random_range(100..2000);
-    ctx.emit("finished", json!({ "tokens": tokens })).await?;
+    ctx.emit("finished", json!({ "tokens": tokens, "attempt": ctx.run.dispatch_attempts })).await?;
     Ok(Done {
         usage: Some(json!({ "tokens": tokens, "ms": started.elapsed().as_millis() as u64 })),
         cost: Some(json!({ "usd": tokens as f64 * 0.000002 })),
