@@ -41,11 +41,8 @@ for i = 0, n - 1 do
 end
 
 local rk, sk = KEYS[8], KEYS[9]
-local h = route_fields(rk)
-if not h then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
-if token ~= '' and (h.status ~= 'claimed' or h.claim_token ~= token) then
-  fail('STALE_TOKEN', 'run ' .. rid .. ' is no longer held with this claim token (status ' .. h.status .. ')')
-end
+local h = load_run(rk, rid)
+check_holder(h, rid, token)
 
 local last = 0
 local top = redis.call('XREVRANGE', sk, '+', '-', 'COUNT', 1)

@@ -34,8 +34,7 @@ local token = ARGV[10]
 local retention = check_int('retention ms', ARGV[12], 0, 1e13)
 
 local rk = KEYS[8]
-local h = route_fields(rk)
-if not h then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
+local h = load_run(rk, rid)
 if TERMINAL[h.status] then
   -- A fenced call on a finished run is a retry only from the claim that
   -- finished it; any other token lost the run (its usage would be dropped).
@@ -45,9 +44,7 @@ if TERMINAL[h.status] then
   if h.status == status then return { 0, hgetall(rk) } end
   fail('CONFLICT', 'run ' .. rid .. ' is already ' .. h.status .. '; it cannot become ' .. status)
 end
-if token ~= '' and (h.status ~= 'claimed' or h.claim_token ~= token) then
-  fail('STALE_TOKEN', 'run ' .. rid .. ' is no longer held with this claim token (status ' .. h.status .. ')')
-end
+check_holder(h, rid, token)
 if with_meta then
   local current = redis.call('HGET', rk, 'metadata') or ''
   if current ~= ARGV[8] then fail('RETRY', 'metadata of run ' .. rid .. ' changed meanwhile') end

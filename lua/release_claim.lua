@@ -23,11 +23,8 @@ if delay > 0 and status ~= 'queued' then fail('INVALID', 'a retry delay needs st
 local retention = check_int('retention ms', ARGV[7], 0, 1e13)
 
 local rk = KEYS[8]
-local h = route_fields(rk)
-if not h then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
-if h.status ~= 'claimed' or h.claim_token ~= token then
-  fail('STALE_TOKEN', 'run ' .. rid .. ' is no longer held with this claim token (status ' .. h.status .. ')')
-end
+local h = load_run(rk, rid)
+check_holder(h, rid, token)
 local now = now_ms()
 if TERMINAL[status] then
   finish(B, rid, h, status, ARGV[5], now, retention)

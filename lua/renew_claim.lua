@@ -16,11 +16,8 @@ local lease = check_int('lease ms', ARGV[4], 1, 86400000)
 local retention = check_int('retention ms', ARGV[5], 0, 1e13)
 
 local rk = KEYS[8]
-local h = route_fields(rk)
-if not h then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
-if h.status ~= 'claimed' or h.claim_token ~= token then
-  fail('STALE_TOKEN', 'run ' .. rid .. ' is no longer held with this claim token (status ' .. h.status .. ')')
-end
+local h = load_run(rk, rid)
+check_holder(h, rid, token)
 local now = now_ms()
 if h.deadline_at and h.deadline_at <= now then
   finish(B, rid, h, 'timeout', 'deadline passed', now, retention)

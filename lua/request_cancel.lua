@@ -17,8 +17,7 @@ check_text('status_reason', ARGV[3], 4096)
 local retention = check_int('retention ms', ARGV[4], 0, 1e13)
 
 local rk = KEYS[8]
-local h = route_fields(rk)
-if not h then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
+local h = load_run(rk, rid)
 if TERMINAL[h.status] then return hgetall(rk) end
 local now = now_ms()
 redis.call('HSET', rk, 'cancel_requested_at', now, 'updated_at', now)

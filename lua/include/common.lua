@@ -127,6 +127,20 @@ local function route_fields(rk)
   }
 end
 
+-- Loads a run that must exist.
+local function load_run(rk, rid)
+  local h = route_fields(rk)
+  if not h then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
+  return h
+end
+
+-- Fencing: with a token ('' = host call), the run must still be held with it.
+local function check_holder(h, rid, token)
+  if token ~= '' and (h.status ~= 'claimed' or h.claim_token ~= token) then
+    fail('STALE_TOKEN', 'run ' .. rid .. ' is no longer held with this claim token (status ' .. h.status .. ')')
+  end
+end
+
 local function clear_claim(rk)
   redis.call('HDEL', rk, 'claim_token', 'claimed_by_runtime_id', 'claim_lease_expires_at')
 end

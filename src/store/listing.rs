@@ -73,7 +73,7 @@ impl Store {
                 }
             }
         }
-        all.sort_by(|a, b| b.id.cmp(&a.id));
+        all.sort_by_key(|r| std::cmp::Reverse(r.id));
         let has_more = all.len() > limit;
         all.truncate(limit);
         let next_cursor = if has_more { all.last().map(|r| r.id) } else { None };
