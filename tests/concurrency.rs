@@ -1,7 +1,8 @@
-//! Many claimers at once: every run is finished exactly once, a run is held by
-//! at most one live lease at any instant, and a worker that lost its lease can
-//! no longer write into the run.
 mod common;
+
+// Many claimers at once: every run is finished exactly once, a run is held by
+// at most one live lease at any instant, and a worker that lost its lease can
+// no longer write into the run.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -58,8 +59,11 @@ async fn enqueue(store: &Store, n: usize) {
     }
 }
 
-/// Every finished run: status, attempts, and its stream entry ids, read raw.
-async fn final_state(redis: &common::TestRedis, n: usize) -> Vec<(String, String, i64, Vec<(String, String)>)> {
+/// (run_id, status, dispatch_attempts, [(stream entry id, data)]) of one run, read raw.
+type RunState = (String, String, i64, Vec<(String, String)>);
+
+/// Every run's final state.
+async fn final_state(redis: &common::TestRedis, n: usize) -> Vec<RunState> {
     let mut raw = common::raw(redis).await;
     let mut out = Vec::with_capacity(n);
     for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
@@ -69,7 +73,6 @@ async fn final_state(redis: &common::TestRedis, n: usize) -> Vec<(String, String
             pipe.cmd("HMGET").arg(format!("rl:{{{QUEUE}}}:run:{id}")).arg("status").arg("dispatch_attempts");
             pipe.cmd("XRANGE").arg(format!("rl:{{{QUEUE}}}:run:{id}:events")).arg("-").arg("+");
         }
-        #[allow(clippy::type_complexity)]
         let replies: Vec<redis::Value> = pipe.query_async(&mut raw).await.expect("pipeline of reads");
         for (k, pair) in replies.chunks(2).enumerate() {
             let (status, attempts): (Option<String>, Option<i64>) =
@@ -86,7 +89,7 @@ async fn final_state(redis: &common::TestRedis, n: usize) -> Vec<(String, String
     out
 }
 
-fn check_streams(state: &[(String, String, i64, Vec<(String, String)>)]) {
+fn check_streams(state: &[RunState]) {
     for (run_id, _, _, entries) in state {
         let expected = events_of(run_id);
         let ids: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
@@ -237,7 +240,7 @@ async fn short_leases_and_stalled_workers_are_fenced() {
                 // Every 10th run stalls on its first dispatch: half before the events,
                 // half between the events and the finish.
                 let first = run.dispatch_attempts == 1;
-                let stall_early = first && i % 20 == 0;
+                let stall_early = first && i.is_multiple_of(20);
                 let stall_late = first && i % 20 == 10;
                 let outcome = async {
                     if stall_early {

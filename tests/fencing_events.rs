@@ -1,6 +1,7 @@
-//! Fencing by claim token, and the event stream's rules (idempotent retry,
-//! conflicts, order, finished runs, batch atomicity).
 mod common;
+
+// Fencing by claim token, and the event stream's rules (idempotent retry,
+// conflicts, order, finished runs, batch atomicity).
 
 use std::time::Duration;
 

@@ -1,6 +1,7 @@
-//! The Redis data layout is a contract: operators and other-language clients
-//! read it with plain redis-cli. These tests read it the same way.
 mod common;
+
+// The Redis data layout is a contract: operators and other-language clients
+// read it with plain redis-cli. These tests read it the same way.
 
 use std::collections::HashMap;
 use std::time::Duration;

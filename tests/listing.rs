@@ -1,6 +1,7 @@
-//! list_runs (cursor paging by id, scope filters, statuses, several queues) and
-//! page_run_events (forward and backward cursors), against the seed's semantics.
 mod common;
+
+// list_runs (cursor paging by id, scope filters, statuses, several queues) and
+// page_run_events (forward and backward cursors), against the seed's semantics.
 
 use std::time::Duration;
 

@@ -1,5 +1,6 @@
-//! The runtime registry: register, heartbeat, staleness, listing, expiry.
 mod common;
+
+// The runtime registry: register, heartbeat, staleness, listing, expiry.
 
 use std::time::Duration;
 

@@ -1,6 +1,7 @@
-//! The seed store's operations, checked for the results the seed would give
-//! (and, where the brief asks for more, for the stronger behaviour).
 mod common;
+
+// The seed store's operations, checked for the results the seed would give
+// (and, where the brief asks for more, for the stronger behaviour).
 
 use std::time::Duration;
 
@@ -269,7 +270,7 @@ async fn release_claim_back_to_queue_and_with_retry_delay() {
         }
         ClaimOutcome::Claimed(run) => panic!("claimed {} before its retry time", run.run_id),
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(1700)).await;
     let c3 = claim(&store, "rt-3").await.expect("claimable once due");
     assert_eq!(c3.run_id, "r1");
     assert_eq!(c3.dispatch_attempts, 3);
@@ -632,7 +633,7 @@ async fn not_before_delays_a_new_run() {
     let due = now_ms(&store).await as f64 / 1000.0 + 1.2;
     let run = create(&store, NewRun::new("later", "agent").queue(Q).not_before(due)).await;
     assert_eq!(run.status, RunStatus::Queued);
-    assert_eq!(run.not_before, Some(due.floor() as i64));
+    assert_eq!(run.not_before, Some(((due * 1000.0).round() as i64).div_euclid(1000)));
     assert!(zscore(&mut raw, "rl:{q}:delayed", "later").await.is_some());
     create(&store, NewRun::new("now", "agent").queue(Q).priority(-10)).await;
     assert_eq!(claim(&store, "rt").await.expect("the due run").run_id, "now", "the delayed run is skipped");
@@ -671,14 +672,14 @@ async fn reap_enforces_deadlines_on_claimed_runs() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
     let now = now_ms(&store).await;
-    create(&store, NewRun::new("r1", "agent").queue(Q).deadline_at(now as f64 / 1000.0 + 1.0)).await;
+    create(&store, NewRun::new("r1", "agent").queue(Q).deadline_at(now as f64 / 1000.0 + 2.0)).await;
     create(&store, NewRun::new("r2", "agent").queue(Q).deadline_at(now as f64 / 1000.0 + 3600.0)).await;
     let c1 = claim(&store, "rt").await.expect("claim r1");
     let c2 = claim(&store, "rt").await.expect("claim r2");
     assert_eq!(c1.run_id, "r1");
     let report = store.reap(&[], None).await.expect("reap before the deadline");
     assert_eq!(report.timed_out, 0);
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    tokio::time::sleep(Duration::from_millis(2400)).await;
     let report = store.reap(&[], None).await.expect("reap after the deadline");
     assert_eq!(report.timed_out, 1, "{report:?}");
     let r1 = store.get_run("r1").await.expect("get r1");
@@ -704,11 +705,11 @@ async fn reap_enforces_deadlines_on_claimed_runs() {
 async fn renew_past_the_deadline_times_the_run_out() {
     let (_redis, store) = common::store().await;
     let now = now_ms(&store).await as f64 / 1000.0;
-    create(&store, NewRun::new("r1", "agent").queue(Q).deadline_at(now + 0.8)).await;
+    create(&store, NewRun::new("r1", "agent").queue(Q).deadline_at(now + 1.5)).await;
     let c = claim(&store, "rt").await.expect("claim");
     let renewed = store.renew_claim("r1", &token_of(&c), Duration::from_secs(60)).await.expect("renew in time");
     assert_eq!(renewed.status, RunStatus::Claimed);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tokio::time::sleep(Duration::from_millis(1900)).await;
     let err = store.renew_claim("r1", &token_of(&c), Duration::from_secs(60)).await.expect_err("renew too late");
     assert!(matches!(err, Error::DeadlinePassed(_)), "got {err:?}");
     assert_eq!(store.get_run("r1").await.expect("get").status, RunStatus::Timeout);

@@ -1,6 +1,7 @@
-//! Bad input is a clear `Error::Invalid` and writes nothing: checked through the
-//! library, and through the Lua scripts called directly with bad ARGV.
 mod common;
+
+// Bad input is a clear `Error::Invalid` and writes nothing: checked through the
+// library, and through the Lua scripts called directly with bad ARGV.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -323,12 +323,15 @@ async fn lost_lease_is_reclaimed_and_the_old_token_is_fenced() {
 }
 
 // 3. request_cancel reaches the handler holding the run.
+/// What the handler saw when it was stopped, and when.
+type Seen = Option<(Option<StopReason>, Instant)>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_reaches_the_running_handler() {
     let (_redis, store) = common::store().await;
     store.create_run(&NewRun::new("c-1", "agent").queue("cq")).await.expect("create");
     let started = Arc::new(Notify::new());
-    let seen: Arc<Mutex<Option<(Option<StopReason>, Instant)>>> = Arc::default();
+    let seen: Arc<Mutex<Seen>> = Arc::default();
     let (s, sn) = (started.clone(), seen.clone());
     let worker = Worker::builder(&store)
         .runtime_id("c-w")
