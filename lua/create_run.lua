@@ -1,93 +1,116 @@
--- create_run: create a run if it does not exist yet (idempotent by run_id).
+-- create_run: create runs of one queue unless they exist (idempotent by run_id).
+-- One call creates one run or a whole batch.
 --
 -- KEYS[1..7]  the queue keys (see include/common.lua)
--- KEYS[8]     <P>:{Q}:run:<run_id>   HASH the run
--- KEYS[9]     <P>:id                 STRING global run id counter
--- KEYS[10]    <P>:queues             SET names of known queues
---   KEYS[9] and KEYS[10] are the only keys outside the queue's slot; see the
+-- KEYS[8]     <P>:id        STRING global run id counter
+-- KEYS[9]     <P>:queues    SET names of known queues
+--   KEYS[8] and KEYS[9] are the only keys outside the queue's slot; see the
 --   README ("Redis Cluster") for how a cluster deployment handles them.
--- ARGV[1]  key base <P>:{Q}:
--- ARGV[2]  run_id          ARGV[3]  event_id        ARGV[4]  binding_id
--- ARGV[5]  runner_id       ARGV[6]  conversation_id ARGV[7]  thread_id
--- ARGV[8]  workspace_id    ARGV[9]  bot_id          ARGV[10] agent_id
--- ARGV[11] deadline_at ms  ARGV[12] authorization JSON object
--- ARGV[13] metadata JSON object                     ARGV[14] status: queued | running
--- ARGV[15] queue_name      ARGV[16] priority [-1000, 1000]
--- ARGV[17] requested_runtime_id                     ARGV[18] not_before ms
--- ARGV[19] max_attempts (0 = unlimited)             ARGV[20] max JSON bytes
---   '' means "not set" for every optional argument.
--- Returns {1, id, created_at_ms} when created (the caller knows the rest),
--- {0, HGETALL...} when it existed.
--- Cost: O(log n) in the queue depth.
+-- KEYS[10..]  <P>:{Q}:run:<run_id>  HASH of each run, in the order of ARGV
+-- ARGV[1] key base <P>:{Q}:   ARGV[2] queue name   ARGV[3] max JSON bytes
+-- ARGV[4..] 17 values per run:
+--   run_id, event_id, binding_id, runner_id, conversation_id, thread_id,
+--   workspace_id, bot_id, agent_id, deadline_at ms, authorization (JSON object),
+--   metadata (JSON object), status (queued | running), priority [-1000, 1000],
+--   requested_runtime_id, not_before ms, max_attempts (0 = unlimited)
+--   '' means "not set" for every optional value.
+-- Every run is checked before the first one is written.
+-- Returns one reply per run: {1, id, created_at_ms} when created (the caller
+-- knows the rest), {0, HGETALL...} when it existed.
+-- Cost: O(log n) per run in the queue depth. Run ids must only ever grow
+-- (KEYS[8] is never reset), as the list indexes are streams keyed by id.
 local B = ARGV[1]
-local rid = ARGV[2]
-check_id('run_id', rid)
-check_opt_id('event_id', ARGV[3])
-check_opt_id('binding_id', ARGV[4])
-check_id('runner_id', ARGV[5])
-check_opt_id('conversation_id', ARGV[6])
-check_opt_id('thread_id', ARGV[7])
-check_opt_id('workspace_id', ARGV[8])
-check_opt_id('bot_id', ARGV[9])
-check_opt_id('agent_id', ARGV[10])
-local deadline = check_opt_int('deadline_at', ARGV[11], 0, 1e15)
-local max_bytes = check_int('max JSON bytes', ARGV[20], 1, 512 * 1024 * 1024)
-check_json('authorization', ARGV[12], '{', '}', max_bytes)
-check_json('metadata', ARGV[13], '{', '}', max_bytes)
-local status = ARGV[14]
-if status ~= 'queued' and status ~= 'running' then
-  fail('INVALID', "status must be 'queued' or 'running', got '" .. status .. "'")
-end
-check_id('queue_name', ARGV[15])
-local priority = check_int('priority', ARGV[16], -1000, 1000)
-check_opt_id('requested_runtime_id', ARGV[17])
-local not_before = check_opt_int('not_before', ARGV[18], 0, 1e15)
-local max_attempts = check_int('max_attempts', ARGV[19], 0, 1000000)
-
-local rk = KEYS[8]
-if redis.call('EXISTS', rk) == 1 then
-  return { 0, hgetall(rk) }
+local queue = ARGV[2]
+check_id('queue_name', queue)
+local max_bytes = check_int('max JSON bytes', ARGV[3], 1, 512 * 1024 * 1024)
+local WIDTH = 17
+local n = (#ARGV - 3) / WIDTH
+if n < 1 or n ~= math.floor(n) or #KEYS ~= 9 + n then
+  fail('INVALID', 'runs must come as 17 values each with one key each, at least one')
 end
 
+local runs = {}
+for i = 0, n - 1 do
+  local a = 4 + i * WIDTH
+  local r = {
+    rid = ARGV[a], event_id = ARGV[a + 1], binding_id = ARGV[a + 2], runner_id = ARGV[a + 3],
+    conversation_id = ARGV[a + 4], thread_id = ARGV[a + 5], workspace_id = ARGV[a + 6],
+    bot_id = ARGV[a + 7], agent_id = ARGV[a + 8], deadline_at = ARGV[a + 9],
+    authorization = ARGV[a + 10], metadata = ARGV[a + 11], status = ARGV[a + 12],
+    requested_runtime_id = ARGV[a + 14], not_before = ARGV[a + 15], key = KEYS[10 + i],
+  }
+  check_id('run_id', r.rid)
+  for _, name in ipairs({ 'event_id', 'binding_id', 'conversation_id', 'thread_id', 'workspace_id',
+    'bot_id', 'agent_id', 'requested_runtime_id' }) do
+    check_opt_id(name, r[name])
+  end
+  check_id('runner_id', r.runner_id)
+  r.deadline = check_opt_int('deadline_at', r.deadline_at, 0, 1e15)
+  check_json('authorization', r.authorization, '{', '}', max_bytes)
+  check_json('metadata', r.metadata, '{', '}', max_bytes)
+  if r.status ~= 'queued' and r.status ~= 'running' then
+    fail('INVALID', "status must be 'queued' or 'running', got '" .. r.status .. "'")
+  end
+  r.priority = check_int('priority', ARGV[a + 13], -1000, 1000)
+  check_opt_int('not_before', r.not_before, 0, 1e15)
+  r.max_attempts = check_int('max_attempts', ARGV[a + 16], 0, 1000000)
+  runs[#runs + 1] = r
+end
+
+local OPTIONAL = { 'event_id', 'binding_id', 'conversation_id', 'thread_id', 'workspace_id', 'bot_id',
+  'agent_id', 'deadline_at', 'authorization', 'metadata', 'requested_runtime_id', 'not_before' }
+local SCOPES = { { 'conversation', 'conversation_id' }, { 'bot', 'bot_id' }, { 'workspace', 'workspace_id' },
+  { 'thread', 'thread_id' } }
 local now = now_ms()
-local id = redis.call('INCR', KEYS[9])
-redis.call('SADD', KEYS[10], ARGV[15])
-local fields = {
-  'id', id, 'run_id', rid, 'runner_id', ARGV[5], 'status', status, 'queue_name', ARGV[15],
-  'priority', priority, 'dispatch_attempts', 0, 'created_at', now, 'updated_at', now,
-}
-local optional = {
-  event_id = ARGV[3], binding_id = ARGV[4], conversation_id = ARGV[6], thread_id = ARGV[7],
-  workspace_id = ARGV[8], bot_id = ARGV[9], agent_id = ARGV[10], deadline_at = ARGV[11],
-  authorization = ARGV[12], metadata = ARGV[13], requested_runtime_id = ARGV[17],
-  not_before = ARGV[18],
-}
-for name, v in pairs(optional) do
-  if v ~= '' then
-    fields[#fields + 1] = name
-    fields[#fields + 1] = v
+local out = {}
+local created = 0
+for i, r in ipairs(runs) do
+  local rk = r.key
+  if redis.call('EXISTS', rk) == 1 then
+    out[i] = { 0, hgetall(rk) }
+  else
+    local id = redis.call('INCR', KEYS[8])
+    local fields = {
+      'id', id, 'run_id', r.rid, 'runner_id', r.runner_id, 'status', r.status, 'queue_name', queue,
+      'priority', r.priority, 'dispatch_attempts', 0, 'created_at', now, 'updated_at', now,
+    }
+    for _, name in ipairs(OPTIONAL) do
+      if r[name] ~= '' then
+        fields[#fields + 1] = name
+        fields[#fields + 1] = r[name]
+      end
+    end
+    if r.max_attempts > 0 then
+      fields[#fields + 1] = 'max_attempts'
+      fields[#fields + 1] = r.max_attempts
+    end
+    if r.status == 'running' then
+      fields[#fields + 1] = 'started_at'
+      fields[#fields + 1] = now
+    end
+    redis.call('HSET', rk, unpack(fields))
+
+    -- List indexes are streams: entry <id>-0 names the run; cheaper than a
+    -- sorted set entry and still paged newest first with XREVRANGE.
+    local entry = id .. '-0'
+    redis.call('XADD', B .. 'runs', entry, 'r', r.rid)
+    for _, scope in ipairs(SCOPES) do
+      local v = r[scope[2]]
+      if v ~= '' then redis.call('XADD', B .. 'idx:' .. scope[1] .. ':' .. v, entry, 'r', r.rid) end
+    end
+    if r.deadline then redis.call('ZADD', K.deadlines, r.deadline, r.rid) end
+    if r.status == 'queued' then
+      local h = { id = id, priority = r.priority, runner_id = r.runner_id }
+      if r.not_before ~= '' then h.not_before = r.not_before end
+      if r.requested_runtime_id ~= '' then h.requested_runtime_id = r.requested_runtime_id end
+      requeue(B, r.rid, h, now)
+    end
+    created = created + 1
+    out[i] = { 1, id, now }
   end
 end
-if max_attempts > 0 then
-  fields[#fields + 1] = 'max_attempts'
-  fields[#fields + 1] = max_attempts
+if created > 0 then
+  redis.call('SADD', KEYS[9], queue)
+  redis.call('HINCRBY', K.stats, 'created', created)
 end
-if status == 'running' then
-  fields[#fields + 1] = 'started_at'
-  fields[#fields + 1] = now
-end
-redis.call('HSET', rk, unpack(fields))
-
-redis.call('ZADD', B .. 'runs', id, rid)
-for _, scope in ipairs({ { 'conversation', ARGV[6] }, { 'bot', ARGV[9] }, { 'workspace', ARGV[8] }, { 'thread', ARGV[7] } }) do
-  if scope[2] ~= '' then redis.call('ZADD', B .. 'idx:' .. scope[1] .. ':' .. scope[2], id, rid) end
-end
-if deadline then redis.call('ZADD', K.deadlines, deadline, rid) end
-redis.call('HINCRBY', K.stats, 'created', 1)
-
-if status == 'queued' then
-  local h = { id = id, priority = priority, runner_id = ARGV[5], not_before = ARGV[18] ~= '' and ARGV[18] or nil }
-  if ARGV[17] ~= '' then h.requested_runtime_id = ARGV[17] end
-  requeue(B, rid, h, now)
-end
-return { 1, id, now }
+return out

@@ -91,9 +91,9 @@ fn opt(value: &Option<String>) -> String {
 }
 
 impl Store {
-    fn create_call(&self, run: &NewRun) -> Result<(Vec<String>, Vec<String>)> {
-        let queue = run.queue_name();
-        validate::id("queue_name", queue)?;
+    /// Checks one run and returns its 17 script values (see lua/create_run.lua).
+    fn create_values(&self, run: &NewRun) -> Result<[String; 17]> {
+        validate::id("queue_name", run.queue_name())?;
         validate::id("run_id", &run.run_id)?;
         validate::id("runner_id", &run.runner_id)?;
         for (name, value) in [
@@ -118,13 +118,7 @@ impl Store {
         let metadata = validate::opt_object("metadata", run.metadata.as_ref(), max)?;
         let deadline = run.deadline_at.map(|s| validate::epoch_ms("deadline_at", s)).transpose()?;
         let not_before = run.not_before.map(|s| validate::epoch_ms("not_before", s)).transpose()?;
-        let keys = self.queue_keys(queue);
-        let mut k: Vec<String> = keys.fixed().into();
-        k.push(keys.run(&run.run_id));
-        k.push(self.global().id_counter());
-        k.push(self.global().queues());
-        let args = vec![
-            keys.base.clone(),
+        Ok([
             run.run_id.clone(),
             opt(&run.event_id),
             opt(&run.binding_id),
@@ -138,14 +132,25 @@ impl Store {
             authorization,
             metadata,
             status.as_str().to_string(),
-            queue.to_string(),
             run.priority.to_string(),
             opt(&run.requested_runtime_id),
             not_before.map(|d| d.to_string()).unwrap_or_default(),
             run.max_attempts.to_string(),
-            max.to_string(),
-        ];
-        Ok((k, args))
+        ])
+    }
+
+    /// One create_run call for runs of one queue.
+    fn create_call(&self, queue: &str, runs: &[(&NewRun, [String; 17])]) -> (Vec<String>, Vec<String>) {
+        let keys = self.queue_keys(queue);
+        let mut k: Vec<String> = keys.fixed().into();
+        k.push(self.global().id_counter());
+        k.push(self.global().queues());
+        let mut args = vec![keys.base.clone(), queue.to_string(), self.max_json().to_string()];
+        for (run, values) in runs {
+            k.push(keys.run(&run.run_id));
+            args.extend(values.iter().cloned());
+        }
+        (k, args)
     }
 
     /// The created run: read back when it already existed, else assembled from
@@ -168,24 +173,52 @@ impl Store {
     /// Creates a run unless one with this run_id exists in its queue; either way
     /// returns the stored run (the seed's create_run).
     pub async fn create_run(&self, run: &NewRun) -> Result<Run> {
-        let (keys, args) = self.create_call(run)?;
-        let value = self.eval(&self.scripts().create_run, &keys, &args).await?;
-        self.note_queue(run.queue_name());
-        self.created(run, value)
+        let mut runs = self.create_runs(std::slice::from_ref(run)).await?;
+        runs.pop().ok_or_else(|| Error::Protocol("create_run: empty reply".into()))
     }
 
-    /// Creates many runs in one round trip (a pipeline of create scripts).
-    /// Every run is validated before anything is sent.
+    /// Creates many runs in one round trip: one script call per queue and per
+    /// 500 runs, pipelined. Every run is validated before anything is sent;
+    /// results come back in the order given.
     pub async fn create_runs(&self, runs: &[NewRun]) -> Result<Vec<Run>> {
-        let calls = runs.iter().map(|r| self.create_call(r)).collect::<Result<Vec<_>>>()?;
-        if calls.is_empty() {
-            return Ok(Vec::new());
+        const PER_CALL: usize = 500;
+        let mut by_queue: Vec<(&str, Vec<(usize, (&NewRun, [String; 17]))>)> = Vec::new();
+        for (i, run) in runs.iter().enumerate() {
+            let values = self.create_values(run)?;
+            let queue = run.queue_name();
+            match by_queue.iter_mut().find(|(q, _)| *q == queue) {
+                Some((_, group)) => group.push((i, (run, values))),
+                None => by_queue.push((queue, vec![(i, (run, values))])),
+            }
         }
-        let values = self.eval_many(&self.scripts().create_run, &calls).await?;
-        for run in runs {
-            self.note_queue(run.queue_name());
+        let mut calls = Vec::new();
+        let mut order = Vec::new();
+        for (queue, group) in &by_queue {
+            for chunk in group.chunks(PER_CALL) {
+                let items: Vec<(&NewRun, [String; 17])> = chunk.iter().map(|(_, item)| item.clone()).collect();
+                calls.push(self.create_call(queue, &items));
+                order.push(chunk.iter().map(|(i, _)| *i).collect::<Vec<_>>());
+            }
         }
-        values.into_iter().zip(runs).map(|(v, r)| self.created(r, v)).collect()
+        let values = match calls.len() {
+            0 => return Ok(Vec::new()),
+            1 => vec![self.eval(&self.scripts().create_run, &calls[0].0, &calls[0].1).await?],
+            _ => self.eval_many(&self.scripts().create_run, &calls).await?,
+        };
+        for (queue, _) in &by_queue {
+            self.note_queue(queue);
+        }
+        let mut out: Vec<Option<Run>> = vec![None; runs.len()];
+        for (value, indexes) in values.into_iter().zip(order) {
+            let replies = reply::array(value)?;
+            if replies.len() != indexes.len() {
+                return Err(Error::Protocol("create_run: reply does not match the runs sent".into()));
+            }
+            for (reply, i) in replies.into_iter().zip(indexes) {
+                out[i] = Some(self.created(&runs[i], reply)?);
+            }
+        }
+        out.into_iter().map(|r| r.ok_or_else(|| Error::Protocol("create_run: missing reply".into()))).collect()
     }
 
     /// Claims the next run for a runtime from the request's queues, in order
