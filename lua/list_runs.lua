@@ -1,6 +1,6 @@
 -- list_runs: one page of a queue's runs, newest id first, from a list index.
 --
--- KEYS[1] the index to walk (a ZSET scored by run id): <P>:{Q}:runs or
+-- KEYS[1] the index to walk (a STREAM with entry <id>-0 per run): <P>:{Q}:runs or
 --         <P>:{Q}:idx:<conversation|bot|workspace|thread>:<value>
 -- ARGV[1] key base
 -- ARGV[2] before id, exclusive ('' = from the newest)
@@ -20,19 +20,24 @@ local statuses = {}
 local any_status = ARGV[5] == ''
 for s in string.gmatch(ARGV[5], '[^,]+') do statuses[s] = true end
 
-local max = before and ('(' .. fmt(before)) or '+inf'
 local out = { 0, '' }
 local found = 0
 local seen = 0
+if before and before <= 1 then
+  out[1] = 1
+  return out
+end
+local max = before and ('(' .. fmt(before) .. '-0') or '+'
 while found < want and seen < budget do
   local batch = math.min(100, budget - seen)
-  local ids = redis.call('ZREVRANGEBYSCORE', KEYS[1], max, '-inf', 'WITHSCORES', 'LIMIT', 0, batch)
-  if #ids == 0 then out[1] = 1; break end
-  for i = 1, #ids, 2 do
+  local entries = redis.call('XREVRANGE', KEYS[1], max, '-', 'COUNT', batch)
+  if #entries == 0 then out[1] = 1; break end
+  for _, entry in ipairs(entries) do
     seen = seen + 1
-    out[2] = ids[i + 1]
-    max = '(' .. ids[i + 1]
-    local rk = B .. 'run:' .. ids[i]
+    local id = string.match(entry[1], '^(%d+)')
+    out[2] = id
+    max = '(' .. entry[1]
+    local rk = B .. 'run:' .. entry[2][2]
     local v = redis.call('HMGET', rk, 'status', 'conversation_id', 'bot_id', 'workspace_id', 'thread_id')
     local ok = v[1] and (any_status or statuses[v[1]])
       and (ARGV[6] == '' or v[2] == ARGV[6]) and (ARGV[7] == '' or v[3] == ARGV[7])
@@ -44,6 +49,6 @@ while found < want and seen < budget do
       if found >= want then break end
     end
   end
-  if #ids < batch * 2 and found < want then out[1] = 1; break end
+  if #entries < batch and found < want then out[1] = 1; break end
 end
 return out

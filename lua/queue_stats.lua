@@ -40,4 +40,4 @@ if holders_wanted > 0 then
   end
 end
 return { redis.call('ZCARD', K.queued), pinned, redis.call('ZCARD', K.delayed), redis.call('ZCARD', K.leases),
-  redis.call('ZCARD', K.finished), oldest, holders, redis.call('HGETALL', K.stats) }
+  redis.call('XLEN', K.finished), oldest, holders, redis.call('HGETALL', K.stats) }

@@ -32,16 +32,25 @@ for _, rid in ipairs(redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', now, 'LIMI
 end
 
 local purged = 0
-for _, rid in ipairs(redis.call('ZRANGEBYSCORE', K.finished, '-inf', now - retention, 'LIMIT', 0, limit)) do
+local SCOPES = { 'conversation', 'bot', 'workspace', 'thread' }
+for _, entry in ipairs(redis.call('XRANGE', K.finished, '-', fmt(now - retention), 'COUNT', limit)) do
+  local rid = entry[2][2]
   local rk = B .. 'run:' .. rid
-  local v = redis.call('HMGET', rk, 'conversation_id', 'bot_id', 'workspace_id', 'thread_id')
-  local scopes = { 'conversation', 'bot', 'workspace', 'thread' }
-  for i = 1, 4 do
-    if v[i] then redis.call('ZREM', B .. 'idx:' .. scopes[i] .. ':' .. v[i], rid) end
+  local v = redis.call('HMGET', rk, 'id', 'conversation_id', 'bot_id', 'workspace_id', 'thread_id')
+  if v[1] then
+    local index_entry = v[1] .. '-0'
+    redis.call('XDEL', B .. 'runs', index_entry)
+    for i = 1, 4 do
+      if v[i + 1] then
+        local idx = B .. 'idx:' .. SCOPES[i] .. ':' .. v[i + 1]
+        redis.call('XDEL', idx, index_entry)
+        -- An empty stream stays a key; a scope value that has no runs left goes.
+        if redis.call('XLEN', idx) == 0 then redis.call('DEL', idx) end
+      end
+    end
   end
-  redis.call('ZREM', B .. 'runs', rid)
   redis.call('DEL', rk, rk .. ':events')
-  redis.call('ZREM', K.finished, rid)
+  redis.call('XDEL', K.finished, entry[1])
   purged = purged + 1
 end
 return { promoted, reclaimed, timed_out, purged }

@@ -14,6 +14,19 @@ async fn hgetall(raw: &mut MultiplexedConnection, key: &str) -> HashMap<String, 
     redis::cmd("HGETALL").arg(key).query_async(raw).await.expect("HGETALL")
 }
 
+/// A stream index as (entry id, run id) pairs, oldest first.
+async fn stream_index(raw: &mut MultiplexedConnection, key: &str) -> Vec<(String, String)> {
+    let entries: Vec<(String, Vec<(String, String)>)> =
+        redis::cmd("XRANGE").arg(key).arg("-").arg("+").query_async(raw).await.expect("XRANGE");
+    entries
+        .into_iter()
+        .map(|(id, fields)| {
+            let run = fields.into_iter().find(|(k, _)| k == "r").map(|(_, v)| v).expect("index entry has field r");
+            (id, run)
+        })
+        .collect()
+}
+
 async fn key_type(raw: &mut MultiplexedConnection, key: &str) -> String {
     redis::cmd("TYPE").arg(key).query_async(raw).await.expect("TYPE")
 }
@@ -183,8 +196,12 @@ async fn a_run_through_its_life_as_an_operator_sees_it() {
     for absent in ["claim_token", "claimed_by_runtime_id", "claim_lease_expires_at"] {
         assert!(!h.contains_key(absent), "{absent} is cleared when the run finishes: {h:?}");
     }
-    let finished = zrange(&mut raw, "rl:{q}:finished").await;
-    assert_eq!(finished, [("r1".to_string(), finished_at as f64)], "finished index scored by finished_at ms");
+    assert_eq!(key_type(&mut raw, "rl:{q}:finished").await, "stream");
+    let finished = stream_index(&mut raw, "rl:{q}:finished").await;
+    assert_eq!(finished.len(), 1, "one finished run: {finished:?}");
+    assert_eq!(finished[0].1, "r1");
+    let entry_ms: i64 = finished[0].0.split('-').next().and_then(|ms| ms.parse().ok()).expect("entry id ms");
+    assert!((entry_ms - finished_at).abs() <= 1000, "finished entry id is the finish time: {entry_ms} vs {finished_at}");
     let leases: Vec<String> = zrange(&mut raw, "rl:{q}:leases").await.into_iter().map(|(m, _)| m).collect();
     assert_eq!(leases, ["r2"]);
     assert!(zrange(&mut raw, "rl:{q}:deadlines").await.is_empty());
@@ -283,8 +300,14 @@ async fn delayed_pinned_and_runner_lanes_are_visible() {
     assert_eq!(queued, ["any"], "the shared queue holds only unpinned, due runs");
     let lane: Vec<String> = zrange(&mut raw, "rl:{jobs}:runner:summarizer").await.into_iter().map(|(m, _)| m).collect();
     assert_eq!(lane, ["any"]);
-    let runs_index: Vec<String> = zrange(&mut raw, "rl:{jobs}:runs").await.into_iter().map(|(m, _)| m).collect();
-    assert_eq!(runs_index, ["later", "mine", "any"], "all runs, scored by id");
+    assert_eq!(key_type(&mut raw, "rl:{jobs}:runs").await, "stream");
+    let runs_index = stream_index(&mut raw, "rl:{jobs}:runs").await;
+    let names: Vec<&str> = runs_index.iter().map(|(_, r)| r.as_str()).collect();
+    assert_eq!(names, ["later", "mine", "any"], "all runs, in id order");
+    for (entry, run) in &runs_index {
+        let id: String = redis::cmd("HGET").arg(format!("rl:{{jobs}}:run:{run}")).arg("id").query_async(&mut raw).await.expect("HGET id");
+        assert_eq!(entry, &format!("{id}-0"), "index entry id is <run id>-0");
+    }
     let keys = all_keys(&mut raw).await;
     assert_layout(&keys, "jobs");
     for key in keys.iter().filter(|k| k.starts_with("rl:{")) {
@@ -353,9 +376,8 @@ async fn the_reaper_purges_finished_runs_after_retention() {
     for gone in ["rl:{q}:run:old", "rl:{q}:run:old:events", "rl:{q}:idx:conversation:c1", "rl:{q}:idx:thread:t1"] {
         assert!(!keys.iter().any(|k| k == gone), "{gone} was purged: {keys:?}");
     }
-    let finished = zrange(&mut raw, "rl:{q}:finished").await;
-    assert!(finished.is_empty());
-    let runs: Vec<String> = zrange(&mut raw, "rl:{q}:runs").await.into_iter().map(|(m, _)| m).collect();
+    assert!(stream_index(&mut raw, "rl:{q}:finished").await.is_empty());
+    let runs: Vec<String> = stream_index(&mut raw, "rl:{q}:runs").await.into_iter().map(|(_, r)| r).collect();
     assert_eq!(runs, ["live"]);
     assert!(keys.iter().any(|k| k == "rl:{q}:run:live"));
     let err = store.get_run("old").await.expect_err("purged");

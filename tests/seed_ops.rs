@@ -35,6 +35,13 @@ async fn now_ms(store: &Store) -> i64 {
     store.server_time_ms().await.expect("server time")
 }
 
+/// Run ids in the finished index (a stream, field `r`) of queue q.
+async fn finished_ids(raw: &mut MultiplexedConnection) -> Vec<String> {
+    let entries: Vec<(String, Vec<(String, String)>)> =
+        redis::cmd("XRANGE").arg("rl:{q}:finished").arg("-").arg("+").query_async(raw).await.expect("XRANGE");
+    entries.into_iter().flat_map(|(_, fields)| fields.into_iter().map(|(_, v)| v)).collect()
+}
+
 async fn zscore(raw: &mut MultiplexedConnection, key: &str, member: &str) -> Option<f64> {
     redis::cmd("ZSCORE").arg(key).arg(member).query_async(raw).await.expect("ZSCORE")
 }
@@ -297,7 +304,7 @@ async fn release_claim_to_a_terminal_status() {
     assert_eq!(run.claimed_by_runtime_id, None);
     assert_eq!(zcard(&mut raw, "rl:{q}:leases").await, 0);
     assert_eq!(zcard(&mut raw, "rl:{q}:queued").await, 0);
-    assert!(zscore(&mut raw, "rl:{q}:finished", "r1").await.is_some());
+    assert!(finished_ids(&mut raw).await.contains(&"r1".to_string()));
     assert!(claim(&store, "rt-2").await.is_none(), "a finished run is never claimable");
     // A retry delay only makes sense with queued.
     create(&store, NewRun::new("r2", "agent").queue(Q)).await;
@@ -431,7 +438,7 @@ async fn max_attempts_dead_letters_the_run() {
     assert!(r[0].finished_at.is_some());
     assert!(claim(&store, "rt-3").await.is_none(), "a dead run is not claimable");
     assert_eq!(zcard(&mut raw, "rl:{q}:queued").await, 0);
-    assert!(zscore(&mut raw, "rl:{q}:finished", "flaky").await.is_some());
+    assert!(finished_ids(&mut raw).await.contains(&"flaky".to_string()));
     let stats = store.queue_stats(Q, 10).await.expect("queue stats");
     assert_eq!(stats.counters.get("dead"), Some(&1), "counters {:?}", stats.counters);
 }
@@ -587,7 +594,7 @@ async fn finalize_leaves_every_queue_and_lease_index() {
     assert_eq!(zcard(&mut raw, "rl:{q}:pinned:rt-x").await, 0);
     assert_eq!(zcard(&mut raw, "rl:{q}:delayed").await, 0);
     assert_eq!(zcard(&mut raw, "rl:{q}:deadlines").await, 0);
-    assert_eq!(zcard(&mut raw, "rl:{q}:finished").await, 4);
+    assert_eq!(finished_ids(&mut raw).await.len(), 4);
     assert!(claim(&store, "rt-x").await.is_none());
     let stats = store.queue_stats(Q, 10).await.expect("stats");
     assert_eq!((stats.queued, stats.pinned, stats.delayed, stats.claimed, stats.finished), (0, 0, 0, 0, 4));
@@ -664,7 +671,7 @@ async fn deadline_passed_before_claim_becomes_timeout() {
     assert_eq!(late.dispatch_attempts, 0, "it was never dispatched");
     assert!(late.status_reason.as_deref().unwrap_or_default().contains("deadline"), "{:?}", late.status_reason);
     assert_eq!(zscore(&mut raw, "rl:{q}:queued", "late").await, None);
-    assert!(zscore(&mut raw, "rl:{q}:finished", "late").await.is_some());
+    assert!(finished_ids(&mut raw).await.contains(&"late".to_string()));
 }
 
 #[tokio::test]

@@ -347,24 +347,24 @@ async fn eval(
 
 fn create_keys(qk: &QueueKeys, run_id: &str) -> Vec<String> {
     let mut keys: Vec<String> = qk.fixed().into();
-    keys.push(qk.run(run_id));
     keys.push("rl:id".into());
     keys.push("rl:queues".into());
+    keys.push(qk.run(run_id));
     keys
 }
 
-/// ARGV of a valid create_run call (see lua/create_run.lua).
+/// ARGV of a valid create_run call for one run (see lua/create_run.lua).
 fn create_args(qk: &QueueKeys, run_id: &str) -> Vec<String> {
     let mut args = vec![String::new(); 20];
     args[0] = qk.base.clone();
-    args[1] = run_id.into();
-    args[4] = "agent".into(); // runner_id
-    args[12] = r#"{"a":1}"#.into(); // metadata
-    args[13] = "queued".into();
-    args[14] = Q.into();
-    args[15] = "0".into(); // priority
-    args[18] = "0".into(); // max_attempts
-    args[19] = "1000".into(); // max JSON bytes
+    args[1] = Q.into(); // queue name
+    args[2] = "1000".into(); // max JSON bytes
+    args[3] = run_id.into();
+    args[6] = "agent".into(); // runner_id
+    args[14] = r#"{"a":1}"#.into(); // metadata
+    args[15] = "queued".into();
+    args[16] = "0".into(); // priority
+    args[19] = "0".into(); // max_attempts
     args
 }
 
@@ -378,28 +378,28 @@ async fn create_run_script_rejects_bad_argv_before_writing() {
     // (ARGV index, value, what)
     let over_limit = format!(r#"{{"k":"{}"}}"#, "x".repeat(1000));
     let cases: &[(usize, &str, &str)] = &[
-        (12, over_limit.as_str(), "metadata over the byte limit"),
-        (15, "abc", "non-numeric priority"),
-        (15, "1001", "priority above 1000"),
-        (15, "-1001", "priority below -1000"),
-        (15, "1.5", "fractional priority"),
-        (15, "", "missing priority"),
-        (12, "[1]", "metadata that is an array"),
-        (12, "\"text\"", "metadata that is a string"),
-                (11, "[]", "authorization that is an array"),
-        (13, "claimed", "status claimed"),
-        (13, "", "empty status"),
-        (1, "", "empty run_id"),
-        (1, "a{b", "run_id with a brace"),
-        (1, "a\nb", "run_id with a newline"),
-        (4, "", "empty runner_id"),
-        (14, "", "empty queue name"),
-        (5, "c}", "conversation_id with a brace"),
-        (10, "soon", "non-numeric deadline"),
-        (17, "-5", "negative not_before"),
-        (18, "-1", "negative max_attempts"),
-        (18, "x", "non-numeric max_attempts"),
-        (19, "0", "zero JSON limit"),
+        (14, over_limit.as_str(), "metadata over the byte limit"),
+        (16, "abc", "non-numeric priority"),
+        (16, "1001", "priority above 1000"),
+        (16, "-1001", "priority below -1000"),
+        (16, "1.5", "fractional priority"),
+        (16, "", "missing priority"),
+        (14, "[1]", "metadata that is an array"),
+        (14, "\"text\"", "metadata that is a string"),
+        (13, "[]", "authorization that is an array"),
+        (15, "claimed", "status claimed"),
+        (15, "", "empty status"),
+        (3, "", "empty run_id"),
+        (3, "a{b", "run_id with a brace"),
+        (3, "a\nb", "run_id with a newline"),
+        (6, "", "empty runner_id"),
+        (1, "", "empty queue name"),
+        (7, "c}", "conversation_id with a brace"),
+        (12, "soon", "non-numeric deadline"),
+        (18, "-5", "negative not_before"),
+        (19, "-1", "negative max_attempts"),
+        (19, "x", "non-numeric max_attempts"),
+        (2, "0", "zero JSON limit"),
     ];
     for (i, value, what) in cases {
         let mut args = create_args(&qk, "r1");
@@ -409,7 +409,7 @@ async fn create_run_script_rejects_bad_argv_before_writing() {
     }
     let long_id = "x".repeat(201);
     let mut args = create_args(&qk, &long_id);
-    args[1] = long_id.clone();
+    args[3] = long_id.clone();
     assert_script_invalid(eval(&mut raw, &scripts.create_run.script, &create_keys(&qk, &long_id), &args).await, "201-byte run_id");
     assert_eq!(dbsize(&mut raw).await, 0);
 

@@ -8,7 +8,7 @@
 --   KEYS[2] <P>:{Q}:leases     ZSET claimed runs, score = lease expiry (ms)
 --   KEYS[3] <P>:{Q}:delayed    ZSET queued runs not due yet, score = due time (ms)
 --   KEYS[4] <P>:{Q}:deadlines  ZSET unfinished runs with a deadline, score = deadline (ms)
---   KEYS[5] <P>:{Q}:finished   ZSET finished runs, score = finished_at (ms)
+--   KEYS[5] <P>:{Q}:finished   STREAM finished runs in finish order, field r = run_id
 --   KEYS[6] <P>:{Q}:stats      HASH cumulative counters
 --   KEYS[7] <P>:{Q}:wake       LIST at most one wake-up token for blocked workers
 -- ARGV[1] is always the queue's key base `<P>:{Q}:`. Keys that depend on a
@@ -151,14 +151,22 @@ end
 -- later, is the backstop when no reaper runs).
 local function finish(B, rid, h, status, reason, now, retention_ms)
   local rk = B .. 'run:' .. rid
-  if h.status == 'queued' then lane_remove(B, rid, h) end
-  redis.call('ZREM', K.leases, rid)
-  redis.call('ZREM', K.delayed, rid)
-  redis.call('ZREM', K.deadlines, rid)
-  clear_claim(rk)
-  redis.call('HSET', rk, 'status', status, 'finished_at', now, 'updated_at', now)
-  if reason and reason ~= '' then redis.call('HSET', rk, 'status_reason', reason) end
-  redis.call('ZADD', K.finished, now, rid)
+  if h.status == 'queued' then
+    lane_remove(B, rid, h)
+    redis.call('ZREM', K.delayed, rid)
+  elseif h.status == 'claimed' then
+    redis.call('ZREM', K.leases, rid)
+    clear_claim(rk)
+  end
+  if h.deadline_at then redis.call('ZREM', K.deadlines, rid) end
+  if reason and reason ~= '' then
+    redis.call('HSET', rk, 'status', status, 'finished_at', now, 'updated_at', now, 'status_reason', reason)
+  else
+    redis.call('HSET', rk, 'status', status, 'finished_at', now, 'updated_at', now)
+  end
+  -- The finished index is a stream in finish order (entry ids are the
+  -- server's clock), which the reaper trims from the old end.
+  redis.call('XADD', K.finished, '*', 'r', rid)
   redis.call('HINCRBY', K.stats, status, 1)
   local ttl = retention_ms + 86400000
   redis.call('PEXPIRE', rk, ttl)

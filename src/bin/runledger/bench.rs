@@ -112,12 +112,12 @@ async fn command_calls(store: &Store) -> Result<HashMap<String, f64>> {
 }
 
 async fn wait_finished(store: &Store, queue: &str, n: i64, timeout: Duration) -> Result<()> {
-    // One ZCARD per poll, so the monitor hardly shows in the command counts.
+    // One XLEN per poll, so the monitor hardly shows in the command counts.
     let key = store.queue_keys(queue).finished();
     let mut conn = store.conn().await?;
     let start = Instant::now();
     loop {
-        let finished: i64 = redis::cmd("ZCARD").arg(&key).query_async(&mut conn).await?;
+        let finished: i64 = redis::cmd("XLEN").arg(&key).query_async(&mut conn).await?;
         if finished >= n {
             return Ok(());
         }
@@ -298,7 +298,7 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: BenchArgs
     f.redis_cpu_us_per_lifecycle = (cpu_after - cpu_before) * 1e6 / a.runs as f64;
     let mut total = 0.0;
     for (name, after) in &calls_after {
-        if name == "info" || name == "config|get" || name == "memory|purge" || name == "zcard" {
+        if name == "info" || name == "config|get" || name == "memory|purge" || name == "xlen" {
             continue;
         }
         let delta = after - calls_before.get(name).copied().unwrap_or(0.0);
