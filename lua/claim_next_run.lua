@@ -83,10 +83,14 @@ for _ = 1, 50 do
   else
     lane_remove(B, rid, h)
     local attempts = h.dispatch_attempts + 1
-    redis.call('HSET', rk, 'status', 'claimed', 'claimed_by_runtime_id', runtime, 'claim_token', token,
+    local fields = { 'status', 'claimed', 'claimed_by_runtime_id', runtime, 'claim_token', token,
       'claim_lease_expires_at', now + lease, 'dispatch_attempts', attempts, 'last_claimed_at', now,
-      'updated_at', now)
-    redis.call('HSETNX', rk, 'started_at', now)
+      'updated_at', now }
+    if not h.started_at then
+      fields[#fields + 1] = 'started_at'
+      fields[#fields + 1] = now
+    end
+    redis.call('HSET', rk, unpack(fields))
     redis.call('ZADD', K.leases, now + lease, rid)
     -- Chain the wake-up: another idle worker can take the next run.
     if redis.call('ZCARD', K.queued) > 0 then wake() end

@@ -12,9 +12,10 @@
 -- ARGV[9] merged metadata JSON object
 -- ARGV[10] claim token ('' = host call without fencing)
 -- ARGV[11] max JSON bytes   ARGV[12] retention ms
+-- ARGV[13] '1' = reply without the run (workers do not read it back)
 -- A fenced finish records its token as `finish_token`, so that the same
 -- holder's retry is an idempotent no-op while any other token is STALE_TOKEN.
--- Returns {1 = finished now | 0 = already had this status, HGETALL...}.
+-- Returns {1 = finished now | 0 = already had this status, HGETALL... or {} when quiet}.
 -- Errors: NOT_FOUND, STALE_TOKEN, CONFLICT (finished with another status),
 -- RETRY (metadata changed since the client read it; the library retries).
 local B = ARGV[1]
@@ -32,6 +33,7 @@ local with_meta = ARGV[7] == '1'
 if with_meta then check_json('metadata', ARGV[9], '{', '}', max_bytes) end
 local token = ARGV[10]
 local retention = check_int('retention ms', ARGV[12], 0, 1e13)
+local quiet = ARGV[13] == '1'
 
 local rk = KEYS[8]
 local h = load_run(rk, rid)
@@ -41,7 +43,7 @@ if TERMINAL[h.status] then
   if token ~= '' and redis.call('HGET', rk, 'finish_token') ~= token then
     fail('STALE_TOKEN', 'run ' .. rid .. ' is no longer held with this claim token (status ' .. h.status .. ')')
   end
-  if h.status == status then return { 0, hgetall(rk) } end
+  if h.status == status then return { 0, quiet and {} or hgetall(rk) } end
   fail('CONFLICT', 'run ' .. rid .. ' is already ' .. h.status .. '; it cannot become ' .. status)
 end
 check_holder(h, rid, token)
@@ -54,4 +56,4 @@ if ARGV[5] ~= '' then redis.call('HSET', rk, 'usage', ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('HSET', rk, 'cost', ARGV[6]) end
 finish(B, rid, h, status, ARGV[4], now_ms(), retention)
 if token ~= '' then redis.call('HSET', rk, 'finish_token', token) end
-return { 1, hgetall(rk) }
+return { 1, quiet and {} or hgetall(rk) }

@@ -118,12 +118,12 @@ end
 -- Reads the fields the scripts route on; nil when the run does not exist.
 local function route_fields(rk)
   local v = redis.call('HMGET', rk, 'id', 'status', 'priority', 'runner_id', 'requested_runtime_id',
-    'claim_token', 'dispatch_attempts', 'max_attempts', 'deadline_at', 'not_before')
+    'claim_token', 'dispatch_attempts', 'max_attempts', 'deadline_at', 'not_before', 'started_at')
   if not v[1] then return nil end
   return {
     id = v[1], status = v[2], priority = v[3], runner_id = v[4], requested_runtime_id = v[5] or nil,
     claim_token = v[6] or nil, dispatch_attempts = tonumber(v[7] or '0'), max_attempts = tonumber(v[8] or '0'),
-    deadline_at = tonumber(v[9] or ''), not_before = v[10] or nil,
+    deadline_at = tonumber(v[9] or ''), not_before = v[10] or nil, started_at = v[11] or nil,
   }
 end
 

@@ -551,7 +551,7 @@ async fn execute(
             finish.usage = done.usage;
             finish.cost = done.cost;
             finish.metadata = done.metadata;
-            (|r| &mut r.completed, store.finalize_run(&run_id, &finish, Some(&token)).await.map(|_| ()))
+            (|r| &mut r.completed, store.finish_run(&run_id, &finish, Some(&token)).await)
         }
         Some(Ok(Err(failure))) if failure.retryable && attempts < max_attempts => {
             let release = Release {
@@ -563,7 +563,7 @@ async fn execute(
         }
         Some(Ok(Err(failure))) => {
             let finish = Finish::new(RunStatus::Failed).reason(failure.message);
-            (|r| &mut r.failed, store.finalize_run(&run_id, &finish, Some(&token)).await.map(|_| ()))
+            (|r| &mut r.failed, store.finish_run(&run_id, &finish, Some(&token)).await)
         }
         Some(Err(join_error)) => {
             let reason = if join_error.is_panic() {
@@ -578,12 +578,12 @@ async fn execute(
                 "handler was aborted".into()
             };
             let finish = Finish::new(RunStatus::Failed).reason(reason);
-            (|r| &mut r.failed, store.finalize_run(&run_id, &finish, Some(&token)).await.map(|_| ()))
+            (|r| &mut r.failed, store.finish_run(&run_id, &finish, Some(&token)).await)
         }
         None => match ctx.stop_reason() {
             Some(StopReason::Cancelled) => {
                 let finish = Finish::new(RunStatus::Cancelled).reason("cancelled while running");
-                (|r| &mut r.cancelled, store.finalize_run(&run_id, &finish, Some(&token)).await.map(|_| ()))
+                (|r| &mut r.cancelled, store.finish_run(&run_id, &finish, Some(&token)).await)
             }
             Some(StopReason::Shutdown) => {
                 let release = Release {
