@@ -13,9 +13,13 @@
 -- ARGV[10] claim token ('' = host call without fencing)
 -- ARGV[11] max JSON bytes   ARGV[12] retention ms
 -- ARGV[13] '1' = reply without the run (workers do not read it back)
+-- ARGV[14..] optional: claim the next run of this queue in the same call,
+--   with the claim spec of claim_next_run (runtime_id, lease ms, new token,
+--   retention ms, runner_ids...). Saves a worker one round trip per run.
 -- A fenced finish records its token as `finish_token`, so that the same
 -- holder's retry is an idempotent no-op while any other token is STALE_TOKEN.
--- Returns {1 = finished now | 0 = already had this status, HGETALL... or {} when quiet}.
+-- Returns {1 = finished now | 0 = already had this status, HGETALL... or {} when
+-- quiet, and when a claim was asked for and the run finished now: the claim's reply}.
 -- Errors: NOT_FOUND, STALE_TOKEN, CONFLICT (finished with another status),
 -- RETRY (metadata changed since the client read it; the library retries).
 local B = ARGV[1]
@@ -34,6 +38,7 @@ if with_meta then check_json('metadata', ARGV[9], '{', '}', max_bytes) end
 local token = ARGV[10]
 local retention = check_int('retention ms', ARGV[12], 0, 1e13)
 local quiet = ARGV[13] == '1'
+local next_claim = (ARGV[14] or '') ~= '' and parse_claim(14) or nil
 
 local rk = KEYS[8]
 local h = load_run(rk, rid)
@@ -56,4 +61,6 @@ if ARGV[5] ~= '' then redis.call('HSET', rk, 'usage', ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('HSET', rk, 'cost', ARGV[6]) end
 finish(B, rid, h, status, ARGV[4], now_ms(), retention)
 if token ~= '' then redis.call('HSET', rk, 'finish_token', token) end
-return { 1, quiet and {} or hgetall(rk) }
+local reply = { 1, quiet and {} or hgetall(rk) }
+if next_claim then reply[3] = claim(B, next_claim) end
+return reply

@@ -1,4 +1,5 @@
-//! The Lua scripts of `lua/`, each prepended with `lua/include/common.lua`.
+//! The Lua scripts of `lua/`, each prepended with `lua/include/common.lua`
+//! and `lua/include/claim.lua`.
 //!
 //! [`redis::Script`] runs them by SHA and loads them again on NOSCRIPT (after
 //! `SCRIPT FLUSH` or a restart); [`Lua::code`] serves pipelines, which cannot
@@ -22,6 +23,7 @@ macro_rules! lua {
     ($name:literal) => {
         Lua::new(concat!(
             include_str!("../lua/include/common.lua"),
+            include_str!("../lua/include/claim.lua"),
             include_str!(concat!("../lua/", $name, ".lua"))
         ))
     };

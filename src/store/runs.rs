@@ -238,18 +238,29 @@ impl Store {
     /// One claim attempt on one queue.
     pub async fn claim_from(&self, queue: &str, request: &ClaimRequest) -> Result<ClaimOutcome> {
         validate::id("queue_name", queue)?;
-        let lease = check_claim(request)?;
         let keys = self.queue_keys(queue);
-        let token = uuid::Uuid::new_v4().simple().to_string();
-        let mut args = vec![
-            keys.base.clone(),
+        let mut args = vec![keys.base.clone()];
+        args.extend(self.claim_spec(request)?);
+        let value = self.eval(&self.scripts().claim_next_run, &keys.fixed(), &args).await?;
+        self.claim_outcome(queue, value)
+    }
+
+    /// The claim spec of the scripts: runtime_id, lease ms, a new token,
+    /// retention ms, runner ids.
+    fn claim_spec(&self, request: &ClaimRequest) -> Result<Vec<String>> {
+        let lease = check_claim(request)?;
+        let mut spec = vec![
             request.runtime_id.clone(),
             lease.to_string(),
-            token,
+            uuid::Uuid::new_v4().simple().to_string(),
             self.retention_ms(),
         ];
-        args.extend(request.runner_ids.iter().cloned());
-        let value = self.eval(&self.scripts().claim_next_run, &keys.fixed(), &args).await?;
+        spec.extend(request.runner_ids.iter().cloned());
+        Ok(spec)
+    }
+
+    /// Reads a claim reply: {1, HGETALL, last sequence} or {0, next due}.
+    fn claim_outcome(&self, queue: &str, value: redis::Value) -> Result<ClaimOutcome> {
         let mut parts = reply::array(value)?.into_iter();
         let claimed = parts.next().map(reply::int).transpose()?.unwrap_or(0);
         let rest = parts.next().ok_or_else(|| Error::Protocol("claim: short reply".into()))?;
@@ -355,18 +366,42 @@ impl Store {
     /// a finished run again with the same status returns it unchanged; another
     /// status is [`Error::Conflict`].
     pub async fn finalize_run(&self, run_id: &str, finish: &Finish, claim_token: Option<&str>) -> Result<Run> {
-        self.finalize(run_id, finish, claim_token, false)
+        self.finalize(run_id, finish, claim_token, false, None)
             .await?
+            .0
             .ok_or_else(|| Error::Protocol("finalize: reply without the run".into()))
     }
 
     /// Like [`Store::finalize_run`] but the reply leaves the run out: for
     /// workers, which do not read it back (a smaller reply, less Redis CPU).
     pub async fn finish_run(&self, run_id: &str, finish: &Finish, claim_token: Option<&str>) -> Result<()> {
-        self.finalize(run_id, finish, claim_token, true).await.map(|_| ())
+        self.finalize(run_id, finish, claim_token, true, None).await.map(|_| ())
     }
 
-    async fn finalize(&self, run_id: &str, finish: &Finish, claim_token: Option<&str>, quiet: bool) -> Result<Option<Run>> {
+    /// Finishes a run and claims the next run of the same queue for `next`, in
+    /// one round trip. The claim happens only when this call finished the run
+    /// (not on an idempotent repeat); `None` then, or when nothing is claimable.
+    pub async fn finish_and_claim(
+        &self,
+        run_id: &str,
+        finish: &Finish,
+        claim_token: Option<&str>,
+        next: &ClaimRequest,
+    ) -> Result<Option<Run>> {
+        match self.finalize(run_id, finish, claim_token, true, Some(next)).await?.1 {
+            Some(ClaimOutcome::Claimed(run)) => Ok(Some(*run)),
+            _ => Ok(None),
+        }
+    }
+
+    async fn finalize(
+        &self,
+        run_id: &str,
+        finish: &Finish,
+        claim_token: Option<&str>,
+        quiet: bool,
+        next: Option<&ClaimRequest>,
+    ) -> Result<(Option<Run>, Option<ClaimOutcome>)> {
         if !finish.status.is_terminal() {
             return Err(Error::Invalid(format!(
                 "finalize status must be completed, failed, cancelled or timeout, got {}",
@@ -394,7 +429,7 @@ impl Store {
                     ("1", expected, merged)
                 }
             };
-            let args = vec![
+            let mut args = vec![
                 keys.base.clone(),
                 run_id.to_string(),
                 finish.status.as_str().to_string(),
@@ -409,13 +444,17 @@ impl Store {
                 self.retention_ms(),
                 if quiet { "1" } else { "0" }.to_string(),
             ];
+            if let Some(request) = next {
+                args.extend(self.claim_spec(request)?);
+            }
             match self.eval_raw(&self.scripts().finalize_run, &k, &args).await {
-                Ok(_) if quiet => return Ok(None),
                 Ok(value) => {
                     let mut parts = reply::array(value)?.into_iter();
                     let _changed = parts.next();
                     let fields = parts.next().ok_or_else(|| Error::Protocol("finalize: short reply".into()))?;
-                    return Run::from_fields(reply::fields(fields)?, false).map(Some);
+                    let run = if quiet { None } else { Some(Run::from_fields(reply::fields(fields)?, false)?) };
+                    let claimed = parts.next().map(|v| self.claim_outcome(&queue, v)).transpose()?;
+                    return Ok((run, claimed));
                 }
                 Err(e) if Error::is_retry(&e) => continue,
                 Err(e) => return Err(self.failed(e)),

@@ -495,11 +495,41 @@ async fn claim_loop(
 async fn execute(
     inner: Arc<Inner>,
     run: Run,
-    _shutdown: CancellationToken,
+    shutdown: CancellationToken,
     report: Arc<std::sync::Mutex<WorkerReport>>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 ) {
+    // A completed run's finish can claim the next run of its queue in the same
+    // round trip; that run is executed here, on the same slot.
+    let mut next = Some(run);
+    while let Some(run) = next.take() {
+        next = execute_one(&inner, run, &shutdown, &report).await;
+        if next.is_some() {
+            lock(&report).claimed += 1;
+        }
+    }
+}
+
+/// Whether finishing a run of `queue` may claim the next run of that queue
+/// directly: not while shutting down, and with a strict order only on the
+/// first queue (another queue would otherwise be passed over).
+fn may_chain(inner: &Inner, queue: &str, shutdown: &CancellationToken) -> bool {
+    !shutdown.is_cancelled()
+        && match inner.order {
+            QueueOrder::Strict => inner.queues.first().is_some_and(|q| q == queue),
+            QueueOrder::Weighted(_) => true,
+        }
+}
+
+/// Executes one run; returns the next run when its finish claimed one.
+async fn execute_one(
+    inner: &Arc<Inner>,
+    run: Run,
+    shutdown: &CancellationToken,
+    report: &Arc<std::sync::Mutex<WorkerReport>>,
+) -> Option<Run> {
     let store = inner.store.clone();
+    let queue = run.queue_name.clone();
     let run_id = run.run_id.clone();
     let token = run.claim_token.clone().unwrap_or_default();
     let attempts = run.dispatch_attempts;
@@ -545,13 +575,30 @@ async fn execute(
     // Each outcome is counted once its write has landed, so a report adds up:
     // claimed = completed + failed + retried + cancelled + lease_lost + released.
     type Counter = fn(&mut WorkerReport) -> &mut u64;
+    let mut next = None;
     let (counter, result): (Counter, Result<()>) = match outcome {
         Some(Ok(Ok(done))) => {
             let mut finish = Finish::new(RunStatus::Completed);
             finish.usage = done.usage;
             finish.cost = done.cost;
             finish.metadata = done.metadata;
-            (|r| &mut r.completed, store.finish_run(&run_id, &finish, Some(&token)).await)
+            if may_chain(inner, &queue, shutdown) {
+                let request = ClaimRequest {
+                    runtime_id: inner.runtime_id.clone(),
+                    queues: vec![queue.clone()],
+                    runner_ids: inner.runner_ids.clone(),
+                    lease: inner.lease,
+                };
+                match store.finish_and_claim(&run_id, &finish, Some(&token), &request).await {
+                    Ok(claimed) => {
+                        next = claimed;
+                        (|r| &mut r.completed, Ok(()))
+                    }
+                    Err(e) => (|r| &mut r.completed, Err(e)),
+                }
+            } else {
+                (|r| &mut r.completed, store.finish_run(&run_id, &finish, Some(&token)).await)
+            }
         }
         Some(Ok(Err(failure))) if failure.retryable && attempts < max_attempts => {
             let release = Release {
@@ -613,6 +660,7 @@ async fn execute(
             warn!(run_id, error = %e, "could not record the run's outcome; its lease will expire");
         }
     }
+    next
 }
 
 /// How long a stopped handler may take to return on its own before it is aborted.

@@ -1,0 +1,103 @@
+-- claim.lua: the claim itself, shared by claim_next_run and finalize_run
+-- (which can finish a run and claim the next in one call). Prepended after
+-- common.lua.
+
+-- Reads a claim spec from ARGV[a..]: runtime_id, lease ms, new token,
+-- retention ms, then the runner_ids filter (none = any runner).
+local function parse_claim(a)
+  local c = { runtime = ARGV[a], token = ARGV[a + 2], runners = {} }
+  check_id('runtime_id', c.runtime)
+  c.lease = check_int('lease ms', ARGV[a + 1], 1, 86400000)
+  if #c.token < 16 or #c.token > 64 then fail('INVALID', 'claim token must be 16..64 bytes') end
+  c.retention = check_int('retention ms', ARGV[a + 3], 0, 1e13)
+  for i = a + 4, #ARGV do
+    check_id('runner_id', ARGV[i])
+    c.runners[#c.runners + 1] = ARGV[i]
+  end
+  return c
+end
+
+-- Claims the next run of the queue for c (see claim_next_run.lua for the
+-- order and the cost). Returns {1, HGETALL..., last event sequence} or
+-- {0, next_due_ms or ''}.
+local function claim(B, c)
+  local runtime, lease, token, retention, runners = c.runtime, c.lease, c.token, c.retention, c.runners
+  local now = now_ms()
+  promote_delayed(B, now, 100)
+  recover_expired(B, now, 100, 'queued', 'claim lease expired', retention)
+
+  local wanted = {}
+  for _, r in ipairs(runners) do wanted[r] = true end
+  local pinned = B .. 'pinned:' .. runtime
+
+  -- Returns the best candidate {rid, score, lane}.
+  local function pick()
+    local best
+    local function consider(rid, score)
+      score = tonumber(score)
+      if not best or score < best[2] then best = { rid, score } end
+    end
+    if #runners == 0 then
+      local head = redis.call('ZRANGE', K.queued, 0, 0, 'WITHSCORES')
+      if head[1] then consider(head[1], head[2]) end
+      head = redis.call('ZRANGE', pinned, 0, 0, 'WITHSCORES')
+      if head[1] then consider(head[1], head[2]) end
+    else
+      for _, r in ipairs(runners) do
+        local head = redis.call('ZRANGE', B .. 'runner:' .. r, 0, 0, 'WITHSCORES')
+        if head[1] then consider(head[1], head[2]) end
+      end
+      -- Pinned runs of other runners are skipped; bounded so a claim stays cheap.
+      local heads = redis.call('ZRANGE', pinned, 0, 49, 'WITHSCORES')
+      for i = 1, #heads, 2 do
+        if wanted[redis.call('HGET', B .. 'run:' .. heads[i], 'runner_id')] then
+          consider(heads[i], heads[i + 1])
+          break
+        end
+      end
+    end
+    return best
+  end
+
+  for _ = 1, 50 do
+    local best = pick()
+    if not best then break end
+    local rid = best[1]
+    local rk = B .. 'run:' .. rid
+    local h = route_fields(rk)
+    if not h then
+      -- The hash vanished (deleted by hand): drop the dangling lane entries.
+      redis.call('ZREM', K.queued, rid)
+      redis.call('ZREM', pinned, rid)
+      for _, r in ipairs(runners) do redis.call('ZREM', B .. 'runner:' .. r, rid) end
+    elseif h.deadline_at and h.deadline_at <= now then
+      finish(B, rid, h, 'timeout', 'deadline passed before the run was claimed', now, retention)
+    else
+      lane_remove(B, rid, h)
+      local attempts = h.dispatch_attempts + 1
+      local fields = { 'status', 'claimed', 'claimed_by_runtime_id', runtime, 'claim_token', token,
+        'claim_lease_expires_at', now + lease, 'dispatch_attempts', attempts, 'last_claimed_at', now,
+        'updated_at', now }
+      if not h.started_at then
+        fields[#fields + 1] = 'started_at'
+        fields[#fields + 1] = now
+      end
+      redis.call('HSET', rk, unpack(fields))
+      redis.call('ZADD', K.leases, now + lease, rid)
+      -- Chain the wake-up: another idle worker can take the next run.
+      if redis.call('ZCARD', K.queued) > 0 then wake() end
+      local last = 0
+      local top = redis.call('XREVRANGE', rk .. ':events', '+', '-', 'COUNT', 1)
+      if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
+      return { 1, hgetall(rk), last }
+    end
+  end
+
+  if redis.call('ZCARD', K.queued) == 0 then redis.call('DEL', K.wake) end
+  local due = ''
+  local d = redis.call('ZRANGE', K.delayed, 0, 0, 'WITHSCORES')
+  if d[2] then due = tonumber(d[2]) end
+  local l = redis.call('ZRANGE', K.leases, 0, 0, 'WITHSCORES')
+  if l[2] and (due == '' or tonumber(l[2]) < due) then due = tonumber(l[2]) end
+  return { 0, due == '' and '' or fmt(due) }
+end
