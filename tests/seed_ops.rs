@@ -838,3 +838,57 @@ async fn runs_without_queue_go_to_default() {
         .expect("the default queue's run");
     assert_eq!(c.run_id, "r1");
 }
+
+#[tokio::test]
+async fn finish_and_claim_takes_the_next_run_in_the_same_call() {
+    let (_redis, store) = common::store().await;
+    for (id, priority) in [("a", 0), ("b", 5), ("c", 1)] {
+        store.create_run(&NewRun::new(id, "agent").queue("q").priority(priority)).await.expect("create");
+    }
+    let request = ClaimRequest::new("rt").queue("q").lease(Duration::from_secs(30));
+    let first = store.claim_next_run(&request).await.expect("claim").expect("a run");
+    assert_eq!(first.run_id, "b");
+    let token = first.claim_token.clone().expect("token");
+
+    // Finishing b claims c (priority 1) in the same call, under a new token.
+    let next = store
+        .finish_and_claim("b", &Finish::new(RunStatus::Completed), Some(&token), &request)
+        .await
+        .expect("finish and claim")
+        .expect("the next run");
+    assert_eq!(next.run_id, "c");
+    assert_eq!(next.status, RunStatus::Claimed);
+    assert_ne!(next.claim_token.as_deref(), Some(token.as_str()));
+    assert_eq!(store.get_run("b").await.expect("get b").status, RunStatus::Completed);
+
+    // A repeat of the same finish is a no-op and claims nothing.
+    let again = store
+        .finish_and_claim("b", &Finish::new(RunStatus::Completed), Some(&token), &request)
+        .await
+        .expect("idempotent repeat");
+    assert!(again.is_none());
+    assert_eq!(store.get_run("a").await.expect("get a").status, RunStatus::Queued);
+
+    // A stale token finishes nothing and claims nothing.
+    let err = store
+        .finish_and_claim("c", &Finish::new(RunStatus::Completed), Some("0123456789abcdef0123456789abcdef"), &request)
+        .await
+        .expect_err("stale token");
+    assert!(matches!(err, Error::StaleToken(_)), "{err:?}");
+    assert_eq!(store.get_run("a").await.expect("get a").status, RunStatus::Queued);
+    assert_eq!(store.get_run("c").await.expect("get c").status, RunStatus::Claimed);
+
+    // With the queue empty after the last finish, nothing more is claimed.
+    let c_token = next.claim_token.clone().expect("token");
+    let a = store
+        .finish_and_claim("c", &Finish::new(RunStatus::Completed), Some(&c_token), &request)
+        .await
+        .expect("finish c")
+        .expect("claims a");
+    assert_eq!(a.run_id, "a");
+    let none = store
+        .finish_and_claim("a", &Finish::new(RunStatus::Completed), a.claim_token.as_deref(), &request)
+        .await
+        .expect("finish a");
+    assert!(none.is_none());
+}
