@@ -356,7 +356,7 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: BenchArgs
         print_table(&f);
     }
     if a.check {
-        let short = print_check(&f);
+        let short = print_check(&f, out.json);
         if short > 0 {
             eprintln!("bench: {short} figure(s) short of target");
         }
@@ -395,7 +395,9 @@ fn print_table(f: &Figures) {
 }
 
 /// Prints figure vs target; returns how many fall short.
-fn print_check(f: &Figures) -> usize {
+fn print_check(f: &Figures, to_stderr: bool) -> usize {
+    // With --json, stdout holds only the JSON document.
+    let say = |line: String| if to_stderr { eprintln!("{line}") } else { println!("{line}") };
     let mut rows: Vec<(&str, String, String, bool)> = vec![
         ("enqueue, one at a time", format!("{:.0}/s", f.enqueue_single_per_s), ">= 8,360/s".into(), f.enqueue_single_per_s >= 8360.0),
         ("enqueue, batched", format!("{:.0}/s", f.enqueue_batched_per_s), ">= 50,000/s".into(), f.enqueue_batched_per_s >= 50_000.0),
@@ -412,15 +414,15 @@ fn print_check(f: &Figures) -> usize {
     if let Some(r) = f.claim_cost_ratio {
         rows.push(("claim cost deep vs 1k", format!("{r:.2}x"), "<= 1.5x".into(), r <= 1.5));
     }
-    println!();
-    println!("| figure | measured | target | |");
-    println!("| --- | --- | --- | --- |");
+    say(String::new());
+    say("| figure | measured | target | |".into());
+    say("| --- | --- | --- | --- |".into());
     let mut short = 0;
     for (name, measured, target, ok) in rows {
         if !ok {
             short += 1;
         }
-        println!("| {name} | {measured} | {target} | {} |", if ok { "ok" } else { "SHORT" });
+        say(format!("| {name} | {measured} | {target} | {} |", if ok { "ok" } else { "SHORT" }));
     }
     short
 }
