@@ -98,6 +98,30 @@ impl RedisServer {
         }
     }
 
+    /// Stops the server and starts a new one on the same port and dir (what a
+    /// Redis restart looks like to clients; data is not kept, persistence is off).
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let binary = find_redis_server().ok_or_else(|| Error::Server(INSTALL_HINT.into()))?;
+        let dir = std::mem::replace(
+            &mut self.dir,
+            tempfile::Builder::new().prefix("runledger-redis-").tempdir().map_err(|e| Error::Server(format!("temp dir: {e}")))?,
+        );
+        let started = Instant::now();
+        loop {
+            // The old socket may linger for a moment after the kill.
+            match RedisServer::spawn(&binary, self.port, &[]) {
+                Ok(mut fresh) => {
+                    std::mem::swap(self, &mut fresh);
+                    drop(dir);
+                    return Ok(());
+                }
+                Err(e) if started.elapsed() > Duration::from_secs(10) => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

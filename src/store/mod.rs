@@ -169,46 +169,58 @@ impl Store {
     /// Records a failed command; a broken connection is dropped from its slot.
     pub(crate) fn failed(&self, err: redis::RedisError) -> Error {
         if Error::is_connection_failure(&err) {
-            for slot in &self.inner.conns {
-                *lock(slot) = None;
-            }
+            self.drop_connections();
         }
         Error::from_redis(err)
     }
 
+    fn drop_connections(&self) {
+        for slot in &self.inner.conns {
+            *lock(slot) = None;
+        }
+    }
+
     /// Runs one script by SHA (loading it on NOSCRIPT).
     pub(crate) async fn eval(&self, lua: &Lua, keys: &[String], args: &[String]) -> Result<Value> {
-        let mut conn = self.conn().await?;
-        let mut invocation = lua.script.prepare_invoke();
-        for key in keys {
-            invocation.key(key);
-        }
-        for arg in args {
-            invocation.arg(arg);
-        }
-        invocation.invoke_async(&mut conn).await.map_err(|e| self.failed(e))
+        self.eval_raw(lua, keys, args).await.map_err(Error::from_redis)
     }
 
     /// Like [`Store::eval`] but hands back the raw Redis error, for callers
-    /// that retry on `RETRY`.
+    /// that retry on `RETRY`. A connection that turns out dead (Redis
+    /// restarted, network dropped) is replaced and the call tried once more;
+    /// a reply timeout is not retried, since the script may be running.
     pub(crate) async fn eval_raw(
         &self,
         lua: &Lua,
         keys: &[String],
         args: &[String],
     ) -> std::result::Result<Value, redis::RedisError> {
-        let mut conn = self.conn().await.map_err(|e| match e {
-            Error::Redis(e) => e,
-            other => redis::RedisError::from((redis::ErrorKind::Io, "connection", other.to_string())),
-        })?;
-        let mut invocation = lua.script.prepare_invoke();
-        for key in keys {
-            invocation.key(key);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut conn = self.conn().await.map_err(|e| match e {
+                Error::Redis(e) => e,
+                other => redis::RedisError::from((redis::ErrorKind::Io, "connection", other.to_string())),
+            })?;
+            let mut invocation = lua.script.prepare_invoke();
+            for key in keys {
+                invocation.key(key);
+            }
+            for arg in args {
+                invocation.arg(arg);
+            }
+            match invocation.invoke_async(&mut conn).await {
+                Ok(value) => return Ok(value),
+                Err(e) if Error::is_connection_failure(&e) => {
+                    self.drop_connections();
+                    if attempt >= 2 || e.is_timeout() {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %e, "connection lost; retrying once on a new one");
+                }
+                Err(e) => return Err(e),
+            }
         }
-        for arg in args {
-            invocation.arg(arg);
-        }
-        invocation.invoke_async(&mut conn).await
     }
 
     /// Runs a pipeline of EVALSHA calls of one script (one round trip),

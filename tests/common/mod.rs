@@ -22,6 +22,14 @@ impl TestRedis {
     pub fn server(&self) -> Option<&RedisServer> {
         self.server.as_ref()
     }
+
+    /// Restarts the private redis-server on the same port (binary mode only).
+    pub fn restart(&mut self) -> runledger::Result<()> {
+        match self.server.as_mut() {
+            Some(server) => server.restart(),
+            None => Err(runledger::Error::Server("restart needs a redis-server binary, not a container".into())),
+        }
+    }
 }
 
 fn docker_reachable() -> bool {
