@@ -897,7 +897,8 @@ async fn runtimes_queues_and_reap() {
     rl(url, &["enqueue", "--queue", "sms", "--runner", "agent", "--run-id", "s-0"]).await.ok();
     let not_before = (chrono::Utc::now().timestamp() + 3600).to_string();
     rl(url, &["enqueue", "--queue", "sms", "--runner", "agent", "--run-id", "s-later", "--not-before", &not_before]).await.ok();
-    let (_, token) = claim(url, "rt-lib-1", "mail", "1").await;
+    let (_, token) = claim(url, "rt-lib-1", "mail", "2").await;
+    let claimed_at = Instant::now();
     let queues = rl(url, &["--json", "queues"]).await.json();
     let find = |qs: &Value, name: &str| -> Value {
         qs.as_array()
@@ -930,8 +931,10 @@ async fn runtimes_queues_and_reap() {
     for key in ["promoted", "reclaimed", "timed_out", "purged", "stale_runtimes"] {
         assert!(report[key].is_i64(), "reap report lacks `{key}`: {report:#}");
     }
-    assert_eq!(report["reclaimed"], 0, "{report:#}");
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    if claimed_at.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(report["reclaimed"], 0, "the 2 s lease has not expired yet: {report:#}");
+    }
+    tokio::time::sleep(Duration::from_millis(2300).saturating_sub(claimed_at.elapsed())).await;
     let report = rl(url, &["--json", "reap"]).await.json();
     assert_eq!(report["reclaimed"], 1, "the expired lease of m-0: {report:#}");
     let m0 = rl(url, &["--json", "get", "m-0"]).await.json();

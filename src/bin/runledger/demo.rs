@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -66,10 +66,6 @@ struct Summary {
     problems: Vec<String>,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -118,13 +114,14 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: DemoArgs)
         ids.extend(chunk.iter().map(|&i| (format!("demo-{i:05}"), QUEUES[i % QUEUES.len()])));
     }
 
-    // Workers, all in this process; each records how long first claims waited.
-    let waits: Arc<Mutex<HashMap<String, f64>>> = Arc::new(Mutex::new(HashMap::new()));
+    // Workers, all in this process; each notes when it entered a run's first attempt.
+    let entered: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let mut sent: HashMap<String, Instant> = HashMap::new();
     let sim = Simulation { work_ms: a.work_ms, steps: 3, fail_rate: a.fail_rate };
     let mut handles = Vec::new();
     let mut tokens = Vec::new();
     for w in 0..a.workers {
-        let waits = waits.clone();
+        let entered = entered.clone();
         let worker = Worker::builder(&store)
             .runtime_id(format!("demo-worker-{w}-{}", std::process::id()))
             .queues(QUEUES)
@@ -136,10 +133,7 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: DemoArgs)
             .handle_signals(false)
             .build(move |ctx| {
                 if ctx.run.dispatch_attempts == 1 {
-                    let wait = (now_ms() - ctx.run.created_at_ms) as f64;
-                    if let Ok(mut w) = waits.lock() {
-                        w.insert(ctx.run.run_id.clone(), wait);
-                    }
+                    lock(&entered).insert(ctx.run.run_id.clone(), Instant::now());
                 }
                 handle(ctx, sim)
             })?;
@@ -196,9 +190,12 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: DemoArgs)
             killed = 1;
             bars.println("demo: worker 0 killed (no release, no deregister): its runs come back after the lease").ok();
         }
-        // Once the bulk is drained, trickle the rest in one by one.
-        if trickled < a.runs && finished as usize >= bulk.saturating_sub(a.workers * a.concurrency) && Instant::now() >= next_trickle {
+        // Once the bulk is done and the workers idle, trickle the rest in one by
+        // one: the time from enqueue to handler is the idle claim latency.
+        let trickling = trickled < a.runs && finished as usize >= bulk;
+        if trickling && Instant::now() >= next_trickle {
             let (run, queue) = new_run(trickled);
+            sent.insert(run.run_id.clone(), Instant::now());
             store.create_run(&run).await?;
             ids.push((run.run_id.clone(), queue));
             trickled += 1;
@@ -210,7 +207,7 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: DemoArgs)
         if Instant::now() > deadline {
             return Err(Error::Server(format!("demo: only {finished} of {} runs finished within {} s", a.runs, a.timeout)));
         }
-        let pause = if trickled < a.runs && finished as usize >= bulk.saturating_sub(a.workers * a.concurrency) { 2 } else { 100 };
+        let pause = if trickling { 2 } else { 100 };
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
     let wall = started.elapsed().as_secs_f64();
@@ -284,8 +281,10 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: DemoArgs)
         problems.push(format!("{finishes} finishes recorded for {} runs", a.runs));
     }
     let mut samples: Vec<f64> = {
-        let waits = lock(&waits);
-        ids[bulk..].iter().filter_map(|(id, _)| waits.get(id).copied()).collect()
+        let entered = lock(&entered);
+        sent.iter()
+            .filter_map(|(id, at)| entered.get(id).map(|e| e.duration_since(*at).as_secs_f64() * 1000.0))
+            .collect()
     };
     samples.sort_by(|x, y| x.total_cmp(y));
     let summary = Summary {
