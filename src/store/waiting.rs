@@ -6,31 +6,45 @@
 //! token claims, and the claim script pushes a new token while runs remain, so
 //! the wake-up chains from worker to worker. The BLPOP timeout is the time
 //! until the next delayed run or lease falls due (at most `SAFETY_POLL`), so a
-//! lost token costs at most one safety poll. In Redis Cluster the lists of
-//! different queues live in different slots, so a waiter there blocks per
-//! queue; this implementation blocks on all queues at once (one server).
+//! lost token costs at most one safety poll.
+//!
+//! Each BLPOP names one queue's list, on a connection of its own: the lists of
+//! different queues live in different Redis Cluster slots, so one command may
+//! not name two of them. A waiter keeps one BLPOP in flight per queue, across
+//! calls, so a token a BLPOP pops is never dropped on the floor.
 
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
+use tokio::task::JoinSet;
 
 use super::Store;
 use super::runs::ClaimOutcome;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{ClaimRequest, Run};
 
 /// The longest an idle waiter sleeps without asking the queues.
 pub const SAFETY_POLL: Duration = Duration::from_secs(2);
 
-/// A dedicated connection that blocks on wake-up lists.
+/// What a finished BLPOP hands back: its queue, its connection (unless it
+/// broke) and whether it popped a token.
+type Popped = (String, Option<MultiplexedConnection>, Result<bool>);
+
+/// Blocks on wake-up lists, one dedicated connection per queue.
 pub struct Waiter {
     store: Store,
-    conn: MultiplexedConnection,
+    /// Connections not blocked right now, by queue.
+    idle: HashMap<String, MultiplexedConnection>,
+    /// BLPOPs in flight; they outlive a `block` call that timed out.
+    in_flight: JoinSet<Popped>,
+    /// Queues with a BLPOP in flight.
+    blocked: HashSet<String>,
 }
 
 impl Waiter {
     pub async fn new(store: &Store) -> Result<Waiter> {
-        Ok(Waiter { store: store.clone(), conn: store.dedicated_conn().await? })
+        Ok(Waiter { store: store.clone(), idle: HashMap::new(), in_flight: JoinSet::new(), blocked: HashSet::new() })
     }
 
     /// Claims from the request's queues (in order), waiting up to `wait` for a
@@ -73,22 +87,51 @@ impl Waiter {
             tokio::time::sleep(timeout).await;
             return Ok(false);
         }
-        let mut cmd = redis::cmd("BLPOP");
-        for queue in queues {
-            cmd.arg(self.store.queue_keys(queue).wake());
-        }
-        // BLPOP takes seconds with decimals; 0 would mean forever.
-        cmd.arg(format!("{:.3}", timeout.as_secs_f64().max(0.001)));
-        let popped: Option<(String, String)> = match cmd.query_async(&mut self.conn).await {
-            Ok(v) => v,
-            Err(e) => {
-                // Replace a broken connection so the next wait can work.
-                if crate::error::Error::is_connection_failure(&e) {
-                    self.conn = self.store.dedicated_conn().await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            for queue in queues {
+                if !self.blocked.contains(queue) {
+                    self.start(queue).await?;
                 }
-                return Err(crate::error::Error::from_redis(e));
             }
+            let popped = match tokio::time::timeout_at(deadline, self.in_flight.join_next()).await {
+                Err(_) => return Ok(false),
+                Ok(None) => return Ok(false),
+                Ok(Some(Err(join))) => return Err(Error::Protocol(format!("wake-up wait ended abnormally: {join}"))),
+                Ok(Some(Ok(popped))) => popped,
+            };
+            let (queue, conn, result) = popped;
+            self.blocked.remove(&queue);
+            if let Some(conn) = conn {
+                self.idle.insert(queue, conn);
+            }
+            // A BLPOP that timed out empty is simply started again.
+            if result? {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Starts a BLPOP on one queue's wake list, for at most the safety poll.
+    async fn start(&mut self, queue: &str) -> Result<()> {
+        let mut conn = match self.idle.remove(queue) {
+            Some(conn) => conn,
+            None => self.store.dedicated_conn().await?,
         };
-        Ok(popped.is_some())
+        let key = self.store.queue_keys(queue).wake();
+        let queue = queue.to_string();
+        self.blocked.insert(queue.clone());
+        self.in_flight.spawn(async move {
+            let mut cmd = redis::cmd("BLPOP");
+            // BLPOP takes seconds with decimals; 0 would mean forever.
+            cmd.arg(&key).arg(format!("{:.3}", SAFETY_POLL.as_secs_f64()));
+            match cmd.query_async::<Option<(String, String)>>(&mut conn).await {
+                Ok(popped) => (queue, Some(conn), Ok(popped.is_some())),
+                // A broken connection is dropped; the next start opens a new one.
+                Err(e) if Error::is_connection_failure(&e) => (queue, None, Err(Error::from_redis(e))),
+                Err(e) => (queue, Some(conn), Err(Error::from_redis(e))),
+            }
+        });
+        Ok(())
     }
 }

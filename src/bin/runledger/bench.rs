@@ -349,6 +349,11 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: BenchArgs
     }
     eprintln!("bench: claim {:.0} us at 1k, {:?} us at {}", f.claim_us_at_1k, f.claim_us_at_depth, a.depth);
 
+    if server.is_none() {
+        // A given server keeps nothing of the bench (its runs live under their own prefix).
+        let removed = remove_prefix(&store, &prefix).await?;
+        eprintln!("bench: removed {removed} keys under prefix {prefix}");
+    }
     drop(server);
     if out.json {
         out.json(&f);
@@ -362,6 +367,29 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: BenchArgs
         }
     }
     Ok(())
+}
+
+/// Deletes every key under `prefix` (SCAN + UNLINK); returns how many.
+async fn remove_prefix(store: &Store, prefix: &str) -> Result<u64> {
+    let mut pattern: String = prefix
+        .chars()
+        .flat_map(|c| if matches!(c, '*' | '?' | '[' | ']' | '\\') { vec!['\\', c] } else { vec![c] })
+        .collect();
+    pattern.push_str(":*");
+    let mut conn = store.conn().await?;
+    let (mut cursor, mut removed) = (0u64, 0u64);
+    loop {
+        let (next, keys): (u64, Vec<String>) =
+            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).query_async(&mut conn).await?;
+        if !keys.is_empty() {
+            let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await?;
+            removed += n;
+        }
+        if next == 0 {
+            return Ok(removed);
+        }
+        cursor = next;
+    }
 }
 
 fn print_table(f: &Figures) {
