@@ -36,6 +36,9 @@ pub enum Error {
     /// Starting or talking to a private redis-server failed.
     #[error("redis-server: {0}")]
     Server(String),
+    /// The Redis server could not be reached.
+    #[error("cannot reach Redis at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
 }
 
 /// The library's result type.

@@ -946,3 +946,34 @@ async fn runtimes_queues_and_reap() {
     let text = rl(url, &["reap"]).await.ok();
     assert!(text.stdout.contains("reclaimed 0"), "{}", text.describe());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argument_errors_are_one_line_and_exit_2() {
+    let redis = common::redis().await;
+    let url = redis.url.as_str();
+    let line = rl(url, &["enqueue", "--queue", "q"]).await.fails(2);
+    assert!(line.contains("--runner"), "names the missing flag: {line}");
+    let line = rl(url, &["enqueue", "--runner", "a", "--priority", "abc"]).await.fails(2);
+    assert!(line.contains("--priority"), "names the bad flag: {line}");
+    let line = rl(url, &["get", "x", "--bogus"]).await.fails(2);
+    assert!(line.contains("--bogus"), "{line}");
+    let line = rl("notaurl", &["get", "x"]).await.fails(2);
+    assert!(line.contains("notaurl"), "names the bad URL: {line}");
+    // --help still prints the whole help on stdout and exits 0.
+    let help = rl(url, &["enqueue", "--help"]).await.ok();
+    assert!(help.stdout.contains("--runner"), "{}", help.describe());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_wait_without_queue_notices_a_new_queue() {
+    let redis = common::redis().await;
+    let url = redis.url.clone();
+    // No queue exists yet; the waiter serves "every known queue".
+    let (child, args, started) = spawn(&url, &["--json", "claim", "--runtime", "rt", "--wait", "8"]);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    rl(&url, &["enqueue", "--queue", "brand-new", "--runner", "a", "--run-id", "fresh"]).await.ok();
+    let out = finish(child, args, started, Duration::from_secs(12)).await;
+    let run: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("JSON ({e}): {}", out.describe()));
+    assert_eq!(str_of(&run, "run_id"), "fresh", "{}", out.describe());
+    assert!(out.took < Duration::from_secs(6), "found well before the 8 s wait ended: {}", out.describe());
+}

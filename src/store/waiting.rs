@@ -27,6 +27,9 @@ use crate::model::{ClaimRequest, Run};
 /// The longest an idle waiter sleeps without asking the queues.
 pub const SAFETY_POLL: Duration = Duration::from_secs(2);
 
+/// How soon a waiter serving every known queue notices a new queue.
+const NEW_QUEUE_POLL: Duration = Duration::from_millis(500);
+
 /// What a finished BLPOP hands back: its queue, its connection (unless it
 /// broke) and whether it popped a token.
 type Popped = (String, Option<MultiplexedConnection>, Result<bool>);
@@ -51,12 +54,15 @@ impl Waiter {
     /// run to arrive. `None` when the wait ends empty-handed.
     pub async fn claim(&mut self, request: &ClaimRequest, wait: Duration) -> Result<Option<Run>> {
         let deadline = Instant::now() + wait;
-        let queues = if request.queues.is_empty() {
-            self.store.known_queues().await?
-        } else {
-            request.queues.clone()
-        };
+        // Without queues, every known queue is served; queues created while
+        // waiting are found by reading the queue set again, at least every
+        // NEW_QUEUE_POLL (their wake lists are not watched before).
+        let implicit = request.queues.is_empty();
+        let mut queues = request.queues.clone();
         loop {
+            if implicit {
+                queues = self.store.known_queues().await?;
+            }
             let mut next_due: Option<i64> = None;
             for queue in &queues {
                 match self.store.claim_from(queue, request).await? {
@@ -72,7 +78,7 @@ impl Waiter {
             if now >= deadline {
                 return Ok(None);
             }
-            let mut sleep = (deadline - now).min(SAFETY_POLL);
+            let mut sleep = (deadline - now).min(if implicit { NEW_QUEUE_POLL } else { SAFETY_POLL });
             if let Some(due) = next_due {
                 let until_due = due - self.store.server_time_ms().await?;
                 sleep = sleep.min(Duration::from_millis(until_due.clamp(1, i64::MAX) as u64));

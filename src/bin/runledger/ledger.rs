@@ -14,8 +14,11 @@ use crate::output::Output;
 pub async fn connect(url: &str, prefix: &str) -> Result<Store> {
     let cfg = StoreConfig { prefix: prefix.to_string(), ..StoreConfig::default() };
     Store::connect_with(url, cfg).await.map_err(|e| match e {
-        Error::Redis(err) if err.is_connection_refusal() || err.is_io_error() => {
-            Error::Server(format!("cannot reach Redis at {url}: {err} (set --redis or REDIS_URL)"))
+        Error::Redis(err) if err.kind() == redis::ErrorKind::InvalidClientConfig => {
+            Error::Invalid(format!("--redis / REDIS_URL is not a valid Redis URL: {url} ({err})"))
+        }
+        Error::Redis(err) if err.is_connection_refusal() || err.is_io_error() || err.is_timeout() => {
+            Error::Unreachable { url: url.to_string(), reason: format!("{err} (set --redis or REDIS_URL)") }
         }
         other => other,
     })

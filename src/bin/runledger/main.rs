@@ -78,7 +78,30 @@ async fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => {
+            // --help and --version go to stdout as usual.
+            let _ = err.print();
+            std::process::exit(0);
+        }
+        Err(err) if err.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = err.print();
+            std::process::exit(2);
+        }
+        Err(err) => {
+            // Bad arguments: one line, like every other error, exit 2.
+            let detail = err.to_string();
+            let message: Vec<&str> = detail
+                .lines()
+                .map(str::trim)
+                .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more information"))
+                .filter(|line| !line.is_empty())
+                .collect();
+            eprintln!("runledger: {} (see runledger --help)", message.join(" ").trim_start_matches("error: "));
+            std::process::exit(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
@@ -123,6 +146,6 @@ fn exit_code(err: &Error) -> i32 {
         Error::NotFound(_) => 3,
         Error::Conflict(_) | Error::Finished(_) | Error::OutOfOrder(_) => 4,
         Error::StaleToken(_) | Error::DeadlinePassed(_) => 5,
-        Error::Redis(_) | Error::Protocol(_) | Error::Server(_) => 1,
+        Error::Redis(_) | Error::Protocol(_) | Error::Server(_) | Error::Unreachable { .. } => 1,
     }
 }
