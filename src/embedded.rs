@@ -105,7 +105,10 @@ impl RedisServer {
         let binary = find_redis_server().ok_or_else(|| Error::Server(INSTALL_HINT.into()))?;
         let dir = std::mem::replace(
             &mut self.dir,
-            tempfile::Builder::new().prefix("runledger-redis-").tempdir().map_err(|e| Error::Server(format!("temp dir: {e}")))?,
+            tempfile::Builder::new()
+                .prefix("runledger-redis-")
+                .tempdir()
+                .map_err(|e| Error::Server(format!("temp dir: {e}")))?,
         );
         let started = Instant::now();
         loop {

@@ -66,15 +66,7 @@ impl QueueKeys {
 
     /// KEYS[1..7] of every queue script, in the order of `lua/include/common.lua`.
     pub fn fixed(&self) -> [String; 7] {
-        [
-            self.queued(),
-            self.leases(),
-            self.delayed(),
-            self.deadlines(),
-            self.finished(),
-            self.stats(),
-            self.wake(),
-        ]
+        [self.queued(), self.leases(), self.delayed(), self.deadlines(), self.finished(), self.stats(), self.wake()]
     }
 }
 

@@ -49,10 +49,7 @@ impl RunStatus {
 
     /// Completed, failed, cancelled and timeout: a run never leaves these.
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled | RunStatus::Timeout
-        )
+        matches!(self, RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled | RunStatus::Timeout)
     }
 }
 
@@ -65,14 +62,11 @@ impl fmt::Display for RunStatus {
 impl FromStr for RunStatus {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        RunStatus::ALL
-            .into_iter()
-            .find(|status| status.as_str() == s)
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "unknown run status '{s}' (expected queued, running, claimed, completed, failed, cancelled or timeout)"
-                ))
-            })
+        RunStatus::ALL.into_iter().find(|status| status.as_str() == s).ok_or_else(|| {
+            Error::Invalid(format!(
+                "unknown run status '{s}' (expected queued, running, claimed, completed, failed, cancelled or timeout)"
+            ))
+        })
     }
 }
 
@@ -143,10 +137,9 @@ impl Fields {
     fn int(&mut self, name: &str) -> Result<Option<i64>> {
         match self.0.remove(name) {
             None => Ok(None),
-            Some(v) => v
-                .parse::<i64>()
-                .map(Some)
-                .map_err(|_| Error::Protocol(format!("field {name} is not an integer: {v}"))),
+            Some(v) => {
+                v.parse::<i64>().map(Some).map_err(|_| Error::Protocol(format!("field {name} is not an integer: {v}")))
+            }
         }
     }
     fn json(&mut self, name: &str) -> Result<Option<Value>> {
@@ -158,8 +151,7 @@ impl Fields {
         }
     }
     fn required(&mut self, name: &str) -> Result<String> {
-        self.text(name)
-            .ok_or_else(|| Error::Protocol(format!("stored record lacks field {name}")))
+        self.text(name).ok_or_else(|| Error::Protocol(format!("stored record lacks field {name}")))
     }
 }
 

@@ -20,9 +20,7 @@ pub fn id(name: &str, value: &str) -> Result<()> {
         return Err(Error::Invalid(format!("{name} is longer than {MAX_ID_BYTES} bytes")));
     }
     if value.chars().any(|c| c.is_control() || c == '{' || c == '}') {
-        return Err(Error::Invalid(format!(
-            "{name} must not contain control characters, {{ or }}: {value:?}"
-        )));
+        return Err(Error::Invalid(format!("{name} must not contain control characters, {{ or }}: {value:?}")));
     }
     Ok(())
 }
@@ -46,10 +44,7 @@ pub fn opt_object(name: &str, value: Option<&Value>, max_bytes: usize) -> Result
 pub fn sized(name: &str, value: &Value, max_bytes: usize) -> Result<String> {
     let text = serde_json::to_string(value).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
     if text.len() > max_bytes {
-        return Err(Error::Invalid(format!(
-            "{name} is {} bytes, over the limit of {max_bytes}",
-            text.len()
-        )));
+        return Err(Error::Invalid(format!("{name} is {} bytes, over the limit of {max_bytes}", text.len())));
     }
     Ok(text)
 }
@@ -67,8 +62,8 @@ fn kind(value: &Value) -> &'static str {
 
 /// Parses text the user gave as a JSON object (CLI flags).
 pub fn parse_object(name: &str, text: &str) -> Result<Value> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| Error::Invalid(format!("{name} is not valid JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| Error::Invalid(format!("{name} is not valid JSON: {e}")))?;
     if !value.is_object() {
         return Err(Error::Invalid(format!("{name} must be a JSON object, got {}", kind(&value))));
     }

@@ -14,7 +14,8 @@ use runledger::embedded::find_redis_server;
 use serde_json::Value;
 
 /// The small workload of these tests.
-const SMALL: &[&str] = &["--runs", "300", "--workers", "2", "--many-workers", "4", "--depth", "2000", "--latency-samples", "20"];
+const SMALL: &[&str] =
+    &["--runs", "300", "--workers", "2", "--many-workers", "4", "--depth", "2000", "--latency-samples", "20"];
 
 /// Runs the binary with a clean environment (no REDIS_URL, prefix or log
 /// filter) in a blocking task; fails the test if it takes over 120 s.
@@ -107,7 +108,10 @@ fn check_figures(f: &Value) {
     let breakdown = f["command_breakdown"].as_object().unwrap_or_else(|| panic!("command_breakdown: {f:#}"));
     assert!(breakdown.contains_key("evalsha"), "lifecycles run scripts by SHA: {f:#}");
     let sum: f64 = breakdown.values().map(|v| v.as_f64().unwrap_or_else(|| panic!("breakdown value {v}"))).sum();
-    assert!((sum - commands).abs() < 1e-6 * commands.max(1.0), "the breakdown adds up to commands_per_lifecycle: {f:#}");
+    assert!(
+        (sum - commands).abs() < 1e-6 * commands.max(1.0),
+        "the breakdown adds up to commands_per_lifecycle: {f:#}"
+    );
 
     let cpu = num(f, "redis_cpu_us_per_lifecycle");
     assert!(cpu.is_finite() && cpu >= 0.0, "redis_cpu_us_per_lifecycle: {f:#}");
@@ -204,11 +208,17 @@ async fn bench_on_given_server() {
     let mut conn = common::raw(&redis).await;
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.expect("KEYS");
     let foreign: Vec<&String> = keys.iter().filter(|k| !k.starts_with("rl:")).collect();
-    assert!(foreign.is_empty(), "bench left {} keys on the given server, e.g. {:?}", foreign.len(), &foreign[..foreign.len().min(5)]);
+    assert!(
+        foreign.is_empty(),
+        "bench left {} keys on the given server, e.g. {:?}",
+        foreign.len(),
+        &foreign[..foreign.len().min(5)]
+    );
     assert!(stderr.contains("bench: removed "), "bench says what it removed: {stderr}");
 
     // Bad arguments are refused before anything runs.
-    let (output, _) = runledger(vec!["--redis".into(), redis.url.clone(), "bench".into(), "--runs".into(), "0".into()]).await;
+    let (output, _) =
+        runledger(vec!["--redis".into(), redis.url.clone(), "bench".into(), "--runs".into(), "0".into()]).await;
     assert_eq!(output.status.code(), Some(2), "{}", describe(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.lines().count(), 1, "{}", describe(&output));

@@ -191,9 +191,24 @@ async fn enqueue_text_json_and_idempotent() {
     let redis = common::redis().await;
     let url = redis.url.as_str();
 
-    let text = rl(url, &["enqueue", "--queue", "emails", "--runner", "agent", "--run-id", "t-1", "--priority", "5", "--metadata", r#"{"a":1}"#])
-        .await
-        .ok();
+    let text = rl(
+        url,
+        &[
+            "enqueue",
+            "--queue",
+            "emails",
+            "--runner",
+            "agent",
+            "--run-id",
+            "t-1",
+            "--priority",
+            "5",
+            "--metadata",
+            r#"{"a":1}"#,
+        ],
+    )
+    .await
+    .ok();
     assert!(text.stdout.contains("run t-1"), "{}", text.describe());
     assert!(text.stdout.contains("queued"), "{}", text.describe());
     assert!(text.stdout.contains("queue emails"), "{}", text.describe());
@@ -203,9 +218,32 @@ async fn enqueue_text_json_and_idempotent() {
     let run = rl(
         url,
         &[
-            "--json", "enqueue", "--queue", "emails", "--runner", "agent", "--run-id", "j-1", "--priority", "-3",
-            "--metadata", r#"{"k":"v","n":[1,2]}"#, "--conversation", "c1", "--thread", "t1", "--workspace", "w1",
-            "--bot", "b1", "--agent", "ag1", "--event-id", "ev1", "--binding", "bd1",
+            "--json",
+            "enqueue",
+            "--queue",
+            "emails",
+            "--runner",
+            "agent",
+            "--run-id",
+            "j-1",
+            "--priority",
+            "-3",
+            "--metadata",
+            r#"{"k":"v","n":[1,2]}"#,
+            "--conversation",
+            "c1",
+            "--thread",
+            "t1",
+            "--workspace",
+            "w1",
+            "--bot",
+            "b1",
+            "--agent",
+            "ag1",
+            "--event-id",
+            "ev1",
+            "--binding",
+            "bd1",
         ],
     )
     .await
@@ -235,9 +273,10 @@ async fn enqueue_text_json_and_idempotent() {
     assert!(run.get("authorization").is_none(), "no authorization was given: {run:#}");
 
     // Same run id again: the same run comes back, nothing is overwritten.
-    let again = rl(url, &["--json", "enqueue", "--queue", "emails", "--runner", "agent", "--run-id", "j-1", "--priority", "7"])
-        .await
-        .json();
+    let again =
+        rl(url, &["--json", "enqueue", "--queue", "emails", "--runner", "agent", "--run-id", "j-1", "--priority", "7"])
+            .await
+            .json();
     assert_eq!(again["id"], run["id"], "idempotent enqueue returns the same id");
     assert_eq!(again["run_id"], "j-1");
     assert_eq!(again["priority"], -3, "the stored run is returned unchanged");
@@ -260,9 +299,12 @@ async fn enqueue_text_json_and_idempotent() {
     assert_eq!(fresh["metadata"], json!({}));
 
     // --status running: a directly executed run, never claimed from the queue.
-    let direct = rl(url, &["--json", "enqueue", "--queue", "direct", "--runner", "agent", "--run-id", "d-1", "--status", "running"])
-        .await
-        .json();
+    let direct = rl(
+        url,
+        &["--json", "enqueue", "--queue", "direct", "--runner", "agent", "--run-id", "d-1", "--status", "running"],
+    )
+    .await
+    .json();
     assert_eq!(direct["status"], "running");
     assert!(direct["started_at"].is_i64(), "a running run has started: {direct:#}");
     let none = rl(url, &["--json", "claim", "--runtime", "rt", "--queue", "direct"]).await.ok();
@@ -271,7 +313,18 @@ async fn enqueue_text_json_and_idempotent() {
     // Authorization is handed to the claimer only.
     let authz = rl(
         url,
-        &["--json", "enqueue", "--queue", "secret", "--runner", "agent", "--run-id", "a-1", "--authorization", r#"{"key":"s3"}"#],
+        &[
+            "--json",
+            "enqueue",
+            "--queue",
+            "secret",
+            "--runner",
+            "agent",
+            "--run-id",
+            "a-1",
+            "--authorization",
+            r#"{"key":"s3"}"#,
+        ],
     )
     .await
     .json();
@@ -311,11 +364,16 @@ async fn claim_null_wait_and_wake() {
     assert_eq!(now.stdout, "null\n", "{}", now.describe());
 
     // A waiting claim is woken by an enqueue from another process.
-    let (child, args, started) = spawn(url, &["--json", "claim", "--runtime", "rt-2", "--queue", "jobs", "--wait", "5", "--lease", "30"]);
+    let (child, args, started) =
+        spawn(url, &["--json", "claim", "--runtime", "rt-2", "--queue", "jobs", "--wait", "5", "--lease", "30"]);
     tokio::time::sleep(Duration::from_millis(400)).await;
     rl(url, &["enqueue", "--queue", "jobs", "--runner", "agent", "--run-id", "woken"]).await.ok();
     let woke = finish(child, args, started, Duration::from_secs(15)).await;
-    assert!(woke.took < Duration::from_secs(4), "the claim was not woken well before its 5 s wait: {}", woke.describe());
+    assert!(
+        woke.took < Duration::from_secs(4),
+        "the claim was not woken well before its 5 s wait: {}",
+        woke.describe()
+    );
     let run = woke.json();
     assert_seed_run(&run);
     assert_eq!(run["run_id"], "woken");
@@ -371,7 +429,9 @@ async fn claim_null_wait_and_wake() {
 async fn worker_session_events_and_finalize() {
     let redis = common::redis().await;
     let url = redis.url.as_str();
-    rl(url, &["enqueue", "--queue", "q", "--runner", "agent", "--run-id", "s-1", "--metadata", r#"{"m":1}"#]).await.ok();
+    rl(url, &["enqueue", "--queue", "q", "--runner", "agent", "--run-id", "s-1", "--metadata", r#"{"m":1}"#])
+        .await
+        .ok();
     let (run, token) = claim(url, "rt-1", "q", "20").await;
     assert_eq!(run["run_id"], "s-1");
     let first_expiry = int_of(&run, "claim_lease_expires_at");
@@ -386,10 +446,15 @@ async fn worker_session_events_and_finalize() {
     assert!(text.stdout.contains("run s-1"), "{}", text.describe());
 
     // append with the token; JSON event with the seed's keys.
-    let ev = rl(url, &["--json", "append", "s-1", "--seq", "1", "--type", "progress", "--data", r#"{"pct":10}"#, "--token", &token])
-        .await
-        .json();
-    for key in ["id", "run_id", "sequence", "type", "data", "usage", "created_at", "source", "artifact_refs", "metadata"] {
+    let ev = rl(
+        url,
+        &["--json", "append", "s-1", "--seq", "1", "--type", "progress", "--data", r#"{"pct":10}"#, "--token", &token],
+    )
+    .await
+    .json();
+    for key in
+        ["id", "run_id", "sequence", "type", "data", "usage", "created_at", "source", "artifact_refs", "metadata"]
+    {
         assert!(ev.get(key).is_some(), "event lacks `{key}`: {ev:#}");
     }
     assert_eq!(ev["run_id"], "s-1");
@@ -397,18 +462,27 @@ async fn worker_session_events_and_finalize() {
     assert_eq!(ev["type"], "progress");
     assert_eq!(ev["data"], json!({ "pct": 10 }));
     assert_eq!(ev["source"], "runner");
-    let text = rl(url, &["append", "s-1", "--seq", "2", "--type", "output", "--data", r#"{"text":"hi"}"#, "--token", &token]).await.ok();
+    let text =
+        rl(url, &["append", "s-1", "--seq", "2", "--type", "output", "--data", r#"{"text":"hi"}"#, "--token", &token])
+            .await
+            .ok();
     assert!(text.stdout.contains("output"), "{}", text.describe());
     assert!(text.stdout.contains(r#"{"text":"hi"}"#), "{}", text.describe());
     // Same sequence, same content: an idempotent retry.
-    let retry = rl(url, &["--json", "append", "s-1", "--seq", "2", "--type", "output", "--data", r#"{"text":"hi"}"#, "--token", &token])
-        .await
-        .json();
+    let retry = rl(
+        url,
+        &["--json", "append", "s-1", "--seq", "2", "--type", "output", "--data", r#"{"text":"hi"}"#, "--token", &token],
+    )
+    .await
+    .json();
     assert_eq!(retry["sequence"], 2);
     // Same sequence, other content: a conflict, exit 4.
-    let line = rl(url, &["append", "s-1", "--seq", "2", "--type", "output", "--data", r#"{"text":"other"}"#, "--token", &token])
-        .await
-        .fails(4);
+    let line = rl(
+        url,
+        &["append", "s-1", "--seq", "2", "--type", "output", "--data", r#"{"text":"other"}"#, "--token", &token],
+    )
+    .await
+    .fails(4);
     assert!(line.contains("conflict"), "{line}");
     assert!(line.contains("s-1"), "names the run: {line}");
     // Without a token (host-side) it is still fenced by content.
@@ -425,7 +499,9 @@ async fn worker_session_events_and_finalize() {
     assert_ne!(audit["source"], "runner", "an audit event is the host's: {audit:#}");
     let text = rl(url, &["audit", "s-1", "--type", "note2"]).await.ok();
     assert!(text.stdout.contains("note2"), "{}", text.describe());
-    rl(url, &["append", "s-1", "--seq", "5", "--type", "progress", "--data", r#"{"pct":50}"#, "--token", &token]).await.ok();
+    rl(url, &["append", "s-1", "--seq", "5", "--type", "progress", "--data", r#"{"pct":50}"#, "--token", &token])
+        .await
+        .ok();
 
     // events: a forward page.
     let page = rl(url, &["--json", "events", "s-1", "--limit", "2"]).await.json();
@@ -470,7 +546,19 @@ async fn worker_session_events_and_finalize() {
     // finalize with the token: completed, out of every index.
     let done = rl(
         url,
-        &["--json", "finalize", "s-1", "--status", "completed", "--token", &token, "--usage", r#"{"tokens":12}"#, "--cost", r#"{"usd":0.5}"#],
+        &[
+            "--json",
+            "finalize",
+            "s-1",
+            "--status",
+            "completed",
+            "--token",
+            &token,
+            "--usage",
+            r#"{"tokens":12}"#,
+            "--cost",
+            r#"{"usd":0.5}"#,
+        ],
     )
     .await
     .json();
@@ -509,7 +597,8 @@ async fn worker_session_events_and_finalize() {
     // release: back to the queue with a retry delay, then to a terminal status.
     rl(url, &["enqueue", "--queue", "q", "--runner", "agent", "--run-id", "s-2"]).await.ok();
     let (_, token2) = claim(url, "rt-1", "q", "60").await;
-    let released = rl(url, &["--json", "release", "s-2", "--token", &token2, "--retry-in", "30", "--reason", "busy"]).await.json();
+    let released =
+        rl(url, &["--json", "release", "s-2", "--token", &token2, "--retry-in", "30", "--reason", "busy"]).await.json();
     assert_eq!(released["status"], "queued");
     assert_eq!(released["claimed_by_runtime_id"], Value::Null);
     assert_eq!(released["status_reason"], "busy");
@@ -574,7 +663,9 @@ async fn events_follow_ends_after_finalize() {
     let url = redis.url.as_str();
     rl(url, &["enqueue", "--queue", "q", "--runner", "agent", "--run-id", "f-1"]).await.ok();
     let (_, token) = claim(url, "rt", "q", "60").await;
-    rl(url, &["append", "f-1", "--seq", "1", "--type", "progress", "--data", r#"{"n":1}"#, "--token", &token]).await.ok();
+    rl(url, &["append", "f-1", "--seq", "1", "--type", "progress", "--data", r#"{"n":1}"#, "--token", &token])
+        .await
+        .ok();
 
     let (json_follow, json_args, json_started) = spawn(url, &["--json", "events", "f-1", "--follow"]);
     let (text_follow, text_args, text_started) = spawn(url, &["events", "f-1", "--follow", "--after", "1"]);
@@ -582,7 +673,9 @@ async fn events_follow_ends_after_finalize() {
     for seq in 2..=4 {
         let seq_s = seq.to_string();
         let data = format!(r#"{{"n":{seq}}}"#);
-        rl(url, &["append", "f-1", "--seq", &seq_s, "--type", "progress", "--data", &data, "--token", &token]).await.ok();
+        rl(url, &["append", "f-1", "--seq", &seq_s, "--type", "progress", "--data", &data, "--token", &token])
+            .await
+            .ok();
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     rl(url, &["audit", "f-1", "--type", "note"]).await.ok();
@@ -593,7 +686,9 @@ async fn events_follow_ends_after_finalize() {
     let events: Vec<Value> = out
         .stdout
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON event line ({e}): {l}\n{}", out.describe())))
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON event line ({e}): {l}\n{}", out.describe()))
+        })
         .collect();
     let seqs: Vec<i64> = events.iter().map(|e| int_of(e, "sequence")).collect();
     assert_eq!(seqs, [1, 2, 3, 4, 5], "{}", out.describe());
@@ -738,7 +833,9 @@ async fn unreachable_redis_and_redis_url() {
     // --prefix separates ledgers on one server.
     let other = rl(&redis.url, &["--prefix", "other", "get", "env-1"]).await.fails(3);
     assert!(other.contains("env-1"), "{other}");
-    rl(&redis.url, &["--prefix", "other", "enqueue", "--runner", "agent", "--run-id", "env-1", "--priority", "3"]).await.ok();
+    rl(&redis.url, &["--prefix", "other", "enqueue", "--runner", "agent", "--run-id", "env-1", "--priority", "3"])
+        .await
+        .ok();
     assert_eq!(rl(&redis.url, &["--json", "get", "env-1"]).await.json()["priority"], 0);
     assert_eq!(rl(&redis.url, &["--prefix", "other", "--json", "get", "env-1"]).await.json()["priority"], 3);
 }
@@ -896,7 +993,9 @@ async fn runtimes_queues_and_reap() {
     }
     rl(url, &["enqueue", "--queue", "sms", "--runner", "agent", "--run-id", "s-0"]).await.ok();
     let not_before = (chrono::Utc::now().timestamp() + 3600).to_string();
-    rl(url, &["enqueue", "--queue", "sms", "--runner", "agent", "--run-id", "s-later", "--not-before", &not_before]).await.ok();
+    rl(url, &["enqueue", "--queue", "sms", "--runner", "agent", "--run-id", "s-later", "--not-before", &not_before])
+        .await
+        .ok();
     let (_, token) = claim(url, "rt-lib-1", "mail", "2").await;
     let claimed_at = Instant::now();
     let queues = rl(url, &["--json", "queues"]).await.json();
@@ -907,7 +1006,17 @@ async fn runtimes_queues_and_reap() {
             .unwrap_or_else(|| panic!("queue {name} in {qs:#}"))
     };
     let mail = find(&queues, "mail");
-    for key in ["queue_name", "queued", "pinned", "delayed", "claimed", "finished", "oldest_queued_age", "lease_holders", "counters"] {
+    for key in [
+        "queue_name",
+        "queued",
+        "pinned",
+        "delayed",
+        "claimed",
+        "finished",
+        "oldest_queued_age",
+        "lease_holders",
+        "counters",
+    ] {
         assert!(mail.get(key).is_some(), "queue stats lack `{key}`: {mail:#}");
     }
     assert_eq!(mail["queued"], 2, "{mail:#}");
@@ -923,7 +1032,11 @@ async fn runtimes_queues_and_reap() {
     assert_eq!(sms["delayed"], 1, "{sms:#}");
     assert_eq!(sms["claimed"], 0, "{sms:#}");
     let text = rl(url, &["queues"]).await.ok();
-    assert!(text.stdout.contains("QUEUE") && text.stdout.contains("mail") && text.stdout.contains("sms"), "{}", text.describe());
+    assert!(
+        text.stdout.contains("QUEUE") && text.stdout.contains("mail") && text.stdout.contains("sms"),
+        "{}",
+        text.describe()
+    );
     assert!(text.stdout.contains("m-0 held by rt-lib-1"), "{}", text.describe());
 
     // reap: the report's fields; an expired lease goes back to the queue.

@@ -141,11 +141,7 @@ fn documented_flags(help: &str) -> BTreeSet<String> {
 
 /// Services whose container runs the runledger image (ENTRYPOINT runledger).
 fn runledger_services(doc: &Value) -> Vec<(String, &Value)> {
-    services(doc)
-        .iter()
-        .filter(|(_, svc)| svc.get("build").is_some())
-        .map(|(k, svc)| (name_of(k), svc))
-        .collect()
+    services(doc).iter().filter(|(_, svc)| svc.get("build").is_some()).map(|(k, svc)| (name_of(k), svc)).collect()
 }
 
 #[test]
@@ -185,7 +181,10 @@ fn commands_use_real_subcommands_and_flags() {
         for word in &command[1..] {
             if word.starts_with("--") {
                 let flag = word.split('=').next().unwrap_or(word);
-                assert!(flags.contains(flag), "service {name}: `runledger {sub}` has no flag {flag}; its help:\n{help}");
+                assert!(
+                    flags.contains(flag),
+                    "service {name}: `runledger {sub}` has no flag {flag}; its help:\n{help}"
+                );
             } else {
                 assert!(!word.starts_with('-'), "service {name}: short flag {word} (use long flags)");
             }
@@ -383,7 +382,8 @@ fn dockerfile_instructions(path: &Path) -> Vec<(String, String)> {
 #[test]
 fn dockerfile_builds_the_release_binary_as_the_readme_does() {
     let doc = compose();
-    let dockerfiles: BTreeSet<PathBuf> = runledger_services(&doc).into_iter().filter_map(|(_, s)| build_of(s)).map(|b| b.1).collect();
+    let dockerfiles: BTreeSet<PathBuf> =
+        runledger_services(&doc).into_iter().filter_map(|(_, s)| build_of(s)).map(|b| b.1).collect();
     assert_eq!(dockerfiles, BTreeSet::from([repo().join("Dockerfile")]));
     let steps = dockerfile_instructions(&repo().join("Dockerfile"));
 

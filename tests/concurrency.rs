@@ -51,9 +51,8 @@ fn events_of(run_id: &str) -> Vec<NewEvent> {
 }
 
 async fn enqueue(store: &Store, n: usize) {
-    let runs: Vec<NewRun> = (0..n)
-        .map(|i| NewRun::new(run_name(i), "agent").queue(QUEUE).priority((i % 7) as i64 - 3))
-        .collect();
+    let runs: Vec<NewRun> =
+        (0..n).map(|i| NewRun::new(run_name(i), "agent").queue(QUEUE).priority((i % 7) as i64 - 3)).collect();
     for chunk in runs.chunks(500) {
         store.create_runs(chunk).await.expect("create_runs");
     }
@@ -79,10 +78,7 @@ async fn final_state(redis: &common::TestRedis, n: usize) -> Vec<RunState> {
                 redis::from_redis_value(pair[0].clone()).expect("HMGET reply");
             let entries: Vec<(String, HashMap<String, String>)> =
                 redis::from_redis_value(pair[1].clone()).expect("XRANGE reply");
-            let entries = entries
-                .into_iter()
-                .map(|(id, f)| (id, f.get("data").cloned().unwrap_or_default()))
-                .collect();
+            let entries = entries.into_iter().map(|(id, f)| (id, f.get("data").cloned().unwrap_or_default())).collect();
             out.push((run_name(chunk[k]), status.unwrap_or_default(), attempts.unwrap_or(0), entries));
         }
     }
@@ -158,7 +154,12 @@ async fn many_claimers_finish_every_run_exactly_once() {
     }
     let mut per_worker = Vec::new();
     for t in tasks {
-        per_worker.push(tokio::time::timeout(Duration::from_secs(50), t).await.expect("workers finish in time").expect("worker task"));
+        per_worker.push(
+            tokio::time::timeout(Duration::from_secs(50), t)
+                .await
+                .expect("workers finish in time")
+                .expect("worker task"),
+        );
     }
     let history = history.lock().expect("history lock").clone();
 
@@ -317,7 +318,9 @@ async fn short_leases_and_stalled_workers_are_fenced() {
             for c in &claims[..claims.len() - 1] {
                 match c.outcome {
                     Outcome::Stale { step } => *refusals.entry(step).or_default() += 1,
-                    ref other => panic!("{run_id}: token {} of worker {} was not refused: {other:?}", c.token, c.worker),
+                    ref other => {
+                        panic!("{run_id}: token {} of worker {} was not refused: {other:?}", c.token, c.worker)
+                    }
                 }
             }
         }
@@ -376,10 +379,7 @@ async fn racing_creates_and_audits_stay_consistent() {
         let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
-            store
-                .create_run(&NewRun::new("same", format!("runner-{w}")).queue(QUEUE))
-                .await
-                .expect("create")
+            store.create_run(&NewRun::new("same", format!("runner-{w}")).queue(QUEUE)).await.expect("create")
         }));
     }
     let mut runs = Vec::new();
@@ -389,7 +389,8 @@ async fn racing_creates_and_audits_stay_consistent() {
     assert!(runs.iter().all(|r| r == &runs[0]), "every creator got the same stored run");
     let counter: i64 = redis::cmd("GET").arg("rl:id").query_async(&mut raw).await.expect("GET");
     assert_eq!(counter, 1);
-    let queued: i64 = redis::cmd("ZCARD").arg(format!("rl:{{{QUEUE}}}:queued")).query_async(&mut raw).await.expect("ZCARD");
+    let queued: i64 =
+        redis::cmd("ZCARD").arg(format!("rl:{{{QUEUE}}}:queued")).query_async(&mut raw).await.expect("ZCARD");
     assert_eq!(queued, 1);
 
     // 8 hosts write 25 audit events each at once: 200 distinct, gapless sequences.
@@ -426,6 +427,7 @@ async fn racing_creates_and_audits_stay_consistent() {
     assert_eq!(ok.iter().filter(|&&x| x).count(), 1, "exactly one writer wins: {a:?} {b:?}");
     let loser = if a.is_ok() { b } else { a };
     assert!(matches!(loser, Err(Error::Conflict(_))), "the other gets a conflict: {loser:?}");
-    let len: i64 = redis::cmd("XLEN").arg(format!("rl:{{{QUEUE}}}:run:same:events")).query_async(&mut raw).await.expect("XLEN");
+    let len: i64 =
+        redis::cmd("XLEN").arg(format!("rl:{{{QUEUE}}}:run:same:events")).query_async(&mut raw).await.expect("XLEN");
     assert_eq!(len, 201);
 }

@@ -78,7 +78,8 @@ async fn stale_token_is_refused_for_every_worker_write() {
         .await
         .expect_err("stale terminal release");
     assert!(matches!(err, Error::StaleToken(_)), "terminal release: {err:?}");
-    let err = store.append_event("r1", Some(&stale), &ev(1, "progress", json!({"p": 1}))).await.expect_err("stale append");
+    let err =
+        store.append_event("r1", Some(&stale), &ev(1, "progress", json!({"p": 1}))).await.expect_err("stale append");
     assert!(matches!(err, Error::StaleToken(_)), "append: {err:?}");
     let err = store
         .finalize_run("r1", &Finish::new(RunStatus::Completed).metadata(json!({"by": "stale"})), Some(&stale))
@@ -97,7 +98,8 @@ async fn stale_token_is_refused_for_every_worker_write() {
     let t2 = token(&current);
     store.renew_claim("r1", &t2, Duration::from_secs(60)).await.expect("current holder renews");
     store.append_event("r1", Some(&t2), &ev(1, "progress", json!({"p": 1}))).await.expect("current holder appends");
-    let done = store.finalize_run("r1", &Finish::new(RunStatus::Completed), Some(&t2)).await.expect("current holder finishes");
+    let done =
+        store.finalize_run("r1", &Finish::new(RunStatus::Completed), Some(&t2)).await.expect("current holder finishes");
     assert_eq!(done.status, RunStatus::Completed);
 
     // After the run finished, the stale token is still refused, whatever status it asks for:
@@ -139,7 +141,10 @@ async fn host_calls_without_token_work_on_a_claimed_run() {
     assert_eq!(a.sequence, 2);
     // The holder continues after the host's events.
     store.append_event("r1", Some(&token(&c)), &ev(3, "progress", json!({}))).await.expect("holder append");
-    let done = store.finalize_run("r1", &Finish::new(RunStatus::Cancelled).reason("host stop"), None).await.expect("host finalize");
+    let done = store
+        .finalize_run("r1", &Finish::new(RunStatus::Cancelled).reason("host stop"), None)
+        .await
+        .expect("host finalize");
     assert_eq!(done.status, RunStatus::Cancelled);
     assert_eq!(stream_ids(&mut raw, "r1").await, ["1-0", "2-0", "3-0"]);
     // The holder's token no longer works.
@@ -155,7 +160,8 @@ async fn bogus_token_is_stale_and_unknown_run_is_not_found() {
     let bogus = "0123456789abcdef0123456789abcdef";
     let err = store.renew_claim("r1", bogus, Duration::from_secs(60)).await.expect_err("bogus renew");
     assert!(matches!(err, Error::StaleToken(_)), "{err:?}");
-    let err = store.finalize_run("r1", &Finish::new(RunStatus::Completed), Some(bogus)).await.expect_err("bogus finalize");
+    let err =
+        store.finalize_run("r1", &Finish::new(RunStatus::Completed), Some(bogus)).await.expect_err("bogus finalize");
     assert!(matches!(err, Error::StaleToken(_)), "{err:?}");
     // A queued run has no holder: any token is stale.
     create(&store, "r2").await;
@@ -267,15 +273,13 @@ async fn runner_events_on_a_finished_run_are_refused_but_audit_works() {
     let mut raw = common::raw(&redis).await;
     create(&store, "r1").await;
     let t = token(&claim(&store, "rt", Duration::from_secs(60)).await);
-    store
-        .append_events("r1", Some(&t), &[ev(1, "a", json!({})), ev(2, "a", json!({}))])
-        .await
-        .expect("append 1,2");
+    store.append_events("r1", Some(&t), &[ev(1, "a", json!({})), ev(2, "a", json!({}))]).await.expect("append 1,2");
     store.finalize_run("r1", &Finish::new(RunStatus::Completed), Some(&t)).await.expect("finalize");
 
     let err = store.append_event("r1", None, &ev(3, "late", json!({}))).await.expect_err("runner event after finish");
     assert!(matches!(err, Error::Finished(_)), "{err:?}");
-    let err = store.append_event("r1", Some(&t), &ev(3, "late", json!({}))).await.expect_err("holder event after finish");
+    let err =
+        store.append_event("r1", Some(&t), &ev(3, "late", json!({}))).await.expect_err("holder event after finish");
     assert!(matches!(err, Error::StaleToken(_)), "{err:?}");
     assert_eq!(xlen(&mut raw, "r1").await, 2);
 
@@ -315,8 +319,7 @@ async fn events_on_an_unknown_run_are_not_found() {
     assert!(matches!(err, Error::NotFound(_)), "{err:?}");
     let err = store.page_run_events("ghost", None, None, 10, Direction::Forward).await.expect_err("page unknown");
     assert!(matches!(err, Error::NotFound(_)), "{err:?}");
-    let exists: i64 =
-        redis::cmd("EXISTS").arg("rl:{q}:run:ghost:events").query_async(&mut raw).await.expect("EXISTS");
+    let exists: i64 = redis::cmd("EXISTS").arg("rl:{q}:run:ghost:events").query_async(&mut raw).await.expect("EXISTS");
     assert_eq!(exists, 0, "no stream was created for the unknown run");
     // The script refuses too, even when the client thinks the run exists (the hash was deleted).
     store.append_event("exists", None, &ev(1, "a", json!({}))).await.expect("append");
@@ -380,7 +383,11 @@ async fn a_batch_lands_whole_or_not_at_all() {
     assert_eq!(xlen(&mut raw, "r1").await, 2);
     // A batch of retries and new events: the retries are recognised, the new ones appended.
     let out = store
-        .append_events("r1", Some(&t), &[ev(2, "a", json!({"n": 2})), ev(3, "a", json!({"n": 3})), ev(4, "a", json!({"n": 4}))])
+        .append_events(
+            "r1",
+            Some(&t),
+            &[ev(2, "a", json!({"n": 2})), ev(3, "a", json!({"n": 3})), ev(4, "a", json!({"n": 4}))],
+        )
         .await
         .expect("retry + new");
     assert_eq!(out.iter().map(|e| e.sequence).collect::<Vec<_>>(), [2, 3, 4]);

@@ -121,7 +121,18 @@ async fn a_run_through_its_life_as_an_operator_sees_it() {
     ms_field(&h, "created_at", t0, t1);
     ms_field(&h, "updated_at", t0, t1);
     assert_eq!(h["deadline_at"], (deadline_s * 1000).to_string(), "deadline in epoch ms");
-    for absent in ["thread_id", "started_at", "finished_at", "claim_token", "claimed_by_runtime_id", "claim_lease_expires_at", "usage", "cost", "status_reason", "requested_runtime_id"] {
+    for absent in [
+        "thread_id",
+        "started_at",
+        "finished_at",
+        "claim_token",
+        "claimed_by_runtime_id",
+        "claim_lease_expires_at",
+        "usage",
+        "cost",
+        "status_reason",
+        "requested_runtime_id",
+    ] {
         assert!(!h.contains_key(absent), "unset field {absent} is not stored");
     }
     assert_eq!(pttl(&mut raw, rk).await, -1, "a live run does not expire");
@@ -201,7 +212,10 @@ async fn a_run_through_its_life_as_an_operator_sees_it() {
     assert_eq!(finished.len(), 1, "one finished run: {finished:?}");
     assert_eq!(finished[0].1, "r1");
     let entry_ms: i64 = finished[0].0.split('-').next().and_then(|ms| ms.parse().ok()).expect("entry id ms");
-    assert!((entry_ms - finished_at).abs() <= 1000, "finished entry id is the finish time: {entry_ms} vs {finished_at}");
+    assert!(
+        (entry_ms - finished_at).abs() <= 1000,
+        "finished entry id is the finish time: {entry_ms} vs {finished_at}"
+    );
     let leases: Vec<String> = zrange(&mut raw, "rl:{q}:leases").await.into_iter().map(|(m, _)| m).collect();
     assert_eq!(leases, ["r2"]);
     assert!(zrange(&mut raw, "rl:{q}:deadlines").await.is_empty());
@@ -256,7 +270,20 @@ async fn a_run_through_its_life_as_an_operator_sees_it() {
             );
         }
     }
-    for expected in [rk, sk, "rl:{q}:run:r2", "rl:{q}:run:r3", "rl:{q}:queued", "rl:{q}:leases", "rl:{q}:finished", "rl:{q}:stats", "rl:id", "rl:queues", "rl:runtime:rt-1", "rl:runtimes"] {
+    for expected in [
+        rk,
+        sk,
+        "rl:{q}:run:r2",
+        "rl:{q}:run:r3",
+        "rl:{q}:queued",
+        "rl:{q}:leases",
+        "rl:{q}:finished",
+        "rl:{q}:stats",
+        "rl:id",
+        "rl:queues",
+        "rl:runtime:rt-1",
+        "rl:runtimes",
+    ] {
         assert!(keys.iter().any(|k| k == expected), "{expected} missing from {keys:?}");
     }
     assert_layout(&keys, "q");
@@ -268,7 +295,8 @@ fn assert_layout(keys: &[String], q: &str) {
     let base = format!("rl:{{{q}}}:");
     for key in keys.iter().filter(|k| k.starts_with(&base)) {
         let rest = &key[base.len()..];
-        let known = ["queued", "leases", "delayed", "deadlines", "finished", "stats", "wake", "runs", "pins"].contains(&rest)
+        let known = ["queued", "leases", "delayed", "deadlines", "finished", "stats", "wake", "runs", "pins"]
+            .contains(&rest)
             || ["run:", "idx:", "runner:", "pinned:"].iter().any(|p| rest.starts_with(p));
         assert!(known, "undocumented queue key {key}");
     }
@@ -305,7 +333,12 @@ async fn delayed_pinned_and_runner_lanes_are_visible() {
     let names: Vec<&str> = runs_index.iter().map(|(_, r)| r.as_str()).collect();
     assert_eq!(names, ["later", "mine", "any"], "all runs, in id order");
     for (entry, run) in &runs_index {
-        let id: String = redis::cmd("HGET").arg(format!("rl:{{jobs}}:run:{run}")).arg("id").query_async(&mut raw).await.expect("HGET id");
+        let id: String = redis::cmd("HGET")
+            .arg(format!("rl:{{jobs}}:run:{run}"))
+            .arg("id")
+            .query_async(&mut raw)
+            .await
+            .expect("HGET id");
         assert_eq!(entry, &format!("{id}-0"), "index entry id is <run id>-0");
     }
     let keys = all_keys(&mut raw).await;
@@ -333,11 +366,7 @@ async fn a_custom_prefix_moves_every_key() {
     let mut raw = common::raw(&redis).await;
     store.register_runtime(&RegisterRuntime::new("rt")).await.expect("register");
     store.create_run(&NewRun::new("r1", "agent").queue("q")).await.expect("create");
-    let c = store
-        .claim_next_run(&ClaimRequest::new("rt").queue("q"))
-        .await
-        .expect("claim")
-        .expect("claimed");
+    let c = store.claim_next_run(&ClaimRequest::new("rt").queue("q")).await.expect("claim").expect("claimed");
     store.append_event("r1", c.claim_token.as_deref(), &NewEvent::new(1, "x", json!({}))).await.expect("append");
     store.finalize_run("r1", &Finish::new(RunStatus::Completed), c.claim_token.as_deref()).await.expect("finalize");
     let keys = all_keys(&mut raw).await;
@@ -356,7 +385,8 @@ async fn a_custom_prefix_moves_every_key() {
 
 #[tokio::test]
 async fn the_reaper_purges_finished_runs_after_retention() {
-    let (redis, store) = common::store_with(StoreConfig { retention: Duration::from_secs(60), ..Default::default() }).await;
+    let (redis, store) =
+        common::store_with(StoreConfig { retention: Duration::from_secs(60), ..Default::default() }).await;
     let mut raw = common::raw(&redis).await;
     let mut new = NewRun::new("old", "agent").queue("q").conversation("c1");
     new.thread_id = Some("t1".into());

@@ -143,9 +143,15 @@ async fn scope_filters_match_the_seed() {
     create_specs(&store).await;
     let f = |f: RunFilter| RunFilter { limit: 50, ..f };
     let cases: Vec<(RunFilter, Vec<&str>)> = vec![
-        (f(RunFilter { conversation_id: Some("c1".into()), ..Default::default() }), expected(|s| s.conversation == Some("c1"))),
+        (
+            f(RunFilter { conversation_id: Some("c1".into()), ..Default::default() }),
+            expected(|s| s.conversation == Some("c1")),
+        ),
         (f(RunFilter { bot_id: Some("b2".into()), ..Default::default() }), expected(|s| s.bot == Some("b2"))),
-        (f(RunFilter { workspace_id: Some("w1".into()), ..Default::default() }), expected(|s| s.workspace == Some("w1"))),
+        (
+            f(RunFilter { workspace_id: Some("w1".into()), ..Default::default() }),
+            expected(|s| s.workspace == Some("w1")),
+        ),
         (
             f(RunFilter { thread_id: Some("t1".into()), strict_thread: true, ..Default::default() }),
             expected(|s| s.thread == Some("t1")),
@@ -214,7 +220,10 @@ async fn status_filter() {
     assert_eq!(run_ids(&list(&store, &by(vec![RunStatus::Completed])).await), ["a"]);
     assert_eq!(run_ids(&list(&store, &by(vec![RunStatus::Claimed])).await), ["b"]);
     assert_eq!(run_ids(&list(&store, &by(vec![RunStatus::Running])).await), ["direct"]);
-    assert_eq!(run_ids(&list(&store, &by(vec![RunStatus::Completed, RunStatus::Cancelled, RunStatus::Claimed])).await), ["c", "b", "a"]);
+    assert_eq!(
+        run_ids(&list(&store, &by(vec![RunStatus::Completed, RunStatus::Cancelled, RunStatus::Claimed])).await),
+        ["c", "b", "a"]
+    );
     assert_eq!(run_ids(&list(&store, &by(vec![RunStatus::Queued])).await), ["h", "g", "f", "e", "d"]);
     assert!(list(&store, &by(vec![RunStatus::Timeout])).await.items.is_empty());
     // Status plus a scope.
@@ -377,7 +386,11 @@ async fn event_pages_of_a_run_without_events() {
     }
     // With gaps the cursors are the sequences themselves.
     store
-        .append_events("r1", None, &[NewEvent::new(2, "a", json!({})), NewEvent::new(5, "a", json!({})), NewEvent::new(9, "a", json!({}))])
+        .append_events(
+            "r1",
+            None,
+            &[NewEvent::new(2, "a", json!({})), NewEvent::new(5, "a", json!({})), NewEvent::new(9, "a", json!({}))],
+        )
         .await
         .expect("append");
     let p = page(&store, None, None, 2, Direction::Forward).await;

@@ -63,7 +63,10 @@ async fn operations_survive_a_redis_restart() {
         .expect("claim after restart")
         .expect("the new run");
     assert_eq!(claimed.run_id, "after");
-    store.finalize_run("after", &Finish::new(RunStatus::Completed), claimed.claim_token.as_deref()).await.expect("finalize");
+    store
+        .finalize_run("after", &Finish::new(RunStatus::Completed), claimed.claim_token.as_deref())
+        .await
+        .expect("finalize");
 
     // And the blocking waiter reconnects too.
     let mut waiter = Waiter::new(&store).await.expect("waiter");
@@ -76,6 +79,7 @@ async fn operations_survive_a_redis_restart() {
     let again = waiter.claim(&ClaimRequest::new("rt").queue("q"), Duration::from_millis(200)).await;
     assert!(again.expect("waiter after reconnect").is_none());
     store.create_run(&NewRun::new("late", "agent").queue("q")).await.expect("create after second restart");
-    let got = waiter.claim(&ClaimRequest::new("rt").queue("q"), Duration::from_secs(2)).await.expect("claim").expect("late");
+    let got =
+        waiter.claim(&ClaimRequest::new("rt").queue("q"), Duration::from_secs(2)).await.expect("claim").expect("late");
     assert_eq!(got.run_id, "late");
 }

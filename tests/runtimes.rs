@@ -61,8 +61,19 @@ async fn register_records_fields_and_a_heartbeat() {
     // JSON has the seed's keys.
     let json = serde_json::to_value(&rt).expect("serialize");
     for key in [
-        "id", "runtime_id", "status", "display_name", "endpoint", "version", "capabilities", "labels", "metadata",
-        "last_heartbeat_at", "heartbeat_deadline_at", "created_at", "updated_at",
+        "id",
+        "runtime_id",
+        "status",
+        "display_name",
+        "endpoint",
+        "version",
+        "capabilities",
+        "labels",
+        "metadata",
+        "last_heartbeat_at",
+        "heartbeat_deadline_at",
+        "created_at",
+        "updated_at",
     ] {
         assert!(json.get(key).is_some(), "key {key} missing from {json}");
     }
@@ -86,7 +97,10 @@ async fn register_records_fields_and_a_heartbeat() {
     assert_eq!(re.metadata, json!({}));
     let fields: std::collections::HashMap<String, String> =
         redis::cmd("HGETALL").arg("rl:runtime:rt-1").query_async(&mut raw).await.expect("HGETALL");
-    assert!(!fields.contains_key("display_name") && !fields.contains_key("capabilities"), "cleared fields are not stored: {fields:?}");
+    assert!(
+        !fields.contains_key("display_name") && !fields.contains_key("capabilities"),
+        "cleared fields are not stored: {fields:?}"
+    );
 
     async fn hami(raw: &mut MultiplexedConnection, field: &str) -> i64 {
         hget_i64(raw, "rl:runtime:rt-1", field).await
@@ -158,20 +172,28 @@ async fn runtime_reads_stale_after_its_deadline_and_list_filters_by_status() {
     store.register_runtime(&busy).await.expect("register rt-b");
 
     let all = store.list_runtimes(&[], 100).await.expect("list");
-    assert_eq!(all.iter().map(|r| r.runtime_id.as_str()).collect::<Vec<_>>(), ["rt-c", "rt-a", "rt-b"], "ordered by id");
+    assert_eq!(
+        all.iter().map(|r| r.runtime_id.as_str()).collect::<Vec<_>>(),
+        ["rt-c", "rt-a", "rt-b"],
+        "ordered by id"
+    );
     assert_eq!(all.iter().map(|r| r.id).collect::<Vec<_>>(), [1, 2, 3]);
     assert_eq!(store.get_runtime("rt-c").await.expect("get").status, "online");
 
     tokio::time::sleep(Duration::from_millis(1300)).await;
     let c = store.get_runtime("rt-c").await.expect("get rt-c after its deadline");
     assert_eq!(c.status, "stale", "a runtime past its heartbeat deadline reads stale");
-    let stored: String = redis::cmd("HGET").arg("rl:runtime:rt-c").arg("status").query_async(&mut raw).await.expect("HGET");
+    let stored: String =
+        redis::cmd("HGET").arg("rl:runtime:rt-c").arg("status").query_async(&mut raw).await.expect("HGET");
     assert_eq!(stored, "online", "reading does not write");
 
     let names = |v: Vec<Runtime>| v.into_iter().map(|r| r.runtime_id).collect::<Vec<_>>();
     assert_eq!(names(store.list_runtimes(&["stale".into()], 100).await.expect("stale")), ["rt-c"]);
     assert_eq!(names(store.list_runtimes(&["online".into()], 100).await.expect("online")), ["rt-a"]);
-    assert_eq!(names(store.list_runtimes(&["busy".into(), "online".into()], 100).await.expect("busy")), ["rt-a", "rt-b"]);
+    assert_eq!(
+        names(store.list_runtimes(&["busy".into(), "online".into()], 100).await.expect("busy")),
+        ["rt-a", "rt-b"]
+    );
     assert!(store.list_runtimes(&["offline".into()], 100).await.expect("offline").is_empty());
     assert_eq!(names(store.list_runtimes(&[], 2).await.expect("limit 2")), ["rt-c", "rt-a"]);
     assert_eq!(store.list_runtimes(&[], 0).await.expect("limit 0").len(), 1, "limit clamps to at least 1");
@@ -191,13 +213,17 @@ async fn mark_stale_runtimes_with_now_override() {
     let mut raw = common::raw(&redis).await;
     store.register_runtime(&runtime("rt-1", Duration::from_secs(30))).await.expect("register rt-1");
     store.register_runtime(&runtime("rt-2", Duration::from_secs(120))).await.expect("register rt-2");
-    assert!(store.mark_stale_runtimes(None, "stale", None).await.expect("mark now").is_empty(), "nobody is overdue yet");
+    assert!(
+        store.mark_stale_runtimes(None, "stale", None).await.expect("mark now").is_empty(),
+        "nobody is overdue yet"
+    );
 
     let now = now_ms(&store).await;
     let marked = store.mark_stale_runtimes(Some(now + 60_000), "stale", None).await.expect("mark in 60 s");
     assert_eq!(marked.iter().map(|r| r.runtime_id.as_str()).collect::<Vec<_>>(), ["rt-1"]);
     assert_eq!(marked[0].status, "stale");
-    let stored: String = redis::cmd("HGET").arg("rl:runtime:rt-1").arg("status").query_async(&mut raw).await.expect("HGET");
+    let stored: String =
+        redis::cmd("HGET").arg("rl:runtime:rt-1").arg("status").query_async(&mut raw).await.expect("HGET");
     assert_eq!(stored, "stale", "mark_stale writes the status");
     assert_eq!(hget_i64(&mut raw, "rl:runtime:rt-1", "updated_at").await, now + 60_000, "updated_at is the given now");
 
@@ -240,7 +266,8 @@ async fn mark_stale_runtimes_with_stale_after() {
 
 #[tokio::test]
 async fn runtime_key_expires_after_deadline_plus_grace() {
-    let (redis, store) = common::store_with(StoreConfig { runtime_grace: Duration::from_millis(1000), ..Default::default() }).await;
+    let (redis, store) =
+        common::store_with(StoreConfig { runtime_grace: Duration::from_millis(1000), ..Default::default() }).await;
     let mut raw = common::raw(&redis).await;
     store.register_runtime(&runtime("rt-1", Duration::from_secs(1))).await.expect("register");
     store.register_runtime(&runtime("keeper", Duration::from_secs(60))).await.expect("register keeper");
@@ -265,7 +292,8 @@ async fn runtime_key_expires_after_deadline_plus_grace() {
     assert_eq!(listed.iter().map(|r| r.runtime_id.as_str()).collect::<Vec<_>>(), ["keeper"]);
     // The sweep drops the expired runtime from the index.
     store.mark_stale_runtimes(None, "stale", None).await.expect("mark stale");
-    let score: Option<f64> = redis::cmd("ZSCORE").arg("rl:runtimes").arg("rt-1").query_async(&mut raw).await.expect("ZSCORE");
+    let score: Option<f64> =
+        redis::cmd("ZSCORE").arg("rl:runtimes").arg("rt-1").query_async(&mut raw).await.expect("ZSCORE");
     assert_eq!(score, None, "the index forgets expired runtimes");
     // Registering again starts over with a new id.
     let again = store.register_runtime(&runtime("rt-1", Duration::from_secs(60))).await.expect("register again");
@@ -284,7 +312,8 @@ async fn reap_marks_stale_runtimes_and_deregister_removes_one() {
     assert_eq!(report.stale_runtimes, 2, "{report:?}");
     store.deregister_runtime("rt-1").await.expect("deregister");
     assert!(!exists(&mut raw, "rl:runtime:rt-1").await);
-    let score: Option<f64> = redis::cmd("ZSCORE").arg("rl:runtimes").arg("rt-1").query_async(&mut raw).await.expect("ZSCORE");
+    let score: Option<f64> =
+        redis::cmd("ZSCORE").arg("rl:runtimes").arg("rt-1").query_async(&mut raw).await.expect("ZSCORE");
     assert_eq!(score, None);
     let err = store.get_runtime("rt-1").await.expect_err("deregistered");
     assert!(matches!(err, Error::NotFound(_)), "{err:?}");

@@ -399,15 +399,11 @@ async fn release_expired_claims_respects_limit() {
         claim(&store, "rt").await.expect("claim");
     }
     let later = now_ms(&store).await + 600_000;
-    let first = store
-        .release_expired_claims(&[], Some(later), RunStatus::Queued, "expired", 2)
-        .await
-        .expect("release 2");
+    let first =
+        store.release_expired_claims(&[], Some(later), RunStatus::Queued, "expired", 2).await.expect("release 2");
     assert_eq!(first.iter().map(|r| r.run_id.as_str()).collect::<Vec<_>>(), ["r0", "r1"]);
-    let rest = store
-        .release_expired_claims(&[], Some(later), RunStatus::Queued, "expired", 100)
-        .await
-        .expect("release rest");
+    let rest =
+        store.release_expired_claims(&[], Some(later), RunStatus::Queued, "expired", 100).await.expect("release rest");
     assert_eq!(rest.len(), 3);
 }
 
@@ -784,11 +780,35 @@ async fn run_json_has_the_seed_keys() {
     let created = create(&store, new).await;
     let claimed = claim(&store, "rt").await.expect("claim");
     let seed_keys = [
-        "id", "run_id", "event_id", "agent_id", "binding_id", "runner_id", "conversation_id", "thread_id",
-        "workspace_id", "bot_id", "status", "status_reason", "queue_name", "priority", "requested_runtime_id",
-        "claimed_by_runtime_id", "claim_token", "claim_lease_expires_at", "dispatch_attempts", "last_claimed_at",
-        "created_at", "started_at", "finished_at", "updated_at", "deadline_at", "cancel_requested_at", "usage",
-        "cost", "metadata",
+        "id",
+        "run_id",
+        "event_id",
+        "agent_id",
+        "binding_id",
+        "runner_id",
+        "conversation_id",
+        "thread_id",
+        "workspace_id",
+        "bot_id",
+        "status",
+        "status_reason",
+        "queue_name",
+        "priority",
+        "requested_runtime_id",
+        "claimed_by_runtime_id",
+        "claim_token",
+        "claim_lease_expires_at",
+        "dispatch_attempts",
+        "last_claimed_at",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "updated_at",
+        "deadline_at",
+        "cancel_requested_at",
+        "usage",
+        "cost",
+        "metadata",
     ];
     for run in [&created, &claimed] {
         let json = serde_json::to_value(run).expect("serialize run");
@@ -798,7 +818,8 @@ async fn run_json_has_the_seed_keys() {
         }
         for key in obj.keys() {
             assert!(
-                seed_keys.contains(&key.as_str()) || ["not_before", "max_attempts", "authorization"].contains(&key.as_str()),
+                seed_keys.contains(&key.as_str())
+                    || ["not_before", "max_attempts", "authorization"].contains(&key.as_str()),
                 "unexpected key {key}"
             );
         }

@@ -6,15 +6,30 @@ use std::time::Duration;
 #[tokio::test]
 async fn lifecycle_smoke() {
     let (_r, store) = common::store().await;
-    let run = store.create_run(&NewRun::new("r1", "agent").queue("q").priority(5).metadata(json!({"a": 1}))).await.unwrap();
+    let run =
+        store.create_run(&NewRun::new("r1", "agent").queue("q").priority(5).metadata(json!({"a": 1}))).await.unwrap();
     assert_eq!(run.status, RunStatus::Queued);
-    let claimed = store.claim_next_run(&ClaimRequest::new("rt1").queue("q").lease(Duration::from_secs(30))).await.unwrap().unwrap();
+    let claimed = store
+        .claim_next_run(&ClaimRequest::new("rt1").queue("q").lease(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .unwrap();
     let token = claimed.claim_token.clone().unwrap();
     assert_eq!(claimed.dispatch_attempts, 1);
-    let ev = store.append_events("r1", Some(&token), &[NewEvent::new(1, "progress", json!({"p": 1})), NewEvent::new(2, "progress", json!({"p": 2}))]).await.unwrap();
+    let ev = store
+        .append_events(
+            "r1",
+            Some(&token),
+            &[NewEvent::new(1, "progress", json!({"p": 1})), NewEvent::new(2, "progress", json!({"p": 2}))],
+        )
+        .await
+        .unwrap();
     assert_eq!(ev.len(), 2);
     store.renew_claim("r1", &token, Duration::from_secs(30)).await.unwrap();
-    let done = store.finalize_run("r1", &Finish::new(RunStatus::Completed).metadata(json!({"b": 2})), Some(&token)).await.unwrap();
+    let done = store
+        .finalize_run("r1", &Finish::new(RunStatus::Completed).metadata(json!({"b": 2})), Some(&token))
+        .await
+        .unwrap();
     assert_eq!(done.status, RunStatus::Completed);
     assert_eq!(done.metadata, json!({"a": 1, "b": 2}));
     let page = store.page_run_events("r1", None, None, 10, Direction::Forward).await.unwrap();

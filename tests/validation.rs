@@ -66,7 +66,10 @@ async fn bad_ids_are_refused_and_nothing_is_written() {
         assert_invalid(store.create_run(&NewRun::new("r", id).queue(Q)).await, &format!("runner_id {id:?}"));
         assert_invalid(store.create_run(&NewRun::new("r", "agent").queue(id)).await, &format!("queue {id:?}"));
         if !id.is_empty() {
-            assert_invalid(store.create_run(&NewRun::new("r", "agent").queue(Q).conversation(id)).await, "conversation");
+            assert_invalid(
+                store.create_run(&NewRun::new("r", "agent").queue(Q).conversation(id)).await,
+                "conversation",
+            );
             assert_invalid(store.create_run(&NewRun::new("r", "agent").queue(Q).thread(id)).await, "thread");
             assert_invalid(
                 store.create_run(&NewRun::new("r", "agent").queue(Q).requested_runtime(id)).await,
@@ -96,7 +99,10 @@ async fn priority_out_of_range_is_refused() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
     for p in [1001, -1001, i64::MAX, i64::MIN] {
-        assert_invalid(store.create_run(&NewRun::new("r", "agent").queue(Q).priority(p)).await, &format!("priority {p}"));
+        assert_invalid(
+            store.create_run(&NewRun::new("r", "agent").queue(Q).priority(p)).await,
+            &format!("priority {p}"),
+        );
     }
     assert_eq!(dbsize(&mut raw).await, 0);
     for p in [1000, -1000] {
@@ -116,9 +122,17 @@ async fn bad_leases_are_refused_and_the_run_stays_queued() {
     assert_invalid(store.claim_next_run(&ClaimRequest::new("rt").lease(Duration::ZERO)).await, "zero lease, no queues");
     store.create_run(&NewRun::new("r1", "agent").queue(Q)).await.expect("create");
     let before = snapshot(&mut raw).await;
-    for lease in [Duration::ZERO, Duration::from_micros(999), Duration::from_secs(86_401), Duration::from_secs(u64::MAX / 4)] {
-        assert_invalid(store.claim_next_run(&ClaimRequest::new("rt").queue(Q).lease(lease)).await, &format!("lease {lease:?}"));
-        assert_invalid(store.claim_next_run(&ClaimRequest::new("rt").lease(lease)).await, &format!("lease {lease:?}, any queue"));
+    for lease in
+        [Duration::ZERO, Duration::from_micros(999), Duration::from_secs(86_401), Duration::from_secs(u64::MAX / 4)]
+    {
+        assert_invalid(
+            store.claim_next_run(&ClaimRequest::new("rt").queue(Q).lease(lease)).await,
+            &format!("lease {lease:?}"),
+        );
+        assert_invalid(
+            store.claim_next_run(&ClaimRequest::new("rt").lease(lease)).await,
+            &format!("lease {lease:?}, any queue"),
+        );
     }
     assert_eq!(snapshot(&mut raw).await, before, "no rejected claim wrote anything");
     let run = store.get_run("r1").await.expect("get");
@@ -172,10 +186,7 @@ async fn metadata_must_be_an_object() {
             store.append_event("r1", None, &NewEvent::new(1, "x", value.clone())).await,
             &format!("event data {value}"),
         );
-        assert_invalid(
-            store.append_audit_event("r1", "x", Some(value), None).await,
-            &format!("audit data {value}"),
-        );
+        assert_invalid(store.append_audit_event("r1", "x", Some(value), None).await, &format!("audit data {value}"));
     }
     assert_eq!(snapshot(&mut raw).await, before, "nothing written by the rejected calls");
     assert_eq!(store.get_run("r1").await.expect("get").status, RunStatus::Queued);
@@ -189,13 +200,19 @@ async fn json_over_the_size_limit_is_refused() {
     let fits = json!({"k": "x".repeat(992)});
     let over = json!({"k": "x".repeat(993)});
     assert_eq!(serde_json::to_string(&fits).expect("json").len(), 1000);
-    assert_invalid(store.create_run(&NewRun::new("big", "agent").queue(Q).metadata(over.clone())).await, "metadata 1001 bytes");
+    assert_invalid(
+        store.create_run(&NewRun::new("big", "agent").queue(Q).metadata(over.clone())).await,
+        "metadata 1001 bytes",
+    );
     assert_invalid(
         store.create_run(&NewRun::new("big", "agent").queue(Q).metadata(json!({"k": "x".repeat(100_000)}))).await,
         "metadata 100 kB",
     );
     assert_eq!(dbsize(&mut raw).await, 0, "an oversized create writes nothing");
-    let run = store.create_run(&NewRun::new("fits", "agent").queue(Q).metadata(fits.clone())).await.expect("exactly the limit");
+    let run = store
+        .create_run(&NewRun::new("fits", "agent").queue(Q).metadata(fits.clone()))
+        .await
+        .expect("exactly the limit");
     assert_eq!(run.metadata, fits);
 
     store.create_run(&NewRun::new("r1", "agent").queue(Q).metadata(json!({"a": 1}))).await.expect("create r1");
@@ -229,7 +246,9 @@ async fn bad_status_strings_and_statuses_are_refused() {
     for s in RunStatus::ALL {
         assert_eq!(s.as_str().parse::<RunStatus>().expect("round trip"), s);
     }
-    for status in [RunStatus::Claimed, RunStatus::Completed, RunStatus::Failed, RunStatus::Cancelled, RunStatus::Timeout] {
+    for status in
+        [RunStatus::Claimed, RunStatus::Completed, RunStatus::Failed, RunStatus::Cancelled, RunStatus::Timeout]
+    {
         assert_invalid(
             store.create_run(&NewRun::new("r", "agent").queue(Q).status(status)).await,
             &format!("create with status {status}"),
@@ -238,15 +257,14 @@ async fn bad_status_strings_and_statuses_are_refused() {
     assert_eq!(dbsize(&mut raw).await, 0);
 
     store.create_run(&NewRun::new("r1", "agent").queue(Q)).await.expect("create");
-    let c = store
-        .claim_next_run(&ClaimRequest::new("rt").queue(Q))
-        .await
-        .expect("claim")
-        .expect("claimed");
+    let c = store.claim_next_run(&ClaimRequest::new("rt").queue(Q)).await.expect("claim").expect("claimed");
     let token = c.claim_token.clone().expect("token");
     let before = snapshot(&mut raw).await;
     for status in [RunStatus::Queued, RunStatus::Running, RunStatus::Claimed] {
-        assert_invalid(store.finalize_run("r1", &Finish::new(status), Some(&token)).await, &format!("finalize {status}"));
+        assert_invalid(
+            store.finalize_run("r1", &Finish::new(status), Some(&token)).await,
+            &format!("finalize {status}"),
+        );
     }
     for status in [RunStatus::Running, RunStatus::Claimed] {
         assert_invalid(
@@ -270,8 +288,14 @@ async fn other_bad_arguments_are_refused() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
     for t in [f64::NAN, f64::INFINITY, -1.0, 1e13] {
-        assert_invalid(store.create_run(&NewRun::new("r", "agent").queue(Q).deadline_at(t)).await, &format!("deadline {t}"));
-        assert_invalid(store.create_run(&NewRun::new("r", "agent").queue(Q).not_before(t)).await, &format!("not_before {t}"));
+        assert_invalid(
+            store.create_run(&NewRun::new("r", "agent").queue(Q).deadline_at(t)).await,
+            &format!("deadline {t}"),
+        );
+        assert_invalid(
+            store.create_run(&NewRun::new("r", "agent").queue(Q).not_before(t)).await,
+            &format!("not_before {t}"),
+        );
     }
     let mut rt = RegisterRuntime::new("rt");
     rt.heartbeat_deadline = Duration::ZERO;
@@ -286,16 +310,30 @@ async fn other_bad_arguments_are_refused() {
     let token = c.claim_token.clone().expect("token");
     let before = snapshot(&mut raw).await;
     let long_reason = "r".repeat(4097);
-    assert_invalid(store.finalize_run("r1", &Finish::new(RunStatus::Failed).reason(long_reason.clone()), Some(&token)).await, "reason");
     assert_invalid(
-        store.release_claim("r1", &token, &Release { status_reason: Some(long_reason.clone()), ..Default::default() }).await,
+        store.finalize_run("r1", &Finish::new(RunStatus::Failed).reason(long_reason.clone()), Some(&token)).await,
+        "reason",
+    );
+    assert_invalid(
+        store
+            .release_claim("r1", &token, &Release { status_reason: Some(long_reason.clone()), ..Default::default() })
+            .await,
         "release reason",
     );
     assert_invalid(store.request_cancel("r1", Some(&long_reason)).await, "cancel reason");
-    assert_invalid(store.append_event("r1", Some(&token), &NewEvent::new(-1, "x", json!({}))).await, "negative sequence");
+    assert_invalid(
+        store.append_event("r1", Some(&token), &NewEvent::new(-1, "x", json!({}))).await,
+        "negative sequence",
+    );
     assert_invalid(store.append_event("r1", Some(&token), &NewEvent::new(1, "", json!({}))).await, "empty type");
-    assert_invalid(store.append_event("r1", Some(&token), &NewEvent::new(1, "a{b", json!({}))).await, "type with brace");
-    assert_invalid(store.append_event("r1", Some(&token), &NewEvent::new(1, "x", json!({})).source("")).await, "empty source");
+    assert_invalid(
+        store.append_event("r1", Some(&token), &NewEvent::new(1, "a{b", json!({}))).await,
+        "type with brace",
+    );
+    assert_invalid(
+        store.append_event("r1", Some(&token), &NewEvent::new(1, "x", json!({})).source("")).await,
+        "empty source",
+    );
     assert_invalid(
         store.list_runs(&RunFilter { conversation_id: Some("c{1}".into()), limit: 10, ..Default::default() }).await,
         "list with a bad conversation id",
@@ -410,7 +448,10 @@ async fn create_run_script_rejects_bad_argv_before_writing() {
     let long_id = "x".repeat(201);
     let mut args = create_args(&qk, &long_id);
     args[3] = long_id.clone();
-    assert_script_invalid(eval(&mut raw, &scripts.create_run.script, &create_keys(&qk, &long_id), &args).await, "201-byte run_id");
+    assert_script_invalid(
+        eval(&mut raw, &scripts.create_run.script, &create_keys(&qk, &long_id), &args).await,
+        "201-byte run_id",
+    );
     assert_eq!(dbsize(&mut raw).await, 0);
 
     // The same call with good arguments goes through: the harness above is right.
@@ -459,7 +500,10 @@ async fn other_scripts_reject_bad_argv_before_writing() {
         (s(&[base, "", "1000", good_token, "1000"]), "empty runtime"),
         (s(&[base, "rt", "1000", good_token, "1000", "a{b"]), "runner id with a brace"),
     ] {
-        assert_script_invalid(eval(&mut raw, &scripts.claim_next_run.script, &fixed, &args).await, &format!("claim: {what}"));
+        assert_script_invalid(
+            eval(&mut raw, &scripts.claim_next_run.script, &fixed, &args).await,
+            &format!("claim: {what}"),
+        );
     }
     // renew_claim / release_claim
     assert_script_invalid(
@@ -475,7 +519,10 @@ async fn other_scripts_reject_bad_argv_before_writing() {
         (s(&[base, "r1", tok, "failed", "", "1000", "1000"]), "retry delay with a terminal status"),
         (s(&[base, "r1", tok, "queued", "", "-1", "1000"]), "negative retry delay"),
     ] {
-        assert_script_invalid(eval(&mut raw, &scripts.release_claim.script, &with_run("r1"), &args).await, &format!("release: {what}"));
+        assert_script_invalid(
+            eval(&mut raw, &scripts.release_claim.script, &with_run("r1"), &args).await,
+            &format!("release: {what}"),
+        );
     }
     // finalize_run
     for (args, what) in [
@@ -483,7 +530,10 @@ async fn other_scripts_reject_bad_argv_before_writing() {
         (s(&[base, "r1", "completed", "", "[1]", "", "0", "", "", tok, "1000", "1000"]), "usage array"),
         (s(&[base, "r1", "completed", "", "", "", "1", "", "[1]", tok, "1000", "1000"]), "metadata array"),
     ] {
-        assert_script_invalid(eval(&mut raw, &scripts.finalize_run.script, &with_run("r1"), &args).await, &format!("finalize: {what}"));
+        assert_script_invalid(
+            eval(&mut raw, &scripts.finalize_run.script, &with_run("r1"), &args).await,
+            &format!("finalize: {what}"),
+        );
     }
     // append_events: bad data, bad sequence, bad shape; a good first event does not land either.
     for (args, what) in [
@@ -492,29 +542,59 @@ async fn other_scripts_reject_bad_argv_before_writing() {
         (s(&[base, "r1", tok, "1000", "x", "t", "{}", "", "runner", "", ""]), "non-numeric sequence"),
         (s(&[base, "r1", tok, "1000", "0", "t", "{}", "", "runner", "", ""]), "sequence 0"),
         (s(&[base, "r1", tok, "1000", "1", "t", "{}", "", "runner", "", ""][..10]), "6 values instead of 7"),
-        (s(&[base, "r1", tok, "1000", "1", "t", "{}", "", "runner", "", "", "2", "t", "{}", "", "runner", "{}", ""]), "artifact_refs object in the 2nd event"),
+        (
+            s(&[base, "r1", tok, "1000", "1", "t", "{}", "", "runner", "", "", "2", "t", "{}", "", "runner", "{}", ""]),
+            "artifact_refs object in the 2nd event",
+        ),
     ] {
-        assert_script_invalid(eval(&mut raw, &scripts.append_events.script, &with_events("r1"), &args).await, &format!("append: {what}"));
+        assert_script_invalid(
+            eval(&mut raw, &scripts.append_events.script, &with_events("r1"), &args).await,
+            &format!("append: {what}"),
+        );
     }
     assert_script_invalid(
-        eval(&mut raw, &scripts.append_audit_event.script, &with_events("r1"), &s(&[base, "r1", "t", "[1]", "", "1000"])).await,
+        eval(
+            &mut raw,
+            &scripts.append_audit_event.script,
+            &with_events("r1"),
+            &s(&[base, "r1", "t", "[1]", "", "1000"]),
+        )
+        .await,
         "audit: data array",
     );
     // request_cancel, release_expired_claims, reap, list_runs
     assert_script_invalid(
-        eval(&mut raw, &scripts.request_cancel.script, &{
-            let mut k = with_run("r2");
-            k.push(qk.cancel_channel());
-            k
-        }, &s(&[base, "r2", "", "soon"])).await,
+        eval(
+            &mut raw,
+            &scripts.request_cancel.script,
+            &{
+                let mut k = with_run("r2");
+                k.push(qk.cancel_channel());
+                k
+            },
+            &s(&[base, "r2", "", "soon"]),
+        )
+        .await,
         "cancel: non-numeric retention",
     );
     assert_script_invalid(
-        eval(&mut raw, &scripts.release_expired_claims.script, &fixed, &s(&[base, "9999999999999", "claimed", "", "10", "1000"])).await,
+        eval(
+            &mut raw,
+            &scripts.release_expired_claims.script,
+            &fixed,
+            &s(&[base, "9999999999999", "claimed", "", "10", "1000"]),
+        )
+        .await,
         "release_expired: status claimed",
     );
     assert_script_invalid(
-        eval(&mut raw, &scripts.release_expired_claims.script, &fixed, &s(&[base, "9999999999999", "queued", "", "0", "1000"])).await,
+        eval(
+            &mut raw,
+            &scripts.release_expired_claims.script,
+            &fixed,
+            &s(&[base, "9999999999999", "queued", "", "0", "1000"]),
+        )
+        .await,
         "release_expired: limit 0",
     );
     assert_script_invalid(
@@ -522,7 +602,8 @@ async fn other_scripts_reject_bad_argv_before_writing() {
         "reap: non-numeric now",
     );
     assert_script_invalid(
-        eval(&mut raw, &scripts.list_runs.script, &[qk.runs_index()], &s(&[base, "", "0", "100", "", "", "", "", ""])).await,
+        eval(&mut raw, &scripts.list_runs.script, &[qk.runs_index()], &s(&[base, "", "0", "100", "", "", "", "", ""]))
+            .await,
         "list: limit 0",
     );
     // Runtimes.
@@ -533,10 +614,19 @@ async fn other_scripts_reject_bad_argv_before_writing() {
         (s(&["rt9", "", "", "", "", "", "", "", "1000", "1000", "1000"]), "empty status"),
         (s(&["r{9}", "online", "", "", "", "", "", "", "1000", "1000", "1000"]), "runtime id with braces"),
     ] {
-        assert_script_invalid(eval(&mut raw, &scripts.register_runtime.script, &rt_keys, &args).await, &format!("register: {what}"));
+        assert_script_invalid(
+            eval(&mut raw, &scripts.register_runtime.script, &rt_keys, &args).await,
+            &format!("register: {what}"),
+        );
     }
     assert_script_invalid(
-        eval(&mut raw, &scripts.mark_stale_runtimes.script, &s(&["rl:runtimes"]), &s(&["rl:runtime:", "x", "stale", ""])).await,
+        eval(
+            &mut raw,
+            &scripts.mark_stale_runtimes.script,
+            &s(&["rl:runtimes"]),
+            &s(&["rl:runtime:", "x", "stale", ""]),
+        )
+        .await,
         "mark_stale: non-numeric now",
     );
 

@@ -254,7 +254,9 @@ async fn lost_lease_is_reclaimed_and_the_old_token_is_fenced() {
             let (en, ga) = (en.clone(), ga.clone());
             async move {
                 en.notify_one();
-                tokio::time::timeout(Duration::from_secs(20), ga.notified()).await.map_err(|_| Failure::fatal("gate"))?;
+                tokio::time::timeout(Duration::from_secs(20), ga.notified())
+                    .await
+                    .map_err(|_| Failure::fatal("gate"))?;
                 ctx.emit("w2-done", json!({ "attempt": ctx.run.dispatch_attempts })).await?;
                 Ok(Done { metadata: Some(json!({ "finished_by": "ll-w2" })), ..Default::default() })
             }
@@ -502,7 +504,11 @@ async fn shutdown_releases_in_flight_runs_to_the_next_worker() {
         })
         .expect("build w2");
     let (t2, h2) = start(w2);
-    eventually!(Duration::from_secs(10), "the second worker finishes them", stats(&store, "sd").await.finished == N as i64);
+    eventually!(
+        Duration::from_secs(10),
+        "the second worker finishes them",
+        stats(&store, "sd").await.finished == N as i64
+    );
     let r2 = stop(t2, h2).await;
     assert_eq!((r2.claimed, r2.completed), (N as u64, N as u64), "{r2:?}");
     assert_eq!(counter(&stats(&store, "sd").await, "completed"), N as i64);
@@ -580,7 +586,11 @@ async fn killed_worker_process_runs_are_reclaimed() {
         })
         .expect("build rescuer");
     let (t, h) = start(rescuer);
-    eventually!(Duration::from_secs(20), "every run completed", counter(&stats(&store, "kq").await, "completed") == N as i64);
+    eventually!(
+        Duration::from_secs(20),
+        "every run completed",
+        counter(&stats(&store, "kq").await, "completed") == N as i64
+    );
     let report = stop(t, h).await;
     assert_eq!((report.claimed, report.completed), (N as u64, N as u64), "{report:?}");
 
@@ -619,7 +629,8 @@ fn demo_runs_end_to_end_with_a_private_redis() {
     assert!(check.contains("OK"), "check line: {check}");
     assert!(stderr.contains("private redis-server"), "demo did not start its own redis-server:\n{stderr}");
 
-    let json_run = runledger_bin().args(demo).args(["--timeout", "60", "--json"]).output().expect("run runledger demo --json");
+    let json_run =
+        runledger_bin().args(demo).args(["--timeout", "60", "--json"]).output().expect("run runledger demo --json");
     let stdout = String::from_utf8_lossy(&json_run.stdout);
     assert!(
         json_run.status.success(),
@@ -627,7 +638,8 @@ fn demo_runs_end_to_end_with_a_private_redis() {
         json_run.status,
         String::from_utf8_lossy(&json_run.stderr)
     );
-    let summary: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("demo --json is not JSON ({e}):\n{stdout}"));
+    let summary: Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("demo --json is not JSON ({e}):\n{stdout}"));
     assert_eq!(summary["runs"], json!(40), "{summary}");
     assert_eq!(summary["check_ok"], json!(true), "{summary}");
     assert_eq!(summary["problems"], json!([]), "{summary}");

@@ -7,20 +7,29 @@ use std::time::Duration;
 async fn worker_runs_everything() {
     let (_r, store) = common::store().await;
     for i in 0..50 {
-        store.create_run(&NewRun::new(format!("r{i}"), "agent").queue(if i % 2 == 0 { "a" } else { "b" })).await.unwrap();
+        store
+            .create_run(&NewRun::new(format!("r{i}"), "agent").queue(if i % 2 == 0 { "a" } else { "b" }))
+            .await
+            .unwrap();
     }
-    let worker = Worker::builder(&store).queues(["a", "b"]).concurrency(4).handle_signals(false)
+    let worker = Worker::builder(&store)
+        .queues(["a", "b"])
+        .concurrency(4)
+        .handle_signals(false)
         .build(|ctx| async move {
             ctx.emit_many(vec![("progress".into(), json!({"p": 1})), ("progress".into(), json!({"p": 2}))]).await?;
             Ok(Done::default())
-        }).unwrap();
+        })
+        .unwrap();
     let stop = worker.shutdown_token();
     let h = tokio::spawn(worker.run());
     let t0 = std::time::Instant::now();
     loop {
         let a = store.queue_stats("a", 0).await.unwrap();
         let b = store.queue_stats("b", 0).await.unwrap();
-        if a.finished + b.finished == 50 { break; }
+        if a.finished + b.finished == 50 {
+            break;
+        }
         assert!(t0.elapsed() < Duration::from_secs(20), "not all finished: {a:?} {b:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -56,12 +56,8 @@ impl Store {
         let mut k: Vec<String> = keys.fixed().into();
         k.push(keys.run(run_id));
         k.push(keys.events(run_id));
-        let mut args = vec![
-            keys.base.clone(),
-            run_id.to_string(),
-            claim_token.unwrap_or_default().to_string(),
-            max.to_string(),
-        ];
+        let mut args =
+            vec![keys.base.clone(), run_id.to_string(), claim_token.unwrap_or_default().to_string(), max.to_string()];
         for event in events {
             args.extend(encode(event, max)?);
         }
@@ -116,14 +112,8 @@ impl Store {
         let mut k: Vec<String> = keys.fixed().into();
         k.push(keys.run(run_id));
         k.push(keys.events(run_id));
-        let args = vec![
-            keys.base.clone(),
-            run_id.to_string(),
-            event_type.to_string(),
-            data_text,
-            meta_text,
-            max.to_string(),
-        ];
+        let args =
+            vec![keys.base.clone(), run_id.to_string(), event_type.to_string(), data_text, meta_text, max.to_string()];
         let value = self.eval(&self.scripts().append_audit_event, &k, &args).await?;
         let mut parts = reply::array(value)?.into_iter();
         let sequence = parts.next().map(reply::int).transpose()?.unwrap_or(0);
@@ -163,8 +153,12 @@ impl Store {
             return Ok(EventPage { items: Vec::new(), next_cursor: None, prev_cursor: None, has_more: false });
         }
         let cmd = match direction {
-            Direction::Forward => redis::cmd("XRANGE").arg(&key).arg(&low).arg(&high).arg("COUNT").arg(limit + 1).clone(),
-            Direction::Backward => redis::cmd("XREVRANGE").arg(&key).arg(&high).arg(&low).arg("COUNT").arg(limit + 1).clone(),
+            Direction::Forward => {
+                redis::cmd("XRANGE").arg(&key).arg(&low).arg(&high).arg("COUNT").arg(limit + 1).clone()
+            }
+            Direction::Backward => {
+                redis::cmd("XREVRANGE").arg(&key).arg(&high).arg(&low).arg("COUNT").arg(limit + 1).clone()
+            }
         };
         let value: redis::Value = cmd.query_async(&mut conn).await.map_err(|e| self.failed(e))?;
         let mut items = Vec::new();

@@ -91,11 +91,7 @@ impl Store {
         let now_ms = self.server_time_ms().await?;
         let mut parts = reply::array(value)?.into_iter();
         let mut next_int = || -> Result<i64> {
-            parts
-                .next()
-                .map(reply::int)
-                .transpose()?
-                .ok_or_else(|| Error::Protocol("queue_stats: short reply".into()))
+            parts.next().map(reply::int).transpose()?.ok_or_else(|| Error::Protocol("queue_stats: short reply".into()))
         };
         let queued = next_int()?;
         let pinned = next_int()?;

@@ -251,8 +251,7 @@ impl Store {
     /// Current server time in epoch milliseconds.
     pub async fn server_time_ms(&self) -> Result<i64> {
         let mut conn = self.conn().await?;
-        let (secs, micros): (i64, i64) =
-            redis::cmd("TIME").query_async(&mut conn).await.map_err(|e| self.failed(e))?;
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await.map_err(|e| self.failed(e))?;
         Ok(secs * 1000 + micros / 1000)
     }
 

@@ -17,9 +17,7 @@ pub fn array(value: Value) -> Result<Vec<Value>> {
 
 pub fn string(value: Value) -> Result<String> {
     match value {
-        Value::BulkString(bytes) => {
-            String::from_utf8(bytes).map_err(|_| Error::Protocol("reply is not UTF-8".into()))
-        }
+        Value::BulkString(bytes) => String::from_utf8(bytes).map_err(|_| Error::Protocol("reply is not UTF-8".into())),
         Value::SimpleString(s) => Ok(s),
         Value::Okay => Ok("OK".into()),
         Value::Int(n) => Ok(n.to_string()),
@@ -48,9 +46,7 @@ pub fn opt_int(value: Value) -> Result<Option<i64>> {
             if text.is_empty() {
                 Ok(None)
             } else {
-                text.parse::<i64>()
-                    .map(Some)
-                    .map_err(|_| Error::Protocol(format!("expected an integer, got {text}")))
+                text.parse::<i64>().map(Some).map_err(|_| Error::Protocol(format!("expected an integer, got {text}")))
             }
         }
     }

@@ -14,7 +14,9 @@ use crate::validate;
 pub enum ClaimOutcome {
     Claimed(Box<Run>),
     /// Nothing claimable; `next_due_ms` is when a delayed run or a lease falls due.
-    Empty { next_due_ms: Option<i64> },
+    Empty {
+        next_due_ms: Option<i64>,
+    },
 }
 
 /// How a claim is given back.
@@ -41,6 +43,9 @@ fn check_claim(request: &ClaimRequest) -> Result<u64> {
     }
     validate::lease_ms("lease", request.lease)
 }
+
+/// A run to create with its position in the caller's list and its script values.
+type Indexed<'a> = (usize, (&'a NewRun, [String; 17]));
 
 /// The run exactly as create_run.lua stores it (epoch ms rounded to seconds).
 fn new_run_record(new: &NewRun, id: i64, now_ms: i64) -> Run {
@@ -159,7 +164,8 @@ impl Store {
         let mut parts = reply::array(value)?.into_iter();
         let created = parts.next().map(reply::int).transpose()?.unwrap_or(0) == 1;
         let run = if created {
-            let id = parts.next().map(reply::int).transpose()?.ok_or_else(|| Error::Protocol("create_run: no id".into()))?;
+            let id =
+                parts.next().map(reply::int).transpose()?.ok_or_else(|| Error::Protocol("create_run: no id".into()))?;
             let now = parts.next().map(reply::int).transpose()?.unwrap_or(0);
             new_run_record(new, id, now)
         } else {
@@ -182,7 +188,8 @@ impl Store {
     /// results come back in the order given.
     pub async fn create_runs(&self, runs: &[NewRun]) -> Result<Vec<Run>> {
         const PER_CALL: usize = 500;
-        let mut by_queue: Vec<(&str, Vec<(usize, (&NewRun, [String; 17]))>)> = Vec::new();
+        // Runs grouped by queue, each with its position in `runs` and its script values.
+        let mut by_queue: Vec<(&str, Vec<Indexed<'_>>)> = Vec::new();
         for (i, run) in runs.iter().enumerate() {
             let values = self.create_values(run)?;
             let queue = run.queue_name();
@@ -300,10 +307,7 @@ impl Store {
             validate::text("status_reason", reason, 4096)?;
         }
         if release.status != RunStatus::Queued && !release.status.is_terminal() {
-            return Err(Error::Invalid(format!(
-                "release status must be queued or terminal, got {}",
-                release.status
-            )));
+            return Err(Error::Invalid(format!("release status must be queued or terminal, got {}", release.status)));
         }
         let delay = release.retry_in.map(|d| d.as_millis() as u64).unwrap_or(0);
         let queue = self.locate(run_id).await?;

@@ -31,11 +31,9 @@ impl Store {
         validate::id("runtime_id", &runtime.runtime_id)?;
         validate::id("status", &runtime.status)?;
         let max = self.max_json();
-        for (name, value) in [
-            ("display_name", &runtime.display_name),
-            ("endpoint", &runtime.endpoint),
-            ("version", &runtime.version),
-        ] {
+        for (name, value) in
+            [("display_name", &runtime.display_name), ("endpoint", &runtime.endpoint), ("version", &runtime.version)]
+        {
             validate::text(name, value.as_deref().unwrap_or_default(), 4096)?;
         }
         let args = vec![
@@ -138,8 +136,13 @@ impl Store {
         let limit = limit.clamp(1, 500);
         let g = self.global();
         let mut conn = self.conn().await?;
-        let ids: Vec<String> =
-            redis::cmd("ZRANGE").arg(g.runtimes()).arg(0).arg(-1).query_async(&mut conn).await.map_err(|e| self.failed(e))?;
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(g.runtimes())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.failed(e))?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }

@@ -408,15 +408,16 @@ fn queue_order(inner: &Inner) -> Vec<String> {
                     0
                 } else {
                     let mut pick = rng.random_range(0..total);
-                    pool.iter().position(|(_, w)| {
-                        if pick < *w {
-                            true
-                        } else {
-                            pick -= *w;
-                            false
-                        }
-                    })
-                    .unwrap_or(0)
+                    pool.iter()
+                        .position(|(_, w)| {
+                            if pick < *w {
+                                true
+                            } else {
+                                pick -= *w;
+                                false
+                            }
+                        })
+                        .unwrap_or(0)
                 };
                 out.push(pool.remove(idx).0);
             }
@@ -648,15 +649,15 @@ async fn execute_one(
         },
     };
     match result {
-        Ok(()) => *counter(&mut lock(&report)) += 1,
+        Ok(()) => *counter(&mut lock(report)) += 1,
         Err(Error::StaleToken(msg)) | Err(Error::DeadlinePassed(msg)) => {
-            lock(&report).lease_lost += 1;
+            lock(report).lease_lost += 1;
             warn!(run_id, msg, "lease lost before the result was written");
         }
         Err(e) => {
             // Conflict (finished elsewhere), Redis away...: the lease will expire
             // and the run be re-claimed, as after a crash.
-            lock(&report).lease_lost += 1;
+            lock(report).lease_lost += 1;
             warn!(run_id, error = %e, "could not record the run's outcome; its lease will expire");
         }
     }

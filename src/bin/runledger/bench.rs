@@ -286,7 +286,10 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: BenchArgs
     f.enqueue_batched_per_s = a.runs as f64 / took.as_secs_f64();
     let queued_mem = used_memory(&store).await?;
     f.memory_per_queued_run = (queued_mem - before) / a.runs as f64;
-    eprintln!("bench: enqueue batched {:.0}/s, {:.0} bytes per queued run", f.enqueue_batched_per_s, f.memory_per_queued_run);
+    eprintln!(
+        "bench: enqueue batched {:.0}/s, {:.0} bytes per queued run",
+        f.enqueue_batched_per_s, f.memory_per_queued_run
+    );
 
     // 3. Lifecycle with W workers; commands, CPU and memory per lifecycle.
     let calls_before = command_calls(&store).await?;
@@ -310,10 +313,8 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: BenchArgs
     f.commands_per_lifecycle = total / a.runs as f64;
     // Round trips: the commands only a client sends (scripts, blocking
     // waits, pool pings); commands run inside scripts are not round trips.
-    f.round_trips_per_lifecycle = ["evalsha", "blpop", "ping"]
-        .iter()
-        .map(|c| f.command_breakdown.get(*c).copied().unwrap_or(0.0))
-        .sum();
+    f.round_trips_per_lifecycle =
+        ["evalsha", "blpop", "ping"].iter().map(|c| f.command_breakdown.get(*c).copied().unwrap_or(0.0)).sum();
     let finished_mem = used_memory(&store).await?;
     f.memory_per_finished_run = (finished_mem - before) / a.runs as f64;
     eprintln!(
@@ -379,8 +380,14 @@ async fn remove_prefix(store: &Store, prefix: &str) -> Result<u64> {
     let mut conn = store.conn().await?;
     let (mut cursor, mut removed) = (0u64, 0u64);
     loop {
-        let (next, keys): (u64, Vec<String>) =
-            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).query_async(&mut conn).await?;
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
         if !keys.is_empty() {
             let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await?;
             removed += n;
@@ -407,10 +414,9 @@ fn print_table(f: &Figures) {
         f.idle_latency_ms_p50, f.idle_latency_ms_p99, f.idle_latency_ms_max
     );
     match (f.claim_us_at_depth, f.claim_cost_ratio) {
-        (Some(d), Some(r)) => println!(
-            "| claim cost at 1k vs {} queued, us | {:.0} vs {:.0} ({:.2}x) |",
-            f.depth, f.claim_us_at_1k, d, r
-        ),
+        (Some(d), Some(r)) => {
+            println!("| claim cost at 1k vs {} queued, us | {:.0} vs {:.0} ({:.2}x) |", f.depth, f.claim_us_at_1k, d, r)
+        }
         _ => println!("| claim cost at 1k queued, us | {:.0} |", f.claim_us_at_1k),
     }
     println!("| Redis memory per queued run, bytes | {:.0} |", f.memory_per_queued_run);
@@ -427,14 +433,54 @@ fn print_check(f: &Figures, to_stderr: bool) -> usize {
     // With --json, stdout holds only the JSON document.
     let say = |line: String| if to_stderr { eprintln!("{line}") } else { println!("{line}") };
     let mut rows: Vec<(&str, String, String, bool)> = vec![
-        ("enqueue, one at a time", format!("{:.0}/s", f.enqueue_single_per_s), ">= 8,360/s".into(), f.enqueue_single_per_s >= 8360.0),
-        ("enqueue, batched", format!("{:.0}/s", f.enqueue_batched_per_s), ">= 50,000/s".into(), f.enqueue_batched_per_s >= 50_000.0),
-        ("lifecycle, 4 workers", format!("{:.0}/s", f.lifecycle_per_s), ">= 7,466/s".into(), f.lifecycle_per_s >= 7466.0),
-        ("idle claim p99", format!("{:.2} ms", f.idle_latency_ms_p99), "<= 2.18 ms".into(), f.idle_latency_ms_p99 <= 2.18),
-        ("memory per queued run", format!("{:.0} B", f.memory_per_queued_run), "<= 600 B".into(), f.memory_per_queued_run <= 600.0),
-        ("memory per finished run", format!("{:.0} B", f.memory_per_finished_run), "<= 1,200 B".into(), f.memory_per_finished_run <= 1200.0),
-        ("Redis CPU per lifecycle", format!("{:.0} us", f.redis_cpu_us_per_lifecycle), "<= 90 us".into(), f.redis_cpu_us_per_lifecycle <= 90.0),
-        ("round trips per lifecycle", format!("{:.2}", f.round_trips_per_lifecycle), "<= 3".into(), f.round_trips_per_lifecycle <= 3.05),
+        (
+            "enqueue, one at a time",
+            format!("{:.0}/s", f.enqueue_single_per_s),
+            ">= 8,360/s".into(),
+            f.enqueue_single_per_s >= 8360.0,
+        ),
+        (
+            "enqueue, batched",
+            format!("{:.0}/s", f.enqueue_batched_per_s),
+            ">= 50,000/s".into(),
+            f.enqueue_batched_per_s >= 50_000.0,
+        ),
+        (
+            "lifecycle, 4 workers",
+            format!("{:.0}/s", f.lifecycle_per_s),
+            ">= 7,466/s".into(),
+            f.lifecycle_per_s >= 7466.0,
+        ),
+        (
+            "idle claim p99",
+            format!("{:.2} ms", f.idle_latency_ms_p99),
+            "<= 2.18 ms".into(),
+            f.idle_latency_ms_p99 <= 2.18,
+        ),
+        (
+            "memory per queued run",
+            format!("{:.0} B", f.memory_per_queued_run),
+            "<= 600 B".into(),
+            f.memory_per_queued_run <= 600.0,
+        ),
+        (
+            "memory per finished run",
+            format!("{:.0} B", f.memory_per_finished_run),
+            "<= 1,200 B".into(),
+            f.memory_per_finished_run <= 1200.0,
+        ),
+        (
+            "Redis CPU per lifecycle",
+            format!("{:.0} us", f.redis_cpu_us_per_lifecycle),
+            "<= 90 us".into(),
+            f.redis_cpu_us_per_lifecycle <= 90.0,
+        ),
+        (
+            "round trips per lifecycle",
+            format!("{:.2}", f.round_trips_per_lifecycle),
+            "<= 3".into(),
+            f.round_trips_per_lifecycle <= 3.05,
+        ),
     ];
     if let Some(v) = f.lifecycle_many_per_s {
         rows.push(("lifecycle, 32 workers", format!("{v:.0}/s"), ">= 10,540/s".into(), v >= 10_540.0));

@@ -10,7 +10,7 @@ use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rand::RngExt;
 use runledger::embedded::RedisServer;
-use runledger::{Direction, Error, NewRun, Result, RunStatus, Store, StoreConfig, Worker, Backoff};
+use runledger::{Backoff, Direction, Error, NewRun, Result, RunStatus, Store, StoreConfig, Worker};
 use serde::Serialize;
 use serde_json::json;
 
@@ -205,7 +205,10 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: DemoArgs)
             break;
         }
         if Instant::now() > deadline {
-            return Err(Error::Server(format!("demo: only {finished} of {} runs finished within {} s", a.runs, a.timeout)));
+            return Err(Error::Server(format!(
+                "demo: only {finished} of {} runs finished within {} s",
+                a.runs, a.timeout
+            )));
         }
         let pause = if trickling { 2 } else { 100 };
         tokio::time::sleep(Duration::from_millis(pause)).await;

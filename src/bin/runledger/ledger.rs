@@ -203,11 +203,16 @@ pub struct AppendArgs {
 }
 
 pub async fn append(store: &Store, out: &Output, a: AppendArgs) -> Result<()> {
-    let mut event = NewEvent::new(a.seq, a.event_type, json_arg("--data", &a.data)?.unwrap_or(Value::Object(Default::default())))
-        .source(a.source);
+    let mut event =
+        NewEvent::new(a.seq, a.event_type, json_arg("--data", &a.data)?.unwrap_or(Value::Object(Default::default())))
+            .source(a.source);
     event.usage = json_arg("--usage", &a.usage)?;
     let event = store.append_event(&a.run_id, a.token.as_deref(), &event).await?;
-    if out.json { out.json(&event) } else { out.event(&event) }
+    if out.json {
+        out.json(&event)
+    } else {
+        out.event(&event)
+    }
     Ok(())
 }
 
@@ -223,7 +228,11 @@ pub struct AuditArgs {
 pub async fn audit(store: &Store, out: &Output, a: AuditArgs) -> Result<()> {
     let data = json_arg("--data", &a.data)?;
     let event = store.append_audit_event(&a.run_id, &a.event_type, data.as_ref(), None).await?;
-    if out.json { out.json(&event) } else { out.event(&event) }
+    if out.json {
+        out.json(&event)
+    } else {
+        out.event(&event)
+    }
     Ok(())
 }
 

@@ -34,7 +34,10 @@ impl Output {
         if self.json {
             return self.json(run);
         }
-        println!("run {} (id {})  {}  queue {}  priority {}", run.run_id, run.id, run.status, run.queue_name, run.priority);
+        println!(
+            "run {} (id {})  {}  queue {}  priority {}",
+            run.run_id, run.id, run.status, run.queue_name, run.priority
+        );
         println!("  runner {}  attempts {}", run.runner_id, run.dispatch_attempts);
         if let Some(holder) = &run.claimed_by_runtime_id {
             println!("  held by {holder} until {}", time(run.claim_lease_expires_at));
@@ -155,7 +158,12 @@ impl Output {
                 s.oldest_queued_age.map(|a| format!("{a:.1}")).unwrap_or_else(|| "-".into())
             );
             for h in &s.lease_holders {
-                println!("    {} held by {} until {}", h.run_id, h.runtime_id, time(Some(h.claim_lease_expires_at as i64)));
+                println!(
+                    "    {} held by {} until {}",
+                    h.run_id,
+                    h.runtime_id,
+                    time(Some(h.claim_lease_expires_at as i64))
+                );
             }
             if !s.counters.is_empty() {
                 let counters: Vec<String> = s.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
