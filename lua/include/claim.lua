@@ -19,10 +19,10 @@ end
 
 -- Claims the next run of the queue for c (see claim_next_run.lua for the
 -- order and the cost). Returns {1, HGETALL..., last event sequence} or
--- {0, next_due_ms or ''}.
-local function claim(B, c)
+-- {0, next_due_ms or ''}. `now` (ms) is the caller's clock reading, if it has one.
+local function claim(B, c, now)
   local runtime, lease, token, retention, runners = c.runtime, c.lease, c.token, c.retention, c.runners
-  local now = now_ms()
+  now = now or now_ms()
   promote_delayed(B, now, 100)
   recover_expired(B, now, 100, 'queued', 'claim lease expired', retention)
 
