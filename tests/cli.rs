@@ -145,42 +145,9 @@ async fn claim(url: &str, runtime: &str, queue: &str, lease: &str) -> (Value, St
     (run, token)
 }
 
-/// The seed's `_run_to_dict` keys: every run printed with --json has them all.
-const SEED_RUN_KEYS: &[&str] = &[
-    "id",
-    "run_id",
-    "event_id",
-    "agent_id",
-    "binding_id",
-    "runner_id",
-    "conversation_id",
-    "thread_id",
-    "workspace_id",
-    "bot_id",
-    "status",
-    "status_reason",
-    "queue_name",
-    "priority",
-    "requested_runtime_id",
-    "claimed_by_runtime_id",
-    "claim_token",
-    "claim_lease_expires_at",
-    "dispatch_attempts",
-    "last_claimed_at",
-    "created_at",
-    "started_at",
-    "finished_at",
-    "updated_at",
-    "deadline_at",
-    "cancel_requested_at",
-    "usage",
-    "cost",
-    "metadata",
-];
-
 fn assert_seed_run(run: &Value) {
     let obj = run.as_object().unwrap_or_else(|| panic!("a run must be a JSON object, got {run}"));
-    for key in SEED_RUN_KEYS {
+    for key in common::SEED_RUN_KEYS {
         assert!(obj.contains_key(*key), "run JSON lacks the seed's key `{key}`: {run:#}");
     }
 }

@@ -779,42 +779,12 @@ async fn run_json_has_the_seed_keys() {
     new.event_id = Some("ev-1".into());
     let created = create(&store, new).await;
     let claimed = claim(&store, "rt").await.expect("claim");
-    let seed_keys = [
-        "id",
-        "run_id",
-        "event_id",
-        "agent_id",
-        "binding_id",
-        "runner_id",
-        "conversation_id",
-        "thread_id",
-        "workspace_id",
-        "bot_id",
-        "status",
-        "status_reason",
-        "queue_name",
-        "priority",
-        "requested_runtime_id",
-        "claimed_by_runtime_id",
-        "claim_token",
-        "claim_lease_expires_at",
-        "dispatch_attempts",
-        "last_claimed_at",
-        "created_at",
-        "started_at",
-        "finished_at",
-        "updated_at",
-        "deadline_at",
-        "cancel_requested_at",
-        "usage",
-        "cost",
-        "metadata",
-    ];
+    let seed_keys = common::SEED_RUN_KEYS;
     for run in [&created, &claimed] {
         let json = serde_json::to_value(run).expect("serialize run");
         let obj = json.as_object().expect("a run serializes to an object");
         for key in seed_keys {
-            assert!(obj.contains_key(key), "key {key} missing from {json}");
+            assert!(obj.contains_key(*key), "key {key} missing from {json}");
         }
         for key in obj.keys() {
             assert!(

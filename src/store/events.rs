@@ -51,10 +51,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let max = self.max_json();
-        let queue = self.locate(run_id).await?;
-        let keys = self.queue_keys(&queue);
-        let mut k: Vec<String> = keys.fixed().into();
-        k.push(keys.run(run_id));
+        let (keys, mut k) = self.run_keys(run_id).await?;
         k.push(keys.events(run_id));
         let mut args =
             vec![keys.base.clone(), run_id.to_string(), claim_token.unwrap_or_default().to_string(), max.to_string()];
@@ -107,10 +104,7 @@ impl Store {
             Some(Value::Object(map)) if map.is_empty() => String::new(),
             other => validate::opt_object("event metadata", other, max)?,
         };
-        let queue = self.locate(run_id).await?;
-        let keys = self.queue_keys(&queue);
-        let mut k: Vec<String> = keys.fixed().into();
-        k.push(keys.run(run_id));
+        let (keys, mut k) = self.run_keys(run_id).await?;
         k.push(keys.events(run_id));
         let args =
             vec![keys.base.clone(), run_id.to_string(), event_type.to_string(), data_text, meta_text, max.to_string()];

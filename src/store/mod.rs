@@ -304,6 +304,16 @@ impl Store {
         Err(Error::NotFound(format!("run {run_id} does not exist")))
     }
 
+    /// Where a run lives: its queue's keys, and the KEYS of a script on it
+    /// (the queue's fixed keys, then the run hash).
+    pub(crate) async fn run_keys(&self, run_id: &str) -> Result<(QueueKeys, Vec<String>)> {
+        let queue = self.locate(run_id).await?;
+        let keys = self.queue_keys(&queue);
+        let mut k: Vec<String> = keys.fixed().into();
+        k.push(keys.run(run_id));
+        Ok((keys, k))
+    }
+
     pub(crate) fn retention_ms(&self) -> String {
         self.inner.cfg.retention.as_millis().to_string()
     }

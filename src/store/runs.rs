@@ -249,7 +249,7 @@ impl Store {
         let mut args = vec![keys.base.clone()];
         args.extend(self.claim_spec(request)?);
         let value = self.eval(&self.scripts().claim_next_run, &keys.fixed(), &args).await?;
-        self.claim_outcome(queue, value)
+        self.claim_outcome(value)
     }
 
     /// The claim spec of the scripts: runtime_id, lease ms, a new token,
@@ -267,14 +267,14 @@ impl Store {
     }
 
     /// Reads a claim reply: {1, HGETALL, last sequence} or {0, next due}.
-    fn claim_outcome(&self, queue: &str, value: redis::Value) -> Result<ClaimOutcome> {
+    fn claim_outcome(&self, value: redis::Value) -> Result<ClaimOutcome> {
         let mut parts = reply::array(value)?.into_iter();
         let claimed = parts.next().map(reply::int).transpose()?.unwrap_or(0);
         let rest = parts.next().ok_or_else(|| Error::Protocol("claim: short reply".into()))?;
         if claimed == 1 {
             let mut run = Run::from_fields(reply::fields(rest)?, true)?;
             run.last_sequence = parts.next().map(reply::int).transpose()?.unwrap_or(0);
-            self.remember(&run.run_id, queue);
+            self.remember(&run.run_id, &run.queue_name);
             Ok(ClaimOutcome::Claimed(Box::new(run)))
         } else {
             Ok(ClaimOutcome::Empty { next_due_ms: reply::opt_int(rest)? })
@@ -285,10 +285,7 @@ impl Store {
     /// `cancel_requested_at` tells the holder a cancellation was asked for.
     pub async fn renew_claim(&self, run_id: &str, claim_token: &str, lease: Duration) -> Result<Run> {
         let lease = validate::lease_ms("lease", lease)?;
-        let queue = self.locate(run_id).await?;
-        let keys = self.queue_keys(&queue);
-        let mut k: Vec<String> = keys.fixed().into();
-        k.push(keys.run(run_id));
+        let (keys, k) = self.run_keys(run_id).await?;
         let args = vec![
             keys.base.clone(),
             run_id.to_string(),
@@ -310,10 +307,7 @@ impl Store {
             return Err(Error::Invalid(format!("release status must be queued or terminal, got {}", release.status)));
         }
         let delay = release.retry_in.map(|d| d.as_millis() as u64).unwrap_or(0);
-        let queue = self.locate(run_id).await?;
-        let keys = self.queue_keys(&queue);
-        let mut k: Vec<String> = keys.fixed().into();
-        k.push(keys.run(run_id));
+        let (keys, k) = self.run_keys(run_id).await?;
         let args = vec![
             keys.base.clone(),
             run_id.to_string(),
@@ -421,10 +415,7 @@ impl Store {
         if let Some(m) = &finish.metadata {
             validate::object("metadata", m, max)?;
         }
-        let queue = self.locate(run_id).await?;
-        let keys = self.queue_keys(&queue);
-        let mut k: Vec<String> = keys.fixed().into();
-        k.push(keys.run(run_id));
+        let (keys, k) = self.run_keys(run_id).await?;
         for _ in 0..20 {
             let (flag, expected, merged) = match &finish.metadata {
                 None => ("0", String::new(), String::new()),
@@ -457,7 +448,7 @@ impl Store {
                     let _changed = parts.next();
                     let fields = parts.next().ok_or_else(|| Error::Protocol("finalize: short reply".into()))?;
                     let run = if quiet { None } else { Some(Run::from_fields(reply::fields(fields)?, false)?) };
-                    let claimed = parts.next().map(|v| self.claim_outcome(&queue, v)).transpose()?;
+                    let claimed = parts.next().map(|v| self.claim_outcome(v)).transpose()?;
                     return Ok((run, claimed));
                 }
                 Err(e) if Error::is_retry(&e) => continue,
@@ -493,10 +484,7 @@ impl Store {
         if let Some(reason) = status_reason {
             validate::text("status_reason", reason, 4096)?;
         }
-        let queue = self.locate(run_id).await?;
-        let keys = self.queue_keys(&queue);
-        let mut k: Vec<String> = keys.fixed().into();
-        k.push(keys.run(run_id));
+        let (keys, mut k) = self.run_keys(run_id).await?;
         k.push(keys.cancel_channel());
         let args = vec![
             keys.base.clone(),

@@ -79,3 +79,36 @@ pub async fn raw(redis: &TestRedis) -> redis::aio::MultiplexedConnection {
         .await
         .expect("raw connection")
 }
+
+/// The seed's `_run_to_dict` keys: every run serialized to JSON has them all.
+pub const SEED_RUN_KEYS: &[&str] = &[
+    "id",
+    "run_id",
+    "event_id",
+    "agent_id",
+    "binding_id",
+    "runner_id",
+    "conversation_id",
+    "thread_id",
+    "workspace_id",
+    "bot_id",
+    "status",
+    "status_reason",
+    "queue_name",
+    "priority",
+    "requested_runtime_id",
+    "claimed_by_runtime_id",
+    "claim_token",
+    "claim_lease_expires_at",
+    "dispatch_attempts",
+    "last_claimed_at",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "updated_at",
+    "deadline_at",
+    "cancel_requested_at",
+    "usage",
+    "cost",
+    "metadata",
+];
