@@ -37,6 +37,10 @@ pub struct DemoArgs {
     /// Lease in seconds: how long the killed worker's runs wait to be re-claimed.
     #[arg(long, default_value_t = 2.0)]
     pub lease: f64,
+    /// With REDIS_URL: use --prefix as it is instead of a fresh one, so workers
+    /// already serving alpha/beta/gamma under it (docker compose's) join in.
+    #[arg(long)]
+    pub shared: bool,
     /// Give up if the runs are not all finished after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
@@ -66,6 +70,26 @@ struct Summary {
     problems: Vec<String>,
 }
 
+/// The counters of one queue the demo follows.
+struct Tally {
+    finishes: i64,
+    reclaimed: i64,
+}
+
+impl Tally {
+    fn of(stats: &runledger::QueueStats) -> Tally {
+        let count = |name: &str| stats.counters.get(name).copied().unwrap_or(0);
+        Tally {
+            finishes: ["completed", "failed", "cancelled", "timeout"].iter().map(|s| count(s)).sum(),
+            reclaimed: count("reclaimed"),
+        }
+    }
+
+    fn minus(&self, before: &Tally) -> Tally {
+        Tally { finishes: self.finishes - before.finishes, reclaimed: self.reclaimed - before.reclaimed }
+    }
+}
+
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -78,11 +102,11 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: DemoArgs)
     if a.runs == 0 || a.workers == 0 || a.concurrency == 0 {
         return Err(Error::Invalid("--runs, --workers and --concurrency must be at least 1".into()));
     }
+    // Run ids are unique per demo, so demos can share a prefix.
+    let tag = format!("{:08x}", rand::rng().random::<u32>());
     let (server, url, prefix) = match redis {
-        Some(url) => {
-            let tag = format!("{:08x}", rand::rng().random::<u32>());
-            (None, url, format!("{prefix}-demo-{tag}"))
-        }
+        Some(url) if a.shared => (None, url, prefix.to_string()),
+        Some(url) => (None, url, format!("{prefix}-demo-{tag}")),
         None => {
             let server = RedisServer::start()?;
             let url = server.url();
@@ -95,6 +119,11 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: DemoArgs)
     );
     let store = Store::connect_with(&url, StoreConfig { prefix: prefix.clone(), ..Default::default() }).await?;
     let lease = runledger::validate::seconds("--lease", a.lease)?;
+    // Counts before the demo, so that a shared prefix with history still adds up.
+    let mut baseline = HashMap::new();
+    for q in QUEUES {
+        baseline.insert(q, Tally::of(&store.queue_stats(q, 0).await?));
+    }
     let started = Instant::now();
 
     // Host: 80 % of the runs at once, over three queues and ten priorities.
@@ -102,7 +131,7 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: DemoArgs)
     let mut ids: Vec<(String, &str)> = Vec::with_capacity(a.runs);
     let new_run = |i: usize| {
         let queue = QUEUES[i % QUEUES.len()];
-        let run = NewRun::new(format!("demo-{i:05}"), "demo-agent")
+        let run = NewRun::new(format!("demo-{tag}-{i:05}"), "demo-agent")
             .queue(queue)
             .priority(rand::rng().random_range(0..10))
             .metadata(json!({ "prompt": format!("task number {i}"), "user": "demo" }));
@@ -111,7 +140,7 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: DemoArgs)
     for chunk in (0..bulk).collect::<Vec<_>>().chunks(100) {
         let runs: Vec<NewRun> = chunk.iter().map(|&i| new_run(i).0).collect();
         store.create_runs(&runs).await?;
-        ids.extend(chunk.iter().map(|&i| (format!("demo-{i:05}"), QUEUES[i % QUEUES.len()])));
+        ids.extend(chunk.iter().map(|&i| (format!("demo-{tag}-{i:05}"), QUEUES[i % QUEUES.len()])));
     }
 
     // Workers, all in this process; each notes when it entered a run's first attempt.
@@ -168,10 +197,11 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: DemoArgs)
         let mut reclaimed = 0;
         for (qi, q) in QUEUES.iter().enumerate() {
             let s = store.queue_stats(q, 0).await?;
-            finished += s.finished;
-            per_queue[qi].set_position(s.finished as u64);
+            let now = Tally::of(&s).minus(&baseline[q]);
+            finished += now.finishes;
+            per_queue[qi].set_position(now.finishes.max(0) as u64);
             per_queue[qi].set_message(format!("queued {} claimed {} delayed {}", s.queued, s.claimed, s.delayed));
-            reclaimed += s.counters.get("reclaimed").copied().unwrap_or(0);
+            reclaimed += now.reclaimed;
         }
         let elapsed = last_events.0.elapsed().as_secs_f64().max(0.001);
         let rate = (finished - last_events.1) as f64 / elapsed;
@@ -274,11 +304,9 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: DemoArgs)
     let mut finishes = 0;
     let mut reclaims = 0;
     for q in QUEUES {
-        let s = store.queue_stats(q, 0).await?;
-        for status in ["completed", "failed", "cancelled", "timeout"] {
-            finishes += s.counters.get(status).copied().unwrap_or(0);
-        }
-        reclaims += s.counters.get("reclaimed").copied().unwrap_or(0);
+        let now = Tally::of(&store.queue_stats(q, 0).await?).minus(&baseline[q]);
+        finishes += now.finishes;
+        reclaims += now.reclaimed;
     }
     if finishes != a.runs as i64 {
         problems.push(format!("{finishes} finishes recorded for {} runs", a.runs));
