@@ -649,6 +649,52 @@ fn demo_runs_end_to_end_with_a_private_redis() {
     assert_eq!(summary["killed_workers"], json!(1), "{summary}");
 }
 
+// 7b. `runledger demo --shared` against a given Redis, with a separate
+// `runledger worker` process (as docker compose runs them): both take runs,
+// and a second demo on the same prefix still checks out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_shares_the_queues_with_a_worker_process() {
+    let redis = common::redis().await;
+    let mut worker = runledger_bin()
+        .args(["--redis", redis.url.as_str(), "--json", "worker", "--queue", "alpha", "--queue", "beta"])
+        .args(["--queue", "gamma", "--concurrency", "2", "--work-ms", "60", "--grace", "5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start runledger worker");
+    for _ in 0..2 {
+        let demo = runledger_bin()
+            .args(["--redis", redis.url.as_str(), "--json", "demo", "--shared", "--runs", "40", "--workers", "2"])
+            .args(["--concurrency", "2", "--work-ms", "60", "--lease", "1", "--timeout", "60"])
+            .output()
+            .expect("run runledger demo --shared");
+        let stdout = String::from_utf8_lossy(&demo.stdout);
+        assert!(demo.status.success(), "demo --shared failed:\n{stdout}\n{}", String::from_utf8_lossy(&demo.stderr));
+        let summary: Value = serde_json::from_str(stdout.trim()).expect("demo --json summary");
+        assert_eq!(summary["check_ok"], json!(true), "{summary}");
+        assert_eq!(summary["prefix"], json!("rl"), "--shared keeps the prefix: {summary}");
+    }
+    // SIGTERM: the worker shuts down gracefully and reports what it did.
+    let pid = i32::try_from(worker.id()).expect("pid");
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let output = tokio::task::spawn_blocking(move || {
+        let status = worker.wait().expect("worker exit");
+        let mut text = String::new();
+        use std::io::Read;
+        if let Some(mut out) = worker.stdout.take() {
+            out.read_to_string(&mut text).expect("worker stdout");
+        }
+        (status, text)
+    })
+    .await
+    .expect("join");
+    assert!(output.0.success(), "worker exit: {:?}", output.0);
+    let report: Value = serde_json::from_str(output.1.trim()).expect("worker --json report");
+    assert!(report["claimed"].as_u64().expect("claimed") > 0, "the worker process took part: {report}");
+}
+
 fn command_calls(info: &str) -> HashMap<String, u64> {
     info.lines()
         .filter_map(|line| {
