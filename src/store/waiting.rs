@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use super::Store;
 use super::runs::ClaimOutcome;
@@ -53,6 +54,18 @@ impl Waiter {
     /// Claims from the request's queues (in order), waiting up to `wait` for a
     /// run to arrive. `None` when the wait ends empty-handed.
     pub async fn claim(&mut self, request: &ClaimRequest, wait: Duration) -> Result<Option<Run>> {
+        self.claim_unless(request, wait, &CancellationToken::new()).await
+    }
+
+    /// Like [`Waiter::claim`], and gives up (with `None`) when `stop` fires.
+    /// Only the waiting is cut short, never a claim on its way: a run the
+    /// server handed out is always returned, not dropped with its lease.
+    pub async fn claim_unless(
+        &mut self,
+        request: &ClaimRequest,
+        wait: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Option<Run>> {
         let deadline = Instant::now() + wait;
         // Without queues, every known queue is served; queues created while
         // waiting are found by reading the queue set again, at least every
@@ -60,6 +73,9 @@ impl Waiter {
         let implicit = request.queues.is_empty();
         let mut queues = request.queues.clone();
         loop {
+            if stop.is_cancelled() {
+                return Ok(None);
+            }
             if implicit {
                 queues = self.store.known_queues().await?;
             }
@@ -83,7 +99,10 @@ impl Waiter {
                 let until_due = due - self.store.server_time_ms().await?;
                 sleep = sleep.min(Duration::from_millis(until_due.clamp(1, i64::MAX) as u64));
             }
-            self.block(&queues, sleep).await?;
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(None),
+                woken = self.block(&queues, sleep) => { woken?; }
+            }
         }
     }
 

@@ -446,10 +446,9 @@ async fn claim_loop(
             runner_ids: inner.runner_ids.clone(),
             lease: inner.lease,
         };
-        let claimed = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            claimed = waiter.claim(&request, crate::store::SAFETY_POLL) => claimed,
-        };
+        // Shutdown cuts the wait short but never a claim in flight, whose run
+        // would otherwise sit claimed until its lease expired.
+        let claimed = waiter.claim_unless(&request, crate::store::SAFETY_POLL, &shutdown).await;
         match claimed {
             Ok(Some(run)) => {
                 failures = 0;
