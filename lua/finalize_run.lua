@@ -60,8 +60,7 @@ end
 if ARGV[5] ~= '' then redis.call('HSET', rk, 'usage', ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('HSET', rk, 'cost', ARGV[6]) end
 local now = now_ms()
-finish(B, rid, h, status, ARGV[4], now, retention)
-if token ~= '' then redis.call('HSET', rk, 'finish_token', token) end
+finish(B, rid, h, status, ARGV[4], now, retention, token ~= '' and { 'finish_token', token } or nil)
 local reply = { 1, quiet and {} or hgetall(rk) }
 if next_claim then reply[3] = claim(B, next_claim, now) end
 return reply

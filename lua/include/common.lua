@@ -149,7 +149,8 @@ end
 -- deadline index, gets finished_at, and expires after the retention period
 -- (the reaper purges it and its index entries at retention; the TTL, one day
 -- later, is the backstop when no reaper runs).
-local function finish(B, rid, h, status, reason, now, retention_ms)
+-- `extra`: more field/value pairs to set in the same HSET (may be nil).
+local function finish(B, rid, h, status, reason, now, retention_ms, extra)
   local rk = B .. 'run:' .. rid
   if h.status == 'queued' then
     lane_remove(B, rid, h)
@@ -159,11 +160,13 @@ local function finish(B, rid, h, status, reason, now, retention_ms)
     clear_claim(rk)
   end
   if h.deadline_at then redis.call('ZREM', K.deadlines, rid) end
+  local fields = { 'status', status, 'finished_at', now, 'updated_at', now }
   if reason and reason ~= '' then
-    redis.call('HSET', rk, 'status', status, 'finished_at', now, 'updated_at', now, 'status_reason', reason)
-  else
-    redis.call('HSET', rk, 'status', status, 'finished_at', now, 'updated_at', now)
+    fields[#fields + 1] = 'status_reason'
+    fields[#fields + 1] = reason
   end
+  for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
+  redis.call('HSET', rk, unpack(fields))
   -- The finished index is a stream in finish order (entry ids are the
   -- server's clock), which the reaper trims from the old end.
   redis.call('XADD', K.finished, '*', 'r', rid)
