@@ -9,8 +9,9 @@
 -- ARGV[6..] runner_ids filter (none = any runner)
 -- The work is done by claim() in include/claim.lua.
 -- Returns {1, HGETALL..., last event sequence} with the claimed run (a
--- re-claimed run continues its event stream), or {0, next_due_ms} where
--- next_due_ms is the earliest time a delayed run or a lease falls due ('' if none).
+-- re-claimed run continues its event stream), or {0, next_due_ms, now_ms} where
+-- next_due_ms is the earliest time a delayed run or a lease falls due ('' if none)
+-- and now_ms the server's clock.
 --
 -- Order is the seed's: priority descending, then creation order. Before
 -- choosing, it promotes due delayed runs and takes back expired leases (at most

@@ -272,7 +272,7 @@ async fn release_claim_back_to_queue_and_with_retry_delay() {
     assert_eq!(zscore(&mut raw, "rl:{q}:queued", "r1").await, None);
     assert!(claim(&store, "rt-3").await.is_none(), "not claimable before its retry time");
     match store.claim_from(Q, &claim_req("rt-3")).await.expect("claim_from") {
-        ClaimOutcome::Empty { next_due_ms } => {
+        ClaimOutcome::Empty { next_due_ms, .. } => {
             assert!(next_due_ms.is_some(), "an empty claim says when the delayed run falls due")
         }
         ClaimOutcome::Claimed(run) => panic!("claimed {} before its retry time", run.run_id),

@@ -19,7 +19,7 @@ end
 
 -- Claims the next run of the queue for c (see claim_next_run.lua for the
 -- order and the cost). Returns {1, HGETALL..., last event sequence} or
--- {0, next_due_ms or ''}. `now` (ms) is the caller's clock reading, if it has one.
+-- {0, next_due_ms or '', now_ms}. `now` (ms) is the caller's clock reading, if it has one.
 local function claim(B, c, now)
   local runtime, lease, token, retention, runners = c.runtime, c.lease, c.token, c.retention, c.runners
   now = now or now_ms()
@@ -99,5 +99,5 @@ local function claim(B, c, now)
   if d[2] then due = tonumber(d[2]) end
   local l = redis.call('ZRANGE', K.leases, 0, 0, 'WITHSCORES')
   if l[2] and (due == '' or tonumber(l[2]) < due) then due = tonumber(l[2]) end
-  return { 0, due == '' and '' or fmt(due) }
+  return { 0, due == '' and '' or fmt(due), fmt(now) }
 end

@@ -88,7 +88,6 @@ impl Store {
         k.push(keys.pins());
         let args = vec![keys.base.clone(), holders.min(1000).to_string()];
         let value = self.eval(&self.scripts().queue_stats, &k, &args).await?;
-        let now_ms = self.server_time_ms().await?;
         let mut parts = reply::array(value)?.into_iter();
         let mut next_int = || -> Result<i64> {
             parts.next().map(reply::int).transpose()?.ok_or_else(|| Error::Protocol("queue_stats: short reply".into()))
@@ -112,6 +111,7 @@ impl Store {
         for (k, v) in stats.map(|f| f.0).unwrap_or_default() {
             counters.insert(k, v.parse::<i64>().unwrap_or(0));
         }
+        let now_ms = parts.next().map(reply::int).transpose()?.unwrap_or(0);
         Ok(QueueStats {
             queue_name: queue.to_string(),
             queued,

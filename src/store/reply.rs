@@ -52,6 +52,14 @@ pub fn opt_int(value: Value) -> Result<Option<i64>> {
     }
 }
 
+/// A TIME reply (seconds, microseconds) in epoch milliseconds.
+pub fn time_ms(value: Value) -> Result<i64> {
+    let mut parts = array(value)?.into_iter();
+    let secs = parts.next().map(int).transpose()?.ok_or_else(|| Error::Protocol("TIME: empty reply".into()))?;
+    let micros = parts.next().map(int).transpose()?.unwrap_or(0);
+    Ok(secs * 1000 + micros / 1000)
+}
+
 /// A flat `[field, value, ...]` array (HGETALL, stream entry) as a map.
 pub fn fields(value: Value) -> Result<Fields> {
     let items = match value {

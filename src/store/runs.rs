@@ -13,9 +13,11 @@ use crate::validate;
 #[derive(Debug)]
 pub enum ClaimOutcome {
     Claimed(Box<Run>),
-    /// Nothing claimable; `next_due_ms` is when a delayed run or a lease falls due.
+    /// Nothing claimable; `next_due_ms` is when a delayed run or a lease falls
+    /// due, `now_ms` the server's clock when the claim ran.
     Empty {
         next_due_ms: Option<i64>,
+        now_ms: i64,
     },
 }
 
@@ -277,7 +279,9 @@ impl Store {
             self.remember(&run.run_id, &run.queue_name);
             Ok(ClaimOutcome::Claimed(Box::new(run)))
         } else {
-            Ok(ClaimOutcome::Empty { next_due_ms: reply::opt_int(rest)? })
+            let next_due_ms = reply::opt_int(rest)?;
+            let now_ms = parts.next().map(reply::int).transpose()?.unwrap_or(0);
+            Ok(ClaimOutcome::Empty { next_due_ms, now_ms })
         }
     }
 

@@ -22,8 +22,10 @@ impl Store {
         self.config().runtime_grace.as_millis().to_string()
     }
 
-    async fn runtime_reply(&self, value: redis::Value) -> Result<Runtime> {
-        Runtime::from_fields(reply::fields(value)?, self.server_time_ms().await?)
+    /// A runtime the script just refreshed: its deadline lies ahead, so it is
+    /// not stale and no clock reading is needed.
+    fn refreshed_runtime(value: redis::Value) -> Result<Runtime> {
+        Runtime::from_fields(reply::fields(value)?, i64::MIN)
     }
 
     /// Creates or updates a runtime and records a heartbeat (the seed's register_runtime).
@@ -51,7 +53,7 @@ impl Store {
         ];
         let keys = self.runtime_keys(&runtime.runtime_id);
         let value = self.eval(&self.scripts().register_runtime, &keys, &args).await?;
-        self.runtime_reply(value).await
+        Self::refreshed_runtime(value)
     }
 
     /// Refreshes a runtime's heartbeat (the seed's heartbeat_runtime);
@@ -87,7 +89,7 @@ impl Store {
                 max.to_string(),
             ];
             match self.eval_raw(&self.scripts().heartbeat_runtime, &keys[..2], &args).await {
-                Ok(value) => return self.runtime_reply(value).await,
+                Ok(value) => return Self::refreshed_runtime(value),
                 Err(e) if Error::is_retry(&e) => continue,
                 Err(e) => return Err(self.failed(e)),
             }
@@ -118,8 +120,11 @@ impl Store {
     pub async fn get_runtime(&self, runtime_id: &str) -> Result<Runtime> {
         validate::id("runtime_id", runtime_id)?;
         let mut conn = self.conn().await?;
-        let value: redis::Value = redis::cmd("HGETALL")
+        // The clock comes in the same round trip, to tell a stale runtime.
+        let (value, time): (redis::Value, redis::Value) = redis::pipe()
+            .cmd("HGETALL")
             .arg(self.global().runtime(runtime_id))
+            .cmd("TIME")
             .query_async(&mut conn)
             .await
             .map_err(|e| self.failed(e))?;
@@ -127,7 +132,7 @@ impl Store {
         if fields.0.is_empty() {
             return Err(Error::NotFound(format!("runtime {runtime_id} is not registered")));
         }
-        Runtime::from_fields(fields, self.server_time_ms().await?)
+        Runtime::from_fields(fields, reply::time_ms(time)?)
     }
 
     /// Runtimes ordered by id (the seed's list_runtimes), read from the index
@@ -152,10 +157,7 @@ impl Store {
         }
         pipe.cmd("TIME");
         let mut values: Vec<redis::Value> = pipe.query_async(&mut conn).await.map_err(|e| self.failed(e))?;
-        let time = reply::array(values.pop().unwrap_or(redis::Value::Nil))?;
-        let mut time = time.into_iter();
-        let now_ms = time.next().map(reply::int).transpose()?.unwrap_or(0) * 1000
-            + time.next().map(reply::int).transpose()?.unwrap_or(0) / 1000;
+        let now_ms = reply::time_ms(values.pop().unwrap_or(redis::Value::Nil))?;
         let mut out = Vec::new();
         for value in values {
             let fields = reply::fields(value)?;
@@ -189,14 +191,11 @@ impl Store {
             stale_after.map(|d| d.as_millis().to_string()).unwrap_or_default(),
         ];
         let value = self.eval(&self.scripts().mark_stale_runtimes, &[g.runtimes()], &args).await?;
-        let now = match now_ms {
-            Some(n) => n,
-            None => self.server_time_ms().await?,
-        };
         reply::array(value)?
             .into_iter()
             .map(|item| {
-                let mut runtime = Runtime::from_fields(reply::fields(item)?, now)?;
+                // Their status is the stale status whatever the clock says.
+                let mut runtime = Runtime::from_fields(reply::fields(item)?, i64::MIN)?;
                 runtime.status = stale_status.to_string();
                 Ok(runtime)
             })

@@ -79,13 +79,15 @@ impl Waiter {
             if implicit {
                 queues = self.store.known_queues().await?;
             }
+            // Time left until the earliest due run or lease, by the server's clock.
             let mut next_due: Option<i64> = None;
             for queue in &queues {
                 match self.store.claim_from(queue, request).await? {
                     ClaimOutcome::Claimed(run) => return Ok(Some(*run)),
-                    ClaimOutcome::Empty { next_due_ms } => {
+                    ClaimOutcome::Empty { next_due_ms, now_ms } => {
                         if let Some(due) = next_due_ms {
-                            next_due = Some(next_due.map_or(due, |d: i64| d.min(due)));
+                            let left = due - now_ms;
+                            next_due = Some(next_due.map_or(left, |d: i64| d.min(left)));
                         }
                     }
                 }
@@ -95,8 +97,7 @@ impl Waiter {
                 return Ok(None);
             }
             let mut sleep = (deadline - now).min(if implicit { NEW_QUEUE_POLL } else { SAFETY_POLL });
-            if let Some(due) = next_due {
-                let until_due = due - self.store.server_time_ms().await?;
+            if let Some(until_due) = next_due {
                 sleep = sleep.min(Duration::from_millis(until_due.clamp(1, i64::MAX) as u64));
             }
             tokio::select! {
