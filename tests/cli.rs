@@ -925,21 +925,7 @@ async fn runtimes_queues_and_reap() {
     let list = runtimes.as_array().unwrap_or_else(|| panic!("runtimes is an array: {runtimes:#}"));
     assert_eq!(list.len(), 1, "{runtimes:#}");
     let rt = &list[0];
-    for key in [
-        "id",
-        "runtime_id",
-        "status",
-        "display_name",
-        "endpoint",
-        "version",
-        "capabilities",
-        "labels",
-        "metadata",
-        "last_heartbeat_at",
-        "heartbeat_deadline_at",
-        "created_at",
-        "updated_at",
-    ] {
+    for key in common::SEED_RUNTIME_KEYS {
         assert!(rt.get(key).is_some(), "runtime lacks the seed's key `{key}`: {rt:#}");
     }
     assert_eq!(rt["runtime_id"], "rt-lib-1");

@@ -68,6 +68,12 @@ async fn operations_survive_a_redis_restart() {
         .await
         .expect("finalize");
 
+    // The pipelined batch path replaces a dead connection too.
+    redis.restart().expect("restart before a batch");
+    let batch = vec![NewRun::new("b1", "agent").queue("q"), NewRun::new("b2", "agent").queue("other")];
+    let created = store.create_runs(&batch).await.expect("pipelined create after restart");
+    assert_eq!(created.iter().map(|r| r.run_id.as_str()).collect::<Vec<_>>(), ["b1", "b2"]);
+
     // And the blocking waiter reconnects too.
     let mut waiter = Waiter::new(&store).await.expect("waiter");
     redis.restart().expect("second restart");

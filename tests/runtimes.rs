@@ -60,21 +60,7 @@ async fn register_records_fields_and_a_heartbeat() {
 
     // JSON has the seed's keys.
     let json = serde_json::to_value(&rt).expect("serialize");
-    for key in [
-        "id",
-        "runtime_id",
-        "status",
-        "display_name",
-        "endpoint",
-        "version",
-        "capabilities",
-        "labels",
-        "metadata",
-        "last_heartbeat_at",
-        "heartbeat_deadline_at",
-        "created_at",
-        "updated_at",
-    ] {
+    for key in common::SEED_RUNTIME_KEYS {
         assert!(json.get(key).is_some(), "key {key} missing from {json}");
     }
 

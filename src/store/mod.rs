@@ -224,17 +224,21 @@ impl Store {
     }
 
     /// Runs a pipeline of EVALSHA calls of one script (one round trip),
-    /// loading the script first when the server does not have it.
+    /// loading the script when the server does not have it and replacing a
+    /// dead connection once, as [`Store::eval_raw`] does. Only for scripts
+    /// that are safe to send twice (create_run is idempotent by run_id).
     pub(crate) async fn eval_many(&self, lua: &Lua, calls: &[(Vec<String>, Vec<String>)]) -> Result<Vec<Value>> {
-        let mut conn = self.conn().await?;
-        for attempt in 0..2 {
-            let mut pipe = redis::pipe();
-            for (keys, args) in calls {
-                pipe.cmd("EVALSHA").arg(lua.script.get_hash()).arg(keys.len()).arg(keys).arg(args);
-            }
+        let mut pipe = redis::pipe();
+        for (keys, args) in calls {
+            pipe.cmd("EVALSHA").arg(lua.script.get_hash()).arg(keys.len()).arg(keys).arg(args);
+        }
+        let (mut loaded, mut reconnected) = (false, false);
+        loop {
+            let mut conn = self.conn().await?;
             match pipe.query_async::<Vec<Value>>(&mut conn).await {
                 Ok(values) => return Ok(values),
-                Err(e) if attempt == 0 && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                Err(e) if !loaded && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                    loaded = true;
                     let _: String = redis::cmd("SCRIPT")
                         .arg("LOAD")
                         .arg(lua.code)
@@ -242,10 +246,13 @@ impl Store {
                         .await
                         .map_err(|e| self.failed(e))?;
                 }
+                Err(e) if !reconnected && Error::is_connection_failure(&e) && !e.is_timeout() => {
+                    reconnected = true;
+                    self.drop_connections();
+                }
                 Err(e) => return Err(self.failed(e)),
             }
         }
-        Err(Error::Protocol("script could not be loaded".into()))
     }
 
     /// Current server time in epoch milliseconds.

@@ -112,3 +112,20 @@ pub const SEED_RUN_KEYS: &[&str] = &[
     "cost",
     "metadata",
 ];
+
+/// The seed's `_runtime_to_dict` keys.
+pub const SEED_RUNTIME_KEYS: &[&str] = &[
+    "id",
+    "runtime_id",
+    "status",
+    "display_name",
+    "endpoint",
+    "version",
+    "capabilities",
+    "labels",
+    "metadata",
+    "last_heartbeat_at",
+    "heartbeat_deadline_at",
+    "created_at",
+    "updated_at",
+];
