@@ -295,7 +295,7 @@ fn assert_layout(keys: &[String], q: &str) {
     let base = format!("rl:{{{q}}}:");
     for key in keys.iter().filter(|k| k.starts_with(&base)) {
         let rest = &key[base.len()..];
-        let known = ["queued", "leases", "delayed", "deadlines", "finished", "stats", "wake", "runs", "pins"]
+        let known = ["queued", "leases", "delayed", "deadlines", "finished", "stats", "wake", "runs", "pins", "runners"]
             .contains(&rest)
             || ["run:", "idx:", "runner:", "pinned:"].iter().any(|p| rest.starts_with(p));
         assert!(known, "undocumented queue key {key}");
@@ -326,12 +326,18 @@ async fn delayed_pinned_and_runner_lanes_are_visible() {
     assert_eq!(pinned, ["mine"], "a pinned run waits in its runtime's lane");
     let queued: Vec<String> = zrange(&mut raw, "rl:{jobs}:queued").await.into_iter().map(|(m, _)| m).collect();
     assert_eq!(queued, ["any"], "the shared queue holds only unpinned, due runs");
+    let runners = hgetall(&mut raw, "rl:{jobs}:runners").await;
+    assert_eq!(runners, HashMap::from([("summarizer".to_string(), "1".to_string())]), "queued runs per runner");
+    assert_eq!(key_type(&mut raw, "rl:{jobs}:runner:summarizer").await, "none", "one runner needs no lane");
+    store.create_run(&NewRun::new("other", "agent").queue("jobs")).await.expect("create");
     let lane: Vec<String> = zrange(&mut raw, "rl:{jobs}:runner:summarizer").await.into_iter().map(|(m, _)| m).collect();
-    assert_eq!(lane, ["any"]);
+    assert_eq!(lane, ["any"], "a second runner gives every runner its lane");
+    let lane: Vec<String> = zrange(&mut raw, "rl:{jobs}:runner:agent").await.into_iter().map(|(m, _)| m).collect();
+    assert_eq!(lane, ["other"]);
     assert_eq!(key_type(&mut raw, "rl:{jobs}:runs").await, "stream");
     let runs_index = stream_index(&mut raw, "rl:{jobs}:runs").await;
     let names: Vec<&str> = runs_index.iter().map(|(_, r)| r.as_str()).collect();
-    assert_eq!(names, ["later", "mine", "any"], "all runs, in id order");
+    assert_eq!(names, ["later", "mine", "any", "other"], "all runs, in id order");
     for (entry, run) in &runs_index {
         let id: String = redis::cmd("HGET")
             .arg(format!("rl:{{jobs}}:run:{run}"))

@@ -43,9 +43,18 @@ local function claim(B, c, now)
       head = redis.call('ZRANGE', pinned, 0, 0, 'WITHSCORES')
       if head[1] then consider(head[1], head[2]) end
     else
+      local laned = false
       for _, r in ipairs(runners) do
-        local head = redis.call('ZRANGE', B .. 'runner:' .. r, 0, 0, 'WITHSCORES')
-        if head[1] then consider(head[1], head[2]) end
+        local head = redis.call('ZRANGE', runner_lane(B, r), 0, 0, 'WITHSCORES')
+        if head[1] then consider(head[1], head[2]); laned = true end
+      end
+      if not laned and redis.call('HLEN', B .. 'runners') == 1 then
+        -- One runner and no lanes: `queued` is that runner's lane.
+        local only = redis.call('HKEYS', B .. 'runners')[1]
+        if wanted[only] and redis.call('EXISTS', runner_lane(B, only)) == 0 then
+          local head = redis.call('ZRANGE', K.queued, 0, 0, 'WITHSCORES')
+          if head[1] then consider(head[1], head[2]) end
+        end
       end
       -- Pinned runs of other runners are skipped; bounded so a claim stays cheap.
       local heads = redis.call('ZRANGE', pinned, 0, 49, 'WITHSCORES')
@@ -66,10 +75,18 @@ local function claim(B, c, now)
     local rk = B .. 'run:' .. rid
     local h = route_fields(rk)
     if not h then
-      -- The hash vanished (deleted by hand): drop the dangling lane entries.
-      redis.call('ZREM', K.queued, rid)
+      -- The hash vanished (deleted by hand): drop the dangling entries, and
+      -- find its runner by the lane that held it to keep `runners` exact.
       redis.call('ZREM', pinned, rid)
-      for _, r in ipairs(runners) do redis.call('ZREM', B .. 'runner:' .. r, rid) end
+      if redis.call('ZREM', K.queued, rid) == 1 then
+        local names = redis.call('HKEYS', B .. 'runners')
+        for _, r in ipairs(names) do
+          if #names == 1 or redis.call('ZSCORE', runner_lane(B, r), rid) then
+            runner_left(B, r, rid)
+            break
+          end
+        end
+      end
     elseif h.deadline_at and h.deadline_at <= now then
       finish(B, rid, h, 'timeout', 'deadline passed before the run was claimed', now, retention)
     else

@@ -89,24 +89,56 @@ local function lane_score(priority, id)
   return (1000 - priority) * BAND + id
 end
 
+-- Runner lanes: a claim with a runner filter reads `runner:<r>` lanes, which
+-- copy `queued` split by runner. They cost a sorted-set entry per queued run,
+-- so a queue keeps them only while its queued runs have two or more runners
+-- (then every runner with queued runs has a lane) and drops them when it
+-- empties. `runners` (HASH runner_id -> runs in `queued`) tells which case
+-- holds: one field and no lane for it = one runner, `queued` is its lane.
+local function runner_lane(B, r)
+  return B .. 'runner:' .. r
+end
+
 -- Puts a queued run into the lane it is claimed from.
 local function lane_add(B, rid, h)
   local score = lane_score(tonumber(h.priority), tonumber(h.id))
   if h.requested_runtime_id then
     redis.call('ZADD', B .. 'pinned:' .. h.requested_runtime_id, score, rid)
     redis.call('SADD', B .. 'pins', h.requested_runtime_id)
-  else
-    redis.call('ZADD', K.queued, score, rid)
-    redis.call('ZADD', B .. 'runner:' .. h.runner_id, score, rid)
+    return
   end
+  local r, runners = h.runner_id, B .. 'runners'
+  local lane = runner_lane(B, r)
+  local laned
+  if redis.call('HINCRBY', runners, r, 1) == 1 then
+    local names = redis.call('HKEYS', runners)
+    laned = #names > 1
+    if #names == 2 then
+      -- The second runner arrives: the first one's runs are all of `queued`
+      -- (an empty `queued` stores nothing). Done once until the queue empties.
+      local first = names[1] == r and names[2] or names[1]
+      if redis.call('EXISTS', runner_lane(B, first)) == 0 then
+        redis.call('ZUNIONSTORE', runner_lane(B, first), 1, K.queued)
+      end
+    end
+  else
+    laned = redis.call('EXISTS', lane) == 1
+  end
+  if laned then redis.call('ZADD', lane, score, rid) end
+  redis.call('ZADD', K.queued, score, rid)
+end
+
+-- Counts a run out of `queued` for its runner (after it left `queued`).
+local function runner_left(B, r, rid)
+  if redis.call('HINCRBY', B .. 'runners', r, -1) <= 0 then redis.call('HDEL', B .. 'runners', r) end
+  redis.call('ZREM', runner_lane(B, r), rid)
 end
 
 local function lane_remove(B, rid, h)
   if h.requested_runtime_id then
     redis.call('ZREM', B .. 'pinned:' .. h.requested_runtime_id, rid)
-  else
-    redis.call('ZREM', K.queued, rid)
-    redis.call('ZREM', B .. 'runner:' .. h.runner_id, rid)
+  elseif redis.call('ZREM', K.queued, rid) == 1 then
+    runner_left(B, h.runner_id, rid)
   end
 end
 
