@@ -63,13 +63,27 @@ local SCOPES = { { 'conversation', 'conversation_id' }, { 'bot', 'bot_id' }, { '
   { 'thread', 'thread_id' } }
 local now = now_ms()
 local out = {}
-local created = 0
+local fresh = 0
+local first = {} -- run key -> index of its first occurrence in this batch
+local repeats = {}
+for i, r in ipairs(runs) do
+  if first[r.key] then
+    repeats[#repeats + 1] = i
+    out[i] = true
+  elseif redis.call('EXISTS', r.key) == 1 then
+    out[i] = { 0, hgetall(r.key) }
+  else
+    fresh = fresh + 1
+  end
+  first[r.key] = first[r.key] or i
+end
+-- One INCRBY reserves the ids of the whole batch, in order.
+local id = fresh > 0 and redis.call('INCRBY', KEYS[8], fresh) - fresh or 0
+local claimable = false
 for i, r in ipairs(runs) do
   local rk = r.key
-  if redis.call('EXISTS', rk) == 1 then
-    out[i] = { 0, hgetall(rk) }
-  else
-    local id = redis.call('INCR', KEYS[8])
+  if not out[i] then
+    id = id + 1
     local fields = {
       'id', id, 'run_id', r.rid, 'runner_id', r.runner_id, 'status', r.status, 'queue_name', queue,
       'priority', r.priority, 'dispatch_attempts', 0, 'created_at', now, 'updated_at', now,
@@ -103,14 +117,16 @@ for i, r in ipairs(runs) do
       local h = { id = id, priority = r.priority, runner_id = r.runner_id }
       if r.not_before ~= '' then h.not_before = r.not_before end
       if r.requested_runtime_id ~= '' then h.requested_runtime_id = r.requested_runtime_id end
-      requeue(B, r.rid, h, now)
+      claimable = requeue(B, r.rid, h, now, true) or claimable
     end
-    created = created + 1
     out[i] = { 1, id, now }
   end
 end
-if created > 0 then
+-- A run given twice in one batch is created once; the repeat sees it as existing.
+for _, i in ipairs(repeats) do out[i] = { 0, hgetall(runs[i].key) } end
+if claimable then wake() end
+if fresh > 0 then
   redis.call('SADD', KEYS[9], queue)
-  redis.call('HINCRBY', K.stats, 'created', created)
+  redis.call('HINCRBY', K.stats, 'created', fresh)
 end
 return out

@@ -245,6 +245,12 @@ fn redis_persists_and_is_healthchecked_before_workers_start() {
         command.windows(2).any(|w| w[0] == "--appendonly" && w[1] == "yes"),
         "redis does not enable appendonly: {command:?}"
     );
+    for (name, value) in runledger::embedded::RECOMMENDED_CONFIG {
+        assert!(
+            command.windows(2).any(|w| w[0] == format!("--{name}") && w[1] == *value),
+            "redis does not use the recommended {name} {value}: {command:?}"
+        );
+    }
     let volumes = redis.get("volumes").and_then(Value::as_sequence).expect("redis has volumes");
     let data = volumes.iter().filter_map(Value::as_str).find(|v| v.ends_with(":/data"));
     let data = data.unwrap_or_else(|| panic!("no volume for /data: {volumes:?}"));

@@ -85,6 +85,24 @@ async fn create_is_idempotent_by_run_id() {
         .expect("create_runs");
     assert_eq!(batch[0], first);
     assert_eq!(batch[1].id, 3);
+
+    // A run given twice in one batch is created once, with the first values.
+    let batch = store
+        .create_runs(&[
+            NewRun::new("r4", "agent").queue(Q).priority(1),
+            NewRun::new("r5", "agent").queue(Q),
+            NewRun::new("r4", "other").queue(Q).priority(7),
+        ])
+        .await
+        .expect("create_runs with a repeat");
+    assert_eq!((batch[0].id, batch[1].id), (4, 5), "ids follow the batch order");
+    assert_eq!(batch[2], store.get_run("r4").await.expect("get r4"), "the repeat returns the stored run");
+    assert_eq!((batch[2].id, batch[2].priority, batch[2].runner_id.as_str()), (4, 1, "agent"));
+    let counter: i64 = redis::cmd("GET").arg("rl:id").query_async(&mut raw).await.expect("GET rl:id");
+    assert_eq!(counter, 5, "a repeat consumes no id");
+    assert_eq!(zcard(&mut raw, "rl:{q}:queued").await, 5, "each run is queued once");
+    let runs_index: i64 = redis::cmd("XLEN").arg("rl:{q}:runs").query_async(&mut raw).await.expect("XLEN");
+    assert_eq!(runs_index, 5, "and listed once");
 }
 
 #[tokio::test]

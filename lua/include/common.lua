@@ -215,15 +215,18 @@ local function finish(B, rid, h, status, reason, now, retention_ms, extra)
   end
 end
 
--- Puts a queued run where it belongs: the delayed set when not due, else its lane.
-local function requeue(B, rid, h, now)
+-- Puts a queued run where it belongs: the delayed set when not due, else its
+-- lane, and wakes a worker then unless `no_wake` (a batch wakes once).
+-- Returns whether the run is claimable now.
+local function requeue(B, rid, h, now, no_wake)
   local due = tonumber(h.not_before or '')
   if due and due > now then
     redis.call('ZADD', K.delayed, due, rid)
-  else
-    lane_add(B, rid, h)
-    wake()
+    return false
   end
+  lane_add(B, rid, h)
+  if not no_wake then wake() end
+  return true
 end
 
 -- Takes back claims whose lease expired before `now`, at most `limit`.

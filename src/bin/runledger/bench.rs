@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use rand::RngExt;
-use runledger::embedded::RedisServer;
+use runledger::embedded::{RECOMMENDED_CONFIG, RedisServer};
 use runledger::{
     ClaimOutcome, ClaimRequest, Done, Error, Finish, NewRun, Result, RunStatus, Store, StoreConfig, Worker,
 };
@@ -259,6 +259,14 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: BenchArgs
         let pair: Vec<String> = redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await?;
         if let [k, v] = &pair[..] {
             config.push(format!("{k}={v}"));
+            if let Some((_, wanted)) = RECOMMENDED_CONFIG.iter().find(|(name, _)| name == k)
+                && v != wanted
+            {
+                eprintln!(
+                    "bench: note: this server has {k}={v}; runledger recommends {wanted} (README, \"Redis settings\"), \
+                     without which run hashes with metadata over {v} bytes take about twice the memory"
+                );
+            }
         }
     }
     let mut f = Figures {
@@ -348,7 +356,10 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: BenchArgs
         f.claim_us_at_depth = Some(deep);
         f.claim_cost_ratio = Some(deep / f.claim_us_at_1k);
     }
-    eprintln!("bench: claim {:.0} us at 1k, {:?} us at {}", f.claim_us_at_1k, f.claim_us_at_depth, a.depth);
+    match f.claim_us_at_depth {
+        Some(deep) => eprintln!("bench: claim {:.0} us at 1k, {deep:.0} us at {}", f.claim_us_at_1k, a.depth),
+        None => eprintln!("bench: claim {:.0} us at 1k", f.claim_us_at_1k),
+    }
 
     if server.is_none() {
         // A given server keeps nothing of the bench (its runs live under their own prefix).
