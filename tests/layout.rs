@@ -295,9 +295,10 @@ fn assert_layout(keys: &[String], q: &str) {
     let base = format!("rl:{{{q}}}:");
     for key in keys.iter().filter(|k| k.starts_with(&base)) {
         let rest = &key[base.len()..];
-        let known = ["queued", "leases", "delayed", "deadlines", "finished", "stats", "wake", "runs", "pins", "runners"]
-            .contains(&rest)
-            || ["run:", "idx:", "runner:", "pinned:"].iter().any(|p| rest.starts_with(p));
+        let known =
+            ["queued", "leases", "delayed", "deadlines", "finished", "stats", "wake", "runs", "pins", "runners"]
+                .contains(&rest)
+                || ["run:", "idx:", "runner:", "pinned:"].iter().any(|p| rest.starts_with(p));
         assert!(known, "undocumented queue key {key}");
     }
 }

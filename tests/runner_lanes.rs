@@ -48,7 +48,8 @@ async fn queued(raw: &mut MultiplexedConnection) -> BTreeMap<String, (String, f6
 
 async fn check_lanes(raw: &mut MultiplexedConnection, step: usize) {
     let queued = queued(raw).await;
-    let counts: HashMap<String, i64> = redis::cmd("HGETALL").arg("rl:{q}:runners").query_async(raw).await.expect("HGETALL");
+    let counts: HashMap<String, i64> =
+        redis::cmd("HGETALL").arg("rl:{q}:runners").query_async(raw).await.expect("HGETALL");
     for runner in RUNNERS {
         let expected: Vec<(String, f64)> =
             queued.iter().filter(|(_, (r, _))| r == runner).map(|(rid, (_, s))| (rid.clone(), *s)).collect();
@@ -144,7 +145,10 @@ async fn runner_lanes_follow_the_runners_of_queued_runs() {
     tokio::time::sleep(Duration::from_millis(30)).await;
     let request = ClaimRequest::new("rt").queue("q");
     while let ClaimOutcome::Claimed(run) = store.claim_from("q", &request).await.expect("claim") {
-        store.finish_run(&run.run_id, &Finish::new(RunStatus::Completed), run.claim_token.as_deref()).await.expect("finish");
+        store
+            .finish_run(&run.run_id, &Finish::new(RunStatus::Completed), run.claim_token.as_deref())
+            .await
+            .expect("finish");
     }
     for key in ["rl:{q}:runners", "rl:{q}:runner:alpha", "rl:{q}:runner:beta", "rl:{q}:runner:gamma"] {
         let exists: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut raw).await.expect("EXISTS");
@@ -168,6 +172,7 @@ async fn a_deleted_run_hash_leaves_the_counts_exact() {
     };
     assert_eq!(run.run_id, "a2");
     check_lanes(&mut raw, 0).await;
-    let counts: HashMap<String, i64> = redis::cmd("HGETALL").arg("rl:{q}:runners").query_async(&mut raw).await.expect("HGETALL");
+    let counts: HashMap<String, i64> =
+        redis::cmd("HGETALL").arg("rl:{q}:runners").query_async(&mut raw).await.expect("HGETALL");
     assert_eq!(counts, HashMap::from([("beta".to_string(), 1)]));
 }
