@@ -5,7 +5,8 @@
 -- KEYS[8]     <P>:{Q}:pins  SET runtime ids that have a pinned lane
 -- ARGV[1] key base   ARGV[2] how many lease holders to list (0 .. 1000)
 -- Returns {queued, pinned, delayed, claimed, finished, oldest queued created_at ms
--- ('' if none), {run_id, runtime_id, lease_expires_at_ms}..., stats HGETALL, server time ms}.
+-- ('' if none), {run_id, runtime_id, lease_expires_at_ms}..., stats HGETALL, server time ms,
+-- queued runs by runner HGETALL}.
 -- The oldest queued run is the head of the lowest-id priority band; the walk
 -- visits one entry per distinct priority, not every queued run.
 local B = ARGV[1]
@@ -40,4 +41,5 @@ if holders_wanted > 0 then
   end
 end
 return { redis.call('ZCARD', K.queued), pinned, redis.call('ZCARD', K.delayed), redis.call('ZCARD', K.leases),
-  redis.call('XLEN', K.finished), oldest, holders, redis.call('HGETALL', K.stats), now_ms() }
+  redis.call('XLEN', K.finished), oldest, holders, redis.call('HGETALL', K.stats), now_ms(),
+  redis.call('HGETALL', B .. 'runners') }

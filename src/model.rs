@@ -583,6 +583,8 @@ pub struct QueueStats {
     pub lease_holders: Vec<LeaseHolder>,
     /// Cumulative counters: created, completed, failed, cancelled, timeout, dead, reclaimed.
     pub counters: std::collections::BTreeMap<String, i64>,
+    /// Runs in `queued` (unpinned, due) by runner_id.
+    pub queued_by_runner: std::collections::BTreeMap<String, i64>,
 }
 
 /// Who holds a run and until when.

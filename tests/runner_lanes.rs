@@ -46,10 +46,13 @@ async fn queued(raw: &mut MultiplexedConnection) -> BTreeMap<String, (String, f6
     out
 }
 
-async fn check_lanes(raw: &mut MultiplexedConnection, step: usize) {
+async fn check_lanes(store: &Store, raw: &mut MultiplexedConnection, step: usize) {
     let queued = queued(raw).await;
     let counts: HashMap<String, i64> =
         redis::cmd("HGETALL").arg("rl:{q}:runners").query_async(raw).await.expect("HGETALL");
+    let stats = store.queue_stats("q", 0).await.expect("queue_stats");
+    assert_eq!(stats.queued_by_runner, counts.clone().into_iter().collect(), "step {step}: queue_stats by runner");
+    assert_eq!(stats.queued, queued.len() as i64, "step {step}: queue_stats queued");
     for runner in RUNNERS {
         let expected: Vec<(String, f64)> =
             queued.iter().filter(|(_, (r, _))| r == runner).map(|(rid, (_, s))| (rid.clone(), *s)).collect();
@@ -137,7 +140,7 @@ async fn runner_lanes_follow_the_runners_of_queued_runs() {
                 }
             }
         }
-        check_lanes(&mut raw, step).await;
+        check_lanes(&store, &mut raw, step).await;
     }
     assert!(claims > 50, "the history should claim often, claimed {claims}");
 
@@ -171,7 +174,7 @@ async fn a_deleted_run_hash_leaves_the_counts_exact() {
         panic!("a2 is claimable");
     };
     assert_eq!(run.run_id, "a2");
-    check_lanes(&mut raw, 0).await;
+    check_lanes(&store, &mut raw, 0).await;
     let counts: HashMap<String, i64> =
         redis::cmd("HGETALL").arg("rl:{q}:runners").query_async(&mut raw).await.expect("HGETALL");
     assert_eq!(counts, HashMap::from([("beta".to_string(), 1)]));

@@ -1,5 +1,7 @@
 //! Listing runs across queues and reading queue statistics.
 
+use std::collections::BTreeMap;
+
 use super::{Store, reply};
 use crate::error::{Error, Result};
 use crate::model::{LeaseHolder, QueueStats, Run, RunFilter, RunPage};
@@ -106,12 +108,9 @@ impl Store {
             let expires = p.next().map(reply::int).transpose()?.unwrap_or(0);
             lease_holders.push(LeaseHolder { run_id, runtime_id, claim_lease_expires_at: expires as f64 / 1000.0 });
         }
-        let mut counters = std::collections::BTreeMap::new();
-        let stats = parts.next().map(reply::fields).transpose()?;
-        for (k, v) in stats.map(|f| f.0).unwrap_or_default() {
-            counters.insert(k, v.parse::<i64>().unwrap_or(0));
-        }
+        let counters = counts(parts.next())?;
         let now_ms = parts.next().map(reply::int).transpose()?.unwrap_or(0);
+        let queued_by_runner = counts(parts.next())?;
         Ok(QueueStats {
             queue_name: queue.to_string(),
             queued,
@@ -122,6 +121,13 @@ impl Store {
             oldest_queued_age: oldest.map(|ms| ((now_ms - ms).max(0)) as f64 / 1000.0),
             lease_holders,
             counters,
+            queued_by_runner,
         })
     }
+}
+
+/// A HASH of counters as HGETALL returns it (absent = empty).
+fn counts(value: Option<redis::Value>) -> Result<BTreeMap<String, i64>> {
+    let fields = value.map(reply::fields).transpose()?;
+    Ok(fields.map(|f| f.0).unwrap_or_default().into_iter().map(|(k, v)| (k, v.parse().unwrap_or(0))).collect())
 }

@@ -165,6 +165,10 @@ impl Output {
                     time(Some(h.claim_lease_expires_at as i64))
                 );
             }
+            if !s.queued_by_runner.is_empty() {
+                let by_runner: Vec<String> = s.queued_by_runner.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!("    queued by runner: {}", by_runner.join(" "));
+            }
             if !s.counters.is_empty() {
                 let counters: Vec<String> = s.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 println!("    totals: {}", counters.join(" "));
