@@ -41,7 +41,7 @@ for i = 0, n - 1 do
 end
 
 local rk, sk = KEYS[8], KEYS[9]
-local h = load_run(rk, rid)
+local h = load_holder(rk, rid)
 check_holder(h, rid, token)
 
 local last = 0

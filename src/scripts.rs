@@ -1,5 +1,7 @@
-//! The Lua scripts of `lua/`, each prepended with `lua/include/common.lua`
-//! and `lua/include/claim.lua`.
+//! The Lua scripts of `lua/`, each prepended with `lua/include/common.lua`,
+//! and the two that claim (claim_next_run, finalize_run) also with
+//! `lua/include/claim.lua`. Every call runs its includes' definitions again,
+//! so a script gets only the includes it uses.
 //!
 //! [`redis::Script`] runs them by SHA and loads them again on NOSCRIPT (after
 //! `SCRIPT FLUSH` or a restart); [`Lua::code`] serves pipelines, which cannot
@@ -21,6 +23,9 @@ impl Lua {
 
 macro_rules! lua {
     ($name:literal) => {
+        Lua::new(concat!(include_str!("../lua/include/common.lua"), include_str!(concat!("../lua/", $name, ".lua"))))
+    };
+    ($name:literal, claim) => {
         Lua::new(concat!(
             include_str!("../lua/include/common.lua"),
             include_str!("../lua/include/claim.lua"),
@@ -52,13 +57,13 @@ impl Scripts {
     pub fn new() -> Self {
         Scripts {
             create_run: lua!("create_run"),
-            claim_next_run: lua!("claim_next_run"),
+            claim_next_run: lua!("claim_next_run", claim),
             renew_claim: lua!("renew_claim"),
             release_claim: lua!("release_claim"),
             release_expired_claims: lua!("release_expired_claims"),
             append_events: lua!("append_events"),
             append_audit_event: lua!("append_audit_event"),
-            finalize_run: lua!("finalize_run"),
+            finalize_run: lua!("finalize_run", claim),
             request_cancel: lua!("request_cancel"),
             list_runs: lua!("list_runs"),
             queue_stats: lua!("queue_stats"),

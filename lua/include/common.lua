@@ -166,6 +166,14 @@ local function load_run(rk, rid)
   return h
 end
 
+-- Loads only what fencing needs (status, claim_token) of a run that must exist:
+-- the event path reads two fields, not every routing field.
+local function load_holder(rk, rid)
+  local v = redis.call('HMGET', rk, 'status', 'claim_token')
+  if not v[1] then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
+  return { status = v[1], claim_token = v[2] or nil }
+end
+
 -- Fencing: with a token ('' = host call), the run must still be held with it.
 local function check_holder(h, rid, token)
   if token ~= '' and (h.status ~= 'claimed' or h.claim_token ~= token) then
