@@ -420,3 +420,47 @@ async fn the_reaper_purges_finished_runs_after_retention() {
     let err = store.get_run("old").await.expect_err("purged");
     assert!(matches!(err, Error::NotFound(_)), "{err:?}");
 }
+
+/// The wake list holds one token while claimable runs wait: a batch pushes
+/// one, and each claim that leaves runs behind passes it on to the next idle
+/// worker (with or without a runner filter, whether the claimed run was
+/// pinned or not); the claim that finds nothing left clears it.
+#[tokio::test]
+async fn each_claim_passes_the_wake_token_on_while_runs_wait() {
+    let (redis, store) = common::store().await;
+    let mut raw = common::raw(&redis).await;
+    let runs = [
+        NewRun::new("a", "agent").queue("w").priority(3),
+        NewRun::new("b", "agent").queue("w").priority(2),
+        NewRun::new("p", "agent").queue("w").priority(9).requested_runtime("rt"),
+        NewRun::new("c", "other").queue("w").priority(1),
+    ];
+    store.create_runs(&runs).await.expect("create batch");
+    async fn take_token(raw: &mut MultiplexedConnection) -> i64 {
+        let popped: Option<String> = redis::cmd("LPOP").arg("rl:{w}:wake").query_async(raw).await.expect("LPOP");
+        let left: i64 = redis::cmd("LLEN").arg("rl:{w}:wake").query_async(raw).await.expect("LLEN");
+        assert_eq!(left, 0, "never more than one token");
+        i64::from(popped.is_some())
+    }
+    assert_eq!(take_token(&mut raw).await, 1, "a batch leaves one token");
+    // (claim filter, run it takes, token left for the next worker)
+    let steps: [(&[&str], &str, i64); 5] = [
+        (&[], "p", 1),        // pinned run first; a, b, c still wait
+        (&["agent"], "a", 1), // through a runner lane; b and c wait
+        (&[], "b", 1),        // c waits
+        (&["agent"], "", 0),  // nothing of agent: no token is pushed
+        (&[], "c", 0),        // the last run: nothing left to wake for
+    ];
+    for (filter, expected, token) in steps {
+        let mut request = ClaimRequest::new("rt").queue("w");
+        for r in filter {
+            request = request.runner(*r);
+        }
+        let taken = match store.claim_from("w", &request).await.expect("claim") {
+            ClaimOutcome::Claimed(run) => run.run_id,
+            ClaimOutcome::Empty { .. } => String::new(),
+        };
+        assert_eq!(taken, expected, "claim with filter {filter:?}");
+        assert_eq!(take_token(&mut raw).await, token, "token after claiming {expected:?} with {filter:?}");
+    }
+}

@@ -30,16 +30,20 @@ local function claim(B, c, now)
   for _, r in ipairs(runners) do wanted[r] = true end
   local pinned = B .. 'pinned:' .. runtime
 
-  -- Returns the best candidate {rid, score, lane}.
+  -- How many runs `queued` held at the last unfiltered pick, up to 2: then
+  -- no ZCARD is needed to know whether one remains after the claim.
+  local queued_seen
+  -- Returns the best candidate {rid, score, from_queued}.
   local function pick()
     local best
-    local function consider(rid, score)
+    local function consider(rid, score, from_queued)
       score = tonumber(score)
-      if not best or score < best[2] then best = { rid, score } end
+      if not best or score < best[2] then best = { rid, score, from_queued } end
     end
     if #runners == 0 then
-      local head = redis.call('ZRANGE', K.queued, 0, 0, 'WITHSCORES')
-      if head[1] then consider(head[1], head[2]) end
+      local head = redis.call('ZRANGE', K.queued, 0, 1, 'WITHSCORES')
+      queued_seen = #head / 2
+      if head[1] then consider(head[1], head[2], true) end
       head = redis.call('ZRANGE', pinned, 0, 0, 'WITHSCORES')
       if head[1] then consider(head[1], head[2]) end
     else
@@ -102,7 +106,13 @@ local function claim(B, c, now)
       redis.call('HSET', rk, unpack(fields))
       redis.call('ZADD', K.leases, now + lease, rid)
       -- Chain the wake-up: another idle worker can take the next run.
-      if redis.call('ZCARD', K.queued) > 0 then wake() end
+      local left
+      if queued_seen then
+        left = queued_seen - (best[3] and 1 or 0)
+      else
+        left = redis.call('ZCARD', K.queued)
+      end
+      if left > 0 then wake() end
       local last = 0
       local top = redis.call('XREVRANGE', rk .. ':events', '+', '-', 'COUNT', 1)
       if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end

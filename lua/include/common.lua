@@ -217,10 +217,7 @@ local function finish(B, rid, h, status, reason, now, retention_ms, extra)
   -- space of its last node (about 4 KB for a short stream down to its size).
   local sk = rk .. ':events'
   local blob = redis.call('DUMP', sk)
-  if blob then
-    redis.call('DEL', sk)
-    redis.call('RESTORE', sk, ttl, blob)
-  end
+  if blob then redis.call('RESTORE', sk, ttl, blob, 'REPLACE') end
 end
 
 -- Puts a queued run where it belongs: the delayed set when not due, else its
