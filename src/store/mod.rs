@@ -6,6 +6,8 @@
 //! tasks, because the pool's checkout pings the server (a second round trip per
 //! operation). A connection that fails is dropped and replaced from the pool.
 
+mod advice;
+pub use advice::ConfigAdvice;
 mod events;
 mod listing;
 mod reaper;

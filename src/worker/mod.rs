@@ -279,6 +279,12 @@ impl Worker {
         }));
         store.register_runtime(&registration).await?;
         info!(runtime = %inner.runtime_id, queues = ?inner.queues, "worker started");
+        for a in store.config_advice().await.unwrap_or_default() {
+            warn!(
+                "Redis has {} {}; runledger recommends {} (README, \"Redis settings\")",
+                a.name, a.actual, a.recommended
+            );
+        }
 
         let background = CancellationToken::new();
         let mut tasks = JoinSet::new();

@@ -8,6 +8,7 @@
 
 use runledger::embedded::{RedisServer, find_redis_server};
 use runledger::{Store, StoreConfig};
+use testcontainers::ImageExt;
 use testcontainers::core::{IntoContainerPort, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage};
@@ -43,9 +44,14 @@ pub async fn redis() -> TestRedis {
         return TestRedis { url: server.url(), server: Some(server), _container: None };
     }
     if docker_reachable() {
+        let mut command = vec!["redis-server".to_string()];
+        for (name, value) in runledger::embedded::RECOMMENDED_CONFIG {
+            command.extend([format!("--{name}"), value.to_string()]);
+        }
         let container = GenericImage::new("redis", "7.0")
             .with_exposed_port(6379.tcp())
             .with_wait_for(WaitFor::message_on_stdout("Ready to accept connections"))
+            .with_cmd(command)
             .start()
             .await
             .unwrap_or_else(|e| panic!("starting redis:7.0 with testcontainers: {e}"));

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use rand::RngExt;
-use runledger::embedded::{RECOMMENDED_CONFIG, RedisServer};
+use runledger::embedded::RedisServer;
 use runledger::{
     ClaimOutcome, ClaimRequest, Done, Error, Finish, NewRun, Result, RunStatus, Store, StoreConfig, Worker,
 };
@@ -259,15 +259,13 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: BenchArgs
         let pair: Vec<String> = redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await?;
         if let [k, v] = &pair[..] {
             config.push(format!("{k}={v}"));
-            if let Some((_, wanted)) = RECOMMENDED_CONFIG.iter().find(|(name, _)| name == k)
-                && v != wanted
-            {
-                eprintln!(
-                    "bench: note: this server has {k}={v}; runledger recommends {wanted} (README, \"Redis settings\"), \
-                     without which run hashes with metadata over {v} bytes take about twice the memory"
-                );
-            }
         }
+    }
+    for a in store.config_advice().await? {
+        eprintln!(
+            "bench: note: this server has {}={}; runledger recommends {} (README, \"Redis settings\")",
+            a.name, a.actual, a.recommended
+        );
     }
     let mut f = Figures {
         redis_version: server_info.get("redis_version").cloned().unwrap_or_default(),
