@@ -45,7 +45,7 @@ local h = load_holder(rk, rid)
 check_holder(h, rid, token)
 
 local last = 0
-local top = redis.call('XREVRANGE', sk, '+', '-', 'COUNT', 1)
+local top = redis.call('XREVRANGE', sk, '+', '-', 'COUNT', '1')
 if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
 
 local function same(fields, e)
@@ -79,9 +79,10 @@ for i, e in ipairs(events) do
 end
 
 local now = now_ms()
+local now_s = fmt(now)
 for i, e in ipairs(events) do
   if not out[i] then
-    local f = { 'type', e.type, 'data', e.data, 'source', e.source, 'created_at', now }
+    local f = { 'type', e.type, 'data', e.data, 'source', e.source, 'created_at', now_s }
     if e.usage ~= '' then f[#f + 1] = 'usage'; f[#f + 1] = e.usage end
     if e.artifact_refs ~= '' then f[#f + 1] = 'artifact_refs'; f[#f + 1] = e.artifact_refs end
     if e.metadata ~= '' then f[#f + 1] = 'metadata'; f[#f + 1] = e.metadata end

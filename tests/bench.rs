@@ -115,6 +115,8 @@ fn check_figures(f: &Value) {
 
     let cpu = num(f, "redis_cpu_us_per_lifecycle");
     assert!(cpu.is_finite() && cpu >= 0.0, "redis_cpu_us_per_lifecycle: {f:#}");
+    let scripts = num(f, "script_us_per_lifecycle");
+    assert!(scripts > 0.0 && scripts.is_finite(), "scripts take some time on the server: {f:#}");
 }
 
 /// The URL of the server bench used, from its first stderr line.

@@ -23,8 +23,8 @@ end
 local function claim(B, c, now)
   local runtime, lease, token, retention, runners = c.runtime, c.lease, c.token, c.retention, c.runners
   now = now or now_ms()
-  promote_delayed(B, now, 100)
-  recover_expired(B, now, 100, 'queued', 'claim lease expired', retention)
+  promote_delayed(B, now, '100')
+  recover_expired(B, now, '100', 'queued', 'claim lease expired', retention)
 
   local wanted = {}
   for _, r in ipairs(runners) do wanted[r] = true end
@@ -41,27 +41,27 @@ local function claim(B, c, now)
       if not best or score < best[2] then best = { rid, score, from_queued } end
     end
     if #runners == 0 then
-      local head = redis.call('ZRANGE', K.queued, 0, 1, 'WITHSCORES')
+      local head = redis.call('ZRANGE', K.queued, '0', '1', 'WITHSCORES')
       queued_seen = #head / 2
       if head[1] then consider(head[1], head[2], true) end
-      head = redis.call('ZRANGE', pinned, 0, 0, 'WITHSCORES')
+      head = redis.call('ZRANGE', pinned, '0', '0', 'WITHSCORES')
       if head[1] then consider(head[1], head[2]) end
     else
       local laned = false
       for _, r in ipairs(runners) do
-        local head = redis.call('ZRANGE', runner_lane(B, r), 0, 0, 'WITHSCORES')
+        local head = redis.call('ZRANGE', runner_lane(B, r), '0', '0', 'WITHSCORES')
         if head[1] then consider(head[1], head[2]); laned = true end
       end
       if not laned and redis.call('HLEN', B .. 'runners') == 1 then
         -- One runner and no lanes: `queued` is that runner's lane.
         local only = redis.call('HKEYS', B .. 'runners')[1]
         if wanted[only] and redis.call('EXISTS', runner_lane(B, only)) == 0 then
-          local head = redis.call('ZRANGE', K.queued, 0, 0, 'WITHSCORES')
+          local head = redis.call('ZRANGE', K.queued, '0', '0', 'WITHSCORES')
           if head[1] then consider(head[1], head[2]) end
         end
       end
       -- Pinned runs of other runners are skipped; bounded so a claim stays cheap.
-      local heads = redis.call('ZRANGE', pinned, 0, 49, 'WITHSCORES')
+      local heads = redis.call('ZRANGE', pinned, '0', '49', 'WITHSCORES')
       for i = 1, #heads, 2 do
         if wanted[redis.call('HGET', B .. 'run:' .. heads[i], 'runner_id')] then
           consider(heads[i], heads[i + 1])
@@ -96,15 +96,16 @@ local function claim(B, c, now)
     else
       lane_remove(B, rid, h)
       local attempts = h.dispatch_attempts + 1
+      local now_s, expires = fmt(now), fmt(now + lease)
       local fields = { 'status', 'claimed', 'claimed_by_runtime_id', runtime, 'claim_token', token,
-        'claim_lease_expires_at', now + lease, 'dispatch_attempts', attempts, 'last_claimed_at', now,
-        'updated_at', now }
+        'claim_lease_expires_at', expires, 'dispatch_attempts', attempts, 'last_claimed_at', now_s,
+        'updated_at', now_s }
       if not h.started_at then
         fields[#fields + 1] = 'started_at'
-        fields[#fields + 1] = now
+        fields[#fields + 1] = now_s
       end
       redis.call('HSET', rk, unpack(fields))
-      redis.call('ZADD', K.leases, now + lease, rid)
+      redis.call('ZADD', K.leases, expires, rid)
       -- Chain the wake-up: another idle worker can take the next run.
       local left
       if queued_seen then
@@ -114,7 +115,7 @@ local function claim(B, c, now)
       end
       if left > 0 then wake() end
       local last = 0
-      local top = redis.call('XREVRANGE', rk .. ':events', '+', '-', 'COUNT', 1)
+      local top = redis.call('XREVRANGE', rk .. ':events', '+', '-', 'COUNT', '1')
       if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
       return { 1, hgetall(rk), last }
     end
@@ -122,9 +123,9 @@ local function claim(B, c, now)
 
   if redis.call('ZCARD', K.queued) == 0 then redis.call('DEL', K.wake) end
   local due = ''
-  local d = redis.call('ZRANGE', K.delayed, 0, 0, 'WITHSCORES')
+  local d = redis.call('ZRANGE', K.delayed, '0', '0', 'WITHSCORES')
   if d[2] then due = tonumber(d[2]) end
-  local l = redis.call('ZRANGE', K.leases, 0, 0, 'WITHSCORES')
+  local l = redis.call('ZRANGE', K.leases, '0', '0', 'WITHSCORES')
   if l[2] and (due == '' or tonumber(l[2]) < due) then due = tonumber(l[2]) end
   return { 0, due == '' and '' or fmt(due), fmt(now) }
 end

@@ -41,6 +41,8 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Numbers passed to redis.call are formatted with snprintf on every call;
+-- the hot paths pass strings (constants as literals, `now` formatted once).
 local function fmt(n)
   return string.format('%.0f', n)
 end
@@ -110,7 +112,7 @@ local function lane_add(B, rid, h)
   local r, runners = h.runner_id, B .. 'runners'
   local lane = runner_lane(B, r)
   local laned
-  if redis.call('HINCRBY', runners, r, 1) == 1 then
+  if redis.call('HINCRBY', runners, r, '1') == 1 then
     local names = redis.call('HKEYS', runners)
     laned = #names > 1
     if #names == 2 then
@@ -118,7 +120,7 @@ local function lane_add(B, rid, h)
       -- (an empty `queued` stores nothing). Done once until the queue empties.
       local first = names[1] == r and names[2] or names[1]
       if redis.call('EXISTS', runner_lane(B, first)) == 0 then
-        redis.call('ZUNIONSTORE', runner_lane(B, first), 1, K.queued)
+        redis.call('ZUNIONSTORE', runner_lane(B, first), '1', K.queued)
       end
     end
   else
@@ -130,7 +132,7 @@ end
 
 -- Counts a run out of `queued` for its runner (after it left `queued`).
 local function runner_left(B, r, rid)
-  if redis.call('HINCRBY', B .. 'runners', r, -1) <= 0 then redis.call('HDEL', B .. 'runners', r) end
+  if redis.call('HINCRBY', B .. 'runners', r, '-1') <= 0 then redis.call('HDEL', B .. 'runners', r) end
   redis.call('ZREM', runner_lane(B, r), rid)
 end
 
@@ -200,7 +202,8 @@ local function finish(B, rid, h, status, reason, now, retention_ms, extra)
     clear_claim(rk)
   end
   if h.deadline_at then redis.call('ZREM', K.deadlines, rid) end
-  local fields = { 'status', status, 'finished_at', now, 'updated_at', now }
+  local now_s = fmt(now)
+  local fields = { 'status', status, 'finished_at', now_s, 'updated_at', now_s }
   if reason and reason ~= '' then
     fields[#fields + 1] = 'status_reason'
     fields[#fields + 1] = reason
@@ -210,8 +213,8 @@ local function finish(B, rid, h, status, reason, now, retention_ms, extra)
   -- The finished index is a stream in finish order (entry ids are the
   -- server's clock), which the reaper trims from the old end.
   redis.call('XADD', K.finished, '*', 'r', rid)
-  redis.call('HINCRBY', K.stats, status, 1)
-  local ttl = retention_ms + 86400000
+  redis.call('HINCRBY', K.stats, status, '1')
+  local ttl = fmt(retention_ms + 86400000)
   redis.call('PEXPIRE', rk, ttl)
   -- A finished run's stream is complete: rewriting it drops the preallocated
   -- space of its last node (about 4 KB for a short stream down to its size).
@@ -239,7 +242,7 @@ end
 -- end `failed`, counted as dead); a terminal status finishes them.
 -- Returns the run ids touched.
 local function recover_expired(B, now, limit, status, reason, retention_ms)
-  local ids = redis.call('ZRANGEBYSCORE', K.leases, '-inf', now, 'LIMIT', 0, limit)
+  local ids = redis.call('ZRANGEBYSCORE', K.leases, '-inf', fmt(now), 'LIMIT', '0', limit)
   for _, rid in ipairs(ids) do
     local rk = B .. 'run:' .. rid
     local h = route_fields(rk)
@@ -265,7 +268,7 @@ end
 
 -- Moves due delayed runs into their lanes, at most `limit`.
 local function promote_delayed(B, now, limit)
-  local ids = redis.call('ZRANGEBYSCORE', K.delayed, '-inf', now, 'LIMIT', 0, limit)
+  local ids = redis.call('ZRANGEBYSCORE', K.delayed, '-inf', fmt(now), 'LIMIT', '0', limit)
   for _, rid in ipairs(ids) do
     redis.call('ZREM', K.delayed, rid)
     local h = route_fields(B .. 'run:' .. rid)

@@ -64,6 +64,8 @@ pub struct Figures {
     pub command_breakdown: HashMap<String, f64>,
     pub round_trips_per_lifecycle: f64,
     pub redis_cpu_us_per_lifecycle: f64,
+    /// The part of it spent running the scripts (the rest is network I/O and the event loop).
+    pub script_us_per_lifecycle: f64,
 }
 
 const METADATA_PAD: &str = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore magna aliqua ut enim ad minim veniam quis nostrud exercitation";
@@ -99,13 +101,14 @@ async fn redis_cpu(store: &Store) -> Result<f64> {
     Ok(get("used_cpu_sys") + get("used_cpu_user"))
 }
 
-async fn command_calls(store: &Store) -> Result<HashMap<String, f64>> {
+/// Per command: (calls, microseconds spent running it), from INFO commandstats.
+async fn command_calls(store: &Store) -> Result<HashMap<String, (f64, f64)>> {
     let stats = info(store, "commandstats").await?;
     let mut out = HashMap::new();
     for (k, v) in stats {
         if let Some(name) = k.strip_prefix("cmdstat_") {
-            let calls = v.split(',').find_map(|p| p.strip_prefix("calls=")).and_then(|c| c.parse().ok()).unwrap_or(0.0);
-            out.insert(name.to_string(), calls);
+            let field = |key: &str| v.split(',').find_map(|p| p.strip_prefix(key)).and_then(|c| c.parse().ok());
+            out.insert(name.to_string(), (field("calls=").unwrap_or(0.0), field("usec=").unwrap_or(0.0)));
         }
     }
     Ok(out)
@@ -306,11 +309,15 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: BenchArgs
     f.lifecycle_per_s = a.runs as f64 / took.as_secs_f64();
     f.redis_cpu_us_per_lifecycle = (cpu_after - cpu_before) * 1e6 / a.runs as f64;
     let mut total = 0.0;
-    for (name, after) in &calls_after {
+    for (name, (after, usec_after)) in &calls_after {
         if name == "info" || name == "config|get" || name == "memory|purge" || name == "xlen" {
             continue;
         }
-        let delta = after - calls_before.get(name).copied().unwrap_or(0.0);
+        let (before, usec_before) = calls_before.get(name).copied().unwrap_or_default();
+        if name == "evalsha" {
+            f.script_us_per_lifecycle = (usec_after - usec_before) / a.runs as f64;
+        }
+        let delta = after - before;
         if delta > 0.0 {
             f.command_breakdown.insert(name.clone(), delta / a.runs as f64);
             total += delta;
@@ -324,8 +331,14 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: BenchArgs
     let finished_mem = used_memory(&store).await?;
     f.memory_per_finished_run = (finished_mem - before) / a.runs as f64;
     eprintln!(
-        "bench: lifecycle {} workers {:.0}/s, {:.1} commands and {:.0} us Redis CPU per run, {:.0} bytes per finished run",
-        a.workers, f.lifecycle_per_s, f.commands_per_lifecycle, f.redis_cpu_us_per_lifecycle, f.memory_per_finished_run
+        "bench: lifecycle {} workers {:.0}/s, {:.1} commands and {:.0} us Redis CPU per run ({:.0} us in scripts), \
+         {:.0} bytes per finished run",
+        a.workers,
+        f.lifecycle_per_s,
+        f.commands_per_lifecycle,
+        f.redis_cpu_us_per_lifecycle,
+        f.script_us_per_lifecycle,
+        f.memory_per_finished_run
     );
 
     // 4. Lifecycle with many workers.
@@ -430,7 +443,10 @@ fn print_table(f: &Figures) {
     }
     println!("| Redis memory per queued run, bytes | {:.0} |", f.memory_per_queued_run);
     println!("| Redis memory per finished run with 3 events, bytes | {:.0} |", f.memory_per_finished_run);
-    println!("| Redis CPU per lifecycle, us | {:.0} |", f.redis_cpu_us_per_lifecycle);
+    println!(
+        "| Redis CPU per lifecycle, us | {:.0} ({:.0} running scripts) |",
+        f.redis_cpu_us_per_lifecycle, f.script_us_per_lifecycle
+    );
     println!(
         "| Redis commands per lifecycle (round trips) | {:.2} ({:.2}) |",
         f.commands_per_lifecycle, f.round_trips_per_lifecycle
