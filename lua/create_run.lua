@@ -29,6 +29,8 @@ if n < 1 or n ~= math.floor(n) or #KEYS ~= 9 + n then
   fail('INVALID', 'runs must come as 17 values each with one key each, at least one')
 end
 
+local OPTIONAL_IDS = { 'event_id', 'binding_id', 'conversation_id', 'thread_id', 'workspace_id', 'bot_id',
+  'agent_id', 'requested_runtime_id' }
 local runs = {}
 for i = 0, n - 1 do
   local a = 4 + i * WIDTH
@@ -40,8 +42,7 @@ for i = 0, n - 1 do
     requested_runtime_id = ARGV[a + 14], not_before = ARGV[a + 15], key = KEYS[10 + i],
   }
   check_id('run_id', r.rid)
-  for _, name in ipairs({ 'event_id', 'binding_id', 'conversation_id', 'thread_id', 'workspace_id',
-    'bot_id', 'agent_id', 'requested_runtime_id' }) do
+  for _, name in ipairs(OPTIONAL_IDS) do
     check_opt_id(name, r[name])
   end
   check_id('runner_id', r.runner_id)
@@ -62,6 +63,7 @@ local OPTIONAL = { 'event_id', 'binding_id', 'conversation_id', 'thread_id', 'wo
 local SCOPES = { { 'conversation', 'conversation_id' }, { 'bot', 'bot_id' }, { 'workspace', 'workspace_id' },
   { 'thread', 'thread_id' } }
 local now = now_ms()
+local now_s = fmt(now)
 local out = {}
 local fresh = 0
 local first = {} -- run key -> index of its first occurrence in this batch
@@ -80,13 +82,16 @@ end
 -- One INCRBY reserves the ids of the whole batch, in order.
 local id = fresh > 0 and redis.call('INCRBY', KEYS[8], fresh) - fresh or 0
 local claimable = false
+-- Unpinned runs due now go into `queued` together, one ZADD per runner.
+local by_runner, runner_order = {}, {}
 for i, r in ipairs(runs) do
   local rk = r.key
   if not out[i] then
     id = id + 1
+    local id_s = fmt(id)
     local fields = {
-      'id', id, 'run_id', r.rid, 'runner_id', r.runner_id, 'status', r.status, 'queue_name', queue,
-      'priority', r.priority, 'dispatch_attempts', 0, 'created_at', now, 'updated_at', now,
+      'id', id_s, 'run_id', r.rid, 'runner_id', r.runner_id, 'status', r.status, 'queue_name', queue,
+      'priority', r.priority, 'dispatch_attempts', '0', 'created_at', now_s, 'updated_at', now_s,
     }
     for _, name in ipairs(OPTIONAL) do
       if r[name] ~= '' then
@@ -100,20 +105,30 @@ for i, r in ipairs(runs) do
     end
     if r.status == 'running' then
       fields[#fields + 1] = 'started_at'
-      fields[#fields + 1] = now
+      fields[#fields + 1] = now_s
     end
     redis.call('HSET', rk, unpack(fields))
 
     -- List indexes are streams: entry <id>-0 names the run; cheaper than a
     -- sorted set entry and still paged newest first with XREVRANGE.
-    local entry = id .. '-0'
+    local entry = id_s .. '-0'
     redis.call('XADD', B .. 'runs', entry, 'r', r.rid)
     for _, scope in ipairs(SCOPES) do
       local v = r[scope[2]]
       if v ~= '' then redis.call('XADD', B .. 'idx:' .. scope[1] .. ':' .. v, entry, 'r', r.rid) end
     end
     if r.deadline then redis.call('ZADD', K.deadlines, r.deadline, r.rid) end
-    if r.status == 'queued' then
+    if r.status == 'queued' and r.requested_runtime_id == '' and r.not_before == '' then
+      local pairs = by_runner[r.runner_id]
+      if not pairs then
+        pairs = {}
+        by_runner[r.runner_id] = pairs
+        runner_order[#runner_order + 1] = r.runner_id
+      end
+      pairs[#pairs + 1] = lane_score(r.priority, id)
+      pairs[#pairs + 1] = r.rid
+      claimable = true
+    elseif r.status == 'queued' then
       local h = { id = id, priority = r.priority, runner_id = r.runner_id }
       if r.not_before ~= '' then h.not_before = r.not_before end
       if r.requested_runtime_id ~= '' then h.requested_runtime_id = r.requested_runtime_id end
@@ -124,6 +139,7 @@ for i, r in ipairs(runs) do
 end
 -- A run given twice in one batch is created once; the repeat sees it as existing.
 for _, i in ipairs(repeats) do out[i] = { 0, hgetall(runs[i].key) } end
+for _, runner in ipairs(runner_order) do queue_runs(B, runner, by_runner[runner]) end
 if claimable then wake() end
 if fresh > 0 then
   redis.call('SADD', KEYS[9], queue)

@@ -98,11 +98,15 @@ async fn runner_lanes_follow_the_runners_of_queued_runs() {
     for step in 0..400 {
         match rng.below(10) {
             0..=3 => {
-                next += 1;
-                // Mostly one runner, so the queue moves in and out of needing lanes.
-                let runner = if rng.below(3) == 0 { RUNNERS[rng.below(3)] } else { "alpha" };
-                let run = NewRun::new(format!("r{next}"), runner).queue("q").priority(rng.below(4) as i64);
-                store.create_run(&run).await.expect("create");
+                // One run or a batch of up to 4 (a batch queues each runner's runs in one go).
+                let mut batch = Vec::new();
+                for _ in 0..(if rng.below(3) == 0 { 1 + rng.below(4) } else { 1 }) {
+                    next += 1;
+                    // Mostly one runner, so the queue moves in and out of needing lanes.
+                    let runner = if rng.below(3) == 0 { RUNNERS[rng.below(3)] } else { "alpha" };
+                    batch.push(NewRun::new(format!("r{next}"), runner).queue("q").priority(rng.below(4) as i64));
+                }
+                store.create_runs(&batch).await.expect("create");
             }
             4..=6 => {
                 let filter: Vec<&str> = match rng.below(4) {

@@ -101,18 +101,22 @@ local function runner_lane(B, r)
   return B .. 'runner:' .. r
 end
 
--- Puts a queued run into the lane it is claimed from.
-local function lane_add(B, rid, h)
-  local score = lane_score(tonumber(h.priority), tonumber(h.id))
-  if h.requested_runtime_id then
-    redis.call('ZADD', B .. 'pinned:' .. h.requested_runtime_id, score, rid)
-    redis.call('SADD', B .. 'pins', h.requested_runtime_id)
-    return
+-- ZADD of {score, member, ...} pairs, in calls of at most 500 pairs (unpack
+-- has a limit).
+local function zadd_pairs(key, pairs)
+  for i = 1, #pairs, 1000 do
+    redis.call('ZADD', key, unpack(pairs, i, math.min(i + 999, #pairs)))
   end
-  local r, runners = h.runner_id, B .. 'runners'
+end
+
+-- Puts unpinned, due runs of runner r into `queued` (and its lane when the
+-- queue keeps lanes). pairs: {lane score, run_id, ...}.
+local function queue_runs(B, r, pairs)
+  local n = #pairs / 2
+  local runners = B .. 'runners'
   local lane = runner_lane(B, r)
   local laned
-  if redis.call('HINCRBY', runners, r, '1') == 1 then
+  if redis.call('HINCRBY', runners, r, n) == n then
     local names = redis.call('HKEYS', runners)
     laned = #names > 1
     if #names == 2 then
@@ -126,8 +130,19 @@ local function lane_add(B, rid, h)
   else
     laned = redis.call('EXISTS', lane) == 1
   end
-  if laned then redis.call('ZADD', lane, score, rid) end
-  redis.call('ZADD', K.queued, score, rid)
+  if laned then zadd_pairs(lane, pairs) end
+  zadd_pairs(K.queued, pairs)
+end
+
+-- Puts a queued run into the lane it is claimed from.
+local function lane_add(B, rid, h)
+  local score = lane_score(tonumber(h.priority), tonumber(h.id))
+  if h.requested_runtime_id then
+    redis.call('ZADD', B .. 'pinned:' .. h.requested_runtime_id, score, rid)
+    redis.call('SADD', B .. 'pins', h.requested_runtime_id)
+  else
+    queue_runs(B, h.runner_id, { score, rid })
+  end
 end
 
 -- Counts a run out of `queued` for its runner (after it left `queued`).

@@ -47,6 +47,9 @@ pub struct Figures {
     pub runs: usize,
     pub enqueue_single_per_s: f64,
     pub enqueue_batched_per_s: f64,
+    /// Redis CPU and script time per run of the batched enqueue: what bounds its rate.
+    pub enqueue_redis_cpu_us_per_run: f64,
+    pub enqueue_script_us_per_run: f64,
     pub lifecycle_per_s: f64,
     pub lifecycle_workers: usize,
     pub lifecycle_many_per_s: Option<f64>,
@@ -101,6 +104,11 @@ async fn redis_cpu(store: &Store) -> Result<f64> {
     Ok(get("used_cpu_sys") + get("used_cpu_user"))
 }
 
+/// Microseconds the server has spent running scripts by SHA.
+async fn script_usec(store: &Store) -> Result<f64> {
+    Ok(command_calls(store).await?.get("evalsha").map(|(_, usec)| *usec).unwrap_or(0.0))
+}
+
 /// Per command: (calls, microseconds spent running it), from INFO commandstats.
 async fn command_calls(store: &Store) -> Result<HashMap<String, (f64, f64)>> {
     let stats = info(store, "commandstats").await?;
@@ -131,15 +139,19 @@ async fn wait_finished(store: &Store, queue: &str, n: i64, timeout: Duration) ->
     }
 }
 
+/// Enqueues n runs in batches of 1000; returns the time spent in the enqueue
+/// calls (making the runs is the load generator's work, not the queue's).
 async fn enqueue_batched(store: &Store, queue: &str, n: usize) -> Result<Duration> {
-    let start = Instant::now();
+    let mut spent = Duration::ZERO;
     let mut i = 0;
     while i < n {
         let batch: Vec<NewRun> = (i..(i + 1000).min(n)).map(|k| bench_run(k, queue)).collect();
+        let start = Instant::now();
         store.create_runs(&batch).await?;
+        spent += start.elapsed();
         i += batch.len();
     }
-    Ok(start.elapsed())
+    Ok(spent)
 }
 
 /// The lifecycle: W workers each claim, append 3 events (one round trip), finish.
@@ -282,22 +294,28 @@ pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: BenchArgs
     eprintln!("bench: Redis {} at {url} ({}), {} runs", f.redis_version, f.redis_config, a.runs);
 
     // 1. Enqueue, one call at a time.
-    let start = Instant::now();
+    let mut spent = Duration::ZERO;
     for i in 0..a.runs {
-        store.create_run(&bench_run(i, "bench-single")).await?;
+        let run = bench_run(i, "bench-single");
+        let start = Instant::now();
+        store.create_run(&run).await?;
+        spent += start.elapsed();
     }
-    f.enqueue_single_per_s = a.runs as f64 / start.elapsed().as_secs_f64();
+    f.enqueue_single_per_s = a.runs as f64 / spent.as_secs_f64();
     eprintln!("bench: enqueue one at a time {:.0}/s", f.enqueue_single_per_s);
 
     // 2. Enqueue batched; memory per queued run.
     let before = used_memory(&store).await?;
+    let (script_before, cpu_before) = (script_usec(&store).await?, redis_cpu(&store).await?);
     let took = enqueue_batched(&store, "bench", a.runs).await?;
     f.enqueue_batched_per_s = a.runs as f64 / took.as_secs_f64();
+    f.enqueue_script_us_per_run = (script_usec(&store).await? - script_before) / a.runs as f64;
+    f.enqueue_redis_cpu_us_per_run = (redis_cpu(&store).await? - cpu_before) * 1e6 / a.runs as f64;
     let queued_mem = used_memory(&store).await?;
     f.memory_per_queued_run = (queued_mem - before) / a.runs as f64;
     eprintln!(
-        "bench: enqueue batched {:.0}/s, {:.0} bytes per queued run",
-        f.enqueue_batched_per_s, f.memory_per_queued_run
+        "bench: enqueue batched {:.0}/s ({:.1} us Redis CPU per run, {:.1} us of it in scripts), {:.0} bytes per queued run",
+        f.enqueue_batched_per_s, f.enqueue_redis_cpu_us_per_run, f.enqueue_script_us_per_run, f.memory_per_queued_run
     );
 
     // 3. Lifecycle with W workers; commands, CPU and memory per lifecycle.
