@@ -1,6 +1,6 @@
 -- append_audit_event: a host-authored event after the run's last sequence.
 --
--- KEYS[1..7]  the queue keys (see include/common.lua)
+-- KEYS[1..7]  the queue keys (see include/queue.lua)
 -- KEYS[8]     <P>:{Q}:run:<run_id>         HASH the run
 -- KEYS[9]     <P>:{Q}:run:<run_id>:events  STREAM its events
 -- ARGV[1] key base   ARGV[2] run_id   ARGV[3] type

@@ -1,6 +1,6 @@
 -- append_events: append one or more events to a run's stream, in one call.
 --
--- KEYS[1..7]  the queue keys (see include/common.lua)
+-- KEYS[1..7]  the queue keys (see include/queue.lua)
 -- KEYS[8]     <P>:{Q}:run:<run_id>         HASH the run
 -- KEYS[9]     <P>:{Q}:run:<run_id>:events  STREAM its events, entry id <sequence>-0
 -- ARGV[1] key base   ARGV[2] run_id

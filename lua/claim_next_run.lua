@@ -1,6 +1,6 @@
 -- claim_next_run: hand the next run of one queue to a runtime under a lease.
 --
--- KEYS[1..7]  the queue keys (see include/common.lua)
+-- KEYS[1..7]  the queue keys (see include/queue.lua)
 -- ARGV[1]  key base <P>:{Q}:
 -- ARGV[2]  runtime_id
 -- ARGV[3]  lease length in ms (1 .. 86400000)

@@ -1,7 +1,7 @@
 -- create_run: create runs of one queue unless they exist (idempotent by run_id).
 -- One call creates one run or a whole batch.
 --
--- KEYS[1..7]  the queue keys (see include/common.lua)
+-- KEYS[1..7]  the queue keys (see include/queue.lua)
 -- KEYS[8]     <P>:id        STRING global run id counter
 -- KEYS[9]     <P>:queues    SET names of known queues
 --   KEYS[8] and KEYS[9] are the only keys outside the queue's slot; see the

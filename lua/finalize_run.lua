@@ -1,6 +1,6 @@
 -- finalize_run: move a run to a terminal status, with usage, cost and metadata.
 --
--- KEYS[1..7]  the queue keys (see include/common.lua)
+-- KEYS[1..7]  the queue keys (see include/queue.lua)
 -- KEYS[8]     <P>:{Q}:run:<run_id>  HASH the run
 -- ARGV[1] key base   ARGV[2] run_id
 -- ARGV[3] status: completed | failed | cancelled | timeout

@@ -1,7 +1,7 @@
 -- queue_stats: what an operator asks first about one queue.
 -- Read only, except that it drops runtimes whose pinned lane is empty from KEYS[8].
 --
--- KEYS[1..7]  the queue keys (see include/common.lua)
+-- KEYS[1..7]  the queue keys (see include/queue.lua)
 -- KEYS[8]     <P>:{Q}:pins  SET runtime ids that have a pinned lane
 -- ARGV[1] key base   ARGV[2] how many lease holders to list (0 .. 1000)
 -- Returns {queued, pinned, delayed, claimed, finished, oldest queued created_at ms

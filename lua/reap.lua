@@ -1,6 +1,6 @@
 -- reap: one housekeeping pass over a queue.
 --
--- KEYS[1..7]  the queue keys (see include/common.lua)
+-- KEYS[1..7]  the queue keys (see include/queue.lua)
 -- ARGV[1] key base
 -- ARGV[2] now in epoch ms ('' = the server's clock)
 -- ARGV[3] limit per kind of work (1 .. 1000)

@@ -1,6 +1,6 @@
 -- release_claim: give up a claim, back to the queue or to a terminal status.
 --
--- KEYS[1..7]  the queue keys (see include/common.lua)
+-- KEYS[1..7]  the queue keys (see include/queue.lua)
 -- KEYS[8]     <P>:{Q}:run:<run_id>  HASH the run
 -- ARGV[1] key base   ARGV[2] run_id   ARGV[3] claim token
 -- ARGV[4] status: queued | completed | failed | cancelled | timeout

@@ -1,6 +1,6 @@
 -- release_expired_claims: take back claims whose lease has expired.
 --
--- KEYS[1..7]  the queue keys (see include/common.lua)
+-- KEYS[1..7]  the queue keys (see include/queue.lua)
 -- ARGV[1] key base
 -- ARGV[2] now in epoch ms ('' = the server's clock)
 -- ARGV[3] status for the released runs: queued (default) or a terminal status

@@ -1,6 +1,6 @@
 -- renew_claim: extend the lease of a claim the caller still holds.
 --
--- KEYS[1..7]  the queue keys (see include/common.lua)
+-- KEYS[1..7]  the queue keys (see include/queue.lua)
 -- KEYS[8]     <P>:{Q}:run:<run_id>  HASH the run
 -- ARGV[1] key base   ARGV[2] run_id   ARGV[3] claim token
 -- ARGV[4] lease ms (1 .. 86400000)    ARGV[5] retention ms

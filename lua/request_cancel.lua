@@ -1,6 +1,6 @@
 -- request_cancel: cancel a run, or ask its holder to stop.
 --
--- KEYS[1..7]  the queue keys (see include/common.lua)
+-- KEYS[1..7]  the queue keys (see include/queue.lua)
 -- KEYS[8]     <P>:{Q}:run:<run_id>  HASH the run
 -- KEYS[9]     <P>:{Q}:cancel        pub/sub channel the workers listen on
 -- ARGV[1] key base   ARGV[2] run_id   ARGV[3] status_reason ('' = none)

@@ -64,7 +64,7 @@ impl QueueKeys {
         self.key(&format!("pinned:{runtime_id}"))
     }
 
-    /// KEYS[1..7] of every queue script, in the order of `lua/include/common.lua`.
+    /// KEYS[1..7] of every queue script, in the order of `lua/include/queue.lua`.
     pub fn fixed(&self) -> [String; 7] {
         [self.queued(), self.leases(), self.delayed(), self.deadlines(), self.finished(), self.stats(), self.wake()]
     }

@@ -1,7 +1,8 @@
-//! The Lua scripts of `lua/`, each prepended with `lua/include/common.lua`,
-//! and the two that claim (claim_next_run, finalize_run) also with
-//! `lua/include/claim.lua`. Every call runs its includes' definitions again,
-//! so a script gets only the includes it uses.
+//! The Lua scripts of `lua/`, each prepended with the includes it uses:
+//! `lua/include/common.lua` (errors, checks, clock, fencing) for all,
+//! `lua/include/queue.lua` (lanes, finishing, requeueing, lease recovery) for
+//! those that move runs, and `lua/include/claim.lua` for the two that claim.
+//! Every call runs its includes' definitions again, so less is faster.
 //!
 //! [`redis::Script`] runs them by SHA and loads them again on NOSCRIPT (after
 //! `SCRIPT FLUSH` or a restart); [`Lua::code`] serves pipelines, which cannot
@@ -25,9 +26,17 @@ macro_rules! lua {
     ($name:literal) => {
         Lua::new(concat!(include_str!("../lua/include/common.lua"), include_str!(concat!("../lua/", $name, ".lua"))))
     };
+    ($name:literal, queue) => {
+        Lua::new(concat!(
+            include_str!("../lua/include/common.lua"),
+            include_str!("../lua/include/queue.lua"),
+            include_str!(concat!("../lua/", $name, ".lua"))
+        ))
+    };
     ($name:literal, claim) => {
         Lua::new(concat!(
             include_str!("../lua/include/common.lua"),
+            include_str!("../lua/include/queue.lua"),
             include_str!("../lua/include/claim.lua"),
             include_str!(concat!("../lua/", $name, ".lua"))
         ))
@@ -56,18 +65,18 @@ pub struct Scripts {
 impl Scripts {
     pub fn new() -> Self {
         Scripts {
-            create_run: lua!("create_run"),
+            create_run: lua!("create_run", queue),
             claim_next_run: lua!("claim_next_run", claim),
-            renew_claim: lua!("renew_claim"),
-            release_claim: lua!("release_claim"),
-            release_expired_claims: lua!("release_expired_claims"),
+            renew_claim: lua!("renew_claim", queue),
+            release_claim: lua!("release_claim", queue),
+            release_expired_claims: lua!("release_expired_claims", queue),
             append_events: lua!("append_events"),
             append_audit_event: lua!("append_audit_event"),
             finalize_run: lua!("finalize_run", claim),
-            request_cancel: lua!("request_cancel"),
+            request_cancel: lua!("request_cancel", queue),
             list_runs: lua!("list_runs"),
-            queue_stats: lua!("queue_stats"),
-            reap: lua!("reap"),
+            queue_stats: lua!("queue_stats", queue),
+            reap: lua!("reap", queue),
             register_runtime: lua!("register_runtime"),
             heartbeat_runtime: lua!("heartbeat_runtime"),
             mark_stale_runtimes: lua!("mark_stale_runtimes"),

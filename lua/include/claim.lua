@@ -1,6 +1,6 @@
 -- claim.lua: the claim itself, shared by claim_next_run and finalize_run
 -- (which can finish a run and claim the next in one call). Prepended after
--- common.lua.
+-- common.lua and queue.lua.
 
 -- Reads a claim spec from ARGV[a..]: runtime_id, lease ms, new token,
 -- retention ms, then the runner_ids filter (none = any runner).
