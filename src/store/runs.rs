@@ -147,15 +147,16 @@ impl Store {
     }
 
     /// One create_run call for runs of one queue.
-    fn create_call(&self, queue: &str, runs: &[(&NewRun, [String; 17])]) -> (Vec<String>, Vec<String>) {
+    fn create_call(&self, queue: &str, runs: &mut [Indexed<'_>]) -> (Vec<String>, Vec<String>) {
         let keys = self.queue_keys(queue);
         let mut k: Vec<String> = keys.fixed().into();
         k.push(self.global().id_counter());
         k.push(self.global().queues());
-        let mut args = vec![keys.base.clone(), queue.to_string(), self.max_json().to_string()];
-        for (run, values) in runs {
+        let mut args = Vec::with_capacity(3 + runs.len() * 17);
+        args.extend([keys.base.clone(), queue.to_string(), self.max_json().to_string()]);
+        for (_, (run, values)) in runs {
             k.push(keys.run(&run.run_id));
-            args.extend(values.iter().cloned());
+            args.extend(values.iter_mut().map(std::mem::take));
         }
         (k, args)
     }
@@ -202,11 +203,10 @@ impl Store {
         }
         let mut calls = Vec::new();
         let mut order = Vec::new();
-        for (queue, group) in &by_queue {
-            for chunk in group.chunks(PER_CALL) {
-                let items: Vec<(&NewRun, [String; 17])> = chunk.iter().map(|(_, item)| item.clone()).collect();
-                calls.push(self.create_call(queue, &items));
+        for (queue, group) in &mut by_queue {
+            for chunk in group.chunks_mut(PER_CALL) {
                 order.push(chunk.iter().map(|(i, _)| *i).collect::<Vec<_>>());
+                calls.push(self.create_call(queue, chunk));
             }
         }
         let values = match calls.len() {
