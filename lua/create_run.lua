@@ -119,14 +119,14 @@ for i, r in ipairs(runs) do
     end
     if r.deadline then redis.call('ZADD', K.deadlines, r.deadline, r.rid) end
     if r.status == 'queued' and r.requested_runtime_id == '' and r.not_before == '' then
-      local pairs = by_runner[r.runner_id]
-      if not pairs then
-        pairs = {}
-        by_runner[r.runner_id] = pairs
+      local entries = by_runner[r.runner_id]
+      if not entries then
+        entries = {}
+        by_runner[r.runner_id] = entries
         runner_order[#runner_order + 1] = r.runner_id
       end
-      pairs[#pairs + 1] = lane_score(r.priority, id)
-      pairs[#pairs + 1] = r.rid
+      entries[#entries + 1] = lane_score(r.priority, id)
+      entries[#entries + 1] = r.rid
       claimable = true
     elseif r.status == 'queued' then
       local h = { id = id, priority = r.priority, runner_id = r.runner_id }

@@ -52,13 +52,11 @@ local function claim(B, c, now)
         local head = redis.call('ZRANGE', runner_lane(B, r), '0', '0', 'WITHSCORES')
         if head[1] then consider(head[1], head[2]); laned = true end
       end
-      if not laned and redis.call('HLEN', B .. 'runners') == 1 then
+      local names = not laned and redis.call('HKEYS', B .. 'runners') or {}
+      if #names == 1 and wanted[names[1]] and redis.call('EXISTS', runner_lane(B, names[1])) == 0 then
         -- One runner and no lanes: `queued` is that runner's lane.
-        local only = redis.call('HKEYS', B .. 'runners')[1]
-        if wanted[only] and redis.call('EXISTS', runner_lane(B, only)) == 0 then
-          local head = redis.call('ZRANGE', K.queued, '0', '0', 'WITHSCORES')
-          if head[1] then consider(head[1], head[2]) end
-        end
+        local head = redis.call('ZRANGE', K.queued, '0', '0', 'WITHSCORES')
+        if head[1] then consider(head[1], head[2]) end
       end
       -- Pinned runs of other runners are skipped; bounded so a claim stays cheap.
       local heads = redis.call('ZRANGE', pinned, '0', '49', 'WITHSCORES')

@@ -39,18 +39,18 @@ local function runner_lane(B, r)
   return B .. 'runner:' .. r
 end
 
--- ZADD of {score, member, ...} pairs, in calls of at most 500 pairs (unpack
+-- ZADD of {score, member, ...} entries, at most 500 pairs per call (unpack
 -- has a limit).
-local function zadd_pairs(key, pairs)
-  for i = 1, #pairs, 1000 do
-    redis.call('ZADD', key, unpack(pairs, i, math.min(i + 999, #pairs)))
+local function zadd_entries(key, entries)
+  for i = 1, #entries, 1000 do
+    redis.call('ZADD', key, unpack(entries, i, math.min(i + 999, #entries)))
   end
 end
 
 -- Puts unpinned, due runs of runner r into `queued` (and its lane when the
--- queue keeps lanes). pairs: {lane score, run_id, ...}.
-local function queue_runs(B, r, pairs)
-  local n = #pairs / 2
+-- queue keeps lanes). entries: {lane score, run_id, ...}.
+local function queue_runs(B, r, entries)
+  local n = #entries / 2
   local runners = B .. 'runners'
   local lane = runner_lane(B, r)
   local laned
@@ -68,8 +68,8 @@ local function queue_runs(B, r, pairs)
   else
     laned = redis.call('EXISTS', lane) == 1
   end
-  if laned then zadd_pairs(lane, pairs) end
-  zadd_pairs(K.queued, pairs)
+  if laned then zadd_entries(lane, entries) end
+  zadd_entries(K.queued, entries)
 end
 
 -- Puts a queued run into the lane it is claimed from.
