@@ -2,7 +2,7 @@
 --
 -- KEYS[1..7]  the queue keys (see include/queue.lua)
 -- KEYS[8]     <P>:{Q}:run:<run_id>         HASH the run
--- KEYS[9]     <P>:{Q}:run:<run_id>:events  STREAM its events, entry id <sequence>-0
+-- KEYS[9]     <P>:{Q}:events:<run_id>  STREAM its events, entry id <sequence>-0
 -- ARGV[1] key base   ARGV[2] run_id
 -- ARGV[3] claim token ('' = host call without fencing)
 -- ARGV[4] max JSON bytes

@@ -2,13 +2,11 @@
 -- One call creates one run or a whole batch.
 --
 -- KEYS[1..7]  the queue keys (see include/queue.lua)
--- KEYS[8]     <P>:id        STRING global run id counter
--- KEYS[9]     <P>:queues    SET names of known queues
---   KEYS[8] and KEYS[9] are the only keys outside the queue's slot; see the
---   README ("Redis Cluster") for how a cluster deployment handles them.
--- KEYS[10..]  <P>:{Q}:run:<run_id>  HASH of each run, in the order of ARGV
+-- KEYS[8]     <P>:{Q}:meta  HASH number (the queue's number), clock (of the last id)
+-- KEYS[9..]   <P>:{Q}:run:<run_id>  HASH of each run, in the order of ARGV
 -- ARGV[1] key base <P>:{Q}:   ARGV[2] queue name   ARGV[3] max JSON bytes
--- ARGV[4..] 17 values per run:
+-- ARGV[4] queue number (0 .. 4095, from register_queue.lua; checked against KEYS[8])
+-- ARGV[5..] 17 values per run:
 --   run_id, event_id, binding_id, runner_id, conversation_id, thread_id,
 --   workspace_id, bot_id, agent_id, deadline_at ms, authorization (JSON object),
 --   metadata (JSON object), status (queued | running), priority [-1000, 1000],
@@ -17,15 +15,28 @@
 -- Every run is checked before the first one is written.
 -- Returns one reply per run: {1, id, created_at_ms} when created (the caller
 -- knows the rest), {0, HGETALL...} when it existed.
--- Cost: O(log n) per run in the queue depth. Run ids must only ever grow
--- (KEYS[8] is never reset), as the list indexes are streams keyed by id.
+--
+-- Run ids: id = clock * 4096 + queue number, where clock = max(last clock + 1,
+-- ms since 2026-01-01) is kept per queue. So ids are unique across queues
+-- (the low part names the queue), grow with creation within a queue (the
+-- list indexes are streams keyed by id), follow creation time across queues
+-- (newest first by id is newest first), and stay below 2^53: the clock has 41
+-- bits, 69 years of milliseconds. The claim order uses the clock (see
+-- lane_score). The run id locator (<P>:locator:<run_id>, another slot) is
+-- taken by the client before this script runs.
+-- Cost: O(log n) per run in the queue depth.
 local B = ARGV[1]
 local queue = ARGV[2]
 check_id('queue_name', queue)
 local max_bytes = check_int('max JSON bytes', ARGV[3], 1, 512 * 1024 * 1024)
+local number = check_int('queue number', ARGV[4], 0, QUEUES - 1)
+local meta = redis.call('HMGET', KEYS[8], 'number', 'clock')
+if meta[1] and tonumber(meta[1]) ~= number then
+  fail('CONFLICT', 'queue ' .. queue .. ' has number ' .. meta[1] .. ', not ' .. ARGV[4])
+end
 local WIDTH = 17
-local n = (#ARGV - 3) / WIDTH
-if n < 1 or n ~= math.floor(n) or #KEYS ~= 9 + n then
+local n = (#ARGV - 4) / WIDTH
+if n < 1 or n ~= math.floor(n) or #KEYS ~= 8 + n then
   fail('INVALID', 'runs must come as 17 values each with one key each, at least one')
 end
 
@@ -33,13 +44,13 @@ local OPTIONAL_IDS = { 'event_id', 'binding_id', 'conversation_id', 'thread_id',
   'agent_id', 'requested_runtime_id' }
 local runs = {}
 for i = 0, n - 1 do
-  local a = 4 + i * WIDTH
+  local a = 5 + i * WIDTH
   local r = {
     rid = ARGV[a], event_id = ARGV[a + 1], binding_id = ARGV[a + 2], runner_id = ARGV[a + 3],
     conversation_id = ARGV[a + 4], thread_id = ARGV[a + 5], workspace_id = ARGV[a + 6],
     bot_id = ARGV[a + 7], agent_id = ARGV[a + 8], deadline_at = ARGV[a + 9],
     authorization = ARGV[a + 10], metadata = ARGV[a + 11], status = ARGV[a + 12],
-    requested_runtime_id = ARGV[a + 14], not_before = ARGV[a + 15], key = KEYS[10 + i],
+    requested_runtime_id = ARGV[a + 14], not_before = ARGV[a + 15], key = KEYS[9 + i],
   }
   check_id('run_id', r.rid)
   for _, name in ipairs(OPTIONAL_IDS) do
@@ -79,15 +90,17 @@ for i, r in ipairs(runs) do
   end
   first[r.key] = first[r.key] or i
 end
--- One INCRBY reserves the ids of the whole batch, in order.
-local id = fresh > 0 and redis.call('INCRBY', KEYS[8], fresh) - fresh or 0
+-- The clocks of the whole batch, in order (see the header).
+local clock = math.max(tonumber(meta[2] or '0'), now - ID_EPOCH)
+if clock + fresh >= CLOCK_LIMIT then fail('INVALID', 'the id clock of queue ' .. queue .. ' is exhausted') end
 local claimable = false
 -- Unpinned runs due now go into `queued` together, one ZADD per runner.
 local by_runner, runner_order = {}, {}
 for i, r in ipairs(runs) do
   local rk = r.key
   if not out[i] then
-    id = id + 1
+    clock = clock + 1
+    local id = clock * QUEUES + number
     local id_s = fmt(id)
     local fields = {
       'id', id_s, 'run_id', r.rid, 'runner_id', r.runner_id, 'status', r.status, 'queue_name', queue,
@@ -142,7 +155,7 @@ for _, i in ipairs(repeats) do out[i] = { 0, hgetall(runs[i].key) } end
 for _, runner in ipairs(runner_order) do queue_runs(B, runner, by_runner[runner]) end
 if claimable then wake() end
 if fresh > 0 then
-  redis.call('SADD', KEYS[9], queue)
+  redis.call('HSET', KEYS[8], 'number', ARGV[4], 'clock', fmt(clock))
   redis.call('HINCRBY', K.stats, 'created', fresh)
 end
 return out

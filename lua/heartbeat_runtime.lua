@@ -1,6 +1,6 @@
 -- heartbeat_runtime: refresh a registered runtime's heartbeat.
 --
--- KEYS[1] <P>:runtime:<runtime_id>  HASH   KEYS[2] <P>:runtimes  ZSET
+-- KEYS[1] <P>:runtime:<runtime_id>  HASH the runtime
 -- ARGV[1] runtime_id   ARGV[2] status
 -- ARGV[3] heartbeat deadline ms (1 .. 86400000)   ARGV[4] grace ms
 -- ARGV[5] capabilities JSON ('' = keep)   ARGV[6] labels JSON ('' = keep)
@@ -8,7 +8,8 @@
 -- ARGV[8] metadata as the client read it (compare-and-set guard)
 -- ARGV[9] merged metadata JSON
 -- ARGV[10] max JSON bytes
--- Returns HGETALL of the runtime. Errors: NOT_FOUND (never registered or
+-- Returns HGETALL of the runtime; the client then moves it in the index
+-- <P>:runtimes (another slot on a cluster) to its new heartbeat_deadline_at. Errors: NOT_FOUND (never registered or
 -- expired), RETRY (metadata changed since the client read it).
 check_id('runtime_id', ARGV[1])
 check_id('status', ARGV[2])
@@ -32,5 +33,4 @@ if with_meta then redis.call('HSET', key, 'metadata', ARGV[9]) end
 redis.call('HSET', key, 'status', ARGV[2], 'last_heartbeat_at', now, 'heartbeat_deadline_at', now + deadline,
   'updated_at', now)
 redis.call('PEXPIRE', key, deadline + grace)
-redis.call('ZADD', KEYS[2], now + deadline, ARGV[1])
 return hgetall(key)

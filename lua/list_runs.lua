@@ -13,7 +13,7 @@
 -- Filters other than the index's own are checked on each run it yields; the
 -- walk stops after ARGV[4] entries so one call is bounded even when few match.
 local B = ARGV[1]
-local before = check_opt_int('before id', ARGV[2], 0, 1e15)
+local before = check_opt_int('before id', ARGV[2], 0, 9007199254740991)
 local want = check_int('limit', ARGV[3], 1, 101)
 local budget = check_int('scan limit', ARGV[4], 1, 100000)
 local statuses = {}

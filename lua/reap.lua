@@ -5,15 +5,18 @@
 -- ARGV[2] now in epoch ms ('' = the server's clock)
 -- ARGV[3] limit per kind of work (1 .. 1000)
 -- ARGV[4] retention ms
+-- ARGV[5] publish command for cancel notices (SPUBLISH | PUBLISH, see request_cancel.lua)
 -- Does, each at most `limit` times: promote due delayed runs; take back
 -- expired leases (dead-lettering runs out of attempts); time out runs past
 -- their deadline; purge runs finished longer ago than the retention, with
 -- their events and list-index entries.
--- Returns {promoted, reclaimed, timed_out, purged}.
+-- Returns {promoted, reclaimed, timed_out, purged, run ids purged...}: the
+-- client drops the purged runs' locators (another slot on a cluster).
 local B = ARGV[1]
 local now = check_opt_int('now', ARGV[2], 0, 1e15)
 local limit = check_int('limit', ARGV[3], 1, 1000)
 local retention = check_int('retention ms', ARGV[4], 0, 1e13)
+local publish = check_publish(ARGV[5])
 now = now or now_ms()
 
 local promoted = promote_delayed(B, now, limit)
@@ -24,7 +27,7 @@ for _, rid in ipairs(redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', now, 'LIMI
   local h = route_fields(B .. 'run:' .. rid)
   if h and not TERMINAL[h.status] then
     finish(B, rid, h, 'timeout', 'deadline passed', now, retention)
-    if h.status == 'claimed' then redis.call('PUBLISH', B .. 'cancel', rid) end
+    if h.status == 'claimed' then redis.call(publish, B .. 'cancel', rid) end
     timed_out = timed_out + 1
   else
     redis.call('ZREM', K.deadlines, rid)
@@ -32,6 +35,7 @@ for _, rid in ipairs(redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', now, 'LIMI
 end
 
 local purged = 0
+local purged_ids = {}
 local SCOPES = { 'conversation', 'bot', 'workspace', 'thread' }
 for _, entry in ipairs(redis.call('XRANGE', K.finished, '-', fmt(now - retention), 'COUNT', limit)) do
   local rid = entry[2][2]
@@ -49,8 +53,13 @@ for _, entry in ipairs(redis.call('XRANGE', K.finished, '-', fmt(now - retention
       end
     end
   end
-  redis.call('DEL', rk, rk .. ':events')
+  redis.call('DEL', rk, B .. 'events:' .. rid)
   redis.call('XDEL', K.finished, entry[1])
   purged = purged + 1
+  -- Only a run whose hash was still here owns its locator: an expired one's
+  -- locator expired with it and may name a newer run of that id by now.
+  if v[1] then purged_ids[#purged_ids + 1] = rid end
 end
-return { promoted, reclaimed, timed_out, purged }
+local out = { promoted, reclaimed, timed_out, purged }
+for _, rid in ipairs(purged_ids) do out[#out + 1] = rid end
+return out

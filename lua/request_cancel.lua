@@ -5,6 +5,8 @@
 -- KEYS[9]     <P>:{Q}:cancel        pub/sub channel the workers listen on
 -- ARGV[1] key base   ARGV[2] run_id   ARGV[3] status_reason ('' = none)
 -- ARGV[4] retention ms
+-- ARGV[5] publish command: SPUBLISH on a cluster (KEYS[9] is a sharded
+--         channel in the queue's slot), PUBLISH on a single server
 -- A queued (or delayed) run becomes `cancelled` at once and leaves the queue.
 -- A claimed or running run gets cancel_requested_at, and its run_id is
 -- published on the cancel channel so the worker holding it stops at once.
@@ -15,6 +17,7 @@ local rid = ARGV[2]
 check_id('run_id', rid)
 check_text('status_reason', ARGV[3], 4096)
 local retention = check_int('retention ms', ARGV[4], 0, 1e13)
+local publish = check_publish(ARGV[5])
 
 local rk = KEYS[8]
 local h = load_run(rk, rid)
@@ -25,6 +28,6 @@ if ARGV[3] ~= '' then redis.call('HSET', rk, 'status_reason', ARGV[3]) end
 if h.status == 'queued' then
   finish(B, rid, h, 'cancelled', ARGV[3] ~= '' and ARGV[3] or 'cancelled while queued', now, retention)
 else
-  redis.call('PUBLISH', KEYS[9], rid)
+  redis.call(publish, KEYS[9], rid)
 end
 return hgetall(rk)

@@ -19,8 +19,13 @@ pub struct RedisServer {
 
 /// Where `redis-server` is on PATH, if anywhere.
 pub fn find_redis_server() -> Option<PathBuf> {
+    find_on_path("redis-server")
+}
+
+/// Where the executable `name` is on PATH, if anywhere.
+pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join("redis-server")).find(|p| p.is_file())
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
 }
 
 pub const INSTALL_HINT: &str = "redis-server was not found on PATH. Install it (Debian/Ubuntu: \
@@ -77,17 +82,7 @@ impl RedisServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::unix::process::CommandExt;
-            // The server dies with us even if we are killed before Drop runs.
-            unsafe {
-                command.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-        }
+        die_with_parent(&mut command);
         let child = command.spawn().map_err(|e| Error::Server(format!("spawn {}: {e}", binary.display())))?;
         let mut server = RedisServer { child, port, dir };
         let started = Instant::now();
@@ -162,12 +157,29 @@ impl Drop for RedisServer {
     }
 }
 
-fn free_port() -> Result<u16> {
+/// Makes the spawned process get SIGKILL when the thread that spawned it
+/// exits, so a server dies with us even if we are killed before Drop runs.
+pub(crate) fn die_with_parent(command: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
+}
+
+pub(crate) fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Server(format!("no free port: {e}")))?;
     listener.local_addr().map(|a| a.port()).map_err(|e| Error::Server(format!("no free port: {e}")))
 }
 
-fn ping(port: u16) -> bool {
+pub(crate) fn ping(port: u16) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else { return false };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     if stream.write_all(b"PING\r\n").is_err() {

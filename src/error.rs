@@ -27,6 +27,12 @@ pub enum Error {
     /// The run passed its deadline; it is now `timeout`.
     #[error("deadline passed: {0}")]
     DeadlinePassed(String),
+    /// The write concern was not met: the write was applied on the master,
+    /// but fewer replicas than asked for acknowledged it in time, so a
+    /// failover right now could lose it. Retrying is safe (scripts are
+    /// idempotent by run id, sequence or token).
+    #[error("write concern not met: {0}")]
+    WriteConcern(String),
     /// Redis could not be reached or answered with an error of its own.
     #[error("redis: {0}")]
     Redis(#[from] RedisError),
@@ -61,6 +67,11 @@ impl Error {
             Some("FINISHED") => Error::Finished(message()),
             Some("OUT_OF_ORDER") => Error::OutOfOrder(message()),
             Some("DEADLINE") => Error::DeadlinePassed(message()),
+            _ if err.kind() == redis::ErrorKind::Client
+                && err.detail().is_some_and(|d| d.starts_with("WRITE_CONCERN ")) =>
+            {
+                Error::WriteConcern(err.detail().unwrap_or_default().trim_start_matches("WRITE_CONCERN ").to_string())
+            }
             _ => Error::Redis(err),
         }
     }

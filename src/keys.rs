@@ -54,8 +54,14 @@ impl QueueKeys {
     pub fn run(&self, run_id: &str) -> String {
         self.key(&format!("run:{run_id}"))
     }
+    /// `events:<run_id>`, not `run:<run_id>:events`: a run id may contain
+    /// `:`, and no run's hash may be another run's stream.
     pub fn events(&self, run_id: &str) -> String {
-        self.key(&format!("run:{run_id}:events"))
+        self.key(&format!("events:{run_id}"))
+    }
+    /// Queue settings: its number and id clock (HASH).
+    pub fn meta(&self) -> String {
+        self.key("meta")
     }
     pub fn runner_lane(&self, runner_id: &str) -> String {
         self.key(&format!("runner:{runner_id}"))
@@ -70,15 +76,27 @@ impl QueueKeys {
     }
 }
 
-/// Keys outside any queue.
+/// The most queues one prefix may have: a queue's number is the low part of
+/// every run id it creates (see `lua/create_run.lua`).
+pub const MAX_QUEUES: u32 = 4096;
+
+/// Keys outside any queue. Each is written by single-key calls of its own,
+/// so on a cluster none of them ever meets a queue's keys in one command.
 #[derive(Clone, Debug)]
 pub struct GlobalKeys {
     pub prefix: String,
 }
 
 impl GlobalKeys {
-    pub fn id_counter(&self) -> String {
-        format!("{}:id", self.prefix)
+    /// `<P>:locator:<run_id>`: the queue a run lives in (STRING). Taken with
+    /// SET NX before the run is created, so a run id names one run across
+    /// every queue, and a run is found in one round trip.
+    pub fn locator(&self, run_id: &str) -> String {
+        format!("{}:locator:{run_id}", self.prefix)
+    }
+    /// `<P>:partitions`: partitioned queues and their partition counts (HASH).
+    pub fn partitions(&self) -> String {
+        format!("{}:partitions", self.prefix)
     }
     pub fn queues(&self) -> String {
         format!("{}:queues", self.prefix)

@@ -6,6 +6,7 @@
 //! `RunLedgerStore`, plus batch enqueue, queue stats and a reaper pass.
 
 pub mod embedded;
+pub mod embedded_cluster;
 pub mod error;
 pub mod keys;
 pub mod model;

@@ -231,6 +231,9 @@ pub struct NewRun {
     pub not_before: Option<f64>,
     /// Claims allowed before a recurring lease expiry makes the run dead (0 = no limit).
     pub max_attempts: u32,
+    /// For a partitioned queue: runs with the same key go to the same
+    /// partition, so they keep their order (default: the run id).
+    pub partition_key: Option<String>,
 }
 
 impl NewRun {
@@ -287,6 +290,10 @@ impl NewRun {
     }
     pub fn queue_name(&self) -> &str {
         self.queue.as_deref().unwrap_or(DEFAULT_QUEUE)
+    }
+    pub fn partition_key(mut self, key: impl Into<String>) -> Self {
+        self.partition_key = Some(key.into());
+        self
     }
 }
 
@@ -585,6 +592,48 @@ pub struct QueueStats {
     pub counters: std::collections::BTreeMap<String, i64>,
     /// Runs in `queued` (unpinned, due) by runner_id.
     pub queued_by_runner: std::collections::BTreeMap<String, i64>,
+    /// For a partition (`Q#i`), the logical queue `Q` it belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition_of: Option<String>,
+}
+
+impl QueueStats {
+    /// The stats of a logical queue: the sums of its partitions' stats
+    /// (oldest age the largest, lease holders and counters merged).
+    pub fn merged(queue_name: &str, parts: &[QueueStats]) -> QueueStats {
+        let mut out = QueueStats {
+            queue_name: queue_name.to_string(),
+            queued: 0,
+            pinned: 0,
+            delayed: 0,
+            claimed: 0,
+            finished: 0,
+            oldest_queued_age: None,
+            lease_holders: Vec::new(),
+            counters: Default::default(),
+            queued_by_runner: Default::default(),
+            partition_of: None,
+        };
+        for p in parts {
+            out.queued += p.queued;
+            out.pinned += p.pinned;
+            out.delayed += p.delayed;
+            out.claimed += p.claimed;
+            out.finished += p.finished;
+            out.oldest_queued_age = match (out.oldest_queued_age, p.oldest_queued_age) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            out.lease_holders.extend(p.lease_holders.iter().cloned());
+            for (k, v) in &p.counters {
+                *out.counters.entry(k.clone()).or_default() += v;
+            }
+            for (k, v) in &p.queued_by_runner {
+                *out.queued_by_runner.entry(k.clone()).or_default() += v;
+            }
+        }
+        out
+    }
 }
 
 /// Who holds a run and until when.

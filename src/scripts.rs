@@ -14,11 +14,18 @@ use redis::Script;
 pub struct Lua {
     pub script: Script,
     pub code: &'static str,
+    /// False for scripts that only read: the write concern skips them.
+    pub writes: bool,
 }
 
 impl Lua {
     fn new(code: &'static str) -> Self {
-        Lua { script: Script::new(code), code }
+        Lua { script: Script::new(code), code, writes: true }
+    }
+
+    fn read_only(mut self) -> Self {
+        self.writes = false;
+        self
     }
 }
 
@@ -59,7 +66,8 @@ pub struct Scripts {
     pub reap: Lua,
     pub register_runtime: Lua,
     pub heartbeat_runtime: Lua,
-    pub mark_stale_runtimes: Lua,
+    pub mark_stale_runtime: Lua,
+    pub register_queue: Lua,
 }
 
 impl Scripts {
@@ -74,12 +82,13 @@ impl Scripts {
             append_audit_event: lua!("append_audit_event"),
             finalize_run: lua!("finalize_run", claim),
             request_cancel: lua!("request_cancel", queue),
-            list_runs: lua!("list_runs"),
+            list_runs: lua!("list_runs").read_only(),
             queue_stats: lua!("queue_stats", queue),
             reap: lua!("reap", queue),
             register_runtime: lua!("register_runtime"),
             heartbeat_runtime: lua!("heartbeat_runtime"),
-            mark_stale_runtimes: lua!("mark_stale_runtimes"),
+            mark_stale_runtime: lua!("mark_stale_runtime"),
+            register_queue: lua!("register_queue"),
         }
     }
 }

@@ -70,7 +70,7 @@ async fn final_state(redis: &common::TestRedis, n: usize) -> Vec<RunState> {
         for &i in chunk {
             let id = run_name(i);
             pipe.cmd("HMGET").arg(format!("rl:{{{QUEUE}}}:run:{id}")).arg("status").arg("dispatch_attempts");
-            pipe.cmd("XRANGE").arg(format!("rl:{{{QUEUE}}}:run:{id}:events")).arg("-").arg("+");
+            pipe.cmd("XRANGE").arg(format!("rl:{{{QUEUE}}}:events:{id}")).arg("-").arg("+");
         }
         let replies: Vec<redis::Value> = pipe.query_async(&mut raw).await.expect("pipeline of reads");
         for (k, pair) in replies.chunks(2).enumerate() {
@@ -428,6 +428,6 @@ async fn racing_creates_and_audits_stay_consistent() {
     let loser = if a.is_ok() { b } else { a };
     assert!(matches!(loser, Err(Error::Conflict(_))), "the other gets a conflict: {loser:?}");
     let len: i64 =
-        redis::cmd("XLEN").arg(format!("rl:{{{QUEUE}}}:run:same:events")).query_async(&mut raw).await.expect("XLEN");
+        redis::cmd("XLEN").arg(format!("rl:{{{QUEUE}}}:events:same")).query_async(&mut raw).await.expect("XLEN");
     assert_eq!(len, 201);
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use runledger::store::Conn;
 use runledger::*;
 use serde_json::json;
 
@@ -27,13 +27,13 @@ fn token(run: &Run) -> String {
     run.claim_token.clone().expect("claim result carries the token")
 }
 
-async fn xlen(raw: &mut MultiplexedConnection, run_id: &str) -> i64 {
-    redis::cmd("XLEN").arg(format!("rl:{{q}}:run:{run_id}:events")).query_async(raw).await.expect("XLEN")
+async fn xlen(raw: &mut Conn, run_id: &str) -> i64 {
+    redis::cmd("XLEN").arg(format!("rl:{{q}}:events:{run_id}")).query_async(raw).await.expect("XLEN")
 }
 
-async fn stream_ids(raw: &mut MultiplexedConnection, run_id: &str) -> Vec<String> {
+async fn stream_ids(raw: &mut Conn, run_id: &str) -> Vec<String> {
     let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(format!("rl:{{q}}:run:{run_id}:events"))
+        .arg(format!("rl:{{q}}:events:{run_id}"))
         .arg("-")
         .arg("+")
         .query_async(raw)
@@ -42,7 +42,7 @@ async fn stream_ids(raw: &mut MultiplexedConnection, run_id: &str) -> Vec<String
     entries.into_iter().map(|(id, _)| id).collect()
 }
 
-async fn hgetall(raw: &mut MultiplexedConnection, key: &str) -> std::collections::BTreeMap<String, String> {
+async fn hgetall(raw: &mut Conn, key: &str) -> std::collections::BTreeMap<String, String> {
     redis::cmd("HGETALL").arg(key).query_async(raw).await.expect("HGETALL")
 }
 
@@ -299,7 +299,7 @@ async fn runner_events_on_a_finished_run_are_refused_but_audit_works() {
     assert_eq!(page.items[0].metadata, json!({"by": "ops"}));
     assert_eq!(page.items[1].data, json!({}));
     // The finished run's events expire with it.
-    let ttl: i64 = redis::cmd("PTTL").arg("rl:{q}:run:r1:events").query_async(&mut raw).await.expect("PTTL");
+    let ttl: i64 = redis::cmd("PTTL").arg("rl:{q}:events:r1").query_async(&mut raw).await.expect("PTTL");
     assert!(ttl > 0, "the events of a finished run expire (PTTL {ttl})");
 
     // Audit on a run without events starts at 1.
@@ -319,7 +319,7 @@ async fn events_on_an_unknown_run_are_not_found() {
     assert!(matches!(err, Error::NotFound(_)), "{err:?}");
     let err = store.page_run_events("ghost", None, None, 10, Direction::Forward).await.expect_err("page unknown");
     assert!(matches!(err, Error::NotFound(_)), "{err:?}");
-    let exists: i64 = redis::cmd("EXISTS").arg("rl:{q}:run:ghost:events").query_async(&mut raw).await.expect("EXISTS");
+    let exists: i64 = redis::cmd("EXISTS").arg("rl:{q}:events:ghost").query_async(&mut raw).await.expect("EXISTS");
     assert_eq!(exists, 0, "no stream was created for the unknown run");
     // The script refuses too, even when the client thinks the run exists (the hash was deleted).
     store.append_event("exists", None, &ev(1, "a", json!({}))).await.expect("append");
@@ -343,7 +343,7 @@ async fn stream_entry_ids_are_the_sequences() {
     assert_eq!(ids, (1..=10).map(|s| format!("{s}-0")).collect::<Vec<_>>());
     // XRANGE key 5 7 shows events 5..7, as the brief promises operators.
     let some: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg("rl:{q}:run:r1:events")
+        .arg("rl:{q}:events:r1")
         .arg("5")
         .arg("7")
         .query_async(&mut raw)

@@ -6,16 +6,16 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use runledger::store::Conn;
 use runledger::*;
 use serde_json::json;
 
-async fn hgetall(raw: &mut MultiplexedConnection, key: &str) -> HashMap<String, String> {
+async fn hgetall(raw: &mut Conn, key: &str) -> HashMap<String, String> {
     redis::cmd("HGETALL").arg(key).query_async(raw).await.expect("HGETALL")
 }
 
 /// A stream index as (entry id, run id) pairs, oldest first.
-async fn stream_index(raw: &mut MultiplexedConnection, key: &str) -> Vec<(String, String)> {
+async fn stream_index(raw: &mut Conn, key: &str) -> Vec<(String, String)> {
     let entries: Vec<(String, Vec<(String, String)>)> =
         redis::cmd("XRANGE").arg(key).arg("-").arg("+").query_async(raw).await.expect("XRANGE");
     entries
@@ -27,23 +27,23 @@ async fn stream_index(raw: &mut MultiplexedConnection, key: &str) -> Vec<(String
         .collect()
 }
 
-async fn key_type(raw: &mut MultiplexedConnection, key: &str) -> String {
+async fn key_type(raw: &mut Conn, key: &str) -> String {
     redis::cmd("TYPE").arg(key).query_async(raw).await.expect("TYPE")
 }
 
-async fn zrange(raw: &mut MultiplexedConnection, key: &str) -> Vec<(String, f64)> {
+async fn zrange(raw: &mut Conn, key: &str) -> Vec<(String, f64)> {
     redis::cmd("ZRANGE").arg(key).arg(0).arg(-1).arg("WITHSCORES").query_async(raw).await.expect("ZRANGE")
 }
 
-async fn pttl(raw: &mut MultiplexedConnection, key: &str) -> i64 {
+async fn pttl(raw: &mut Conn, key: &str) -> i64 {
     redis::cmd("PTTL").arg(key).query_async(raw).await.expect("PTTL")
 }
 
-async fn xrange(raw: &mut MultiplexedConnection, key: &str) -> Vec<(String, HashMap<String, String>)> {
+async fn xrange(raw: &mut Conn, key: &str) -> Vec<(String, HashMap<String, String>)> {
     redis::cmd("XRANGE").arg(key).arg("-").arg("+").query_async(raw).await.expect("XRANGE")
 }
 
-async fn all_keys(raw: &mut MultiplexedConnection) -> Vec<String> {
+async fn all_keys(raw: &mut Conn) -> Vec<String> {
     let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(raw).await.expect("KEYS");
     keys.sort();
     keys
@@ -181,7 +181,7 @@ async fn a_run_through_its_life_as_an_operator_sees_it() {
         )
         .await
         .expect("append");
-    let sk = "rl:{q}:run:r1:events";
+    let sk = "rl:{q}:events:r1";
     assert_eq!(key_type(&mut raw, sk).await, "stream");
     let entries = xrange(&mut raw, sk).await;
     assert_eq!(entries.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["1-0", "2-0"]);
@@ -382,7 +382,7 @@ async fn a_custom_prefix_moves_every_key() {
         assert!(key.starts_with("app:"), "{key} ignores the prefix");
     }
     assert!(keys.iter().any(|k| k == "app:{q}:run:r1"));
-    assert!(keys.iter().any(|k| k == "app:{q}:run:r1:events"));
+    assert!(keys.iter().any(|k| k == "app:{q}:events:r1"));
     assert!(keys.iter().any(|k| k == "app:runtime:rt"));
     // And a store with the default prefix sees none of it.
     let other = Store::connect(&redis.url).await.expect("connect default");
@@ -410,7 +410,7 @@ async fn the_reaper_purges_finished_runs_after_retention() {
     let report = store.reap(&[], Some(later)).await.expect("reap after retention");
     assert_eq!(report.purged, 1);
     let keys = all_keys(&mut raw).await;
-    for gone in ["rl:{q}:run:old", "rl:{q}:run:old:events", "rl:{q}:idx:conversation:c1", "rl:{q}:idx:thread:t1"] {
+    for gone in ["rl:{q}:run:old", "rl:{q}:events:old", "rl:{q}:idx:conversation:c1", "rl:{q}:idx:thread:t1"] {
         assert!(!keys.iter().any(|k| k == gone), "{gone} was purged: {keys:?}");
     }
     assert!(stream_index(&mut raw, "rl:{q}:finished").await.is_empty());
@@ -436,7 +436,7 @@ async fn each_claim_passes_the_wake_token_on_while_runs_wait() {
         NewRun::new("c", "other").queue("w").priority(1),
     ];
     store.create_runs(&runs).await.expect("create batch");
-    async fn take_token(raw: &mut MultiplexedConnection) -> i64 {
+    async fn take_token(raw: &mut Conn) -> i64 {
         let popped: Option<String> = redis::cmd("LPOP").arg("rl:{w}:wake").query_async(raw).await.expect("LPOP");
         let left: i64 = redis::cmd("LLEN").arg("rl:{w}:wake").query_async(raw).await.expect("LLEN");
         assert_eq!(left, 0, "never more than one token");

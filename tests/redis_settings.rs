@@ -7,7 +7,7 @@ mod common;
 use runledger::*;
 use serde_json::json;
 
-async fn set(raw: &mut redis::aio::MultiplexedConnection, name: &str, value: &str) {
+async fn set(raw: &mut runledger::store::Conn, name: &str, value: &str) {
     let _: () = redis::cmd("CONFIG").arg("SET").arg(name).arg(value).query_async(raw).await.expect("CONFIG SET");
 }
 
@@ -28,7 +28,7 @@ async fn config_advice_names_what_falls_short() {
     assert_eq!(store.config_advice().await.expect("advice"), [], "more than recommended is fine");
 }
 
-async fn encoding(raw: &mut redis::aio::MultiplexedConnection, key: &str) -> String {
+async fn encoding(raw: &mut runledger::store::Conn, key: &str) -> String {
     redis::cmd("OBJECT").arg("ENCODING").arg(key).query_async(raw).await.expect("OBJECT ENCODING")
 }
 

@@ -8,7 +8,7 @@ use runledger::*;
 use serde_json::json;
 
 /// Whether the server holds the create_run script.
-async fn create_script_loaded(raw: &mut redis::aio::MultiplexedConnection) -> bool {
+async fn create_script_loaded(raw: &mut runledger::store::Conn) -> bool {
     let sha = runledger::scripts::Scripts::new().create_run.script.get_hash().to_string();
     let exists: Vec<i64> = redis::cmd("SCRIPT").arg("EXISTS").arg(&sha).query_async(raw).await.expect("SCRIPT EXISTS");
     exists == [1]

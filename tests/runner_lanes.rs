@@ -9,7 +9,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use runledger::store::Conn;
 use runledger::*;
 
 const RUNNERS: [&str; 3] = ["alpha", "beta", "gamma"];
@@ -27,12 +27,12 @@ impl Rng {
     }
 }
 
-async fn zrange(raw: &mut MultiplexedConnection, key: &str) -> Vec<(String, f64)> {
+async fn zrange(raw: &mut Conn, key: &str) -> Vec<(String, f64)> {
     redis::cmd("ZRANGE").arg(key).arg(0).arg(-1).arg("WITHSCORES").query_async(raw).await.expect("ZRANGE")
 }
 
 /// `queued` as run_id -> (runner, score).
-async fn queued(raw: &mut MultiplexedConnection) -> BTreeMap<String, (String, f64)> {
+async fn queued(raw: &mut Conn) -> BTreeMap<String, (String, f64)> {
     let mut out = BTreeMap::new();
     for (rid, score) in zrange(raw, "rl:{q}:queued").await {
         let runner: String = redis::cmd("HGET")
@@ -46,7 +46,7 @@ async fn queued(raw: &mut MultiplexedConnection) -> BTreeMap<String, (String, f6
     out
 }
 
-async fn check_lanes(store: &Store, raw: &mut MultiplexedConnection, step: usize) {
+async fn check_lanes(store: &Store, raw: &mut Conn, step: usize) {
     let queued = queued(raw).await;
     let counts: HashMap<String, i64> =
         redis::cmd("HGETALL").arg("rl:{q}:runners").query_async(raw).await.expect("HGETALL");
@@ -72,7 +72,7 @@ async fn check_lanes(store: &Store, raw: &mut MultiplexedConnection, step: usize
 
 /// A claim must take a run of a wanted runner that nothing left in `queued`
 /// beats; an empty claim must leave no run of a wanted runner in `queued`.
-async fn check_claim(raw: &mut MultiplexedConnection, step: usize, filter: &[&str], claimed: Option<&Run>) {
+async fn check_claim(raw: &mut Conn, step: usize, filter: &[&str], claimed: Option<&Run>) {
     let wanted = |r: &str| filter.is_empty() || filter.contains(&r);
     let best_left = queued(raw).await.into_values().filter(|(r, _)| wanted(r)).map(|(_, s)| s).reduce(f64::min);
     match claimed {

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use runledger::store::Conn;
 use runledger::*;
 use serde_json::json;
 
@@ -12,12 +12,12 @@ async fn now_ms(store: &Store) -> i64 {
     store.server_time_ms().await.expect("server time")
 }
 
-async fn hget_i64(raw: &mut MultiplexedConnection, key: &str, field: &str) -> i64 {
+async fn hget_i64(raw: &mut Conn, key: &str, field: &str) -> i64 {
     let v: Option<i64> = redis::cmd("HGET").arg(key).arg(field).query_async(raw).await.expect("HGET");
     v.unwrap_or_else(|| panic!("{key} has no {field}"))
 }
 
-async fn exists(raw: &mut MultiplexedConnection, key: &str) -> bool {
+async fn exists(raw: &mut Conn, key: &str) -> bool {
     let n: i64 = redis::cmd("EXISTS").arg(key).query_async(raw).await.expect("EXISTS");
     n == 1
 }
@@ -88,7 +88,7 @@ async fn register_records_fields_and_a_heartbeat() {
         "cleared fields are not stored: {fields:?}"
     );
 
-    async fn hami(raw: &mut MultiplexedConnection, field: &str) -> i64 {
+    async fn hami(raw: &mut Conn, field: &str) -> i64 {
         hget_i64(raw, "rl:runtime:rt-1", field).await
     }
 }

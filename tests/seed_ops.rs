@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use runledger::store::Conn;
 use runledger::*;
 use serde_json::{Value, json};
 
@@ -36,21 +36,21 @@ async fn now_ms(store: &Store) -> i64 {
 }
 
 /// Run ids in the finished index (a stream, field `r`) of queue q.
-async fn finished_ids(raw: &mut MultiplexedConnection) -> Vec<String> {
+async fn finished_ids(raw: &mut Conn) -> Vec<String> {
     let entries: Vec<(String, Vec<(String, String)>)> =
         redis::cmd("XRANGE").arg("rl:{q}:finished").arg("-").arg("+").query_async(raw).await.expect("XRANGE");
     entries.into_iter().flat_map(|(_, fields)| fields.into_iter().map(|(_, v)| v)).collect()
 }
 
-async fn zscore(raw: &mut MultiplexedConnection, key: &str, member: &str) -> Option<f64> {
+async fn zscore(raw: &mut Conn, key: &str, member: &str) -> Option<f64> {
     redis::cmd("ZSCORE").arg(key).arg(member).query_async(raw).await.expect("ZSCORE")
 }
 
-async fn zcard(raw: &mut MultiplexedConnection, key: &str) -> i64 {
+async fn zcard(raw: &mut Conn, key: &str) -> i64 {
     redis::cmd("ZCARD").arg(key).query_async(raw).await.expect("ZCARD")
 }
 
-async fn hget(raw: &mut MultiplexedConnection, key: &str, field: &str) -> Option<String> {
+async fn hget(raw: &mut Conn, key: &str, field: &str) -> Option<String> {
     redis::cmd("HGET").arg(key).arg(field).query_async(raw).await.expect("HGET")
 }
 
@@ -506,8 +506,7 @@ async fn request_cancel_on_a_claimed_run_reaches_the_holder() {
     let token = token_of(&c);
     assert_eq!(c.cancel_requested_at, None);
     // The holder hears the cancel on the queue's channel.
-    let mut pubsub = store.pubsub().await.expect("pubsub");
-    pubsub.subscribe("rl:{q}:cancel").await.expect("subscribe");
+    let mut notices = store.cancel_notices(&[Q.to_string()]).await.expect("subscribe to cancel notices");
     let run = store.request_cancel("r1", Some("stop")).await.expect("cancel claimed");
     assert_eq!(run.status, RunStatus::Claimed, "a claimed run keeps running until its holder stops");
     assert!(run.cancel_requested_at.is_some());
@@ -515,16 +514,11 @@ async fn request_cancel_on_a_claimed_run_reaches_the_holder() {
     assert_eq!(run.claim_token, None, "request_cancel does not hand out the token");
     let renewed = store.renew_claim("r1", &token, Duration::from_secs(60)).await.expect("renew");
     assert_eq!(renewed.cancel_requested_at, run.cancel_requested_at, "renew tells the holder about the cancel");
-    {
-        use futures_util::StreamExt;
-        let mut messages = pubsub.on_message();
-        let msg = tokio::time::timeout(Duration::from_secs(5), messages.next())
-            .await
-            .expect("a cancel notice within 5 s")
-            .expect("pubsub stream open");
-        let payload: String = msg.get_payload().expect("payload");
-        assert_eq!(payload, "r1");
-    }
+    let notice = tokio::time::timeout(Duration::from_secs(5), notices.next())
+        .await
+        .expect("a cancel notice (waited 5 s)")
+        .expect("notice stream open");
+    assert_eq!(notice, "r1");
     let done = store
         .finalize_run("r1", &Finish::new(RunStatus::Cancelled), Some(&token))
         .await

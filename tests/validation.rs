@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use runledger::store::Conn;
 use runledger::keys::QueueKeys;
 use runledger::scripts::Scripts;
 use runledger::*;
@@ -15,7 +15,7 @@ use serde_json::json;
 const Q: &str = "q";
 
 /// Every key with its type and full content: equal snapshots mean nothing was written.
-async fn snapshot(raw: &mut MultiplexedConnection) -> BTreeMap<String, String> {
+async fn snapshot(raw: &mut Conn) -> BTreeMap<String, String> {
     let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(raw).await.expect("KEYS");
     keys.sort();
     let mut out = BTreeMap::new();
@@ -42,7 +42,7 @@ async fn snapshot(raw: &mut MultiplexedConnection) -> BTreeMap<String, String> {
     out
 }
 
-async fn dbsize(raw: &mut MultiplexedConnection) -> i64 {
+async fn dbsize(raw: &mut Conn) -> i64 {
     redis::cmd("DBSIZE").query_async(raw).await.expect("DBSIZE")
 }
 
@@ -368,7 +368,7 @@ fn assert_script_invalid(result: redis::RedisResult<redis::Value>, what: &str) {
 }
 
 async fn eval(
-    raw: &mut MultiplexedConnection,
+    raw: &mut Conn,
     script: &redis::Script,
     keys: &[String],
     args: &[String],
@@ -607,12 +607,13 @@ async fn other_scripts_reject_bad_argv_before_writing() {
         "list: limit 0",
     );
     // Runtimes.
-    let rt_keys = s(&["rl:runtime:rt9", "rl:runtimes", "rl:runtimes:seq"]);
+    let rt_keys = s(&["rl:runtime:rt9"]);
     for (args, what) in [
-        (s(&["rt9", "online", "", "", "", "", "", "", "0", "1000", "1000"]), "heartbeat deadline 0"),
-        (s(&["rt9", "online", "", "", "", "[]", "", "", "1000", "1000", "1000"]), "capabilities array"),
-        (s(&["rt9", "", "", "", "", "", "", "", "1000", "1000", "1000"]), "empty status"),
-        (s(&["r{9}", "online", "", "", "", "", "", "", "1000", "1000", "1000"]), "runtime id with braces"),
+        (s(&["rt9", "online", "", "", "", "", "", "", "0", "1000", "1000", "7"]), "heartbeat deadline 0"),
+        (s(&["rt9", "online", "", "", "", "[]", "", "", "1000", "1000", "1000", "7"]), "capabilities array"),
+        (s(&["rt9", "", "", "", "", "", "", "", "1000", "1000", "1000", "7"]), "empty status"),
+        (s(&["r{9}", "online", "", "", "", "", "", "", "1000", "1000", "1000", "7"]), "runtime id with braces"),
+        (s(&["rt9", "online", "", "", "", "", "", "", "1000", "1000", "1000", "x"]), "runtime number not a number"),
     ] {
         assert_script_invalid(
             eval(&mut raw, &scripts.register_runtime.script, &rt_keys, &args).await,
@@ -622,9 +623,9 @@ async fn other_scripts_reject_bad_argv_before_writing() {
     assert_script_invalid(
         eval(
             &mut raw,
-            &scripts.mark_stale_runtimes.script,
-            &s(&["rl:runtimes"]),
-            &s(&["rl:runtime:", "x", "stale", ""]),
+            &scripts.mark_stale_runtime.script,
+            &s(&["rl:runtime:rt9"]),
+            &s(&["x", "stale", ""]),
         )
         .await,
         "mark_stale: non-numeric now",

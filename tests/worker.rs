@@ -705,7 +705,7 @@ fn command_calls(info: &str) -> HashMap<String, u64> {
         .collect()
 }
 
-async fn commandstats(conn: &mut redis::aio::MultiplexedConnection) -> HashMap<String, u64> {
+async fn commandstats(conn: &mut runledger::store::Conn) -> HashMap<String, u64> {
     let info: String = redis::cmd("INFO").arg("commandstats").query_async(conn).await.expect("INFO commandstats");
     command_calls(&info)
 }

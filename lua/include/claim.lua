@@ -113,7 +113,7 @@ local function claim(B, c, now)
       end
       if left > 0 then wake() end
       local last = 0
-      local top = redis.call('XREVRANGE', rk .. ':events', '+', '-', 'COUNT', '1')
+      local top = redis.call('XREVRANGE', B .. 'events:' .. rid, '+', '-', 'COUNT', '1')
       if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
       return { 1, hgetall(rk), last }
     end

@@ -63,6 +63,11 @@ local function check_json(name, v, open, close, max_bytes)
   end
 end
 
+local function check_publish(v)
+  if v ~= 'PUBLISH' and v ~= 'SPUBLISH' then fail('INVALID', 'publish command must be PUBLISH or SPUBLISH') end
+  return v
+end
+
 local function check_text(name, v, max_bytes)
   if #v > max_bytes then fail('INVALID', name .. ' is longer than ' .. max_bytes .. ' bytes') end
 end

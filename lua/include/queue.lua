@@ -20,13 +20,19 @@ local K = {
   finished = KEYS[5], stats = KEYS[6], wake = KEYS[7],
 }
 
--- Lane score: priority descending, then creation order (the global run id).
--- 2^42 ids per priority band; priorities are bounded to [-1000, 1000], so the
--- largest score (2000 * 2^42) stays an exact double.
+-- Run ids are clock * QUEUES + queue number (see create_run.lua); the clock
+-- grows with creation within a queue and has at most 41 bits.
+local QUEUES = 4096
+local ID_EPOCH = 1767225600000 -- 2026-01-01T00:00:00Z in ms
+local CLOCK_LIMIT = 2199023255552 -- 2^41
+
+-- Lane score: priority descending, then creation order (the id's clock).
+-- 2^42 clock values per priority band; priorities are bounded to [-1000,
+-- 1000], so the largest score (2000 * 2^42 + 2^41) stays an exact double.
 local BAND = 4398046511104
 
 local function lane_score(priority, id)
-  return (1000 - priority) * BAND + id
+  return (1000 - priority) * BAND + math.floor(id / QUEUES)
 end
 
 -- Runner lanes: a claim with a runner filter reads `runner:<r>` lanes, which
@@ -156,7 +162,7 @@ local function finish(B, rid, h, status, reason, now, retention_ms, extra)
   redis.call('PEXPIRE', rk, ttl)
   -- A finished run's stream is complete: rewriting it drops the preallocated
   -- space of its last node (about 4 KB for a short stream down to its size).
-  local sk = rk .. ':events'
+  local sk = B .. 'events:' .. rid
   local blob = redis.call('DUMP', sk)
   if blob then redis.call('RESTORE', sk, ttl, blob, 'REPLACE') end
 end

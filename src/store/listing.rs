@@ -25,7 +25,8 @@ impl Store {
         ] {
             validate::opt_id(name, value.as_deref())?;
         }
-        let queues = if filter.queues.is_empty() { self.known_queues().await? } else { filter.queues.clone() };
+        let queues =
+            if filter.queues.is_empty() { self.known_queues().await? } else { self.physical_queues(&filter.queues).await? };
         let statuses = filter.statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",");
         let thread = match (filter.strict_thread, &filter.thread_id) {
             (false, _) => String::new(),
@@ -122,6 +123,7 @@ impl Store {
             lease_holders,
             counters,
             queued_by_runner,
+            partition_of: queue.rsplit_once('#').map(|(logical, _)| logical.to_string()),
         })
     }
 }

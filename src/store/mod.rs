@@ -1,15 +1,24 @@
 //! The Redis layer: one [`Store`] per process, shared by hosts and workers.
 //!
 //! Each operation is one script call (one round trip) on a multiplexed
-//! connection. Connections are created and health-checked by a deadpool-redis
-//! pool; the store keeps a couple of them checked out and shares them between
-//! tasks, because the pool's checkout pings the server (a second round trip per
-//! operation). A connection that fails is dropped and replaced from the pool.
+//! connection, to a single server or to a Redis Cluster (see [`conn`]).
+//! Single-server connections are created and health-checked by a
+//! deadpool-redis pool; the store keeps a couple of them checked out and
+//! shares them between tasks, because the pool's checkout pings the server (a
+//! second round trip per operation). A connection that fails is dropped and
+//! replaced from the pool. A cluster connection repairs itself (it follows
+//! MOVED/ASK and reconnects after a failover), so one is shared as it is.
 
 mod advice;
 pub use advice::ConfigAdvice;
+pub mod conn;
+pub use conn::Conn;
 mod events;
 mod listing;
+mod locator;
+mod notices;
+pub mod partitions;
+pub use notices::CancelNotices;
 mod reaper;
 pub(crate) mod reply;
 mod runs;
@@ -18,7 +27,7 @@ mod waiting;
 pub use waiting::{SAFETY_POLL, Waiter};
 mod runtimes;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,10 +50,18 @@ pub struct StoreConfig {
     pub retention: Duration,
     /// How long a runtime's key outlives its heartbeat deadline, shown as `stale` (default 5 min).
     pub runtime_grace: Duration,
-    /// Multiplexed connections kept checked out from the pool (default 2).
+    /// Multiplexed connections kept checked out from the pool (default 2; single server only).
     pub connections: usize,
     /// Reply timeout of ordinary commands (default 30 s).
     pub response_timeout: Duration,
+    /// Treat a plain `redis://` URL as the seed node(s) of a Redis Cluster
+    /// (a `redis+cluster://` URL always is one). Default false.
+    pub cluster: bool,
+    /// Write concern: every acknowledged write waits (Redis `WAIT`) until this
+    /// many replicas have it, at most `replica_timeout`. 0 (default) = off.
+    pub wait_replicas: u32,
+    /// How long a write waits for its replicas (default 1 s).
+    pub replica_timeout: Duration,
 }
 
 impl Default for StoreConfig {
@@ -56,6 +73,9 @@ impl Default for StoreConfig {
             runtime_grace: Duration::from_secs(300),
             connections: 2,
             response_timeout: Duration::from_secs(30),
+            cluster: false,
+            wait_replicas: 0,
+            replica_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -66,26 +86,48 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+/// How the store reaches Redis.
+enum Backend {
+    Single {
+        client: redis::Client,
+        pool: deadpool_redis::Pool,
+        conns: Vec<Mutex<Option<MultiplexedConnection>>>,
+        next: AtomicUsize,
+    },
+    Cluster {
+        nodes: Vec<String>,
+        conn: redis::cluster_async::ClusterConnection,
+        /// Without reply timeout: BLPOP waits longer than ordinary replies.
+        blocking: redis::cluster::ClusterClient,
+    },
+}
+
 struct Inner {
     cfg: StoreConfig,
-    client: redis::Client,
-    pool: deadpool_redis::Pool,
-    conns: Vec<Mutex<Option<MultiplexedConnection>>>,
-    next: AtomicUsize,
+    backend: Backend,
     scripts: Scripts,
     global: GlobalKeys,
     /// run_id -> queue, learned from creates, claims and lookups.
     locator: Mutex<HashMap<String, String>>,
-    /// Queues this process knows exist (a cache of `<P>:queues`).
-    queues: Mutex<HashSet<String>>,
+    /// Queues this process knows exist, with their numbers (a cache of `<P>:queues`).
+    queues: Mutex<HashMap<String, u32>>,
+    /// Partitioned queues (a cache of `<P>:partitions`).
+    partitions: Mutex<partitions::PartitionCache>,
+    /// Rotates the partition a claim starts at.
+    turn: AtomicUsize,
 }
 
 const LOCATOR_CAP: usize = 200_000;
 
 impl Store {
-    /// Connects with the default settings.
+    /// Connects with the default settings; a `redis+cluster://` URL connects to a cluster.
     pub async fn connect(url: &str) -> Result<Store> {
         Store::connect_with(url, StoreConfig::default()).await
+    }
+
+    /// Connects to a Redis Cluster through any of its nodes (`redis://host:port/` each).
+    pub async fn connect_cluster(nodes: &[String], cfg: StoreConfig) -> Result<Store> {
+        Store::connect_with(&nodes.join(","), StoreConfig { cluster: true, ..cfg }).await
     }
 
     /// Connects and checks that the server answers.
@@ -94,27 +136,44 @@ impl Store {
         if cfg.max_json_bytes == 0 {
             return Err(Error::Invalid("max_json_bytes must be more than 0".into()));
         }
-        let connection_config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(cfg.response_timeout));
-        let manager = deadpool_redis::Manager::new_with_config(url, connection_config)?;
-        let pool = deadpool_redis::Pool::builder(manager)
-            .max_size(cfg.connections.max(1) * 2)
-            .runtime(deadpool_redis::Runtime::Tokio1)
-            .build()
-            .map_err(|e| Error::Invalid(format!("connection pool: {e}")))?;
-        let client = redis::Client::open(url)?;
+        if cfg.wait_replicas > 0 && cfg.replica_timeout.is_zero() {
+            return Err(Error::Invalid("replica_timeout must be more than 0 with wait_replicas".into()));
+        }
+        let backend = match conn::cluster_nodes(url, cfg.cluster)? {
+            Some(nodes) => {
+                let client = conn::cluster_client(&nodes, Some(cfg.response_timeout), None)?;
+                let conn = client.get_async_connection().await?;
+                let blocking = conn::cluster_client(&nodes, None, None)?;
+                Backend::Cluster { nodes, conn, blocking }
+            }
+            None => {
+                let connection_config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(5)))
+                    .set_response_timeout(Some(cfg.response_timeout));
+                let manager = deadpool_redis::Manager::new_with_config(url, connection_config)?;
+                let pool = deadpool_redis::Pool::builder(manager)
+                    .max_size(cfg.connections.max(1) * 2)
+                    .runtime(deadpool_redis::Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| Error::Invalid(format!("connection pool: {e}")))?;
+                Backend::Single {
+                    client: redis::Client::open(url)?,
+                    pool,
+                    conns: (0..cfg.connections.max(1)).map(|_| Mutex::new(None)).collect(),
+                    next: AtomicUsize::new(0),
+                }
+            }
+        };
         let store = Store {
             inner: Arc::new(Inner {
-                conns: (0..cfg.connections.max(1)).map(|_| Mutex::new(None)).collect(),
                 global: GlobalKeys { prefix: cfg.prefix.clone() },
                 cfg,
-                client,
-                pool,
-                next: AtomicUsize::new(0),
+                backend,
                 scripts: Scripts::new(),
                 locator: Mutex::new(HashMap::new()),
-                queues: Mutex::new(HashSet::new()),
+                queues: Mutex::new(HashMap::new()),
+                partitions: Mutex::new(Default::default()),
+                turn: AtomicUsize::new(0),
             }),
         };
         let mut conn = store.conn().await?;
@@ -124,6 +183,19 @@ impl Store {
 
     pub fn config(&self) -> &StoreConfig {
         &self.inner.cfg
+    }
+
+    /// True when the store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner.backend, Backend::Cluster { .. })
+    }
+
+    /// The seed nodes of a cluster store (empty for a single server).
+    pub fn cluster_nodes(&self) -> &[String] {
+        match &self.inner.backend {
+            Backend::Cluster { nodes, .. } => nodes,
+            Backend::Single { .. } => &[],
+        }
     }
 
     pub(crate) fn scripts(&self) -> &Scripts {
@@ -139,33 +211,38 @@ impl Store {
         QueueKeys::new(&self.inner.cfg.prefix, queue)
     }
 
-    /// A shared multiplexed connection for ordinary commands.
-    pub async fn conn(&self) -> Result<MultiplexedConnection> {
-        let slot = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
-        if let Some(conn) = lock(&self.inner.conns[slot]).as_ref() {
-            return Ok(conn.clone());
+    /// A shared connection for ordinary commands.
+    pub async fn conn(&self) -> Result<Conn> {
+        let (pool, conns, next) = match &self.inner.backend {
+            Backend::Cluster { conn, .. } => return Ok(Conn::Cluster(conn.clone())),
+            Backend::Single { pool, conns, next, .. } => (pool, conns, next),
+        };
+        let slot = next.fetch_add(1, Ordering::Relaxed) % conns.len();
+        if let Some(conn) = lock(&conns[slot]).as_ref() {
+            return Ok(Conn::Single(conn.clone()));
         }
-        let pooled = self.inner.pool.get().await.map_err(|e| match e {
+        let pooled = pool.get().await.map_err(|e| match e {
             deadpool_redis::PoolError::Backend(e) => Error::Redis(e),
             other => Error::Server(format!("connection pool: {other}")),
         })?;
         let conn = deadpool_redis::Connection::take(pooled);
-        *lock(&self.inner.conns[slot]) = Some(conn.clone());
-        Ok(conn)
+        *lock(&conns[slot]) = Some(conn.clone());
+        Ok(Conn::Single(conn))
     }
 
     /// A connection of its own, without reply timeout, for blocking commands
-    /// (BLPOP) that would stall the shared ones.
-    pub async fn dedicated_conn(&self) -> Result<MultiplexedConnection> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(None);
-        Ok(self.inner.client.get_multiplexed_async_connection_with_config(&config).await?)
-    }
-
-    /// A pub/sub connection (cancel notices).
-    pub async fn pubsub(&self) -> Result<redis::aio::PubSub> {
-        Ok(self.inner.client.get_async_pubsub().await?)
+    /// (BLPOP) that would stall the shared ones. On a cluster it routes each
+    /// command to the node that owns its key, and follows a failover.
+    pub async fn dedicated_conn(&self) -> Result<Conn> {
+        match &self.inner.backend {
+            Backend::Single { client, .. } => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(5)))
+                    .set_response_timeout(None);
+                Ok(Conn::Single(client.get_multiplexed_async_connection_with_config(&config).await?))
+            }
+            Backend::Cluster { blocking, .. } => Ok(Conn::Cluster(blocking.get_async_connection().await?)),
+        }
     }
 
     /// Records a failed command; a broken connection is dropped from its slot.
@@ -177,14 +254,16 @@ impl Store {
     }
 
     fn drop_connections(&self) {
-        for slot in &self.inner.conns {
-            *lock(slot) = None;
+        if let Backend::Single { conns, .. } = &self.inner.backend {
+            for slot in conns {
+                *lock(slot) = None;
+            }
         }
     }
 
     /// Runs one script by SHA (loading it on NOSCRIPT).
     pub(crate) async fn eval(&self, lua: &Lua, keys: &[String], args: &[String]) -> Result<Value> {
-        self.eval_raw(lua, keys, args).await.map_err(Error::from_redis)
+        self.eval_raw(lua, keys, args).await.map_err(|e| self.failed(e))
     }
 
     /// Like [`Store::eval`] but hands back the raw Redis error, for callers
@@ -197,22 +276,12 @@ impl Store {
         keys: &[String],
         args: &[String],
     ) -> std::result::Result<Value, redis::RedisError> {
+        let call = vec![(keys.to_vec(), args.to_vec())];
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut conn = self.conn().await.map_err(|e| match e {
-                Error::Redis(e) => e,
-                other => redis::RedisError::from((redis::ErrorKind::Io, "connection", other.to_string())),
-            })?;
-            let mut invocation = lua.script.prepare_invoke();
-            for key in keys {
-                invocation.key(key);
-            }
-            for arg in args {
-                invocation.arg(arg);
-            }
-            match invocation.invoke_async(&mut conn).await {
-                Ok(value) => return Ok(value),
+            match self.eval_pipelined(lua, &call).await {
+                Ok(mut values) => return values.pop().ok_or_else(|| short_reply("script")),
                 Err(e) if Error::is_connection_failure(&e) => {
                     self.drop_connections();
                     if attempt >= 2 || e.is_timeout() {
@@ -225,35 +294,99 @@ impl Store {
         }
     }
 
-    /// Runs a pipeline of EVALSHA calls of one script (one round trip),
-    /// loading the script when the server does not have it and replacing a
-    /// dead connection once, as [`Store::eval_raw`] does. Only for scripts
-    /// that are safe to send twice (create_run is idempotent by run_id).
-    pub(crate) async fn eval_many(&self, lua: &Lua, calls: &[(Vec<String>, Vec<String>)]) -> Result<Vec<Value>> {
+    /// Runs calls of one script that all name keys of ONE slot (one queue)
+    /// as one pipeline (one round trip), loading the script when the server
+    /// does not have it. With the write concern on, a `WAIT` ends the
+    /// pipeline, on the same node, and a write that too few replicas
+    /// acknowledged is an [`Error::WriteConcern`]-shaped error.
+    async fn eval_pipelined(
+        &self,
+        lua: &Lua,
+        calls: &[(Vec<String>, Vec<String>)],
+    ) -> std::result::Result<Vec<Value>, redis::RedisError> {
         let mut pipe = redis::pipe();
         for (keys, args) in calls {
             pipe.cmd("EVALSHA").arg(lua.script.get_hash()).arg(keys.len()).arg(keys).arg(args);
         }
-        let (mut loaded, mut reconnected) = (false, false);
+        let wait = self.inner.cfg.wait_replicas;
+        if wait > 0 && lua.writes {
+            pipe.cmd("WAIT").arg(wait).arg(self.inner.cfg.replica_timeout.as_millis() as u64);
+        }
+        let mut loaded = false;
         loop {
-            let mut conn = self.conn().await?;
+            let mut conn = self.conn().await.map_err(into_redis_error)?;
             match pipe.query_async::<Vec<Value>>(&mut conn).await {
-                Ok(values) => return Ok(values),
+                Ok(mut values) => {
+                    if wait > 0 && lua.writes {
+                        let acked = match values.pop() {
+                            Some(Value::Int(n)) => n,
+                            _ => 0,
+                        };
+                        if acked < i64::from(wait) {
+                            return Err(redis::RedisError::from((
+                                redis::ErrorKind::Client,
+                                "write concern",
+                                format!(
+                                    "WRITE_CONCERN the write was applied but only {acked} of {wait} replicas \
+                                     acknowledged it within {} ms",
+                                    self.inner.cfg.replica_timeout.as_millis()
+                                ),
+                            )));
+                        }
+                    }
+                    return Ok(values);
+                }
                 Err(e) if !loaded && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                     loaded = true;
-                    let _: String = redis::cmd("SCRIPT")
-                        .arg("LOAD")
-                        .arg(lua.code)
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(|e| self.failed(e))?;
+                    // On a cluster SCRIPT LOAD goes to every master.
+                    let _: Value = redis::cmd("SCRIPT").arg("LOAD").arg(lua.code).query_async(&mut conn).await?;
                 }
-                Err(e) if !reconnected && Error::is_connection_failure(&e) && !e.is_timeout() => {
-                    reconnected = true;
-                    self.drop_connections();
-                }
-                Err(e) => return Err(self.failed(e)),
+                Err(e) => return Err(first_server_error(e)),
             }
+        }
+    }
+
+    /// Sends plain write commands that may name keys of different slots
+    /// (see [`Conn::query_all`]); with the write concern on, each waits for
+    /// its replicas like a script call does.
+    pub(crate) async fn write_all(&self, cmds: Vec<redis::Cmd>) -> Result<Vec<Value>> {
+        let wait = self.inner.cfg.wait_replicas;
+        let mut conn = self.conn().await?;
+        if wait == 0 || cmds.is_empty() {
+            return conn.query_all(cmds).await.map_err(|e| self.failed(e));
+        }
+        let timeout = self.inner.cfg.replica_timeout.as_millis() as u64;
+        let n = cmds.len();
+        // WAIT goes with each command to the node that took the write.
+        let pipes = cmds.into_iter().map(|cmd| {
+            let mut pipe = redis::pipe();
+            pipe.add_command(cmd).cmd("WAIT").arg(wait).arg(timeout);
+            let mut conn = conn.clone();
+            async move { pipe.query_async::<(Value, i64)>(&mut conn).await }
+        });
+        let mut out = Vec::with_capacity(n);
+        for reply in futures_util::future::join_all(pipes).await {
+            let (value, acked) = reply.map_err(|e| self.failed(e))?;
+            if acked < i64::from(wait) {
+                return Err(Error::WriteConcern(format!(
+                    "the write was applied but only {acked} of {wait} replicas acknowledged it within {timeout} ms"
+                )));
+            }
+            out.push(value);
+        }
+        Ok(out)
+    }
+
+    /// Runs calls of one script on one queue as one pipeline (one round trip);
+    /// a dead connection is replaced once. Only for scripts that are safe to
+    /// send twice (create_run is idempotent by run_id).
+    pub(crate) async fn eval_many(&self, lua: &Lua, calls: &[(Vec<String>, Vec<String>)]) -> Result<Vec<Value>> {
+        match self.eval_pipelined(lua, calls).await {
+            Err(e) if Error::is_connection_failure(&e) && !e.is_timeout() => {
+                self.drop_connections();
+                self.eval_pipelined(lua, calls).await.map_err(|e| self.failed(e))
+            }
+            other => other.map_err(|e| self.failed(e)),
         }
     }
 
@@ -272,45 +405,39 @@ impl Store {
         map.insert(run_id.to_string(), queue.to_string());
     }
 
-    pub(crate) fn note_queue(&self, queue: &str) {
-        lock(&self.inner.queues).insert(queue.to_string());
+    pub(crate) fn forget(&self, run_id: &str) {
+        lock(&self.inner.locator).remove(run_id);
+    }
+
+    pub(crate) fn cached_location(&self, run_id: &str) -> Option<String> {
+        lock(&self.inner.locator).get(run_id).cloned()
     }
 
     /// Every queue ever used under this prefix, sorted.
     pub async fn known_queues(&self) -> Result<Vec<String>> {
         let mut conn = self.conn().await?;
-        let mut queues: Vec<String> = redis::cmd("SMEMBERS")
+        let numbers: HashMap<String, u32> = redis::cmd("HGETALL")
             .arg(self.inner.global.queues())
             .query_async(&mut conn)
             .await
             .map_err(|e| self.failed(e))?;
+        let mut queues: Vec<String> = numbers.keys().cloned().collect();
         queues.sort();
-        let mut known = lock(&self.inner.queues);
-        known.extend(queues.iter().cloned());
+        lock(&self.inner.queues).extend(numbers);
         Ok(queues)
     }
 
-    /// The queue a run lives in. Run ids are unique per queue; a run id used
-    /// in two queues resolves to the first in name order.
-    pub async fn locate(&self, run_id: &str) -> Result<String> {
-        crate::validate::id("run_id", run_id)?;
-        if let Some(queue) = lock(&self.inner.locator).get(run_id) {
-            return Ok(queue.clone());
+    /// The number of a queue (part of every run id it creates), registering
+    /// the queue on first use. Cached: one round trip per queue and process.
+    pub(crate) async fn queue_number(&self, queue: &str) -> Result<u32> {
+        if let Some(n) = lock(&self.inner.queues).get(queue) {
+            return Ok(*n);
         }
-        let queues = self.known_queues().await?;
-        if !queues.is_empty() {
-            let mut pipe = redis::pipe();
-            for queue in &queues {
-                pipe.cmd("EXISTS").arg(self.queue_keys(queue).run(run_id));
-            }
-            let mut conn = self.conn().await?;
-            let found: Vec<i64> = pipe.query_async(&mut conn).await.map_err(|e| self.failed(e))?;
-            if let Some(pos) = found.iter().position(|&n| n == 1) {
-                self.remember(run_id, &queues[pos]);
-                return Ok(queues[pos].clone());
-            }
-        }
-        Err(Error::NotFound(format!("run {run_id} does not exist")))
+        let args = vec![queue.to_string(), crate::keys::MAX_QUEUES.to_string()];
+        let value = self.eval(&self.scripts().register_queue, &[self.inner.global.queues()], &args).await?;
+        let n = u32::try_from(reply::int(value)?).map_err(|_| Error::Protocol("register_queue: bad number".into()))?;
+        lock(&self.inner.queues).insert(queue.to_string(), n);
+        Ok(n)
     }
 
     /// Where a run lives: its queue's keys, and the KEYS of a script on it
@@ -327,8 +454,41 @@ impl Store {
         self.inner.cfg.retention.as_millis().to_string()
     }
 
+    /// How long a finished run's keys live: the retention plus a day, after
+    /// which the TTL removes what no reaper purged.
+    pub(crate) fn finished_ttl_ms(&self) -> u64 {
+        self.inner.cfg.retention.as_millis() as u64 + 86_400_000
+    }
+
     pub(crate) fn max_json(&self) -> usize {
         self.inner.cfg.max_json_bytes
+    }
+
+    /// The command the scripts publish cancel notices with: sharded pub/sub
+    /// on a cluster (the channel lives in the queue's slot, so the notice
+    /// stays on that shard), classic pub/sub on one server.
+    pub(crate) fn publish_command(&self) -> &'static str {
+        if self.is_cluster() { "SPUBLISH" } else { "PUBLISH" }
+    }
+}
+
+/// A pipeline reports its failing command inside a list; the scripts'
+/// error codes (`STALE_TOKEN ...`) are read from the first one.
+fn first_server_error(e: redis::RedisError) -> redis::RedisError {
+    match e.clone().into_server_errors() {
+        Some(items) if !items.is_empty() => redis::RedisError::from(items[0].1.clone()),
+        _ => e,
+    }
+}
+
+fn short_reply(what: &str) -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Client, "short reply", what.to_string()))
+}
+
+fn into_redis_error(e: Error) -> redis::RedisError {
+    match e {
+        Error::Redis(e) => e,
+        other => redis::RedisError::from((redis::ErrorKind::Io, "connection", other.to_string())),
     }
 }
 

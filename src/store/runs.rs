@@ -1,9 +1,12 @@
 //! Run lifecycle: create, claim, renew, release, finalize, cancel, get.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use serde_json::Value;
 
+use super::locator::Reservation;
 use super::{Store, reply};
 use crate::error::{Error, Result};
 use crate::model::{ClaimRequest, Finish, NewRun, Run, RunStatus};
@@ -147,13 +150,12 @@ impl Store {
     }
 
     /// One create_run call for runs of one queue.
-    fn create_call(&self, queue: &str, runs: &mut [Indexed<'_>]) -> (Vec<String>, Vec<String>) {
+    fn create_call(&self, queue: &str, number: u32, runs: &mut [Indexed<'_>]) -> (Vec<String>, Vec<String>) {
         let keys = self.queue_keys(queue);
         let mut k: Vec<String> = keys.fixed().into();
-        k.push(self.global().id_counter());
-        k.push(self.global().queues());
-        let mut args = Vec::with_capacity(3 + runs.len() * 17);
-        args.extend([keys.base.clone(), queue.to_string(), self.max_json().to_string()]);
+        k.push(keys.meta());
+        let mut args = Vec::with_capacity(4 + runs.len() * 17);
+        args.extend([keys.base.clone(), queue.to_string(), self.max_json().to_string(), number.to_string()]);
         for (_, (run, values)) in runs {
             k.push(keys.run(&run.run_id));
             args.extend(values.iter_mut().map(std::mem::take));
@@ -179,55 +181,130 @@ impl Store {
         Ok(run)
     }
 
-    /// Creates a run unless one with this run_id exists in its queue; either way
-    /// returns the stored run (the seed's create_run).
+    /// Creates a run unless one with this run_id exists, in any queue; either
+    /// way returns the stored run (the seed's create_run).
     pub async fn create_run(&self, run: &NewRun) -> Result<Run> {
         let mut runs = self.create_runs(std::slice::from_ref(run)).await?;
         runs.pop().ok_or_else(|| Error::Protocol("create_run: empty reply".into()))
     }
 
-    /// Creates many runs in one round trip: one script call per queue and per
-    /// 500 runs, pipelined. Every run is validated before anything is sent;
-    /// results come back in the order given.
+    /// Creates many runs in two round trips: the run id locators (see
+    /// `locator.rs`), then one script call per queue and per 500 runs,
+    /// pipelined per queue. Every run is validated before anything is sent;
+    /// results come back in the order given. A run id that exists in another
+    /// queue (or comes twice in the batch) gives the run that holds it.
     pub async fn create_runs(&self, runs: &[NewRun]) -> Result<Vec<Run>> {
         const PER_CALL: usize = 500;
-        // Runs grouped by queue, each with its position in `runs` and its script values.
+        // Runs sent to a partitioned queue go to one of its partitions.
+        let counts = self.partition_counts().await?;
+        let placed: Vec<NewRun>;
+        let runs = if runs.iter().any(|r| counts.contains_key(r.queue_name())) {
+            placed = runs
+                .iter()
+                .map(|r| {
+                    let key = r.partition_key.as_deref().unwrap_or(&r.run_id);
+                    NewRun { queue: Some(Self::place(&counts, r.queue_name(), key)), ..r.clone() }
+                })
+                .collect();
+            &placed[..]
+        } else {
+            runs
+        };
+        let mut values = Vec::with_capacity(runs.len());
+        for run in runs {
+            values.push(self.create_values(run)?);
+        }
+        // The queue each distinct run id is created in: the first that names it.
+        let mut owners: Vec<(&str, &str)> = Vec::new();
+        let mut owner_of: HashMap<&str, usize> = HashMap::new();
+        for run in runs {
+            if !owner_of.contains_key(run.run_id.as_str()) {
+                owner_of.insert(&run.run_id, owners.len());
+                owners.push((&run.run_id, run.queue_name()));
+            }
+        }
+        let reservations = self.reserve(&owners).await?;
+        // Runs to create, grouped by queue, each with its position in `runs`.
         let mut by_queue: Vec<(&str, Vec<Indexed<'_>>)> = Vec::new();
-        for (i, run) in runs.iter().enumerate() {
-            let values = self.create_values(run)?;
+        for (i, (run, values)) in runs.iter().zip(values).enumerate() {
+            let owner = owner_of[run.run_id.as_str()];
+            if !matches!(reservations[owner], Reservation::Ours) || owners[owner].1 != run.queue_name() {
+                continue;
+            }
             let queue = run.queue_name();
             match by_queue.iter_mut().find(|(q, _)| *q == queue) {
                 Some((_, group)) => group.push((i, (run, values))),
                 None => by_queue.push((queue, vec![(i, (run, values))])),
             }
         }
-        let mut calls = Vec::new();
-        let mut order = Vec::new();
+        let mut out: Vec<Option<Run>> = vec![None; runs.len()];
+        let mut per_queue = Vec::new();
         for (queue, group) in &mut by_queue {
+            let number = self.queue_number(queue).await?;
+            let mut calls = Vec::new();
+            let mut order = Vec::new();
             for chunk in group.chunks_mut(PER_CALL) {
                 order.push(chunk.iter().map(|(i, _)| *i).collect::<Vec<_>>());
-                calls.push(self.create_call(queue, chunk));
+                calls.push(self.create_call(queue, number, chunk));
+            }
+            per_queue.push((calls, order));
+        }
+        // Queues live in different slots: their calls go out side by side.
+        let replies = join_all(per_queue.iter().map(|(calls, _)| async move {
+            match calls.len() {
+                1 => self.eval(&self.scripts().create_run, &calls[0].0, &calls[0].1).await.map(|v| vec![v]),
+                _ => self.eval_many(&self.scripts().create_run, calls).await,
+            }
+        }))
+        .await;
+        for (values, (_, order)) in replies.into_iter().zip(per_queue) {
+            for (value, indexes) in values?.into_iter().zip(order) {
+                let replies = reply::array(value)?;
+                if replies.len() != indexes.len() {
+                    return Err(Error::Protocol("create_run: reply does not match the runs sent".into()));
+                }
+                for (reply, i) in replies.into_iter().zip(indexes) {
+                    out[i] = Some(self.created(&runs[i], reply)?);
+                }
             }
         }
-        let values = match calls.len() {
-            0 => return Ok(Vec::new()),
-            1 => vec![self.eval(&self.scripts().create_run, &calls[0].0, &calls[0].1).await?],
-            _ => self.eval_many(&self.scripts().create_run, &calls).await?,
-        };
-        for (queue, _) in &by_queue {
-            self.note_queue(queue);
-        }
-        let mut out: Vec<Option<Run>> = vec![None; runs.len()];
-        for (value, indexes) in values.into_iter().zip(order) {
-            let replies = reply::array(value)?;
-            if replies.len() != indexes.len() {
-                return Err(Error::Protocol("create_run: reply does not match the runs sent".into()));
+        // Run ids held elsewhere: the run of the queue that holds them.
+        for (i, run) in runs.iter().enumerate() {
+            if out[i].is_some() {
+                continue;
             }
-            for (reply, i) in replies.into_iter().zip(indexes) {
-                out[i] = Some(self.created(&runs[i], reply)?);
-            }
+            let owner = owner_of[run.run_id.as_str()];
+            let queue = match &reservations[owner] {
+                Reservation::Elsewhere(queue) => queue.as_str(),
+                Reservation::Ours => owners[owner].1,
+            };
+            let first = runs.iter().position(|r| r.run_id == run.run_id && r.queue_name() == queue);
+            out[i] = match first.and_then(|j| out[j].clone()) {
+                Some(existing) => Some(existing),
+                None => Some(self.existing_run(&run.run_id, queue).await?),
+            };
         }
         out.into_iter().map(|r| r.ok_or_else(|| Error::Protocol("create_run: missing reply".into()))).collect()
+    }
+
+    /// The run a locator names in another queue. Its create may still be on
+    /// its way (the locator is taken first), so a missing run is looked for a
+    /// few more times before the create gives up.
+    async fn existing_run(&self, run_id: &str, queue: &str) -> Result<Run> {
+        for attempt in 0..20 {
+            match self.read_run(run_id, queue).await {
+                Err(Error::NotFound(_)) if attempt < 19 => tokio::time::sleep(Duration::from_millis(25)).await,
+                Err(Error::NotFound(_)) => break,
+                other => {
+                    self.remember(run_id, queue);
+                    return other;
+                }
+            }
+        }
+        Err(Error::Conflict(format!(
+            "run id {run_id} is held by queue {queue}, where its create has not completed; \
+             repeat that create (same queue) to complete it"
+        )))
     }
 
     /// Claims the next run for a runtime from the request's queues, in order
@@ -235,7 +312,8 @@ impl Store {
     pub async fn claim_next_run(&self, request: &ClaimRequest) -> Result<Option<Run>> {
         // Checked up front too: with no queue to try, a bad request must still fail.
         check_claim(request)?;
-        let queues = if request.queues.is_empty() { self.known_queues().await? } else { request.queues.clone() };
+        let queues =
+            if request.queues.is_empty() { self.known_queues().await? } else { self.claim_order(&request.queues).await? };
         for queue in &queues {
             if let ClaimOutcome::Claimed(run) = self.claim_from(queue, request).await? {
                 return Ok(Some(*run));
@@ -322,7 +400,11 @@ impl Store {
             self.retention_ms(),
         ];
         let value = self.eval(&self.scripts().release_claim, &k, &args).await?;
-        Run::from_fields(reply::fields(value)?, false)
+        let run = Run::from_fields(reply::fields(value)?, false)?;
+        if run.status.is_terminal() {
+            self.expire_locators(&[run.run_id.clone()]).await?;
+        }
+        Ok(run)
     }
 
     /// Takes back claims whose lease expired (the seed's release_expired_claims),
@@ -340,7 +422,7 @@ impl Store {
         }
         validate::text("status_reason", status_reason, 4096)?;
         let limit = limit.clamp(1, 500);
-        let queues = if queues.is_empty() { self.known_queues().await? } else { queues.to_vec() };
+        let queues = if queues.is_empty() { self.known_queues().await? } else { self.physical_queues(queues).await? };
         let mut out = Vec::new();
         for queue in &queues {
             if out.len() >= limit {
@@ -360,6 +442,8 @@ impl Store {
                 out.push(Run::from_fields(reply::fields(item)?, false)?);
             }
         }
+        let finished: Vec<String> = out.iter().filter(|r| r.status.is_terminal()).map(|r| r.run_id.clone()).collect();
+        self.expire_locators(&finished).await?;
         Ok(out)
     }
 
@@ -449,7 +533,13 @@ impl Store {
             match self.eval_raw(&self.scripts().finalize_run, &k, &args).await {
                 Ok(value) => {
                     let mut parts = reply::array(value)?.into_iter();
-                    let _changed = parts.next();
+                    if parts.next().map(reply::int).transpose()? == Some(1) {
+                        if quiet {
+                            self.expire_locator_soon(run_id);
+                        } else {
+                            self.expire_locators(&[run_id.to_string()]).await?;
+                        }
+                    }
                     let fields = parts.next().ok_or_else(|| Error::Protocol("finalize: short reply".into()))?;
                     let run = if quiet { None } else { Some(Run::from_fields(reply::fields(fields)?, false)?) };
                     let claimed = parts.next().map(|v| self.claim_outcome(v)).transpose()?;
@@ -495,17 +585,26 @@ impl Store {
             run_id.to_string(),
             status_reason.unwrap_or_default().to_string(),
             self.retention_ms(),
+            self.publish_command().to_string(),
         ];
         let value = self.eval(&self.scripts().request_cancel, &k, &args).await?;
-        Run::from_fields(reply::fields(value)?, false)
+        let run = Run::from_fields(reply::fields(value)?, false)?;
+        if run.status.is_terminal() {
+            self.expire_locators(&[run.run_id.clone()]).await?;
+        }
+        Ok(run)
     }
 
-    /// One run by run_id (the claim token is never shown).
+    /// One run by run_id (the claim token is never shown): its locator, then its hash.
     pub async fn get_run(&self, run_id: &str) -> Result<Run> {
         let queue = self.locate(run_id).await?;
+        self.read_run(run_id, &queue).await
+    }
+
+    async fn read_run(&self, run_id: &str, queue: &str) -> Result<Run> {
         let mut conn = self.conn().await?;
         let value: redis::Value = redis::cmd("HGETALL")
-            .arg(self.queue_keys(&queue).run(run_id))
+            .arg(self.queue_keys(queue).run(run_id))
             .query_async(&mut conn)
             .await
             .map_err(|e| self.failed(e))?;

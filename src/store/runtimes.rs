@@ -1,7 +1,10 @@
 //! The runtime registry: expiring hashes plus one sorted index, so listing and
-//! staleness never SCAN the keyspace.
+//! staleness never SCAN the keyspace. Each runtime hash and the index are
+//! written by calls of their own, since on a cluster they live in different slots.
 
 use std::time::Duration;
+
+use futures_util::future::join_all;
 
 use super::{Store, reply};
 use crate::error::{Error, Result};
@@ -13,19 +16,26 @@ fn deadline_ms(deadline: Duration) -> Result<String> {
 }
 
 impl Store {
-    fn runtime_keys(&self, runtime_id: &str) -> Vec<String> {
-        let g = self.global();
-        vec![g.runtime(runtime_id), g.runtimes(), g.runtime_seq()]
-    }
-
     fn grace_ms(&self) -> String {
         self.config().runtime_grace.as_millis().to_string()
     }
 
-    /// A runtime the script just refreshed: its deadline lies ahead, so it is
-    /// not stale and no clock reading is needed.
-    fn refreshed_runtime(value: redis::Value) -> Result<Runtime> {
-        Runtime::from_fields(reply::fields(value)?, i64::MIN)
+    /// A runtime the script just refreshed, which is then moved in the index
+    /// `<P>:runtimes` to its new deadline (a key of its own slot, so its own
+    /// call). Its deadline lies ahead, so it is not stale.
+    async fn refreshed_runtime(&self, value: redis::Value) -> Result<Runtime> {
+        let fields = reply::fields(value)?;
+        let deadline_ms = fields.0.get("heartbeat_deadline_at").cloned().unwrap_or_default();
+        let runtime = Runtime::from_fields(fields, i64::MIN)?;
+        let mut conn = self.conn().await?;
+        let _: i64 = redis::cmd("ZADD")
+            .arg(self.global().runtimes())
+            .arg(deadline_ms)
+            .arg(&runtime.runtime_id)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(runtime)
     }
 
     /// Creates or updates a runtime and records a heartbeat (the seed's register_runtime).
@@ -50,10 +60,17 @@ impl Store {
             deadline_ms(runtime.heartbeat_deadline)?,
             self.grace_ms(),
             max.to_string(),
+            self.next_runtime_number().await?.to_string(),
         ];
-        let keys = self.runtime_keys(&runtime.runtime_id);
-        let value = self.eval(&self.scripts().register_runtime, &keys, &args).await?;
-        Self::refreshed_runtime(value)
+        let key = self.global().runtime(&runtime.runtime_id);
+        let value = self.eval(&self.scripts().register_runtime, &[key], &args).await?;
+        self.refreshed_runtime(value).await
+    }
+
+    /// A numeric id for a runtime that may be new (the seed's autoincrement id).
+    async fn next_runtime_number(&self) -> Result<i64> {
+        let mut conn = self.conn().await?;
+        redis::cmd("INCR").arg(self.global().runtime_seq()).query_async(&mut conn).await.map_err(|e| self.failed(e))
     }
 
     /// Refreshes a runtime's heartbeat (the seed's heartbeat_runtime);
@@ -67,7 +84,7 @@ impl Store {
         if let Some(m) = &beat.metadata {
             validate::object("metadata", m, max)?;
         }
-        let keys = self.runtime_keys(runtime_id);
+        let keys = [self.global().runtime(runtime_id)];
         for _ in 0..20 {
             let (flag, expected, merged) = match &beat.metadata {
                 None => ("0", String::new(), String::new()),
@@ -88,8 +105,8 @@ impl Store {
                 merged,
                 max.to_string(),
             ];
-            match self.eval_raw(&self.scripts().heartbeat_runtime, &keys[..2], &args).await {
-                Ok(value) => return Self::refreshed_runtime(value),
+            match self.eval_raw(&self.scripts().heartbeat_runtime, &keys, &args).await {
+                Ok(value) => return self.refreshed_runtime(value).await,
                 Err(e) if Error::is_retry(&e) => continue,
                 Err(e) => return Err(self.failed(e)),
             }
@@ -102,17 +119,11 @@ impl Store {
         validate::id("runtime_id", runtime_id)?;
         let g = self.global();
         let mut conn = self.conn().await?;
-        let _: () = redis::pipe()
-            .cmd("DEL")
-            .arg(g.runtime(runtime_id))
-            .ignore()
-            .cmd("ZREM")
-            .arg(g.runtimes())
-            .arg(runtime_id)
-            .ignore()
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.failed(e))?;
+        let mut del = redis::cmd("DEL");
+        del.arg(g.runtime(runtime_id));
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(g.runtimes()).arg(runtime_id);
+        conn.query_all(vec![del, zrem]).await.map_err(|e| self.failed(e))?;
         Ok(())
     }
 
@@ -151,12 +162,16 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.cmd("HGETALL").arg(g.runtime(id));
-        }
-        pipe.cmd("TIME");
-        let mut values: Vec<redis::Value> = pipe.query_async(&mut conn).await.map_err(|e| self.failed(e))?;
+        let mut cmds: Vec<redis::Cmd> = ids
+            .iter()
+            .map(|id| {
+                let mut cmd = redis::cmd("HGETALL");
+                cmd.arg(g.runtime(id));
+                cmd
+            })
+            .collect();
+        cmds.push(redis::cmd("TIME"));
+        let mut values = conn.query_all(cmds).await.map_err(|e| self.failed(e))?;
         let now_ms = reply::time_ms(values.pop().unwrap_or(redis::Value::Nil))?;
         let mut out = Vec::new();
         for value in values {
@@ -184,21 +199,50 @@ impl Store {
     ) -> Result<Vec<Runtime>> {
         validate::id("stale status", stale_status)?;
         let g = self.global();
+        let mut conn = self.conn().await?;
+        // Candidates from the index: overdue by their deadline, or every
+        // runtime when a heartbeat age counts too.
+        let mut range = redis::cmd("ZRANGE");
+        match (stale_after, now_ms) {
+            (Some(_), _) => range.arg(g.runtimes()).arg(0).arg(-1),
+            (None, Some(now)) => range.arg(g.runtimes()).arg("-inf").arg(format!("({now}")).arg("BYSCORE"),
+            (None, None) => range.arg(g.runtimes()).arg("-inf").arg("+inf").arg("BYSCORE"),
+        };
+        let ids: Vec<String> = range.query_async(&mut conn).await.map_err(|e| self.failed(e))?;
         let args = vec![
-            g.runtime_base(),
             now_ms.map(|n| n.to_string()).unwrap_or_default(),
             stale_status.to_string(),
             stale_after.map(|d| d.as_millis().to_string()).unwrap_or_default(),
         ];
-        let value = self.eval(&self.scripts().mark_stale_runtimes, &[g.runtimes()], &args).await?;
-        reply::array(value)?
-            .into_iter()
-            .map(|item| {
-                // Their status is the stale status whatever the clock says.
-                let mut runtime = Runtime::from_fields(reply::fields(item)?, i64::MIN)?;
-                runtime.status = stale_status.to_string();
-                Ok(runtime)
-            })
-            .collect()
+        let lua = &self.scripts().mark_stale_runtime;
+        let marks = join_all(ids.iter().map(|id| {
+            let key = [g.runtime(id)];
+            let args = &args;
+            async move { self.eval(lua, &key, args).await }
+        }))
+        .await;
+        let mut out = Vec::new();
+        let mut gone = Vec::new();
+        for (id, mark) in ids.iter().zip(marks) {
+            match mark? {
+                redis::Value::Int(-1) => gone.push(id.clone()),
+                redis::Value::Int(_) => {}
+                item => {
+                    // Its status is the stale status whatever the clock says.
+                    let mut runtime = Runtime::from_fields(reply::fields(item)?, i64::MIN)?;
+                    runtime.status = stale_status.to_string();
+                    out.push(runtime);
+                }
+            }
+        }
+        if !gone.is_empty() {
+            let _: i64 = redis::cmd("ZREM")
+                .arg(g.runtimes())
+                .arg(&gone)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.failed(e))?;
+        }
+        Ok(out)
     }
 }

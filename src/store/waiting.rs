@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
+use super::Conn;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -33,13 +33,13 @@ const NEW_QUEUE_POLL: Duration = Duration::from_millis(500);
 
 /// What a finished BLPOP hands back: its queue, its connection (unless it
 /// broke) and whether it popped a token.
-type Popped = (String, Option<MultiplexedConnection>, Result<bool>);
+type Popped = (String, Option<Conn>, Result<bool>);
 
 /// Blocks on wake-up lists, one dedicated connection per queue.
 pub struct Waiter {
     store: Store,
     /// Connections not blocked right now, by queue.
-    idle: HashMap<String, MultiplexedConnection>,
+    idle: HashMap<String, Conn>,
     /// BLPOPs in flight; they outlive a `block` call that timed out.
     in_flight: JoinSet<Popped>,
     /// Queues with a BLPOP in flight.
@@ -71,14 +71,18 @@ impl Waiter {
         // waiting are found by reading the queue set again, at least every
         // NEW_QUEUE_POLL (their wake lists are not watched before).
         let implicit = request.queues.is_empty();
-        let mut queues = request.queues.clone();
+        let mut queues;
         loop {
             if stop.is_cancelled() {
                 return Ok(None);
             }
-            if implicit {
-                queues = self.store.known_queues().await?;
-            }
+            // Partitioned queues expand to their partitions, starting at the
+            // next one each time (see partitions.rs).
+            queues = if implicit {
+                self.store.known_queues().await?
+            } else {
+                self.store.claim_order(&request.queues).await?
+            };
             // Time left until the earliest due run or lease, by the server's clock.
             let mut next_due: Option<i64> = None;
             for queue in &queues {

@@ -15,7 +15,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use rand::RngExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -356,13 +355,8 @@ async fn heartbeats(inner: Arc<Inner>, stop: CancellationToken) {
 async fn cancel_listener(inner: Arc<Inner>, stop: CancellationToken) {
     loop {
         let listen = async {
-            let mut pubsub = inner.store.pubsub().await?;
-            for queue in &inner.queues {
-                pubsub.subscribe(inner.store.queue_keys(queue).cancel_channel()).await?;
-            }
-            let mut messages = pubsub.on_message();
-            while let Some(msg) = messages.next().await {
-                let Ok(run_id) = msg.get_payload::<String>() else { continue };
+            let mut notices = inner.store.cancel_notices(&inner.queues).await?;
+            while let Some(run_id) = notices.next().await {
                 let ctx = lock(&inner.in_flight).get(&run_id).cloned();
                 if let Some(ctx) = ctx {
                     debug!(run_id, "cancel requested");
@@ -520,7 +514,10 @@ async fn execute(
 /// directly: not while shutting down, and with a strict order only on the
 /// first queue (another queue would otherwise be passed over).
 fn may_chain(inner: &Inner, queue: &str, shutdown: &CancellationToken) -> bool {
+    // A partition (a queue the worker was not given by name) never chains:
+    // the next claim must move on to the next partition.
     !shutdown.is_cancelled()
+        && inner.queues.iter().any(|q| q == queue)
         && match inner.order {
             QueueOrder::Strict => inner.queues.first().is_some_and(|q| q == queue),
             QueueOrder::Weighted(_) => true,

@@ -1,17 +1,125 @@
-//! Test harness: every test gets a private Redis.
+//! Test harness: every test gets a private Redis, on one of two backends.
 //!
-//! With `redis-server` on PATH it starts one on a free loopback port with its
-//! own temp dir and kills it (by PID) when the test's handle drops. Without the
-//! binary but with a reachable Docker engine it runs `redis:7` through
-//! testcontainers. With neither it fails with a message saying what to install.
+//! Single server: with `redis-server` on PATH it starts one on a free
+//! loopback port with its own temp dir and kills it (by PID) when the test's
+//! handle drops. Without the binary but with a reachable Docker engine it
+//! runs `redis:7` through testcontainers. With neither it fails with a
+//! message saying what to install.
+//!
+//! Cluster: one local 6-node Redis Cluster (3 masters, 3 replicas) per test
+//! binary, started on first use by a thread that lives as long as the
+//! process (its nodes die with the process). Cluster tests of one binary
+//! take turns, and each starts on an empty cluster (FLUSHALL on every master).
+//!
+//! [`backend_tests!`] runs one list of test cases on both backends: a case is
+//! a plain `async fn` that calls [`store`] / [`redis`] as usual, and the
+//! backend it runs on is a task-local the macro sets.
 #![allow(dead_code)]
 
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
 use runledger::embedded::{RedisServer, find_redis_server};
+use runledger::embedded_cluster::RedisCluster;
+use runledger::store::Conn;
 use runledger::{Store, StoreConfig};
 use testcontainers::ImageExt;
 use testcontainers::core::{IntoContainerPort, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage};
+
+/// Where a test case runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Single,
+    Cluster,
+}
+
+tokio::task_local! {
+    static BACKEND: Backend;
+}
+
+/// The backend of the running test case (single server outside [`backend_tests!`]).
+pub fn backend() -> Backend {
+    BACKEND.try_with(|b| *b).unwrap_or(Backend::Single)
+}
+
+/// Runs one test case on a backend. On the cluster it waits for its turn
+/// and empties the cluster first.
+pub async fn run_on<F: std::future::Future<Output = ()>>(backend: Backend, case: F) {
+    let _turn = match backend {
+        Backend::Single => None,
+        Backend::Cluster => {
+            let turn = cluster_turn();
+            flush_cluster().await;
+            Some(turn)
+        }
+    };
+    BACKEND.scope(backend, case).await
+}
+
+/// Generates, for each named case (an `async fn()` in scope), one
+/// `#[tokio::test]` per backend: `single::<case>` and `cluster::<case>`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($case:ident),* $(,)?) => {
+        mod single {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    $crate::common::run_on($crate::common::Backend::Single, super::$case()).await
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    $crate::common::run_on($crate::common::Backend::Cluster, super::$case()).await
+                }
+            )*
+        }
+    };
+}
+
+/// The URL of this test binary's cluster, started on first use.
+pub fn cluster_url() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        // The nodes die with the thread that started them: this one never ends.
+        std::thread::spawn(move || match RedisCluster::start() {
+            Ok(cluster) => {
+                let _ = tx.send(Ok(cluster.url()));
+                let _keep = cluster;
+                loop {
+                    std::thread::park();
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string()));
+            }
+        });
+        match rx.recv() {
+            Ok(Ok(url)) => url,
+            Ok(Err(e)) => panic!("starting the test cluster: {e}"),
+            Err(_) => panic!("the thread starting the test cluster died"),
+        }
+    })
+}
+
+fn cluster_turn() -> MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    // A failed case poisons nothing the next one depends on.
+    TURN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn flush_cluster() {
+    let nodes = runledger::store::conn::cluster_nodes(cluster_url(), false).expect("cluster url").expect("nodes");
+    let client = redis::cluster::ClusterClient::new(nodes).expect("cluster client");
+    let mut conn = client.get_async_connection().await.expect("cluster connection");
+    // FLUSHALL goes to every master; the replicas follow.
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.expect("FLUSHALL on the cluster");
+}
 
 pub struct TestRedis {
     pub url: String,
@@ -37,8 +145,12 @@ fn docker_reachable() -> bool {
     std::env::var_os("DOCKER_HOST").is_some() || std::path::Path::new("/var/run/docker.sock").exists()
 }
 
-/// Starts a private Redis for one test.
+/// A private Redis for one test: a server of its own, or the (emptied)
+/// cluster when the case runs on the cluster backend.
 pub async fn redis() -> TestRedis {
+    if backend() == Backend::Cluster {
+        return TestRedis { url: cluster_url().to_string(), server: None, _container: None };
+    }
     if find_redis_server().is_some() {
         let server = RedisServer::start().unwrap_or_else(|e| panic!("starting redis-server: {e}"));
         return TestRedis { url: server.url(), server: Some(server), _container: None };
@@ -77,13 +189,20 @@ pub async fn store_with(cfg: StoreConfig) -> (TestRedis, Store) {
     (redis, store)
 }
 
-/// A raw connection for checking keys as an operator would.
-pub async fn raw(redis: &TestRedis) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(redis.url.as_str())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("raw connection")
+/// A raw connection for checking keys as an operator would (a cluster
+/// connection, which routes each command by its key, on the cluster).
+pub async fn raw(redis: &TestRedis) -> Conn {
+    if let Some(nodes) = runledger::store::conn::cluster_nodes(&redis.url, false).expect("test url") {
+        let client = redis::cluster::ClusterClient::new(nodes).expect("cluster client");
+        return Conn::Cluster(client.get_async_connection().await.expect("raw cluster connection"));
+    }
+    Conn::Single(
+        redis::Client::open(redis.url.as_str())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("raw connection"),
+    )
 }
 
 /// The seed's `_run_to_dict` keys: every run serialized to JSON has them all.

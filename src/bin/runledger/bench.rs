@@ -8,15 +8,16 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use rand::RngExt;
-use runledger::embedded::RedisServer;
 use runledger::{
-    ClaimOutcome, ClaimRequest, Done, Error, Finish, NewRun, Result, RunStatus, Store, StoreConfig, Worker,
+    ClaimOutcome, ClaimRequest, Done, Error, Finish, NewRun, Result, RunStatus, Store, Worker,
 };
 use serde::Serialize;
 use serde_json::json;
 
 use crate::demo::percentile;
+use crate::Target;
 use crate::output::Output;
+use crate::private::PrivateRedis;
 
 #[derive(Args, Clone)]
 pub struct BenchArgs {
@@ -123,12 +124,16 @@ async fn command_calls(store: &Store) -> Result<HashMap<String, (f64, f64)>> {
 }
 
 async fn wait_finished(store: &Store, queue: &str, n: i64, timeout: Duration) -> Result<()> {
-    // One XLEN per poll, so the monitor hardly shows in the command counts.
-    let key = store.queue_keys(queue).finished();
+    // One XLEN per partition and poll, so the monitor hardly shows in the command counts.
+    let keys: Vec<String> = store.partitions(queue).await?.iter().map(|q| store.queue_keys(q).finished()).collect();
     let mut conn = store.conn().await?;
     let start = Instant::now();
     loop {
-        let finished: i64 = redis::cmd("XLEN").arg(&key).query_async(&mut conn).await?;
+        let mut finished = 0;
+        for key in &keys {
+            let n: i64 = redis::cmd("XLEN").arg(key).query_async(&mut conn).await?;
+            finished += n;
+        }
         if finished >= n {
             return Ok(());
         }
@@ -141,7 +146,7 @@ async fn wait_finished(store: &Store, queue: &str, n: i64, timeout: Duration) ->
 
 /// Enqueues n runs in batches of 1000; returns the time spent in the enqueue
 /// calls (making the runs is the load generator's work, not the queue's).
-async fn enqueue_batched(store: &Store, queue: &str, n: usize) -> Result<Duration> {
+pub(crate) async fn enqueue_batched(store: &Store, queue: &str, n: usize) -> Result<Duration> {
     let mut spent = Duration::ZERO;
     let mut i = 0;
     while i < n {
@@ -155,7 +160,7 @@ async fn enqueue_batched(store: &Store, queue: &str, n: usize) -> Result<Duratio
 }
 
 /// The lifecycle: W workers each claim, append 3 events (one round trip), finish.
-async fn lifecycle(store: &Store, queue: &str, workers: usize, n: usize) -> Result<Duration> {
+pub(crate) async fn lifecycle(store: &Store, queue: &str, workers: usize, n: usize) -> Result<Duration> {
     let mut tokens = Vec::new();
     let mut handles = Vec::new();
     let start = Instant::now();
@@ -254,19 +259,23 @@ async fn claim_cost(store: &Store, queue: &str, samples: usize) -> Result<f64> {
     Ok(percentile(&times, 0.5))
 }
 
-pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: BenchArgs) -> Result<()> {
+pub async fn run(target: &Target, out: &Output, a: BenchArgs) -> Result<()> {
+    if target.cluster || target.url.as_deref().is_some_and(|u| u.contains("+cluster://")) {
+        return crate::bench_cluster::run(target, out, &a).await;
+    }
+    let prefix = target.prefix.as_str();
     if a.runs == 0 || a.workers == 0 {
         return Err(Error::Invalid("--runs and --workers must be at least 1".into()));
     }
-    let (server, url, prefix) = match redis {
+    let (server, url, prefix) = match target.url.clone() {
         Some(url) => (None, url, format!("{prefix}-bench-{:08x}", rand::rng().random::<u32>())),
         None => {
-            let server = RedisServer::start()?;
+            let server = PrivateRedis::start(target.cluster)?;
             let url = server.url();
             (Some(server), url, prefix.to_string())
         }
     };
-    let store = Store::connect_with(&url, StoreConfig { prefix: prefix.clone(), ..Default::default() }).await?;
+    let store = Store::connect_with(&url, target.config(&prefix)).await?;
     let server_info = info(&store, "server").await?;
     let mut conn = store.conn().await?;
     let mut config = Vec::new();

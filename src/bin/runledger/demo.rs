@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rand::RngExt;
-use runledger::embedded::RedisServer;
-use runledger::{Backoff, Direction, Error, NewRun, Result, RunStatus, Store, StoreConfig, Worker};
+use runledger::{Backoff, Direction, Error, NewRun, Result, RunStatus, Store, Worker};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::Target;
 use crate::output::Output;
+use crate::private::PrivateRedis;
 use crate::simulate::{Simulation, handle};
 
 #[derive(Args, Clone)]
@@ -98,26 +99,27 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-pub async fn run(redis: Option<String>, prefix: &str, out: &Output, a: DemoArgs) -> Result<()> {
+pub async fn run(target: &Target, out: &Output, a: DemoArgs) -> Result<()> {
+    let prefix = target.prefix.as_str();
     if a.runs == 0 || a.workers == 0 || a.concurrency == 0 {
         return Err(Error::Invalid("--runs, --workers and --concurrency must be at least 1".into()));
     }
     // Run ids are unique per demo, so demos can share a prefix.
     let tag = format!("{:08x}", rand::rng().random::<u32>());
-    let (server, url, prefix) = match redis {
+    let (server, url, prefix) = match target.url.clone() {
         Some(url) if a.shared => (None, url, prefix.to_string()),
         Some(url) => (None, url, format!("{prefix}-demo-{tag}")),
         None => {
-            let server = RedisServer::start()?;
+            let server = PrivateRedis::start(target.cluster)?;
             let url = server.url();
             (Some(server), url, prefix.to_string())
         }
     };
     eprintln!(
         "demo: Redis at {url}{}, key prefix {prefix}",
-        if server.is_some() { " (private redis-server, stopped at the end)" } else { "" }
+        server.as_ref().map(PrivateRedis::describe).unwrap_or_default()
     );
-    let store = Store::connect_with(&url, StoreConfig { prefix: prefix.clone(), ..Default::default() }).await?;
+    let store = Store::connect_with(&url, target.config(&prefix)).await?;
     let lease = runledger::validate::seconds("--lease", a.lease)?;
     // Counts before the demo, so that a shared prefix with history still adds up.
     let mut baseline = HashMap::new();

@@ -4,16 +4,16 @@ use std::time::Duration;
 
 use clap::Args;
 use runledger::{
-    ClaimRequest, Direction, Error, Finish, NewEvent, NewRun, Release, Result, RunFilter, RunStatus, Store,
-    StoreConfig, Waiter, validate,
+    ClaimRequest, Direction, Error, Finish, NewEvent, NewRun, QueueStats, Release, Result, RunFilter, RunStatus, Store,
+    Waiter, validate,
 };
 use serde_json::Value;
 
+use crate::Target;
 use crate::output::Output;
 
-pub async fn connect(url: &str, prefix: &str) -> Result<Store> {
-    let cfg = StoreConfig { prefix: prefix.to_string(), ..StoreConfig::default() };
-    Store::connect_with(url, cfg).await.map_err(|e| match e {
+pub async fn connect(url: &str, target: &Target) -> Result<Store> {
+    Store::connect_with(url, target.config(&target.prefix)).await.map_err(|e| match e {
         Error::Redis(err) if err.kind() == redis::ErrorKind::InvalidClientConfig => {
             Error::Invalid(format!("--redis / REDIS_URL is not a valid Redis URL: {url} ({err})"))
         }
@@ -76,6 +76,9 @@ pub struct EnqueueArgs {
     /// queued (enters the queue) or running (executed directly).
     #[arg(long, default_value = "queued")]
     status: String,
+    /// For a partitioned queue: runs with the same key share a partition (default: the run id).
+    #[arg(long)]
+    partition_key: Option<String>,
 }
 
 pub async fn enqueue(store: &Store, out: &Output, a: EnqueueArgs) -> Result<()> {
@@ -98,6 +101,7 @@ pub async fn enqueue(store: &Store, out: &Output, a: EnqueueArgs) -> Result<()> 
         requested_runtime_id: a.requested_runtime,
         not_before: a.not_before,
         max_attempts: a.max_attempts,
+        partition_key: a.partition_key,
     };
     out.run(&store.create_run(&run).await?);
     Ok(())
@@ -386,12 +390,47 @@ pub async fn runtimes(store: &Store, out: &Output, a: RuntimesArgs) -> Result<()
     Ok(())
 }
 
+/// Every queue; a partitioned queue as one row with its partitions below it.
 pub async fn queues(store: &Store, out: &Output) -> Result<()> {
+    let partitioned = store.partition_counts().await?;
     let mut stats = Vec::new();
     for queue in store.known_queues().await? {
-        stats.push(store.queue_stats(&queue, 10).await?);
+        let mut s = store.queue_stats(&queue, 10).await?;
+        // Only partitions of a declared queue count as such (a `#` alone does not).
+        if s.partition_of.as_ref().is_none_or(|q| !partitioned.contains_key(q)) {
+            s.partition_of = None;
+        }
+        stats.push(s);
     }
-    out.queues(&stats);
+    let mut rows = Vec::new();
+    let mut logical: Vec<&String> = partitioned.keys().collect();
+    logical.sort();
+    for q in logical {
+        let parts: Vec<QueueStats> = stats.iter().filter(|s| s.partition_of.as_ref() == Some(q)).cloned().collect();
+        rows.push(QueueStats::merged(q, &parts));
+        rows.extend(parts);
+    }
+    rows.extend(stats.into_iter().filter(|s| s.partition_of.is_none() && !partitioned.contains_key(&s.queue_name)));
+    out.queues(&rows);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct PartitionArgs {
+    /// The logical queue.
+    queue: String,
+    /// How many physical queues (QUEUE#0 .. QUEUE#N-1) it spreads over, 2..=256; fixed once set.
+    partitions: u32,
+}
+
+pub async fn partition(store: &Store, out: &Output, a: PartitionArgs) -> Result<()> {
+    store.declare_partitions(&a.queue, a.partitions).await?;
+    let parts = store.partitions(&a.queue).await?;
+    if out.json {
+        out.json(&serde_json::json!({ "queue_name": a.queue, "partitions": parts }));
+    } else {
+        println!("{} is partitioned over {}", a.queue, parts.join(", "));
+    }
     Ok(())
 }
 

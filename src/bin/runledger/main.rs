@@ -6,9 +6,11 @@
 //! 5 claim lost (stale token or deadline passed).
 
 mod bench;
+mod bench_cluster;
 mod demo;
 mod ledger;
 mod output;
+mod private;
 mod simulate;
 mod worker_cmd;
 
@@ -19,9 +21,18 @@ use runledger::Error;
 #[command(name = "runledger", version, about = "A Redis-backed distributed work queue and run ledger")]
 pub struct Cli {
     /// Redis server URL [default: redis://127.0.0.1:6379/; demo and bench start a private
-    /// redis-server when neither this nor REDIS_URL is given].
+    /// redis-server when neither this nor REDIS_URL is given]. A cluster:
+    /// redis+cluster://host:port,host:port/ (or --cluster with redis://host:port,host:port/).
     #[arg(long, global = true, env = "REDIS_URL")]
     redis: Option<String>,
+    /// The URL names seed nodes of a Redis Cluster (demo and bench without a URL start a
+    /// private 6-node cluster).
+    #[arg(long, global = true, env = "REDIS_CLUSTER", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    cluster: bool,
+    /// Write concern: every write waits until N replicas have it (Redis WAIT, 1 s at most);
+    /// fewer in time is an error. 0 = off.
+    #[arg(long, global = true, env = "RUNLEDGER_WAIT_REPLICAS", default_value_t = 0)]
+    wait_replicas: u32,
     /// Prefix of every key.
     #[arg(long, global = true, env = "RUNLEDGER_PREFIX", default_value = "rl")]
     prefix: String,
@@ -61,6 +72,8 @@ enum Command {
     Runtimes(ledger::RuntimesArgs),
     /// Depth per status, oldest queued age and lease holders of every queue.
     Queues,
+    /// Spread a logical queue over N physical queues (QUEUE#0..), e.g. over a cluster's shards.
+    Partition(ledger::PartitionArgs),
     /// One pass of lease expiry, deadlines, delayed runs, stale runtimes, retention.
     Reap,
     /// Run a demo worker (simulated agent work) until SIGINT/SIGTERM.
@@ -115,10 +128,33 @@ async fn main() {
     }
 }
 
+/// Where the commands connect, from the global flags.
+pub struct Target {
+    /// `--redis` / `REDIS_URL`, if given.
+    pub url: Option<String>,
+    pub prefix: String,
+    pub cluster: bool,
+    pub wait_replicas: u32,
+}
+
+impl Target {
+    /// The store settings these flags ask for, with another prefix.
+    pub fn config(&self, prefix: &str) -> runledger::StoreConfig {
+        runledger::StoreConfig {
+            prefix: prefix.to_string(),
+            cluster: self.cluster,
+            wait_replicas: self.wait_replicas,
+            ..Default::default()
+        }
+    }
+}
+
 async fn run(cli: Cli) -> runledger::Result<()> {
     let out = output::Output { json: cli.json };
+    let target =
+        Target { url: cli.redis.clone(), prefix: cli.prefix.clone(), cluster: cli.cluster, wait_replicas: cli.wait_replicas };
     let url = cli.redis.clone().unwrap_or_else(|| "redis://127.0.0.1:6379/".to_string());
-    let store = || ledger::connect(&url, &cli.prefix);
+    let store = || ledger::connect(&url, &target);
     match cli.command {
         Command::Enqueue(a) => ledger::enqueue(&store().await?, &out, a).await,
         Command::Claim(a) => ledger::claim(&store().await?, &out, a).await,
@@ -133,10 +169,11 @@ async fn run(cli: Cli) -> runledger::Result<()> {
         Command::Events(a) => ledger::events(&store().await?, &out, a).await,
         Command::Runtimes(a) => ledger::runtimes(&store().await?, &out, a).await,
         Command::Queues => ledger::queues(&store().await?, &out).await,
+        Command::Partition(a) => ledger::partition(&store().await?, &out, a).await,
         Command::Reap => ledger::reap(&store().await?, &out).await,
         Command::Worker(a) => worker_cmd::run(&store().await?, &out, a).await,
-        Command::Demo(a) => demo::run(cli.redis.clone(), &cli.prefix, &out, a).await,
-        Command::Bench(a) => bench::run(cli.redis.clone(), &cli.prefix, &out, a).await,
+        Command::Demo(a) => demo::run(&target, &out, a).await,
+        Command::Bench(a) => bench::run(&target, &out, a).await,
     }
 }
 
@@ -146,6 +183,6 @@ fn exit_code(err: &Error) -> i32 {
         Error::NotFound(_) => 3,
         Error::Conflict(_) | Error::Finished(_) | Error::OutOfOrder(_) => 4,
         Error::StaleToken(_) | Error::DeadlinePassed(_) => 5,
-        Error::Redis(_) | Error::Protocol(_) | Error::Server(_) | Error::Unreachable { .. } => 1,
+        Error::Redis(_) | Error::WriteConcern(_) | Error::Protocol(_) | Error::Server(_) | Error::Unreachable { .. } => 1,
     }
 }

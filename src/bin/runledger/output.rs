@@ -147,9 +147,10 @@ impl Output {
             "QUEUE", "QUEUED", "PINNED", "DELAYED", "CLAIMED", "FINISHED", "OLDEST(s)"
         );
         for s in stats {
+            let name = if s.partition_of.is_some() { format!("  {}", s.queue_name) } else { s.queue_name.clone() };
             println!(
                 "{:<16}  {:>8}  {:>7}  {:>7}  {:>7}  {:>8}  {:>10}",
-                s.queue_name,
+                name,
                 s.queued,
                 s.pinned,
                 s.delayed,

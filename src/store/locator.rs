@@ -1,0 +1,121 @@
+//! The run id locator: `<P>:locator:<run_id>` (STRING) names the queue a run
+//! lives in, so a run id is unique across every queue and a run is found in
+//! one round trip, on one server or a cluster.
+//!
+//! A create takes the locator with `SET NX GET` before its queue's script
+//! runs (the two live in different slots, so they cannot be one script):
+//! - nothing there: the id is ours; the script creates the run;
+//! - our queue: a retry of our own create (or a race with another create in
+//!   the same queue): the script is idempotent by run id, so it runs again
+//!   and a create that crashed between the two steps is completed;
+//! - another queue: the run is that queue's; the create returns it.
+//!
+//! A locator lives as long as its run: no TTL while the run is live, the
+//! run's TTL once it is finished (set by the call that finished it), and the
+//! reaper deletes it with the run it purges.
+
+use std::time::Duration;
+
+use super::Store;
+use crate::error::{Error, Result};
+
+/// What taking a locator found.
+pub(crate) enum Reservation {
+    /// The id is ours in this queue (new, or a retry of our own create).
+    Ours,
+    /// The run id belongs to another queue.
+    Elsewhere(String),
+}
+
+impl Store {
+    /// The queue a run lives in: the in-process cache, else one GET.
+    pub async fn locate(&self, run_id: &str) -> Result<String> {
+        crate::validate::id("run_id", run_id)?;
+        if let Some(queue) = self.cached_location(run_id) {
+            return Ok(queue);
+        }
+        let mut conn = self.conn().await?;
+        let queue: Option<String> = redis::cmd("GET")
+            .arg(self.global().locator(run_id))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.failed(e))?;
+        match queue {
+            Some(queue) => {
+                self.remember(run_id, &queue);
+                Ok(queue)
+            }
+            None => Err(Error::NotFound(format!("run {run_id} does not exist"))),
+        }
+    }
+
+    /// Takes the locators of runs about to be created: `(run_id, queue)`
+    /// pairs, one round trip on a single server, concurrent on a cluster.
+    pub(crate) async fn reserve(&self, runs: &[(&str, &str)]) -> Result<Vec<Reservation>> {
+        let cmds = runs
+            .iter()
+            .map(|(run_id, queue)| {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(self.global().locator(run_id)).arg(*queue).arg("NX").arg("GET");
+                cmd
+            })
+            .collect();
+        let values = self.write_all(cmds).await?;
+        values
+            .into_iter()
+            .zip(runs)
+            .map(|(value, (_, queue))| match value {
+                redis::Value::Nil => Ok(Reservation::Ours),
+                other => {
+                    let held = super::reply::string(other)?;
+                    Ok(if held == *queue { Reservation::Ours } else { Reservation::Elsewhere(held) })
+                }
+            })
+            .collect()
+    }
+
+    /// Gives finished runs' locators the TTL of the runs themselves.
+    pub(crate) async fn expire_locators(&self, run_ids: &[String]) -> Result<()> {
+        let ttl = self.finished_ttl_ms();
+        let cmds = run_ids
+            .iter()
+            .map(|run_id| {
+                let mut cmd = redis::cmd("PEXPIRE");
+                cmd.arg(self.global().locator(run_id)).arg(ttl);
+                cmd
+            })
+            .collect();
+        self.write_all(cmds).await?;
+        Ok(())
+    }
+
+    /// Like [`Store::expire_locators`] for one run, without holding up the
+    /// caller (the worker's hot path): a failure only leaves the locator to
+    /// the reaper, which deletes it when it purges the run.
+    pub(crate) fn expire_locator_soon(&self, run_id: &str) {
+        let store = self.clone();
+        let run_ids = vec![run_id.to_string()];
+        tokio::spawn(async move {
+            let expired = tokio::time::timeout(Duration::from_secs(10), store.expire_locators(&run_ids)).await;
+            if !matches!(expired, Ok(Ok(()))) {
+                tracing::debug!(run_id = %run_ids[0], "could not set the TTL of a finished run's locator");
+            }
+        });
+    }
+
+    /// Deletes the locators of purged runs.
+    pub(crate) async fn drop_locators(&self, run_ids: &[String]) -> Result<()> {
+        let cmds = run_ids
+            .iter()
+            .map(|run_id| {
+                self.forget(run_id);
+                let mut cmd = redis::cmd("DEL");
+                cmd.arg(self.global().locator(run_id));
+                cmd
+            })
+            .collect();
+        let mut conn = self.conn().await?;
+        conn.query_all(cmds).await.map_err(|e| self.failed(e))?;
+        Ok(())
+    }
+}
