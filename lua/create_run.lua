@@ -6,7 +6,9 @@
 -- KEYS[9..]   <P>:{Q}:run:<run_id>  HASH of each run, in the order of ARGV
 -- ARGV[1] key base <P>:{Q}:   ARGV[2] queue name   ARGV[3] max JSON bytes
 -- ARGV[4] queue number (0 .. 4095, from register_queue.lua; checked against KEYS[8])
--- ARGV[5..] 17 values per run:
+-- ARGV[5] '1' when the client registered the queue just before this call
+--         (a queue without KEYS[8] is refused with UNREGISTERED otherwise)
+-- ARGV[6..] 17 values per run:
 --   run_id, event_id, binding_id, runner_id, conversation_id, thread_id,
 --   workspace_id, bot_id, agent_id, deadline_at ms, authorization (JSON object),
 --   metadata (JSON object), status (queued | running), priority [-1000, 1000],
@@ -34,8 +36,14 @@ local meta = redis.call('HMGET', KEYS[8], 'number', 'clock')
 if meta[1] and tonumber(meta[1]) ~= number then
   fail('CONFLICT', 'queue ' .. queue .. ' has number ' .. meta[1] .. ', not ' .. ARGV[4])
 end
+-- A queue this server has never seen takes a number only from a client that
+-- has just registered it: a number remembered from before a restart that
+-- lost the data may belong to another queue by now.
+if not meta[1] and ARGV[5] ~= '1' then
+  fail('UNREGISTERED', 'queue ' .. queue .. ' is not registered on this server')
+end
 local WIDTH = 17
-local n = (#ARGV - 4) / WIDTH
+local n = (#ARGV - 5) / WIDTH
 if n < 1 or n ~= math.floor(n) or #KEYS ~= 8 + n then
   fail('INVALID', 'runs must come as 17 values each with one key each, at least one')
 end
@@ -44,7 +52,7 @@ local OPTIONAL_IDS = { 'event_id', 'binding_id', 'conversation_id', 'thread_id',
   'agent_id', 'requested_runtime_id' }
 local runs = {}
 for i = 0, n - 1 do
-  local a = 5 + i * WIDTH
+  local a = 6 + i * WIDTH
   local r = {
     rid = ARGV[a], event_id = ARGV[a + 1], binding_id = ARGV[a + 2], runner_id = ARGV[a + 3],
     conversation_id = ARGV[a + 4], thread_id = ARGV[a + 5], workspace_id = ARGV[a + 6],

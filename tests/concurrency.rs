@@ -387,8 +387,13 @@ async fn racing_creates_and_audits_stay_consistent() {
         runs.push(t.await.expect("task"));
     }
     assert!(runs.iter().all(|r| r == &runs[0]), "every creator got the same stored run");
-    let counter: i64 = redis::cmd("GET").arg("rl:id").query_async(&mut raw).await.expect("GET");
-    assert_eq!(counter, 1);
+    let clock: String = redis::cmd("HGET")
+        .arg(format!("rl:{{{QUEUE}}}:meta"))
+        .arg("clock")
+        .query_async(&mut raw)
+        .await
+        .expect("HGET clock");
+    assert_eq!(clock.parse::<i64>().expect("clock"), runs[0].id / 4096, "one id taken for the one run");
     let queued: i64 =
         redis::cmd("ZCARD").arg(format!("rl:{{{QUEUE}}}:queued")).query_async(&mut raw).await.expect("ZCARD");
     assert_eq!(queued, 1);

@@ -62,7 +62,6 @@ async fn lost_claim(store: &Store, run_id: &str) -> (String, Run) {
     (token(&first), second)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_token_is_refused_for_every_worker_write() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -129,7 +128,6 @@ async fn stale_token_is_refused_for_every_worker_write() {
     assert_eq!(xlen(&mut raw, "r1").await, 1);
 }
 
-#[tokio::test]
 async fn host_calls_without_token_work_on_a_claimed_run() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -152,7 +150,6 @@ async fn host_calls_without_token_work_on_a_claimed_run() {
     assert!(matches!(err, Error::StaleToken(_)), "{err:?}");
 }
 
-#[tokio::test]
 async fn bogus_token_is_stale_and_unknown_run_is_not_found() {
     let (_redis, store) = common::store().await;
     create(&store, "r1").await;
@@ -174,7 +171,6 @@ async fn bogus_token_is_stale_and_unknown_run_is_not_found() {
     assert!(matches!(err, Error::NotFound(_)), "{err:?}");
 }
 
-#[tokio::test]
 async fn event_retry_with_same_content_is_idempotent() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -216,7 +212,6 @@ async fn event_retry_with_same_content_is_idempotent() {
     assert_eq!(page.items[1].usage, None);
 }
 
-#[tokio::test]
 async fn same_sequence_with_other_content_is_a_conflict() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -246,7 +241,6 @@ async fn same_sequence_with_other_content_is_a_conflict() {
     store.append_event("r1", Some(&t), &ev(3, "progress", json!({"p": 2}))).await.expect("the runner moves on");
 }
 
-#[tokio::test]
 async fn new_sequence_below_the_last_is_out_of_order() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -267,7 +261,6 @@ async fn new_sequence_below_the_last_is_out_of_order() {
     assert!(matches!(err, Error::Invalid(_)), "{err:?}");
 }
 
-#[tokio::test]
 async fn runner_events_on_a_finished_run_are_refused_but_audit_works() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -308,7 +301,6 @@ async fn runner_events_on_a_finished_run_are_refused_but_audit_works() {
     assert_eq!(first.sequence, 1);
 }
 
-#[tokio::test]
 async fn events_on_an_unknown_run_are_not_found() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -331,7 +323,6 @@ async fn events_on_an_unknown_run_are_not_found() {
     assert_eq!(xlen(&mut raw, "exists").await, 1);
 }
 
-#[tokio::test]
 async fn stream_entry_ids_are_the_sequences() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -357,7 +348,6 @@ async fn stream_entry_ids_are_the_sequences() {
     assert!(fields.get("created_at").is_some_and(|c| c.len() == 13), "created_at in epoch ms: {fields:?}");
 }
 
-#[tokio::test]
 async fn a_batch_lands_whole_or_not_at_all() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -395,3 +385,17 @@ async fn a_batch_lands_whole_or_not_at_all() {
     // An empty batch is a no-op.
     assert!(store.append_events("r1", Some(&t), &[]).await.expect("empty batch").is_empty());
 }
+
+// Every case above, on a server of its own and on the test cluster.
+backend_tests!(
+    stale_token_is_refused_for_every_worker_write,
+    host_calls_without_token_work_on_a_claimed_run,
+    bogus_token_is_stale_and_unknown_run_is_not_found,
+    event_retry_with_same_content_is_idempotent,
+    same_sequence_with_other_content_is_a_conflict,
+    new_sequence_below_the_last_is_out_of_order,
+    runner_events_on_a_finished_run_are_refused_but_audit_works,
+    events_on_an_unknown_run_are_not_found,
+    stream_entry_ids_are_the_sequences,
+    a_batch_lands_whole_or_not_at_all,
+);

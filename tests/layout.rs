@@ -99,17 +99,23 @@ async fn a_run_through_its_life_as_an_operator_sees_it() {
     let t1 = now_ms(&store).await;
 
     // Global keys.
-    let id: String = redis::cmd("GET").arg("rl:id").query_async(&mut raw).await.expect("GET rl:id");
-    assert_eq!(id, "3", "rl:id counts the runs created");
-    let queues: Vec<String> = redis::cmd("SMEMBERS").arg("rl:queues").query_async(&mut raw).await.expect("SMEMBERS");
-    assert_eq!(queues, ["q"]);
+    let queues = hgetall(&mut raw, "rl:queues").await;
+    assert_eq!(queues.into_iter().collect::<Vec<_>>(), [("q".to_string(), "0".to_string())], "q is queue number 0");
+    let meta = hgetall(&mut raw, "rl:{q}:meta").await;
+    assert_eq!(meta["number"], "0");
+    let r3: String = redis::cmd("HGET").arg("rl:{q}:run:r3").arg("id").query_async(&mut raw).await.expect("HGET id");
+    assert_eq!(meta["clock"], (r3.parse::<i64>().expect("id") / 4096).to_string(), "the clock of the newest id");
+    for run in ["r1", "r2", "r3"] {
+        let queue: String = redis::cmd("GET").arg(format!("rl:locator:{run}")).query_async(&mut raw).await.expect("GET");
+        assert_eq!(queue, "q", "the locator of {run} names its queue");
+    }
 
     // The queued run's hash.
     let rk = "rl:{q}:run:r1";
     assert_eq!(key_type(&mut raw, rk).await, "hash");
     let h = hgetall(&mut raw, rk).await;
     no_null_fields(&h);
-    assert_eq!(h["id"], "1");
+    assert_eq!(h["id"].parse::<i64>().expect("id") % 4096, 0, "the low part of the id is q's number, 0");
     assert_eq!(h["run_id"], "r1");
     assert_eq!(h["runner_id"], "agent");
     assert_eq!(h["status"], "queued");
@@ -264,8 +270,9 @@ async fn a_run_through_its_life_as_an_operator_sees_it() {
             assert_eq!(hash_tag(key), "q", "{key} is in the queue's slot");
         } else {
             assert!(
-                ["rl:id", "rl:queues", "rl:runtimes", "rl:runtimes:seq"].contains(&key.as_str())
-                    || key.starts_with("rl:runtime:"),
+                ["rl:queues", "rl:partitions", "rl:runtimes", "rl:runtimes:seq"].contains(&key.as_str())
+                    || key.starts_with("rl:runtime:")
+                    || key.starts_with("rl:locator:"),
                 "undocumented global key {key}"
             );
         }
@@ -279,7 +286,7 @@ async fn a_run_through_its_life_as_an_operator_sees_it() {
         "rl:{q}:leases",
         "rl:{q}:finished",
         "rl:{q}:stats",
-        "rl:id",
+        "rl:locator:r1",
         "rl:queues",
         "rl:runtime:rt-1",
         "rl:runtimes",
@@ -296,9 +303,9 @@ fn assert_layout(keys: &[String], q: &str) {
     for key in keys.iter().filter(|k| k.starts_with(&base)) {
         let rest = &key[base.len()..];
         let known =
-            ["queued", "leases", "delayed", "deadlines", "finished", "stats", "wake", "runs", "pins", "runners"]
+            ["queued", "leases", "delayed", "deadlines", "finished", "stats", "wake", "runs", "pins", "runners", "meta"]
                 .contains(&rest)
-                || ["run:", "idx:", "runner:", "pinned:"].iter().any(|p| rest.starts_with(p));
+                || ["run:", "events:", "idx:", "runner:", "pinned:"].iter().any(|p| rest.starts_with(p));
         assert!(known, "undocumented queue key {key}");
     }
 }

@@ -16,8 +16,23 @@ async fn list(store: &Store, f: &RunFilter) -> RunPage {
     store.list_runs(f).await.unwrap_or_else(|e| panic!("list_runs {f:?}: {e}"))
 }
 
+/// The creation ordinal a test run's name carries: `r12` -> 12, `c` -> 3.
+/// Run ids (`id`) are clock * 4096 + queue number, so tests compare these.
+fn ordinal(run_id: &str) -> i64 {
+    match run_id.strip_prefix('r').and_then(|n| n.parse().ok()) {
+        Some(n) => n,
+        None if run_id.len() == 1 => i64::from(run_id.as_bytes()[0] - b'a') + 1,
+        None => panic!("run id {run_id} carries no ordinal"),
+    }
+}
+
 fn ids(page: &RunPage) -> Vec<i64> {
-    page.items.iter().map(|r| r.id).collect()
+    page.items.iter().map(|r| ordinal(&r.run_id)).collect()
+}
+
+/// The `id` of a run, for cursors.
+async fn id_of(store: &Store, run_id: &str) -> i64 {
+    store.get_run(run_id).await.unwrap_or_else(|e| panic!("get {run_id}: {e}")).id
 }
 
 fn run_ids(page: &RunPage) -> Vec<&str> {
@@ -53,7 +68,6 @@ async fn create_many(store: &Store, runs: Vec<NewRun>) -> Vec<Run> {
     out
 }
 
-#[tokio::test]
 async fn pages_newest_first_with_before_id_cursor() {
     let (_redis, store) = common::store().await;
     create_many(&store, (1..=25).map(|i| NewRun::new(format!("r{i}"), "agent").queue("q")).collect()).await;
@@ -62,12 +76,12 @@ async fn pages_newest_first_with_before_id_cursor() {
     assert_eq!(ids(&p1), (16..=25).rev().collect::<Vec<_>>());
     assert_eq!(run_ids(&p1)[0], "r25");
     assert!(p1.has_more);
-    assert_eq!(p1.next_cursor, Some(16));
+    assert_eq!(p1.next_cursor, Some(id_of(&store, "r16").await));
 
     let p2 = list(&store, &RunFilter { before_id: p1.next_cursor, ..filter(10) }).await;
     assert_eq!(ids(&p2), (6..=15).rev().collect::<Vec<_>>());
     assert!(p2.has_more);
-    assert_eq!(p2.next_cursor, Some(6));
+    assert_eq!(p2.next_cursor, Some(id_of(&store, "r6").await));
 
     let p3 = list(&store, &RunFilter { before_id: p2.next_cursor, ..filter(10) }).await;
     assert_eq!(ids(&p3), (1..=5).rev().collect::<Vec<_>>());
@@ -75,12 +89,12 @@ async fn pages_newest_first_with_before_id_cursor() {
     assert_eq!(p3.next_cursor, None);
 
     // Exactly `limit` left: no more, no cursor (the seed fetches limit + 1).
-    let exact = list(&store, &RunFilter { before_id: Some(11), ..filter(10) }).await;
+    let exact = list(&store, &RunFilter { before_id: Some(id_of(&store, "r11").await), ..filter(10) }).await;
     assert_eq!(ids(&exact), (1..=10).rev().collect::<Vec<_>>());
     assert!(!exact.has_more);
     assert_eq!(exact.next_cursor, None);
     // Before the first id: empty.
-    let empty = list(&store, &RunFilter { before_id: Some(1), ..filter(10) }).await;
+    let empty = list(&store, &RunFilter { before_id: Some(id_of(&store, "r1").await), ..filter(10) }).await;
     assert!(empty.items.is_empty() && !empty.has_more && empty.next_cursor.is_none());
     // limit 0 means 1, like the seed's clamp.
     let one = list(&store, &filter(0)).await;
@@ -89,14 +103,13 @@ async fn pages_newest_first_with_before_id_cursor() {
     assert_eq!(walk(&store, filter(7)).await, (1..=25).rev().collect::<Vec<_>>());
 }
 
-#[tokio::test]
 async fn limit_is_capped_at_100() {
     let (_redis, store) = common::store().await;
     create_many(&store, (1..=130).map(|i| NewRun::new(format!("r{i}"), "agent").queue("q")).collect()).await;
     let page = list(&store, &filter(1000)).await;
     assert_eq!(page.items.len(), 100);
     assert!(page.has_more);
-    assert_eq!(page.next_cursor, Some(31));
+    assert_eq!(page.next_cursor, Some(id_of(&store, "r31").await));
     let rest = list(&store, &RunFilter { before_id: page.next_cursor, ..filter(1000) }).await;
     assert_eq!(ids(&rest), (1..=30).rev().collect::<Vec<_>>());
     assert!(!rest.has_more);
@@ -137,7 +150,6 @@ fn expected(keep: impl Fn(&Spec) -> bool) -> Vec<&'static str> {
     SPECS.iter().rev().filter(|s| keep(s)).map(|s| s.run_id).collect()
 }
 
-#[tokio::test]
 async fn scope_filters_match_the_seed() {
     let (_redis, store) = common::store().await;
     create_specs(&store).await;
@@ -195,10 +207,9 @@ async fn scope_filters_match_the_seed() {
     let all = walk(&store, RunFilter { conversation_id: Some("c1".into()), ..filter(2) }).await;
     assert_eq!(all, [8, 6, 2, 1]);
     let p = list(&store, &RunFilter { conversation_id: Some("c1".into()), ..filter(2) }).await;
-    assert_eq!((run_ids(&p), p.has_more, p.next_cursor), (vec!["h", "f"], true, Some(6)));
+    assert_eq!((run_ids(&p), p.has_more, p.next_cursor), (vec!["h", "f"], true, Some(id_of(&store, "f").await)));
 }
 
-#[tokio::test]
 async fn status_filter() {
     let (_redis, store) = common::store().await;
     create_specs(&store).await;
@@ -231,7 +242,6 @@ async fn status_filter() {
     assert_eq!(run_ids(&list(&store, &f).await), ["h", "f"]);
 }
 
-#[tokio::test]
 async fn sparse_matches_are_found_past_the_scan_budget() {
     let (_redis, store) = common::store().await;
     // The two oldest of 2600 runs are the only completed ones.
@@ -244,13 +254,12 @@ async fn sparse_matches_are_found_past_the_scan_budget() {
     assert!(!page.has_more);
     assert_eq!(page.next_cursor, None);
     let page = list(&store, &RunFilter { statuses: vec![RunStatus::Completed], ..filter(1) }).await;
-    assert_eq!((run_ids(&page), page.has_more, page.next_cursor), (vec!["r2"], true, Some(2)));
+    assert_eq!((run_ids(&page), page.has_more, page.next_cursor), (vec!["r2"], true, Some(id_of(&store, "r2").await)));
     let all = walk(&store, RunFilter { statuses: vec![RunStatus::Queued], ..filter(100) }).await;
     assert_eq!(all.len(), 2598);
     assert!(all.windows(2).all(|w| w[0] > w[1]), "ids strictly descending across pages");
 }
 
-#[tokio::test]
 async fn two_queues_are_merged_by_id() {
     let (_redis, store) = common::store().await;
     for i in 1..=20 {
@@ -260,6 +269,8 @@ async fn two_queues_are_merged_by_id() {
             run.conversation_id = Some("even".into());
         }
         store.create_run(&run).await.expect("create");
+        // Across queues ids follow creation by the millisecond (see create_run.lua).
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let p = list(&store, &filter(5)).await;
     assert_eq!(ids(&p), [20, 19, 18, 17, 16]);
@@ -302,7 +313,6 @@ fn seqs(p: &EventPage) -> Vec<i64> {
     p.items.iter().map(|e| e.sequence).collect()
 }
 
-#[tokio::test]
 async fn event_pages_forward() {
     let (_redis, store) = common::store().await;
     run_with_events(&store, "r1", 150).await;
@@ -343,7 +353,6 @@ async fn event_pages_forward() {
     assert_eq!(seqs(&neg), [1, 2, 3]);
 }
 
-#[tokio::test]
 async fn event_pages_backward() {
     let (_redis, store) = common::store().await;
     run_with_events(&store, "r1", 150).await;
@@ -375,7 +384,6 @@ async fn event_pages_backward() {
     assert_eq!((w.next_cursor, w.prev_cursor, w.has_more), (None, Some(11), false));
 }
 
-#[tokio::test]
 async fn event_pages_of_a_run_without_events() {
     let (_redis, store) = common::store().await;
     store.create_run(&NewRun::new("r1", "agent").queue("q")).await.expect("create");
@@ -400,3 +408,16 @@ async fn event_pages_of_a_run_without_events() {
     let p = page(&store, Some(9), None, 5, Direction::Backward).await;
     assert_eq!((seqs(&p), p.prev_cursor), (vec![5, 2], Some(5)));
 }
+
+// Every case above, on a server of its own and on the test cluster.
+backend_tests!(
+    pages_newest_first_with_before_id_cursor,
+    limit_is_capped_at_100,
+    scope_filters_match_the_seed,
+    status_filter,
+    sparse_matches_are_found_past_the_scan_budget,
+    two_queues_are_merged_by_id,
+    event_pages_forward,
+    event_pages_backward,
+    event_pages_of_a_run_without_events,
+);

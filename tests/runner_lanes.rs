@@ -79,7 +79,8 @@ async fn check_claim(raw: &mut Conn, step: usize, filter: &[&str], claimed: Opti
         None => assert_eq!(best_left, None, "step {step}: claim for {filter:?} found nothing but runs wait"),
         Some(run) => {
             assert!(wanted(&run.runner_id), "step {step}: claim for {filter:?} took a run of {}", run.runner_id);
-            let score = (1000 - run.priority) as f64 * BAND + run.id as f64;
+            // Within a priority, creation order: the id's clock (id = clock * 4096 + queue number).
+            let score = (1000 - run.priority) as f64 * BAND + (run.id / 4096) as f64;
             if let Some(left) = best_left {
                 assert!(score < left, "step {step}: claim for {filter:?} skipped a better run");
             }

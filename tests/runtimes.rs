@@ -26,7 +26,6 @@ fn runtime(id: &str, deadline: Duration) -> RegisterRuntime {
     RegisterRuntime { heartbeat_deadline: deadline, ..RegisterRuntime::new(id) }
 }
 
-#[tokio::test]
 async fn register_records_fields_and_a_heartbeat() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -93,7 +92,6 @@ async fn register_records_fields_and_a_heartbeat() {
     }
 }
 
-#[tokio::test]
 async fn heartbeat_refreshes_and_merges_metadata() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -131,7 +129,6 @@ async fn heartbeat_refreshes_and_merges_metadata() {
     assert_eq!(plain.id, 1);
 }
 
-#[tokio::test]
 async fn heartbeat_of_an_unknown_runtime_is_not_found() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -146,7 +143,6 @@ async fn heartbeat_of_an_unknown_runtime_is_not_found() {
     assert_eq!(n, 0, "a refused heartbeat creates nothing");
 }
 
-#[tokio::test]
 async fn runtime_reads_stale_after_its_deadline_and_list_filters_by_status() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -193,7 +189,6 @@ async fn runtime_reads_stale_after_its_deadline_and_list_filters_by_status() {
     assert_eq!(names(store.list_runtimes(&["online".into()], 100).await.expect("online")), ["rt-c", "rt-a"]);
 }
 
-#[tokio::test]
 async fn mark_stale_runtimes_with_now_override() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -226,7 +221,6 @@ async fn mark_stale_runtimes_with_now_override() {
     assert_eq!(listed.iter().map(|r| r.runtime_id.as_str()).collect::<Vec<_>>(), ["rt-1", "rt-2"]);
 }
 
-#[tokio::test]
 async fn mark_stale_runtimes_with_stale_after() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -250,7 +244,6 @@ async fn mark_stale_runtimes_with_stale_after() {
     assert!(none.is_empty());
 }
 
-#[tokio::test]
 async fn runtime_key_expires_after_deadline_plus_grace() {
     let (redis, store) =
         common::store_with(StoreConfig { runtime_grace: Duration::from_millis(1000), ..Default::default() }).await;
@@ -287,7 +280,6 @@ async fn runtime_key_expires_after_deadline_plus_grace() {
     assert_eq!(again.status, "online");
 }
 
-#[tokio::test]
 async fn reap_marks_stale_runtimes_and_deregister_removes_one() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -305,3 +297,15 @@ async fn reap_marks_stale_runtimes_and_deregister_removes_one() {
     assert!(matches!(err, Error::NotFound(_)), "{err:?}");
     assert_eq!(store.list_runtimes(&[], 10).await.expect("list").len(), 1);
 }
+
+// Every case above, on a server of its own and on the test cluster.
+backend_tests!(
+    register_records_fields_and_a_heartbeat,
+    heartbeat_refreshes_and_merges_metadata,
+    heartbeat_of_an_unknown_runtime_is_not_found,
+    runtime_reads_stale_after_its_deadline_and_list_filters_by_status,
+    mark_stale_runtimes_with_now_override,
+    mark_stale_runtimes_with_stale_after,
+    runtime_key_expires_after_deadline_plus_grace,
+    reap_marks_stale_runtimes_and_deregister_removes_one,
+);

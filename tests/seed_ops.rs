@@ -36,6 +36,12 @@ async fn now_ms(store: &Store) -> i64 {
 }
 
 /// Run ids in the finished index (a stream, field `r`) of queue q.
+/// The id clock of queue `q` (the high part of its newest id).
+async fn clock(raw: &mut Conn) -> i64 {
+    let clock: String = redis::cmd("HGET").arg("rl:{q}:meta").arg("clock").query_async(raw).await.expect("HGET clock");
+    clock.parse().expect("a number")
+}
+
 async fn finished_ids(raw: &mut Conn) -> Vec<String> {
     let entries: Vec<(String, Vec<(String, String)>)> =
         redis::cmd("XRANGE").arg("rl:{q}:finished").arg("-").arg("+").query_async(raw).await.expect("XRANGE");
@@ -58,33 +64,33 @@ fn token_of(run: &Run) -> String {
     run.claim_token.clone().expect("a claim result carries the claim token")
 }
 
-#[tokio::test]
 async fn create_is_idempotent_by_run_id() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
     let first = create(&store, NewRun::new("r1", "agent").queue(Q).priority(3).metadata(json!({"a": 1}))).await;
     assert_eq!(first.status, RunStatus::Queued);
-    assert_eq!(first.id, 1);
+    assert!(first.id > 0);
+    assert_eq!(first.id % 4096, 0, "the low part of an id is the queue's number; the first queue is 0");
     assert_eq!(first.dispatch_attempts, 0);
     assert_eq!(first.metadata, json!({"a": 1}));
 
     // Same run_id again, even with other arguments: the stored run comes back unchanged.
     let second = create(&store, NewRun::new("r1", "other-agent").queue(Q).priority(9).metadata(json!({"b": 2}))).await;
     assert_eq!(second, first, "a second create returns the stored run as it is");
-    let counter: i64 = redis::cmd("GET").arg("rl:id").query_async(&mut raw).await.expect("GET rl:id");
-    assert_eq!(counter, 1, "an idempotent create does not consume an id");
+    assert_eq!(clock(&mut raw).await, first.id / 4096, "an idempotent create does not consume an id");
     assert_eq!(zcard(&mut raw, "rl:{q}:queued").await, 1, "the run is queued once");
 
     // The next new run gets the next id.
     let other = create(&store, NewRun::new("r2", "agent").queue(Q)).await;
-    assert_eq!(other.id, 2);
+    assert!(other.id > first.id, "ids grow with creation within a queue");
+    assert_eq!(other.id % 4096, 0);
     // The pipelined batch create is idempotent too.
     let batch = store
         .create_runs(&[NewRun::new("r1", "x").queue(Q), NewRun::new("r3", "agent").queue(Q)])
         .await
         .expect("create_runs");
     assert_eq!(batch[0], first);
-    assert_eq!(batch[1].id, 3);
+    assert!(batch[1].id > other.id);
 
     // A run given twice in one batch is created once, with the first values.
     let batch = store
@@ -95,17 +101,16 @@ async fn create_is_idempotent_by_run_id() {
         ])
         .await
         .expect("create_runs with a repeat");
-    assert_eq!((batch[0].id, batch[1].id), (4, 5), "ids follow the batch order");
+    let (id4, id5) = (batch[0].id, batch[1].id);
+    assert!(id4 > first.id && id5 > id4, "ids follow the batch order");
     assert_eq!(batch[2], store.get_run("r4").await.expect("get r4"), "the repeat returns the stored run");
-    assert_eq!((batch[2].id, batch[2].priority, batch[2].runner_id.as_str()), (4, 1, "agent"));
-    let counter: i64 = redis::cmd("GET").arg("rl:id").query_async(&mut raw).await.expect("GET rl:id");
-    assert_eq!(counter, 5, "a repeat consumes no id");
+    assert_eq!((batch[2].id, batch[2].priority, batch[2].runner_id.as_str()), (id4, 1, "agent"));
+    assert_eq!(clock(&mut raw).await, id5 / 4096, "a repeat consumes no id");
     assert_eq!(zcard(&mut raw, "rl:{q}:queued").await, 5, "each run is queued once");
     let runs_index: i64 = redis::cmd("XLEN").arg("rl:{q}:runs").query_async(&mut raw).await.expect("XLEN");
     assert_eq!(runs_index, 5, "and listed once");
 }
 
-#[tokio::test]
 async fn create_running_is_started_and_not_claimable() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -131,7 +136,6 @@ async fn create_running_is_started_and_not_claimable() {
     assert!(done.finished_at.is_some());
 }
 
-#[tokio::test]
 async fn claim_order_is_priority_desc_then_creation_order() {
     let (_redis, store) = common::store().await;
     let specs = [("a", 0), ("b", 5), ("c", 0), ("d", 10), ("e", 5), ("f", -3), ("g", 1000), ("h", -1000), ("i", 10)];
@@ -146,7 +150,6 @@ async fn claim_order_is_priority_desc_then_creation_order() {
     assert_eq!(order, ["g", "d", "i", "b", "e", "a", "c", "f", "h"]);
 }
 
-#[tokio::test]
 async fn claim_result_fields_match_the_seed() {
     let (_redis, store) = common::store().await;
     create(&store, NewRun::new("r1", "agent").queue(Q)).await;
@@ -166,7 +169,6 @@ async fn claim_result_fields_match_the_seed() {
     assert_eq!(run.updated_at, last);
 }
 
-#[tokio::test]
 async fn pinned_run_goes_only_to_its_runtime() {
     let (_redis, store) = common::store().await;
     create(&store, NewRun::new("pinned", "agent").queue(Q).requested_runtime("rt-a")).await;
@@ -179,7 +181,6 @@ async fn pinned_run_goes_only_to_its_runtime() {
     assert_eq!(run.claimed_by_runtime_id.as_deref(), Some("rt-a"));
 }
 
-#[tokio::test]
 async fn pinned_and_unpinned_runs_share_one_order() {
     let (_redis, store) = common::store().await;
     create(&store, NewRun::new("u-low", "agent").queue(Q).priority(1)).await;
@@ -196,7 +197,6 @@ async fn pinned_and_unpinned_runs_share_one_order() {
     assert!(claim(&store, "rt-a").await.is_none());
 }
 
-#[tokio::test]
 async fn runner_ids_filter_selects_runs_of_those_runners() {
     let (_redis, store) = common::store().await;
     create(&store, NewRun::new("x1", "runner-x").queue(Q).priority(9)).await;
@@ -232,7 +232,6 @@ async fn runner_ids_filter_selects_runs_of_those_runners() {
     assert_eq!(take(by("rt-a", &[])).await, None);
 }
 
-#[tokio::test]
 async fn expired_lease_is_claimable_again_with_a_new_token() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -253,7 +252,6 @@ async fn expired_lease_is_claimable_again_with_a_new_token() {
     assert_eq!(lease as i64, second.claim_lease_expires_at_ms.expect("lease ms"));
 }
 
-#[tokio::test]
 async fn release_claim_back_to_queue_and_with_retry_delay() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -301,7 +299,6 @@ async fn release_claim_back_to_queue_and_with_retry_delay() {
     assert_eq!(c3.dispatch_attempts, 3);
 }
 
-#[tokio::test]
 async fn release_claim_to_a_terminal_status() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -339,7 +336,6 @@ async fn release_claim_to_a_terminal_status() {
     assert_eq!(store.get_run("r2").await.expect("get r2").status, RunStatus::Claimed);
 }
 
-#[tokio::test]
 async fn release_expired_claims_with_now_override() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -381,7 +377,6 @@ async fn release_expired_claims_with_now_override() {
     assert_eq!(claim(&store, "rt-2").await.expect("reclaim").run_id, "r1");
 }
 
-#[tokio::test]
 async fn release_expired_claims_by_the_server_clock_and_to_terminal_status() {
     let (_redis, store) = common::store().await;
     // The long lease is taken first, so no slow step can let the short one expire early.
@@ -409,7 +404,6 @@ async fn release_expired_claims_by_the_server_clock_and_to_terminal_status() {
     assert!(matches!(err, Error::Invalid(_)), "got {err:?}");
 }
 
-#[tokio::test]
 async fn release_expired_claims_respects_limit() {
     let (_redis, store) = common::store().await;
     for i in 0..5 {
@@ -425,7 +419,6 @@ async fn release_expired_claims_respects_limit() {
     assert_eq!(rest.len(), 3);
 }
 
-#[tokio::test]
 async fn max_attempts_dead_letters_the_run() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -457,7 +450,6 @@ async fn max_attempts_dead_letters_the_run() {
     assert_eq!(stats.counters.get("dead"), Some(&1), "counters {:?}", stats.counters);
 }
 
-#[tokio::test]
 async fn max_attempts_dead_letters_through_real_lease_expiry() {
     let (_redis, store) = common::store().await;
     create(&store, NewRun::new("flaky", "agent").queue(Q).max_attempts(1)).await;
@@ -472,7 +464,6 @@ async fn max_attempts_dead_letters_through_real_lease_expiry() {
     assert_eq!(run.dispatch_attempts, 1);
 }
 
-#[tokio::test]
 async fn request_cancel_on_a_queued_run_cancels_it_at_once() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -498,7 +489,6 @@ async fn request_cancel_on_a_queued_run_cancels_it_at_once() {
     assert!(matches!(err, Error::NotFound(_)), "got {err:?}");
 }
 
-#[tokio::test]
 async fn request_cancel_on_a_claimed_run_reaches_the_holder() {
     let (_redis, store) = common::store().await;
     create(&store, NewRun::new("r1", "agent").queue(Q)).await;
@@ -526,7 +516,6 @@ async fn request_cancel_on_a_claimed_run_reaches_the_holder() {
     assert_eq!(done.status, RunStatus::Cancelled);
 }
 
-#[tokio::test]
 async fn finalize_terminal_stays_terminal() {
     let (_redis, store) = common::store().await;
     create(&store, NewRun::new("r1", "agent").queue(Q)).await;
@@ -567,7 +556,6 @@ async fn finalize_terminal_stays_terminal() {
     assert!(matches!(err, Error::NotFound(_)), "got {err:?}");
 }
 
-#[tokio::test]
 async fn finalize_leaves_every_queue_and_lease_index() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -608,7 +596,6 @@ async fn finalize_leaves_every_queue_and_lease_index() {
     assert_eq!((stats.queued, stats.pinned, stats.delayed, stats.claimed, stats.finished), (0, 0, 0, 0, 4));
 }
 
-#[tokio::test]
 async fn finalize_merges_metadata_and_stores_usage_and_cost() {
     let (_redis, store) = common::store().await;
     create(&store, NewRun::new("r1", "agent").queue(Q).metadata(json!({"a": 1, "b": {"x": 1}}))).await;
@@ -641,7 +628,6 @@ async fn finalize_merges_metadata_and_stores_usage_and_cost() {
     assert_eq!(done.metadata, json!({"k": "v"}));
 }
 
-#[tokio::test]
 async fn not_before_delays_a_new_run() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -664,7 +650,6 @@ async fn not_before_delays_a_new_run() {
     assert_eq!(claim(&store, "rt").await.expect("past not_before").run_id, "past");
 }
 
-#[tokio::test]
 async fn deadline_passed_before_claim_becomes_timeout() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -682,7 +667,6 @@ async fn deadline_passed_before_claim_becomes_timeout() {
     assert!(finished_ids(&mut raw).await.contains(&"late".to_string()));
 }
 
-#[tokio::test]
 async fn reap_enforces_deadlines_on_claimed_runs() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -716,7 +700,6 @@ async fn reap_enforces_deadlines_on_claimed_runs() {
     assert!(matches!(err, Error::StaleToken(_) | Error::Conflict(_)), "got {err:?}");
 }
 
-#[tokio::test]
 async fn renew_past_the_deadline_times_the_run_out() {
     let (_redis, store) = common::store().await;
     let now = now_ms(&store).await as f64 / 1000.0;
@@ -730,7 +713,6 @@ async fn renew_past_the_deadline_times_the_run_out() {
     assert_eq!(store.get_run("r1").await.expect("get").status, RunStatus::Timeout);
 }
 
-#[tokio::test]
 async fn renew_extends_the_lease() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -753,7 +735,6 @@ async fn renew_extends_the_lease() {
     assert_eq!(r.dispatch_attempts, 1, "renew is not a new dispatch");
 }
 
-#[tokio::test]
 async fn get_run_never_shows_the_claim_token() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -784,7 +765,6 @@ async fn get_run_never_shows_the_claim_token() {
     assert_eq!(cancelled.claim_token, None);
 }
 
-#[tokio::test]
 async fn run_json_has_the_seed_keys() {
     let (_redis, store) = common::store().await;
     let mut new = NewRun::new("r1", "agent").queue(Q).priority(4).conversation("c1").bot("b1");
@@ -808,7 +788,8 @@ async fn run_json_has_the_seed_keys() {
         assert!(!obj.contains_key("claim_lease_expires_at_ms"), "the ms field is internal");
     }
     let json = serde_json::to_value(&claimed).expect("serialize claimed");
-    assert_eq!(json["id"], json!(1));
+    assert_eq!(json["id"], json!(claimed.id));
+    assert!(claimed.id > 0 && claimed.id < (1i64 << 53), "an exact integer in JSON");
     assert_eq!(json["run_id"], json!("r1"));
     assert_eq!(json["status"], json!("claimed"));
     assert_eq!(json["claim_token"], json!(claimed.claim_token.clone().expect("token")));
@@ -826,7 +807,6 @@ async fn run_json_has_the_seed_keys() {
     assert_eq!(back.run_id, "r1");
 }
 
-#[tokio::test]
 async fn runs_without_queue_go_to_default() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
@@ -842,7 +822,6 @@ async fn runs_without_queue_go_to_default() {
     assert_eq!(c.run_id, "r1");
 }
 
-#[tokio::test]
 async fn finish_and_claim_takes_the_next_run_in_the_same_call() {
     let (_redis, store) = common::store().await;
     for (id, priority) in [("a", 0), ("b", 5), ("c", 1)] {
@@ -895,3 +874,36 @@ async fn finish_and_claim_takes_the_next_run_in_the_same_call() {
         .expect("finish a");
     assert!(none.is_none());
 }
+
+// Every case above, on a server of its own and on the test cluster.
+backend_tests!(
+    create_is_idempotent_by_run_id,
+    create_running_is_started_and_not_claimable,
+    claim_order_is_priority_desc_then_creation_order,
+    claim_result_fields_match_the_seed,
+    pinned_run_goes_only_to_its_runtime,
+    pinned_and_unpinned_runs_share_one_order,
+    runner_ids_filter_selects_runs_of_those_runners,
+    expired_lease_is_claimable_again_with_a_new_token,
+    release_claim_back_to_queue_and_with_retry_delay,
+    release_claim_to_a_terminal_status,
+    release_expired_claims_with_now_override,
+    release_expired_claims_by_the_server_clock_and_to_terminal_status,
+    release_expired_claims_respects_limit,
+    max_attempts_dead_letters_the_run,
+    max_attempts_dead_letters_through_real_lease_expiry,
+    request_cancel_on_a_queued_run_cancels_it_at_once,
+    request_cancel_on_a_claimed_run_reaches_the_holder,
+    finalize_terminal_stays_terminal,
+    finalize_leaves_every_queue_and_lease_index,
+    finalize_merges_metadata_and_stores_usage_and_cost,
+    not_before_delays_a_new_run,
+    deadline_passed_before_claim_becomes_timeout,
+    reap_enforces_deadlines_on_claimed_runs,
+    renew_past_the_deadline_times_the_run_out,
+    renew_extends_the_lease,
+    get_run_never_shows_the_claim_token,
+    run_json_has_the_seed_keys,
+    runs_without_queue_go_to_default,
+    finish_and_claim_takes_the_next_run_in_the_same_call,
+);

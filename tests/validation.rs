@@ -385,25 +385,33 @@ async fn eval(
 
 fn create_keys(qk: &QueueKeys, run_id: &str) -> Vec<String> {
     let mut keys: Vec<String> = qk.fixed().into();
-    keys.push("rl:id".into());
-    keys.push("rl:queues".into());
+    keys.push(qk.meta());
     keys.push(qk.run(run_id));
     keys
 }
 
-/// ARGV of a valid create_run call for one run (see lua/create_run.lua).
+/// ARGV of a valid create_run call for one run (see lua/create_run.lua):
+/// base, queue, JSON limit, queue number, registered flag, then the run's 17 values.
 fn create_args(qk: &QueueKeys, run_id: &str) -> Vec<String> {
-    let mut args = vec![String::new(); 20];
+    let mut args = vec![String::new(); 22];
     args[0] = qk.base.clone();
     args[1] = Q.into(); // queue name
     args[2] = "1000".into(); // max JSON bytes
-    args[3] = run_id.into();
-    args[6] = "agent".into(); // runner_id
-    args[14] = r#"{"a":1}"#.into(); // metadata
-    args[15] = "queued".into();
-    args[16] = "0".into(); // priority
-    args[19] = "0".into(); // max_attempts
+    args[3] = "0".into(); // queue number
+    args[4] = "1".into(); // just registered
+    args[at(3)] = run_id.into();
+    args[at(6)] = "agent".into(); // runner_id
+    args[at(14)] = r#"{"a":1}"#.into(); // metadata
+    args[at(15)] = "queued".into();
+    args[at(16)] = "0".into(); // priority
+    args[at(19)] = "0".into(); // max_attempts
     args
+}
+
+/// Where value `i` of the cases below sits: the run's values start after
+/// the queue number and its flag.
+fn at(i: usize) -> usize {
+    if i < 3 { i } else { i + 2 }
 }
 
 #[tokio::test]
@@ -441,13 +449,19 @@ async fn create_run_script_rejects_bad_argv_before_writing() {
     ];
     for (i, value, what) in cases {
         let mut args = create_args(&qk, "r1");
-        args[*i] = value.to_string();
+        args[at(*i)] = value.to_string();
+        assert_script_invalid(eval(&mut raw, &scripts.create_run.script, &keys, &args).await, what);
+        assert_eq!(dbsize(&mut raw).await, 0, "{what}: the script wrote before failing");
+    }
+    for (value, what) in [("x", "non-numeric queue number"), ("4096", "queue number out of range"), ("", "no queue number")] {
+        let mut args = create_args(&qk, "r1");
+        args[3] = value.to_string();
         assert_script_invalid(eval(&mut raw, &scripts.create_run.script, &keys, &args).await, what);
         assert_eq!(dbsize(&mut raw).await, 0, "{what}: the script wrote before failing");
     }
     let long_id = "x".repeat(201);
     let mut args = create_args(&qk, &long_id);
-    args[3] = long_id.clone();
+    args[at(3)] = long_id.clone();
     assert_script_invalid(
         eval(&mut raw, &scripts.create_run.script, &create_keys(&qk, &long_id), &args).await,
         "201-byte run_id",

@@ -92,7 +92,6 @@ async fn stop(token: CancellationToken, handle: tokio::task::JoinHandle<Result<W
 }
 
 // 1. Two workers, two queues, 200 runs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_finish_every_run_once_with_ordered_events() {
     const N: usize = 200;
     let (_redis, store) = common::store().await;
@@ -200,7 +199,6 @@ struct Stalled {
     late_emit: Option<Result<i64>>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_lease_is_reclaimed_and_the_old_token_is_fenced() {
     let (_redis, store) = common::store().await;
     store.create_run(&NewRun::new("ll-1", "agent").queue("ll")).await.expect("create");
@@ -328,7 +326,6 @@ async fn lost_lease_is_reclaimed_and_the_old_token_is_fenced() {
 /// What the handler saw when it was stopped, and when.
 type Seen = Option<(Option<StopReason>, Instant)>;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_reaches_the_running_handler() {
     let (_redis, store) = common::store().await;
     store.create_run(&NewRun::new("c-1", "agent").queue("cq")).await.expect("create");
@@ -376,7 +373,6 @@ async fn cancel_reaches_the_running_handler() {
 }
 
 // 4. Panics, retryable and fatal failures.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panics_retries_and_fatal_failures() {
     let (_redis, store) = common::store().await;
     for id in ["px-panic", "px-retry", "px-fatal"] {
@@ -440,7 +436,6 @@ async fn panics_retries_and_fatal_failures() {
 }
 
 // 5. Shutdown gives in-flight runs back; another worker finishes them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_releases_in_flight_runs_to_the_next_worker() {
     const N: usize = 3;
     let (_redis, store) = common::store().await;
@@ -539,7 +534,6 @@ fn runledger_bin() -> Command {
 }
 
 // 6. A `runledger worker` process killed with SIGKILL: its runs come back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_worker_process_runs_are_reclaimed() {
     const N: usize = 6;
     let (redis, store) = common::store().await;
@@ -756,3 +750,13 @@ async fn idle_worker_blocks_cheaply_and_wakes_on_enqueue() {
     let report = stop(t, h).await;
     assert_eq!(report.completed, 3, "{report:?}");
 }
+
+// Every case above, on a server of its own and on the test cluster.
+backend_tests!(
+    two_workers_finish_every_run_once_with_ordered_events,
+    lost_lease_is_reclaimed_and_the_old_token_is_fenced,
+    cancel_reaches_the_running_handler,
+    panics_retries_and_fatal_failures,
+    shutdown_releases_in_flight_runs_to_the_next_worker,
+    killed_worker_process_runs_are_reclaimed,
+);

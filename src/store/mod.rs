@@ -349,7 +349,19 @@ impl Store {
     /// Sends plain write commands that may name keys of different slots
     /// (see [`Conn::query_all`]); with the write concern on, each waits for
     /// its replicas like a script call does.
+    /// The commands must be safe to send twice (SET NX, PEXPIRE, DEL): a
+    /// connection found dead is replaced and they are sent once more.
     pub(crate) async fn write_all(&self, cmds: Vec<redis::Cmd>) -> Result<Vec<Value>> {
+        match self.write_all_once(cmds.clone()).await {
+            Err(Error::Redis(e)) if Error::is_connection_failure(&e) && !e.is_timeout() => {
+                self.drop_connections();
+                self.write_all_once(cmds).await
+            }
+            other => other,
+        }
+    }
+
+    async fn write_all_once(&self, cmds: Vec<redis::Cmd>) -> Result<Vec<Value>> {
         let wait = self.inner.cfg.wait_replicas;
         let mut conn = self.conn().await?;
         if wait == 0 || cmds.is_empty() {
@@ -405,6 +417,11 @@ impl Store {
         map.insert(run_id.to_string(), queue.to_string());
     }
 
+    /// Drops the cached number of a queue the server no longer knows (it restarted empty).
+    pub(crate) fn forget_queue(&self, queue: &str) {
+        lock(&self.inner.queues).remove(queue);
+    }
+
     pub(crate) fn forget(&self, run_id: &str) {
         lock(&self.inner.locator).remove(run_id);
     }
@@ -430,9 +447,20 @@ impl Store {
     /// The number of a queue (part of every run id it creates), registering
     /// the queue on first use. Cached: one round trip per queue and process.
     pub(crate) async fn queue_number(&self, queue: &str) -> Result<u32> {
+        Ok(self.queue_number_fresh(queue).await?.0)
+    }
+
+    /// The queue's number, and whether it was registered (read from Redis)
+    /// just now rather than taken from the cache.
+    pub(crate) async fn queue_number_fresh(&self, queue: &str) -> Result<(u32, bool)> {
         if let Some(n) = lock(&self.inner.queues).get(queue) {
-            return Ok(*n);
+            return Ok((*n, false));
         }
+        self.register_queue(queue).await.map(|n| (n, true))
+    }
+
+    /// Registers a queue (idempotent) and caches its number.
+    pub(crate) async fn register_queue(&self, queue: &str) -> Result<u32> {
         let args = vec![queue.to_string(), crate::keys::MAX_QUEUES.to_string()];
         let value = self.eval(&self.scripts().register_queue, &[self.inner.global.queues()], &args).await?;
         let n = u32::try_from(reply::int(value)?).map_err(|_| Error::Protocol("register_queue: bad number".into()))?;

@@ -150,15 +150,21 @@ impl Store {
     }
 
     /// One create_run call for runs of one queue.
-    fn create_call(&self, queue: &str, number: u32, runs: &mut [Indexed<'_>]) -> (Vec<String>, Vec<String>) {
+    fn create_call(&self, queue: &str, (number, fresh): (u32, bool), runs: &[Indexed<'_>]) -> (Vec<String>, Vec<String>) {
         let keys = self.queue_keys(queue);
         let mut k: Vec<String> = keys.fixed().into();
         k.push(keys.meta());
-        let mut args = Vec::with_capacity(4 + runs.len() * 17);
-        args.extend([keys.base.clone(), queue.to_string(), self.max_json().to_string(), number.to_string()]);
+        let mut args = Vec::with_capacity(5 + runs.len() * 17);
+        args.extend([
+            keys.base.clone(),
+            queue.to_string(),
+            self.max_json().to_string(),
+            number.to_string(),
+            if fresh { "1" } else { "0" }.to_string(),
+        ]);
         for (_, (run, values)) in runs {
             k.push(keys.run(&run.run_id));
-            args.extend(values.iter_mut().map(std::mem::take));
+            args.extend(values.iter().cloned());
         }
         (k, args)
     }
@@ -238,26 +244,10 @@ impl Store {
             }
         }
         let mut out: Vec<Option<Run>> = vec![None; runs.len()];
-        let mut per_queue = Vec::new();
-        for (queue, group) in &mut by_queue {
-            let number = self.queue_number(queue).await?;
-            let mut calls = Vec::new();
-            let mut order = Vec::new();
-            for chunk in group.chunks_mut(PER_CALL) {
-                order.push(chunk.iter().map(|(i, _)| *i).collect::<Vec<_>>());
-                calls.push(self.create_call(queue, number, chunk));
-            }
-            per_queue.push((calls, order));
-        }
         // Queues live in different slots: their calls go out side by side.
-        let replies = join_all(per_queue.iter().map(|(calls, _)| async move {
-            match calls.len() {
-                1 => self.eval(&self.scripts().create_run, &calls[0].0, &calls[0].1).await.map(|v| vec![v]),
-                _ => self.eval_many(&self.scripts().create_run, calls).await,
-            }
-        }))
-        .await;
-        for (values, (_, order)) in replies.into_iter().zip(per_queue) {
+        let replies = join_all(by_queue.iter().map(|(queue, group)| self.create_in(queue, group, PER_CALL))).await;
+        for (values, (_, group)) in replies.into_iter().zip(&by_queue) {
+            let order = group.chunks(PER_CALL).map(|chunk| chunk.iter().map(|(i, _)| *i).collect::<Vec<_>>());
             for (value, indexes) in values?.into_iter().zip(order) {
                 let replies = reply::array(value)?;
                 if replies.len() != indexes.len() {
@@ -285,6 +275,28 @@ impl Store {
             };
         }
         out.into_iter().map(|r| r.ok_or_else(|| Error::Protocol("create_run: missing reply".into()))).collect()
+    }
+
+    /// The create_run calls of one queue, `per_call` runs each, pipelined.
+    /// A queue the server no longer knows (it restarted without its data)
+    /// is registered again and the calls sent once more.
+    async fn create_in(&self, queue: &str, group: &[Indexed<'_>], per_call: usize) -> Result<Vec<redis::Value>> {
+        let mut number = self.queue_number_fresh(queue).await?;
+        for attempt in 0..2 {
+            let calls: Vec<_> = group.chunks(per_call).map(|chunk| self.create_call(queue, number, chunk)).collect();
+            let sent = match calls.len() {
+                1 => self.eval(&self.scripts().create_run, &calls[0].0, &calls[0].1).await.map(|v| vec![v]),
+                _ => self.eval_many(&self.scripts().create_run, &calls).await,
+            };
+            match sent {
+                Err(Error::Redis(e)) if e.code() == Some("UNREGISTERED") && attempt == 0 => {
+                    self.forget_queue(queue);
+                    number = (self.register_queue(queue).await?, true);
+                }
+                other => return other,
+            }
+        }
+        Err(Error::Protocol(format!("queue {queue} could not be registered")))
     }
 
     /// The run a locator names in another queue. Its create may still be on

@@ -67,7 +67,7 @@ async fn node_counters(url: &str) -> Result<(f64, u64)> {
 }
 
 async fn measure(backend: &str, url: &str, target: &Target, a: &BenchArgs, workers: usize) -> Result<Row> {
-    let prefix = format!("{}-cbench-{workers}", target.prefix);
+    let prefix = format!("{}-cbench-{workers}-{}", target.prefix, target.wait_replicas);
     let store = Store::connect_with(url, target.config(&prefix)).await?;
     store.declare_partitions("bench", PARTITIONS).await?;
     enqueue_batched(&store, "bench", a.runs).await?;
@@ -112,15 +112,21 @@ pub async fn run(target: &Target, out: &Output, a: &BenchArgs) -> Result<()> {
     if a.many_workers > 0 {
         workers.push(a.many_workers);
     }
+    // The write concern's cost: the cluster again, every write waiting for a replica.
+    let concerned = Target { wait_replicas: target.wait_replicas.max(1), ..target.clone() };
+    let mut cases = Vec::new();
     for &w in &workers {
-        for (backend, url) in [("single server", single.url()), ("cluster, 3 masters", cluster_url.clone())] {
-            let row = measure(backend, &url, target, a, w).await?;
-            eprintln!(
-                "bench: {backend}, {w} workers: {:.0} runs/s, {:.1} us Redis CPU per lifecycle",
-                row.lifecycle_per_s, row.redis_cpu_us_per_lifecycle
-            );
-            rows.push(row);
-        }
+        cases.push(("single server", single.url(), target, w));
+        cases.push(("cluster, 3 masters", cluster_url.clone(), target, w));
+    }
+    cases.push(("cluster, 3 masters, --wait-replicas 1", cluster_url.clone(), &concerned, a.workers));
+    for (backend, url, target, w) in cases {
+        let row = measure(backend, &url, target, a, w).await?;
+        eprintln!(
+            "bench: {backend}, {w} workers: {:.0} runs/s, {:.1} us Redis CPU per lifecycle",
+            row.lifecycle_per_s, row.redis_cpu_us_per_lifecycle
+        );
+        rows.push(row);
     }
     if out.json {
         out.json(&rows);

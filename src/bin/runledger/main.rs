@@ -129,6 +129,7 @@ async fn main() {
 }
 
 /// Where the commands connect, from the global flags.
+#[derive(Clone)]
 pub struct Target {
     /// `--redis` / `REDIS_URL`, if given.
     pub url: Option<String>,

@@ -30,11 +30,4 @@ impl PrivateRedis {
             PrivateRedis::Cluster(_) => " (private 6-node Redis Cluster, stopped at the end)".into(),
         }
     }
-
-    pub fn cluster(&self) -> Option<&RedisCluster> {
-        match self {
-            PrivateRedis::Server(_) => None,
-            PrivateRedis::Cluster(cluster) => Some(cluster),
-        }
-    }
 }
