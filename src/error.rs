@@ -76,9 +76,24 @@ impl Error {
         }
     }
 
+    /// True for failures of Redis itself (unreachable, a failover, a write
+    /// concern not met) rather than of the call: the same call may succeed
+    /// later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Redis(_) | Error::WriteConcern(_) | Error::Unreachable { .. })
+    }
+
     /// True when a script asked the client to re-read and try again.
     pub(crate) fn is_retry(err: &RedisError) -> bool {
         err.code() == Some("RETRY")
+    }
+
+    /// True for the answers of a cluster in motion (a slot moved, a failover
+    /// under way): the command was not run, and the same call can be sent
+    /// again once the client has read the slots afresh.
+    pub(crate) fn is_cluster_transient(err: &RedisError) -> bool {
+        use redis::ServerErrorKind::*;
+        matches!(err.kind(), redis::ErrorKind::Server(Moved | Ask | TryAgain | ClusterDown | MasterDown))
     }
 
     /// True when the connection itself failed, so it should be replaced.

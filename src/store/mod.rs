@@ -6,8 +6,9 @@
 //! deadpool-redis pool; the store keeps a couple of them checked out and
 //! shares them between tasks, because the pool's checkout pings the server (a
 //! second round trip per operation). A connection that fails is dropped and
-//! replaced from the pool. A cluster connection repairs itself (it follows
-//! MOVED/ASK and reconnects after a failover), so one is shared as it is.
+//! replaced from the pool. A cluster connection mostly repairs itself (it
+//! follows MOVED/ASK and reconnects after a failover); one that still times
+//! out or breaks is replaced by a new one, which reads the slots afresh.
 
 mod advice;
 pub use advice::ConfigAdvice;
@@ -96,7 +97,10 @@ enum Backend {
     },
     Cluster {
         nodes: Vec<String>,
-        conn: redis::cluster_async::ClusterConnection,
+        client: redis::cluster::ClusterClient,
+        /// Shared; replaced (with a fresh look at the slots) when a call on
+        /// it times out or finds it broken, as around a failover.
+        conn: Mutex<Option<redis::cluster_async::ClusterConnection>>,
         /// Without reply timeout: BLPOP waits longer than ordinary replies.
         blocking: redis::cluster::ClusterClient,
     },
@@ -118,6 +122,15 @@ struct Inner {
 }
 
 const LOCATOR_CAP: usize = 200_000;
+
+/// Resends of a call that met a cluster in motion (MOVED, CLUSTERDOWN...),
+/// with [`cluster_backoff`] between them: about 7 s in all, longer than a
+/// failover takes.
+const CLUSTER_RETRIES: u32 = 16;
+
+fn cluster_backoff(attempt: u32) -> Duration {
+    Duration::from_millis((50 * u64::from(attempt)).min(1000))
+}
 
 impl Store {
     /// Connects with the default settings; a `redis+cluster://` URL connects to a cluster.
@@ -144,7 +157,7 @@ impl Store {
                 let client = conn::cluster_client(&nodes, Some(cfg.response_timeout), None)?;
                 let conn = client.get_async_connection().await?;
                 let blocking = conn::cluster_client(&nodes, None, None)?;
-                Backend::Cluster { nodes, conn, blocking }
+                Backend::Cluster { nodes, client, conn: Mutex::new(Some(conn)), blocking }
             }
             None => {
                 let connection_config = AsyncConnectionConfig::new()
@@ -214,7 +227,14 @@ impl Store {
     /// A shared connection for ordinary commands.
     pub async fn conn(&self) -> Result<Conn> {
         let (pool, conns, next) = match &self.inner.backend {
-            Backend::Cluster { conn, .. } => return Ok(Conn::Cluster(conn.clone())),
+            Backend::Cluster { client, conn, .. } => {
+                if let Some(conn) = lock(conn).as_ref() {
+                    return Ok(Conn::Cluster(conn.clone()));
+                }
+                let fresh = client.get_async_connection().await?;
+                *lock(conn) = Some(fresh.clone());
+                return Ok(Conn::Cluster(fresh));
+            }
             Backend::Single { pool, conns, next, .. } => (pool, conns, next),
         };
         let slot = next.fetch_add(1, Ordering::Relaxed) % conns.len();
@@ -254,10 +274,13 @@ impl Store {
     }
 
     fn drop_connections(&self) {
-        if let Backend::Single { conns, .. } = &self.inner.backend {
-            for slot in conns {
-                *lock(slot) = None;
+        match &self.inner.backend {
+            Backend::Single { conns, .. } => {
+                for slot in conns {
+                    *lock(slot) = None;
+                }
             }
+            Backend::Cluster { conn, .. } => *lock(conn) = None,
         }
     }
 
@@ -313,9 +336,10 @@ impl Store {
             pipe.cmd("WAIT").arg(wait).arg(self.inner.cfg.replica_timeout.as_millis() as u64);
         }
         let mut loaded = false;
+        let mut moved = 0;
         loop {
             let mut conn = self.conn().await.map_err(into_redis_error)?;
-            match pipe.query_async::<Vec<Value>>(&mut conn).await {
+            match pipe.query_async::<Vec<Value>>(&mut conn).await.map_err(first_server_error) {
                 Ok(mut values) => {
                     if wait > 0 && lua.writes {
                         let acked = match values.pop() {
@@ -341,7 +365,14 @@ impl Store {
                     // On a cluster SCRIPT LOAD goes to every master.
                     let _: Value = redis::cmd("SCRIPT").arg("LOAD").arg(lua.code).query_async(&mut conn).await?;
                 }
-                Err(e) => return Err(first_server_error(e)),
+                // A pipeline is not redirected by the cluster client: read
+                // the slots again and resend, for up to about 7 s (a failover).
+                Err(e) if Error::is_cluster_transient(&e) && moved < CLUSTER_RETRIES => {
+                    moved += 1;
+                    self.drop_connections();
+                    tokio::time::sleep(cluster_backoff(moved)).await;
+                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -352,12 +383,20 @@ impl Store {
     /// The commands must be safe to send twice (SET NX, PEXPIRE, DEL): a
     /// connection found dead is replaced and they are sent once more.
     pub(crate) async fn write_all(&self, cmds: Vec<redis::Cmd>) -> Result<Vec<Value>> {
-        match self.write_all_once(cmds.clone()).await {
-            Err(Error::Redis(e)) if Error::is_connection_failure(&e) && !e.is_timeout() => {
-                self.drop_connections();
-                self.write_all_once(cmds).await
+        let mut moved = 0;
+        loop {
+            match self.write_all_once(cmds.clone()).await {
+                Err(Error::Redis(e)) if Error::is_connection_failure(&e) && !e.is_timeout() && moved == 0 => {
+                    moved += 1;
+                    self.drop_connections();
+                }
+                Err(Error::Redis(e)) if Error::is_cluster_transient(&e) && moved < CLUSTER_RETRIES => {
+                    moved += 1;
+                    self.drop_connections();
+                    tokio::time::sleep(cluster_backoff(moved)).await;
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 
@@ -378,7 +417,7 @@ impl Store {
         });
         let mut out = Vec::with_capacity(n);
         for reply in futures_util::future::join_all(pipes).await {
-            let (value, acked) = reply.map_err(|e| self.failed(e))?;
+            let (value, acked) = reply.map_err(|e| self.failed(first_server_error(e)))?;
             if acked < i64::from(wait) {
                 return Err(Error::WriteConcern(format!(
                     "the write was applied but only {acked} of {wait} replicas acknowledged it within {timeout} ms"

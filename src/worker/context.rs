@@ -1,7 +1,7 @@
 //! What a handler gets for one run, and what it returns.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +32,9 @@ pub struct RunContext {
     next_sequence: Arc<AtomicI64>,
     stop: CancellationToken,
     reason: Arc<std::sync::Mutex<Option<StopReason>>>,
+    /// An emit failed because Redis was away or in a failover, not because
+    /// of the handler: its failure then sends the run back to the queue.
+    store_trouble: Arc<AtomicBool>,
 }
 
 impl RunContext {
@@ -45,6 +48,7 @@ impl RunContext {
             next_sequence: Arc::new(AtomicI64::new(next)),
             stop,
             reason: Arc::new(std::sync::Mutex::new(None)),
+            store_trouble: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -71,7 +75,7 @@ impl RunContext {
             .enumerate()
             .map(|(i, (event_type, data))| NewEvent::new(first + i as i64, event_type, data))
             .collect();
-        self.store.append_events(&self.run.run_id, Some(&self.token), &batch).await
+        self.noted(self.store.append_events(&self.run.run_id, Some(&self.token), &batch).await)
     }
 
     /// Appends fully built events; their sequence numbers are assigned here.
@@ -80,7 +84,20 @@ impl RunContext {
         for (i, event) in events.iter_mut().enumerate() {
             event.sequence = first + i as i64;
         }
-        self.store.append_events(&self.run.run_id, Some(&self.token), &events).await
+        self.noted(self.store.append_events(&self.run.run_id, Some(&self.token), &events).await)
+    }
+
+    /// Remembers a transient store failure (see [`crate::Error::is_transient`]).
+    fn noted<T>(&self, result: Result<T>) -> Result<T> {
+        if result.as_ref().is_err_and(crate::Error::is_transient) {
+            self.store_trouble.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+
+    /// True once an emit failed for a reason of Redis's, not the handler's.
+    pub fn store_trouble(&self) -> bool {
+        self.store_trouble.load(Ordering::SeqCst)
     }
 
     /// Resolves when the handler should stop; see [`RunContext::stop_reason`].

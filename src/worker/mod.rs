@@ -603,7 +603,9 @@ async fn execute_one(
                 (|r| &mut r.completed, store.finish_run(&run_id, &finish, Some(&token)).await)
             }
         }
-        Some(Ok(Err(failure))) if failure.retryable && attempts < max_attempts => {
+        // A failure that followed an emit Redis refused (an outage, a
+        // failover) is the store's, not the run's: it is retried.
+        Some(Ok(Err(failure))) if (failure.retryable || ctx.store_trouble()) && attempts < max_attempts => {
             let release = Release {
                 status: RunStatus::Queued,
                 status_reason: Some(format!("retrying after: {}", failure.message)),
