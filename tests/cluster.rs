@@ -90,7 +90,7 @@ async fn queues_spread_over_every_master_and_a_worker_drains_them() {
     }
     token.cancel();
     task.await.expect("worker task").expect("worker");
-    let handled = lock(&handled);
+    let handled = lock(&handled).clone();
     assert_eq!(handled.len(), 240);
     assert!(handled.values().all(|&n| n == 1), "every run handled once");
     for i in 0..240 {
@@ -119,13 +119,16 @@ async fn a_run_id_created_concurrently_in_two_queues_exists_once() {
         if i % 2 == 1 {
             std::mem::swap(&mut a, &mut b);
         }
-        let (in_left, in_right) = (NewRun::new(&id, "agent").queue(a.clone()), NewRun::new(&id, "agent").queue(b.clone()));
+        let (in_left, in_right) =
+            (NewRun::new(&id, "agent").queue(a.clone()), NewRun::new(&id, "agent").queue(b.clone()));
         let (x, y) = tokio::join!(store.create_run(&in_left), other.create_run(&in_right));
         let (x, y) = (x.expect("create in a"), y.expect("create in b"));
         assert_eq!(x.queue_name, y.queue_name, "both creates return the one run of {id}");
         assert_eq!(x.id, y.id);
-        let in_a: bool = redis::cmd("EXISTS").arg(store.queue_keys(&a).run(&id)).query_async(&mut raw).await.expect("exists");
-        let in_b: bool = redis::cmd("EXISTS").arg(store.queue_keys(&b).run(&id)).query_async(&mut raw).await.expect("exists");
+        let in_a: bool =
+            redis::cmd("EXISTS").arg(store.queue_keys(&a).run(&id)).query_async(&mut raw).await.expect("exists");
+        let in_b: bool =
+            redis::cmd("EXISTS").arg(store.queue_keys(&b).run(&id)).query_async(&mut raw).await.expect("exists");
         assert!(in_a ^ in_b, "{id} must exist in exactly one queue (a: {in_a}, b: {in_b})");
     }
     // A fresh host finds a run by id with one GET and one HGETALL: no probe of every queue.
@@ -184,7 +187,10 @@ async fn the_cli_runs_on_a_cluster_url_and_with_the_cluster_flag() {
     let got = cli(&["--redis", &plain, "--cluster", "--json", "get", "cli-1"], &[]);
     let run: serde_json::Value = serde_json::from_str(&got).expect("get prints JSON");
     assert_eq!(run["queue_name"], "cq1");
-    let claimed = cli(&["--json", "claim", "--runtime", "rt-cli", "--queue", "cq1"], &[("REDIS_URL", &plain), ("REDIS_CLUSTER", "1")]);
+    let claimed = cli(
+        &["--json", "claim", "--runtime", "rt-cli", "--queue", "cq1"],
+        &[("REDIS_URL", &plain), ("REDIS_CLUSTER", "1")],
+    );
     let claimed: serde_json::Value = serde_json::from_str(&claimed).expect("claim prints JSON");
     assert_eq!(claimed["run_id"], "cli-1");
     let token = claimed["claim_token"].as_str().expect("token").to_string();
@@ -204,11 +210,8 @@ async fn no_operation_crosses_slots() {
     let (redis, store, mut raw) = cluster_case().await;
     for i in 0..9 {
         let q = format!("x{i}");
-        let run = NewRun::new(format!("x-{i}"), "agent")
-            .queue(q.clone())
-            .conversation("conv")
-            .deadline_at(4e9)
-            .priority(i);
+        let run =
+            NewRun::new(format!("x-{i}"), "agent").queue(q.clone()).conversation("conv").deadline_at(4e9).priority(i);
         store.create_run(&run).await.expect("create");
     }
     store.register_runtime(&RegisterRuntime::new("rt-x")).await.expect("register");
@@ -223,10 +226,18 @@ async fn no_operation_crosses_slots() {
     store.append_audit_event(&run.run_id, "note", Some(&json!({})), None).await.expect("audit");
     store.finalize_run(&run.run_id, &Finish::new(RunStatus::Completed), Some(&token)).await.expect("finalize");
     store.request_cancel("x-1", None).await.expect("cancel");
-    let page = store.list_runs(&RunFilter { conversation_id: Some("conv".into()), limit: 5, ..Default::default() }).await.expect("list");
+    let page = store
+        .list_runs(&RunFilter { conversation_id: Some("conv".into()), limit: 5, ..Default::default() })
+        .await
+        .expect("list");
     assert_eq!(page.items.len(), 5);
     let next = store
-        .list_runs(&RunFilter { conversation_id: Some("conv".into()), limit: 5, before_id: page.next_cursor, ..Default::default() })
+        .list_runs(&RunFilter {
+            conversation_id: Some("conv".into()),
+            limit: 5,
+            before_id: page.next_cursor,
+            ..Default::default()
+        })
         .await
         .expect("page 2");
     assert_eq!(next.items.len(), 4, "9 runs over two pages");
@@ -291,8 +302,9 @@ async fn a_partitioned_queue_keeps_order_within_partitions_and_starves_none() {
     assert_eq!(per_partition.len(), 4, "runs spread over every partition: {per_partition:?}");
     assert!(per_partition.values().all(|&n| n >= 50), "no partition is nearly empty: {per_partition:?}");
     // A partition key keeps related runs together.
-    let keyed: Vec<NewRun> =
-        (0..10).map(|i| NewRun::new(format!("conv-{i}"), "agent").queue("hot").partition_key("conversation-1")).collect();
+    let keyed: Vec<NewRun> = (0..10)
+        .map(|i| NewRun::new(format!("conv-{i}"), "agent").queue("hot").partition_key("conversation-1"))
+        .collect();
     let keyed = store.create_runs(&keyed).await.expect("keyed");
     assert!(keyed.iter().all(|r| r.queue_name == keyed[0].queue_name), "one partition for one key");
 
@@ -311,7 +323,7 @@ async fn a_partitioned_queue_keeps_order_within_partitions_and_starves_none() {
     for t in tasks {
         t.await.expect("claimer");
     }
-    let claims = lock(&claims);
+    let claims = lock(&claims).clone();
     let ids: Vec<&str> = claims.iter().map(|(_, r)| r.run_id.as_str()).collect();
     let unique: HashSet<&str> = ids.iter().copied().collect();
     assert_eq!(ids.len(), 410, "every run claimed");
@@ -339,7 +351,10 @@ async fn a_partitioned_queue_keeps_order_within_partitions_and_starves_none() {
     let hot = rows.iter().position(|l| l.starts_with("hot ")).expect("a row for the logical queue");
     assert!(rows[hot].split_whitespace().nth(4) == Some("410"), "the logical row sums its partitions: {text}");
     for (i, p) in parts.iter().enumerate() {
-        assert!(rows.get(hot + 1 + i).is_some_and(|l| l.starts_with("  ") && l.trim_start().starts_with(p.as_str())), "{text}");
+        assert!(
+            rows.get(hot + 1 + i).is_some_and(|l| l.starts_with("  ") && l.trim_start().starts_with(p.as_str())),
+            "{text}"
+        );
     }
 }
 

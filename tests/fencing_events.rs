@@ -333,13 +333,8 @@ async fn stream_entry_ids_are_the_sequences() {
     let ids = stream_ids(&mut raw, "r1").await;
     assert_eq!(ids, (1..=10).map(|s| format!("{s}-0")).collect::<Vec<_>>());
     // XRANGE key 5 7 shows events 5..7, as the brief promises operators.
-    let some: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg("rl:{q}:events:r1")
-        .arg("5")
-        .arg("7")
-        .query_async(&mut raw)
-        .await
-        .expect("XRANGE 5 7");
+    let some: Vec<(String, Vec<(String, String)>)> =
+        redis::cmd("XRANGE").arg("rl:{q}:events:r1").arg("5").arg("7").query_async(&mut raw).await.expect("XRANGE 5 7");
     assert_eq!(some.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["5-0", "6-0", "7-0"]);
     let fields: std::collections::HashMap<_, _> = some[0].1.iter().cloned().collect();
     assert_eq!(fields.get("type").map(String::as_str), Some("step"));

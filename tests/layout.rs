@@ -106,7 +106,8 @@ async fn a_run_through_its_life_as_an_operator_sees_it() {
     let r3: String = redis::cmd("HGET").arg("rl:{q}:run:r3").arg("id").query_async(&mut raw).await.expect("HGET id");
     assert_eq!(meta["clock"], (r3.parse::<i64>().expect("id") / 4096).to_string(), "the clock of the newest id");
     for run in ["r1", "r2", "r3"] {
-        let queue: String = redis::cmd("GET").arg(format!("rl:locator:{run}")).query_async(&mut raw).await.expect("GET");
+        let queue: String =
+            redis::cmd("GET").arg(format!("rl:locator:{run}")).query_async(&mut raw).await.expect("GET");
         assert_eq!(queue, "q", "the locator of {run} names its queue");
     }
 
@@ -302,10 +303,21 @@ fn assert_layout(keys: &[String], q: &str) {
     let base = format!("rl:{{{q}}}:");
     for key in keys.iter().filter(|k| k.starts_with(&base)) {
         let rest = &key[base.len()..];
-        let known =
-            ["queued", "leases", "delayed", "deadlines", "finished", "stats", "wake", "runs", "pins", "runners", "meta"]
-                .contains(&rest)
-                || ["run:", "events:", "idx:", "runner:", "pinned:"].iter().any(|p| rest.starts_with(p));
+        let known = [
+            "queued",
+            "leases",
+            "delayed",
+            "deadlines",
+            "finished",
+            "stats",
+            "wake",
+            "runs",
+            "pins",
+            "runners",
+            "meta",
+        ]
+        .contains(&rest)
+            || ["run:", "events:", "idx:", "runner:", "pinned:"].iter().any(|p| rest.starts_with(p));
         assert!(known, "undocumented queue key {key}");
     }
 }

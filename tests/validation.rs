@@ -6,9 +6,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use runledger::store::Conn;
 use runledger::keys::QueueKeys;
 use runledger::scripts::Scripts;
+use runledger::store::Conn;
 use runledger::*;
 use serde_json::json;
 
@@ -453,7 +453,9 @@ async fn create_run_script_rejects_bad_argv_before_writing() {
         assert_script_invalid(eval(&mut raw, &scripts.create_run.script, &keys, &args).await, what);
         assert_eq!(dbsize(&mut raw).await, 0, "{what}: the script wrote before failing");
     }
-    for (value, what) in [("x", "non-numeric queue number"), ("4096", "queue number out of range"), ("", "no queue number")] {
+    for (value, what) in
+        [("x", "non-numeric queue number"), ("4096", "queue number out of range"), ("", "no queue number")]
+    {
         let mut args = create_args(&qk, "r1");
         args[3] = value.to_string();
         assert_script_invalid(eval(&mut raw, &scripts.create_run.script, &keys, &args).await, what);
@@ -635,13 +637,7 @@ async fn other_scripts_reject_bad_argv_before_writing() {
         );
     }
     assert_script_invalid(
-        eval(
-            &mut raw,
-            &scripts.mark_stale_runtime.script,
-            &s(&["rl:runtime:rt9"]),
-            &s(&["x", "stale", ""]),
-        )
-        .await,
+        eval(&mut raw, &scripts.mark_stale_runtime.script, &s(&["rl:runtime:rt9"]), &s(&["x", "stale", ""])).await,
         "mark_stale: non-numeric now",
     );
 

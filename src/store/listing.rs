@@ -25,8 +25,11 @@ impl Store {
         ] {
             validate::opt_id(name, value.as_deref())?;
         }
-        let queues =
-            if filter.queues.is_empty() { self.known_queues().await? } else { self.physical_queues(&filter.queues).await? };
+        let queues = if filter.queues.is_empty() {
+            self.known_queues().await?
+        } else {
+            self.physical_queues(&filter.queues).await?
+        };
         let statuses = filter.statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",");
         let thread = match (filter.strict_thread, &filter.thread_id) {
             (false, _) => String::new(),

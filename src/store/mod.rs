@@ -87,7 +87,8 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
-/// How the store reaches Redis.
+/// How the store reaches Redis (one per store, so the size of a variant does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Backend {
     Single {
         client: redis::Client,

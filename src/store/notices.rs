@@ -44,10 +44,10 @@ impl CancelNotices {
                     continue;
                 }
                 // [channel, payload]
-                if let Some(payload) = push.data.into_iter().nth(1) {
-                    if let Ok(run_id) = redis::from_redis_value::<String>(payload) {
-                        return Some(run_id);
-                    }
+                if let Some(payload) = push.data.into_iter().nth(1)
+                    && let Ok(run_id) = redis::from_redis_value::<String>(payload)
+                {
+                    return Some(run_id);
                 }
             },
         }

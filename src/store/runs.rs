@@ -150,7 +150,12 @@ impl Store {
     }
 
     /// One create_run call for runs of one queue.
-    fn create_call(&self, queue: &str, (number, fresh): (u32, bool), runs: &[Indexed<'_>]) -> (Vec<String>, Vec<String>) {
+    fn create_call(
+        &self,
+        queue: &str,
+        (number, fresh): (u32, bool),
+        runs: &[Indexed<'_>],
+    ) -> (Vec<String>, Vec<String>) {
         let keys = self.queue_keys(queue);
         let mut k: Vec<String> = keys.fixed().into();
         k.push(keys.meta());
@@ -324,8 +329,11 @@ impl Store {
     pub async fn claim_next_run(&self, request: &ClaimRequest) -> Result<Option<Run>> {
         // Checked up front too: with no queue to try, a bad request must still fail.
         check_claim(request)?;
-        let queues =
-            if request.queues.is_empty() { self.known_queues().await? } else { self.claim_order(&request.queues).await? };
+        let queues = if request.queues.is_empty() {
+            self.known_queues().await?
+        } else {
+            self.claim_order(&request.queues).await?
+        };
         for queue in &queues {
             if let ClaimOutcome::Claimed(run) = self.claim_from(queue, request).await? {
                 return Ok(Some(*run));
@@ -414,7 +422,7 @@ impl Store {
         let value = self.eval(&self.scripts().release_claim, &k, &args).await?;
         let run = Run::from_fields(reply::fields(value)?, false)?;
         if run.status.is_terminal() {
-            self.expire_locators(&[run.run_id.clone()]).await?;
+            self.expire_locators(std::slice::from_ref(&run.run_id)).await?;
         }
         Ok(run)
     }
@@ -602,7 +610,7 @@ impl Store {
         let value = self.eval(&self.scripts().request_cancel, &k, &args).await?;
         let run = Run::from_fields(reply::fields(value)?, false)?;
         if run.status.is_terminal() {
-            self.expire_locators(&[run.run_id.clone()]).await?;
+            self.expire_locators(std::slice::from_ref(&run.run_id)).await?;
         }
         Ok(run)
     }

@@ -44,7 +44,10 @@ pub fn backend() -> Backend {
 }
 
 /// Runs one test case on a backend. On the cluster it waits for its turn
-/// and empties the cluster first.
+/// and empties the cluster first. The turn is a std mutex held across the
+/// case on purpose: each test has a runtime and thread of its own, and the
+/// lock orders those threads, not tasks of one runtime.
+#[allow(clippy::await_holding_lock)]
 pub async fn run_on<F: std::future::Future<Output = ()>>(backend: Backend, case: F) {
     let _turn = match backend {
         Backend::Single => None,

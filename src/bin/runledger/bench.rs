@@ -8,14 +8,12 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use rand::RngExt;
-use runledger::{
-    ClaimOutcome, ClaimRequest, Done, Error, Finish, NewRun, Result, RunStatus, Store, Worker,
-};
+use runledger::{ClaimOutcome, ClaimRequest, Done, Error, Finish, NewRun, Result, RunStatus, Store, Worker};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::demo::percentile;
 use crate::Target;
+use crate::demo::percentile;
 use crate::output::Output;
 use crate::private::PrivateRedis;
 

@@ -152,8 +152,12 @@ impl Target {
 
 async fn run(cli: Cli) -> runledger::Result<()> {
     let out = output::Output { json: cli.json };
-    let target =
-        Target { url: cli.redis.clone(), prefix: cli.prefix.clone(), cluster: cli.cluster, wait_replicas: cli.wait_replicas };
+    let target = Target {
+        url: cli.redis.clone(),
+        prefix: cli.prefix.clone(),
+        cluster: cli.cluster,
+        wait_replicas: cli.wait_replicas,
+    };
     let url = cli.redis.clone().unwrap_or_else(|| "redis://127.0.0.1:6379/".to_string());
     let store = || ledger::connect(&url, &target);
     match cli.command {
@@ -184,6 +188,10 @@ fn exit_code(err: &Error) -> i32 {
         Error::NotFound(_) => 3,
         Error::Conflict(_) | Error::Finished(_) | Error::OutOfOrder(_) => 4,
         Error::StaleToken(_) | Error::DeadlinePassed(_) => 5,
-        Error::Redis(_) | Error::WriteConcern(_) | Error::Protocol(_) | Error::Server(_) | Error::Unreachable { .. } => 1,
+        Error::Redis(_)
+        | Error::WriteConcern(_)
+        | Error::Protocol(_)
+        | Error::Server(_)
+        | Error::Unreachable { .. } => 1,
     }
 }

@@ -13,7 +13,11 @@ pub enum PrivateRedis {
 
 impl PrivateRedis {
     pub fn start(cluster: bool) -> Result<PrivateRedis> {
-        Ok(if cluster { PrivateRedis::Cluster(RedisCluster::start()?) } else { PrivateRedis::Server(RedisServer::start()?) })
+        Ok(if cluster {
+            PrivateRedis::Cluster(RedisCluster::start()?)
+        } else {
+            PrivateRedis::Server(RedisServer::start()?)
+        })
     }
 
     /// The URL to connect to (a `redis+cluster://` one for a cluster).
