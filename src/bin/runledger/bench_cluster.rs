@@ -34,8 +34,8 @@ struct Row {
 }
 
 /// The master nodes of a cluster (by `CLUSTER NODES` of a seed), or the server itself.
-async fn masters(url: &str) -> Result<Vec<String>> {
-    let Some(seeds) = runledger::store::conn::cluster_nodes(url, true)? else { return Ok(vec![url.to_string()]) };
+async fn masters(url: &str, cluster: bool) -> Result<Vec<String>> {
+    let Some(seeds) = runledger::store::conn::cluster_nodes(url, cluster)? else { return Ok(vec![url.to_string()]) };
     let seed = seeds.first().cloned().unwrap_or_default();
     let mut conn = redis::Client::open(seed.as_str())?.get_multiplexed_async_connection().await?;
     let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut conn).await?;
@@ -69,9 +69,10 @@ async fn node_counters(url: &str) -> Result<(f64, u64)> {
 async fn measure(backend: &str, url: &str, target: &Target, a: &BenchArgs, workers: usize) -> Result<Row> {
     let prefix = format!("{}-cbench-{workers}-{}", target.prefix, target.wait_replicas);
     let store = Store::connect_with(url, target.config(&prefix)).await?;
+    let cluster = store.is_cluster();
     store.declare_partitions("bench", PARTITIONS).await?;
     enqueue_batched(&store, "bench", a.runs).await?;
-    let nodes = masters(url).await?;
+    let nodes = masters(url, cluster).await?;
     let mut before = Vec::new();
     for node in &nodes {
         before.push(node_counters(node).await?);
@@ -114,9 +115,11 @@ pub async fn run(target: &Target, out: &Output, a: &BenchArgs) -> Result<()> {
     }
     // The write concern's cost: the cluster again, every write waiting for a replica.
     let concerned = Target { wait_replicas: target.wait_replicas.max(1), ..target.clone() };
+    // The single server is reached as one, whatever --cluster says.
+    let plain = Target { cluster: false, ..target.clone() };
     let mut cases = Vec::new();
     for &w in &workers {
-        cases.push(("single server", single.url(), target, w));
+        cases.push(("single server", single.url(), &plain, w));
         cases.push(("cluster, 3 masters", cluster_url.clone(), target, w));
     }
     cases.push(("cluster, 3 masters, --wait-replicas 1", cluster_url.clone(), &concerned, a.workers));
