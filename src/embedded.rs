@@ -63,42 +63,13 @@ impl RedisServer {
             .prefix("runledger-redis-")
             .tempdir()
             .map_err(|e| Error::Server(format!("temp dir: {e}")))?;
-        let mut command = Command::new(binary);
-        command
-            .arg("--port")
-            .arg(port.to_string())
-            .arg("--bind")
-            .arg("127.0.0.1")
-            .arg("--dir")
-            .arg(dir.path())
-            .arg("--save")
-            .arg("")
-            .arg("--appendonly")
-            .arg("no")
-            .arg("--logfile")
-            .arg(dir.path().join("redis.log"))
-            .args(RECOMMENDED_CONFIG.iter().flat_map(|(name, value)| [format!("--{name}"), value.to_string()]))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        die_with_parent(&mut command);
+        let mut command = server_command(binary, port, dir.path());
+        command.args(["--appendonly", "no"]).args(extra);
         let child = command.spawn().map_err(|e| Error::Server(format!("spawn {}: {e}", binary.display())))?;
         let mut server = RedisServer { child, port, dir };
-        let started = Instant::now();
-        loop {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                let log = std::fs::read_to_string(server.dir.path().join("redis.log")).unwrap_or_default();
-                return Err(Error::Server(format!("exited with {status}: {}", log.trim())));
-            }
-            if ping(port) {
-                return Ok(server);
-            }
-            if started.elapsed() > Duration::from_secs(10) {
-                return Err(Error::Server(format!("no answer on port {port} after 10 s")));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // On an error the server is dropped, which stops it.
+        wait_until_up(&mut server.child, port, &server.dir.path().join("redis.log"), Duration::from_secs(10))?;
+        Ok(server)
     }
 
     /// Stops the server and starts a new one on the same port and dir (what a
@@ -154,6 +125,53 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A redis-server on 127.0.0.1:`port` in `dir`, logging to `dir/redis.log`,
+/// with RDB snapshots off, [`RECOMMENDED_CONFIG`], no output, and dying with
+/// its parent. Callers add persistence and the rest.
+pub(crate) fn server_command(binary: &Path, port: u16, dir: &Path) -> Command {
+    let mut command = Command::new(binary);
+    command
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--bind")
+        .arg("127.0.0.1")
+        .arg("--dir")
+        .arg(dir)
+        .args(["--save", ""])
+        .arg("--logfile")
+        .arg(dir.join("redis.log"))
+        .args(RECOMMENDED_CONFIG.iter().flat_map(|(name, value)| [format!("--{name}"), value.to_string()]))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    die_with_parent(&mut command);
+    command
+}
+
+/// Waits until a just-spawned server answers PING on `port`; an error (with
+/// the end of its log) when it exits first or is silent for `timeout`.
+pub(crate) fn wait_until_up(child: &mut Child, port: u16, log: &Path, timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(Error::Server(format!(
+                "redis-server on port {port} exited with {status}: {}",
+                tail.join(" | ")
+            )));
+        }
+        if ping(port) {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            return Err(Error::Server(format!("redis-server on port {port}: no answer after {timeout:?}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use crate::embedded::{
-    INSTALL_HINT, RECOMMENDED_CONFIG, die_with_parent, find_on_path, find_redis_server, free_port, ping,
+    INSTALL_HINT, die_with_parent, find_on_path, find_redis_server, free_port, server_command, wait_until_up,
 };
 use crate::error::{Error, Result};
 
@@ -389,15 +389,8 @@ fn free_cluster_port(taken: &[u16]) -> Result<u16> {
 
 /// Starts one cluster node on `port` in `dir` and waits until it answers PING.
 fn spawn_node(binary: &Path, port: u16, dir: &Path) -> Result<Child> {
-    let log = dir.join("redis.log");
-    let mut command = Command::new(binary);
+    let mut command = server_command(binary, port, dir);
     command
-        .arg("--port")
-        .arg(port.to_string())
-        .arg("--bind")
-        .arg("127.0.0.1")
-        .arg("--dir")
-        .arg(dir)
         .args(["--cluster-enabled", "yes"])
         .args(["--cluster-config-file", "nodes.conf"])
         .arg("--cluster-node-timeout")
@@ -407,35 +400,15 @@ fn spawn_node(binary: &Path, port: u16, dir: &Path) -> Result<Child> {
         // A master otherwise waits 5 s for more replicas before it streams
         // the first sync, and a replica cannot take over until it has synced.
         .args(["--repl-diskless-sync-delay", "0"])
-        .args(["--save", ""])
         // Acknowledged writes survive a restart of the node that took them.
-        .args(["--appendonly", "yes", "--appendfsync", "always"])
-        .arg("--logfile")
-        .arg(&log)
-        .args(RECOMMENDED_CONFIG.iter().flat_map(|(name, value)| [format!("--{name}"), value.to_string()]))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    die_with_parent(&mut command);
+        .args(["--appendonly", "yes", "--appendfsync", "always"]);
     let mut child = command.spawn().map_err(|e| Error::Server(format!("spawn {}: {e}", binary.display())))?;
-    let started = Instant::now();
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(5).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            return Err(Error::Server(format!("node on port {port} exited with {status}: {}", tail.join(" | "))));
-        }
-        if ping(port) {
-            return Ok(child);
-        }
-        if started.elapsed() > STARTUP_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(Error::Server(format!("node on port {port}: no answer after {STARTUP_TIMEOUT:?}")));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if let Err(e) = wait_until_up(&mut child, port, &dir.join("redis.log"), STARTUP_TIMEOUT) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
     }
+    Ok(child)
 }
 
 /// Runs `program` with its output in `log`; kills it after `timeout`.

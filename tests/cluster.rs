@@ -167,6 +167,17 @@ async fn command_counts(raw: &mut Conn) -> HashMap<String, i64> {
     out
 }
 
+async fn connect_cluster_takes_every_seed_node() {
+    let (redis, store, _raw) = cluster_case().await;
+    let nodes = runledger::store::conn::cluster_nodes(&redis.url, false).expect("url").expect("nodes");
+    assert_eq!(nodes.len(), 6);
+    let other = Store::connect_cluster(&nodes, StoreConfig::default()).await.expect("connect_cluster");
+    assert!(other.is_cluster());
+    assert_eq!(other.cluster_nodes(), &nodes[..], "every seed node is kept");
+    store.create_run(&NewRun::new("seeded", "agent").queue("s1")).await.expect("create");
+    assert_eq!(other.get_run("seeded").await.expect("get through the other store").queue_name, "s1");
+}
+
 async fn the_cli_runs_on_a_cluster_url_and_with_the_cluster_flag() {
     let (redis, _store, _raw) = cluster_case().await;
     let bin = env!("CARGO_BIN_EXE_runledger");
@@ -377,6 +388,7 @@ mod on_cluster {
         a_run_id_created_concurrently_in_two_queues_exists_once,
         the_cli_runs_on_a_cluster_url_and_with_the_cluster_flag,
         no_operation_crosses_slots,
+        connect_cluster_takes_every_seed_node,
         a_partitioned_queue_keeps_order_within_partitions_and_starves_none,
     );
 }

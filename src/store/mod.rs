@@ -141,7 +141,16 @@ impl Store {
 
     /// Connects to a Redis Cluster through any of its nodes (`redis://host:port/` each).
     pub async fn connect_cluster(nodes: &[String], cfg: StoreConfig) -> Result<Store> {
-        Store::connect_with(&nodes.join(","), StoreConfig { cluster: true, ..cfg }).await
+        // One URL naming every node: the scheme (and credentials) of the first, each node's host:port.
+        let (scheme, _) = nodes
+            .first()
+            .and_then(|n| n.split_once("://"))
+            .ok_or_else(|| Error::Invalid("connect_cluster needs at least one redis:// node URL".into()))?;
+        let hosts: Vec<&str> = nodes
+            .iter()
+            .map(|n| n.split_once("://").map_or(n.as_str(), |(_, rest)| rest).trim_end_matches('/'))
+            .collect();
+        Store::connect_with(&format!("{scheme}://{}/", hosts.join(",")), StoreConfig { cluster: true, ..cfg }).await
     }
 
     /// Connects and checks that the server answers.

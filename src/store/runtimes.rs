@@ -200,13 +200,19 @@ impl Store {
         validate::id("stale status", stale_status)?;
         let g = self.global();
         let mut conn = self.conn().await?;
-        // Candidates from the index: overdue by their deadline, or every
-        // runtime when a heartbeat age counts too.
+        // Candidates from the index: overdue by their deadline (by the
+        // server's clock unless `now_ms` is given), or every runtime when a
+        // heartbeat age counts too. Only candidates cost a script call.
         let mut range = redis::cmd("ZRANGE");
-        match (stale_after, now_ms) {
-            (Some(_), _) => range.arg(g.runtimes()).arg(0).arg(-1),
-            (None, Some(now)) => range.arg(g.runtimes()).arg("-inf").arg(format!("({now}")).arg("BYSCORE"),
-            (None, None) => range.arg(g.runtimes()).arg("-inf").arg("+inf").arg("BYSCORE"),
+        match stale_after {
+            Some(_) => range.arg(g.runtimes()).arg(0).arg(-1),
+            None => {
+                let now = match now_ms {
+                    Some(now) => now,
+                    None => self.server_time_ms().await?,
+                };
+                range.arg(g.runtimes()).arg("-inf").arg(format!("({now}")).arg("BYSCORE")
+            }
         };
         let ids: Vec<String> = range.query_async(&mut conn).await.map_err(|e| self.failed(e))?;
         let args = vec![
