@@ -537,6 +537,8 @@ async fn execute_one(
     let token = run.claim_token.clone().unwrap_or_default();
     let attempts = run.dispatch_attempts;
     let max_attempts = run.max_attempts.filter(|&m| m > 0).unwrap_or(inner.backoff.max_attempts);
+    // Parsed by the chaos test (tests/chaos.rs): every claim a worker knows of.
+    debug!(run_id = %run_id, attempt = attempts, token = %token, "run claimed");
     let stop = CancellationToken::new();
     let ctx = RunContext::new(store.clone(), run, stop.clone());
     lock(&inner.in_flight).insert(run_id.clone(), ctx.clone());
@@ -577,9 +579,8 @@ async fn execute_one(
 
     // Each outcome is counted once its write has landed, so a report adds up:
     // claimed = completed + failed + retried + cancelled + lease_lost + released.
-    type Counter = fn(&mut WorkerReport) -> &mut u64;
     let mut next = None;
-    let (counter, result): (Counter, Result<()>) = match outcome {
+    let (ended, result): (Ended, Result<()>) = match outcome {
         Some(Ok(Ok(done))) => {
             let mut finish = Finish::new(RunStatus::Completed);
             finish.usage = done.usage;
@@ -595,12 +596,12 @@ async fn execute_one(
                 match store.finish_and_claim(&run_id, &finish, Some(&token), &request).await {
                     Ok(claimed) => {
                         next = claimed;
-                        (|r| &mut r.completed, Ok(()))
+                        (Ended::Completed, Ok(()))
                     }
-                    Err(e) => (|r| &mut r.completed, Err(e)),
+                    Err(e) => (Ended::Completed, Err(e)),
                 }
             } else {
-                (|r| &mut r.completed, store.finish_run(&run_id, &finish, Some(&token)).await)
+                (Ended::Completed, store.finish_run(&run_id, &finish, Some(&token)).await)
             }
         }
         // A failure that followed an emit Redis refused (an outage, a
@@ -611,11 +612,11 @@ async fn execute_one(
                 status_reason: Some(format!("retrying after: {}", failure.message)),
                 retry_in: Some(inner.backoff.delay(attempts)),
             };
-            (|r| &mut r.retried, store.release_claim(&run_id, &token, &release).await.map(|_| ()))
+            (Ended::Retried, store.release_claim(&run_id, &token, &release).await.map(|_| ()))
         }
         Some(Ok(Err(failure))) => {
             let finish = Finish::new(RunStatus::Failed).reason(failure.message);
-            (|r| &mut r.failed, store.finish_run(&run_id, &finish, Some(&token)).await)
+            (Ended::Failed, store.finish_run(&run_id, &finish, Some(&token)).await)
         }
         Some(Err(join_error)) => {
             let reason = if join_error.is_panic() {
@@ -630,12 +631,12 @@ async fn execute_one(
                 "handler was aborted".into()
             };
             let finish = Finish::new(RunStatus::Failed).reason(reason);
-            (|r| &mut r.failed, store.finish_run(&run_id, &finish, Some(&token)).await)
+            (Ended::Failed, store.finish_run(&run_id, &finish, Some(&token)).await)
         }
         None => match ctx.stop_reason() {
             Some(StopReason::Cancelled) => {
                 let finish = Finish::new(RunStatus::Cancelled).reason("cancelled while running");
-                (|r| &mut r.cancelled, store.finish_run(&run_id, &finish, Some(&token)).await)
+                (Ended::Cancelled, store.finish_run(&run_id, &finish, Some(&token)).await)
             }
             Some(StopReason::Shutdown) => {
                 let release = Release {
@@ -643,29 +644,69 @@ async fn execute_one(
                     status_reason: Some("worker shut down".into()),
                     retry_in: None,
                 };
-                (|r| &mut r.released_on_shutdown, store.release_claim(&run_id, &token, &release).await.map(|_| ()))
+                (Ended::Released, store.release_claim(&run_id, &token, &release).await.map(|_| ()))
             }
             Some(StopReason::LeaseLost(why)) => {
                 warn!(run_id, why, "lease lost; run abandoned");
-                (|r| &mut r.lease_lost, Ok(()))
+                (Ended::LeaseLost, Ok(()))
             }
-            None => (|r| &mut r.lease_lost, Err(Error::Protocol("stopped without a reason".into()))),
+            None => (Ended::LeaseLost, Err(Error::Protocol("stopped without a reason".into()))),
         },
     };
     match result {
-        Ok(()) => *counter(&mut lock(report)) += 1,
+        Ok(()) => {
+            *ended.counter(&mut lock(report)) += 1;
+            debug!(run_id = %run_id, token = %token, outcome = ended.name(), "run ended");
+        }
         Err(Error::StaleToken(msg)) | Err(Error::DeadlinePassed(msg)) => {
             lock(report).lease_lost += 1;
             warn!(run_id, msg, "lease lost before the result was written");
+            debug!(run_id = %run_id, token = %token, outcome = "lease_lost", "run ended");
         }
         Err(e) => {
             // Conflict (finished elsewhere), Redis away...: the lease will expire
             // and the run be re-claimed, as after a crash.
             lock(report).lease_lost += 1;
             warn!(run_id, error = %e, "could not record the run's outcome; its lease will expire");
+            debug!(run_id = %run_id, token = %token, outcome = "lease_lost", "run ended");
         }
     }
     next
+}
+
+/// How a run's execution ended, as counted in the [`WorkerReport`].
+#[derive(Clone, Copy)]
+enum Ended {
+    Completed,
+    Failed,
+    Retried,
+    Cancelled,
+    Released,
+    LeaseLost,
+}
+
+impl Ended {
+    fn counter(self, report: &mut WorkerReport) -> &mut u64 {
+        match self {
+            Ended::Completed => &mut report.completed,
+            Ended::Failed => &mut report.failed,
+            Ended::Retried => &mut report.retried,
+            Ended::Cancelled => &mut report.cancelled,
+            Ended::Released => &mut report.released_on_shutdown,
+            Ended::LeaseLost => &mut report.lease_lost,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Ended::Completed => "completed",
+            Ended::Failed => "failed",
+            Ended::Retried => "retried",
+            Ended::Cancelled => "cancelled",
+            Ended::Released => "released",
+            Ended::LeaseLost => "lease_lost",
+        }
+    }
 }
 
 /// How long a stopped handler may take to return on its own before it is aborted.
