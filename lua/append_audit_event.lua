@@ -6,6 +6,8 @@
 -- ARGV[1] key base   ARGV[2] run_id   ARGV[3] type
 -- ARGV[4] data (JSON object)   ARGV[5] metadata (JSON object or '')
 -- ARGV[6] max JSON bytes
+-- ARGV[7] request id ('' = none): a resend with the same id returns the first
+--         call's event instead of writing it twice (receipt <P>:{Q}:receipt:<id>)
 -- Allowed on finished runs too (the stream then keeps the run's expiry).
 -- Returns {sequence, created_at_ms}. Errors: NOT_FOUND.
 local rid = ARGV[2]
@@ -15,17 +17,25 @@ local max_bytes = check_int('max JSON bytes', ARGV[6], 1, 512 * 1024 * 1024)
 if ARGV[4] == '' then fail('INVALID', 'event data must be a JSON object') end
 check_json('event data', ARGV[4], '{', '}', max_bytes)
 check_json('event metadata', ARGV[5], '{', '}', max_bytes)
+local request = ARGV[7] or ''
+if request ~= '' then check_request_id(request) end
 
 local rk, sk = KEYS[8], KEYS[9]
 if redis.call('EXISTS', rk) == 0 then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
-local last = 0
-local top = redis.call('XREVRANGE', sk, '+', '-', 'COUNT', 1)
-if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
-local seq = last + 1
+local receipt = request ~= '' and receipt_key(ARGV[1], request)
+if receipt then
+  local earlier = redis.call('GET', receipt)
+  if earlier then
+    local seq, at = string.match(earlier, '^(%d+) (%d+)$')
+    return { tonumber(seq), tonumber(at) }
+  end
+end
+local seq = last_sequence(sk) + 1
 local now = now_ms()
 local f = { 'type', ARGV[3], 'data', ARGV[4], 'source', 'host', 'created_at', now }
 if ARGV[5] ~= '' then f[#f + 1] = 'metadata'; f[#f + 1] = ARGV[5] end
 redis.call('XADD', sk, seq .. '-0', unpack(f))
+if receipt then redis.call('SET', receipt, seq .. ' ' .. fmt(now), 'PX', RECEIPT_MS) end
 local ttl = redis.call('PTTL', rk)
 if ttl > 0 then redis.call('PEXPIRE', sk, ttl) end
 return { seq, now }

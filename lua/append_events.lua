@@ -14,7 +14,8 @@
 -- A sequence that already exists is an idempotent retry when its content is
 -- the same and a CONFLICT when it differs. A new sequence must be above the
 -- stream's last one (OUT_OF_ORDER otherwise) and the run must not be finished
--- (FINISHED). A token that no longer holds the run is STALE_TOKEN. Every event
+-- (FINISHED). A token that no longer holds the run, or whose lease expired
+-- by the server's clock, is STALE_TOKEN. Every event
 -- is checked before the first one is written, so a batch lands whole or not at all.
 local B = ARGV[1]
 local rid = ARGV[2]
@@ -42,11 +43,10 @@ end
 
 local rk, sk = KEYS[8], KEYS[9]
 local h = load_holder(rk, rid)
-check_holder(h, rid, token)
+local now = now_ms()
+check_holder(h, rid, token, now)
 
-local last = 0
-local top = redis.call('XREVRANGE', sk, '+', '-', 'COUNT', '1')
-if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
+local last = last_sequence(sk)
 
 local function same(fields, e)
   local m = {}
@@ -78,7 +78,6 @@ for i, e in ipairs(events) do
   end
 end
 
-local now = now_ms()
 local now_s = fmt(now)
 for i, e in ipairs(events) do
   if not out[i] then

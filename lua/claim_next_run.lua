@@ -8,7 +8,9 @@
 -- ARGV[5]  retention of finished runs in ms (for runs that time out here)
 -- ARGV[6..] runner_ids filter (none = any runner)
 -- The work is done by claim() in include/claim.lua.
--- Returns {1, HGETALL..., last event sequence} with the claimed run (a
+-- A claim records a receipt (<P>:{Q}:receipt:<token> = run_id, for the lease's
+-- length), so that a resend after a lost reply hands out the same run, not a
+-- second one. Returns {1, HGETALL..., last event sequence} with the claimed run (a
 -- re-claimed run continues its event stream), or {0, next_due_ms, now_ms} where
 -- next_due_ms is the earliest time a delayed run or a lease falls due ('' if none)
 -- and now_ms the server's clock.

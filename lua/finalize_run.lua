@@ -18,8 +18,12 @@
 --   retention ms, runner_ids...). Saves a worker one round trip per run.
 -- A fenced finish records its token as `finish_token`, so that the same
 -- holder's retry is an idempotent no-op while any other token is STALE_TOKEN.
+-- A fenced finish needs an active claim: a lease that expired by the server's
+-- clock is STALE_TOKEN even when nobody has claimed the run again.
+-- Resent with a claim spec, the retry claims with the same new token, so it
+-- hands out the run the first call claimed (see claim_again in claim.lua).
 -- Returns {1 = finished now | 0 = already had this status, HGETALL... or {} when
--- quiet, and when a claim was asked for and the run finished now: the claim's reply}.
+-- quiet, and when a claim was asked for: the claim's reply}.
 -- Errors: NOT_FOUND, STALE_TOKEN, CONFLICT (finished with another status),
 -- RETRY (metadata changed since the client read it; the library retries).
 local B = ARGV[1]
@@ -48,10 +52,14 @@ if TERMINAL[h.status] then
   if token ~= '' and redis.call('HGET', rk, 'finish_token') ~= token then
     fail('STALE_TOKEN', 'run ' .. rid .. ' is no longer held with this claim token (status ' .. h.status .. ')')
   end
-  if h.status == status then return { 0, quiet and {} or hgetall(rk) } end
+  if h.status == status then
+    -- A resend after a lost reply: answer as the first call did, claim included.
+    return { 0, quiet and {} or hgetall(rk), next_claim and claim(B, next_claim) or nil }
+  end
   fail('CONFLICT', 'run ' .. rid .. ' is already ' .. h.status .. '; it cannot become ' .. status)
 end
-check_holder(h, rid, token)
+local now = now_ms()
+check_holder(h, rid, token, now)
 if with_meta then
   local current = redis.call('HGET', rk, 'metadata') or ''
   if current ~= ARGV[8] then fail('RETRY', 'metadata of run ' .. rid .. ' changed meanwhile') end
@@ -59,7 +67,6 @@ if with_meta then
 end
 if ARGV[5] ~= '' then redis.call('HSET', rk, 'usage', ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('HSET', rk, 'cost', ARGV[6]) end
-local now = now_ms()
 finish(B, rid, h, status, ARGV[4], now, retention, token ~= '' and { 'finish_token', token } or nil)
 local reply = { 1, quiet and {} or hgetall(rk) }
 if next_claim then reply[3] = claim(B, next_claim, now) end

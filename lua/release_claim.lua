@@ -7,7 +7,10 @@
 -- ARGV[5] status_reason ('' = none)
 -- ARGV[6] retry delay ms (0 = claimable at once; only with status queued)
 -- ARGV[7] retention ms
--- Returns HGETALL of the run. Errors: NOT_FOUND, STALE_TOKEN.
+-- Returns HGETALL of the run. Errors: NOT_FOUND, STALE_TOKEN (also when the
+-- lease expired by the server's clock).
+-- A release leaves a receipt (<P>:{Q}:receipt:<token> = '{released}'), so a
+-- resend after a lost reply returns the run instead of STALE_TOKEN.
 local B = ARGV[1]
 local rid = ARGV[2]
 check_id('run_id', rid)
@@ -24,8 +27,11 @@ local retention = check_int('retention ms', ARGV[7], 0, 1e13)
 
 local rk = KEYS[8]
 local h = load_run(rk, rid)
-check_holder(h, rid, token)
+local receipt = receipt_key(B, token)
+if redis.call('GET', receipt) == '{released}' then return hgetall(rk) end
 local now = now_ms()
+check_holder(h, rid, token, now)
+redis.call('SET', receipt, '{released}', 'PX', RECEIPT_MS)
 if TERMINAL[status] then
   finish(B, rid, h, status, ARGV[5], now, retention)
   return hgetall(rk)

@@ -6,7 +6,9 @@
 -- ARGV[4] lease ms (1 .. 86400000)    ARGV[5] retention ms
 -- Returns HGETALL of the run; its cancel_requested_at tells the holder that a
 -- cancellation was asked for. Errors: NOT_FOUND, STALE_TOKEN (the claim was
--- lost), DEADLINE (the run passed its deadline and is now `timeout`).
+-- lost, or its lease expired by the server's clock even if nobody claimed the
+-- run since), DEADLINE (the run passed its deadline and is now `timeout`).
+-- Safe to resend: a second renewal extends the lease from its own time.
 local B = ARGV[1]
 local rid = ARGV[2]
 check_id('run_id', rid)
@@ -17,8 +19,8 @@ local retention = check_int('retention ms', ARGV[5], 0, 1e13)
 
 local rk = KEYS[8]
 local h = load_run(rk, rid)
-check_holder(h, rid, token)
 local now = now_ms()
+check_holder(h, rid, token, now)
 if h.deadline_at and h.deadline_at <= now then
   finish(B, rid, h, 'timeout', 'deadline passed', now, retention)
   fail('DEADLINE', 'run ' .. rid .. ' passed its deadline and is now timeout')

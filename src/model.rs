@@ -122,6 +122,11 @@ pub struct Run {
     /// continues its stream. 0 elsewhere.
     #[serde(skip)]
     pub last_sequence: i64,
+    /// In a claim result: when this process sent the claim (its own clock).
+    /// The lease counts from here, so it ends locally before it does on the
+    /// server, whatever the reply's delay.
+    #[serde(skip)]
+    pub claim_sent_at: Option<std::time::Instant>,
 }
 
 fn secs(ms: Option<i64>) -> Option<i64> {
@@ -199,6 +204,7 @@ impl Run {
             claim_lease_expires_at_ms: lease_ms,
             created_at_ms: created_ms,
             last_sequence: 0,
+            claim_sent_at: None,
         })
     }
 }

@@ -17,12 +17,30 @@ local function parse_claim(a)
   return c
 end
 
+-- The answer to a claim whose token already has a receipt: the claim was
+-- made, and its reply lost. The run is handed out again while the token
+-- still holds it; nil when the token has no receipt.
+local function claim_again(B, token, now)
+  local rid = redis.call('GET', receipt_key(B, token))
+  if not rid then return nil end
+  local rk = B .. 'run:' .. rid
+  local v = redis.call('HMGET', rk, 'status', 'claim_token')
+  if v[1] == 'claimed' and v[2] == token then
+    return { 1, hgetall(rk), last_sequence(B .. 'events:' .. rid) }
+  end
+  -- Lost since (released, expired, finished): nothing is held with it now.
+  return { 0, '', fmt(now) }
+end
+
 -- Claims the next run of the queue for c (see claim_next_run.lua for the
 -- order and the cost). Returns {1, HGETALL..., last event sequence} or
 -- {0, next_due_ms or '', now_ms}. `now` (ms) is the caller's clock reading, if it has one.
+-- A resend with the same token gives the first call's run (see claim_again).
 local function claim(B, c, now)
   local runtime, lease, token, retention, runners = c.runtime, c.lease, c.token, c.retention, c.runners
   now = now or now_ms()
+  local again = claim_again(B, token, now)
+  if again then return again end
   promote_delayed(B, now, '100')
   recover_expired(B, now, '100', 'queued', 'claim lease expired', retention)
 
@@ -104,6 +122,7 @@ local function claim(B, c, now)
       end
       redis.call('HSET', rk, unpack(fields))
       redis.call('ZADD', K.leases, expires, rid)
+      redis.call('SET', receipt_key(B, token), rid, 'PX', fmt(lease))
       -- Chain the wake-up: another idle worker can take the next run.
       local left
       if queued_seen then
@@ -112,14 +131,15 @@ local function claim(B, c, now)
         left = redis.call('ZCARD', K.queued)
       end
       if left > 0 then wake() end
-      local last = 0
-      local top = redis.call('XREVRANGE', B .. 'events:' .. rid, '+', '-', 'COUNT', '1')
-      if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
-      return { 1, hgetall(rk), last }
+      return { 1, hgetall(rk), last_sequence(B .. 'events:' .. rid) }
     end
   end
 
-  if redis.call('ZCARD', K.queued) == 0 then redis.call('DEL', K.wake) end
+  -- A stale token would wake idle workers for nothing; but pinned runs are
+  -- woken through the same list, so it stays while any pinned lane exists.
+  if redis.call('ZCARD', K.queued) == 0 and redis.call('SCARD', B .. 'pins') == 0 then
+    redis.call('DEL', K.wake)
+  end
   local due = ''
   local d = redis.call('ZRANGE', K.delayed, '0', '0', 'WITHSCORES')
   if d[2] then due = tonumber(d[2]) end

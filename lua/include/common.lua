@@ -7,7 +7,7 @@
 -- uses, because every call runs their definitions again.
 --
 -- Errors are raised as `CODE message`; codes: INVALID, NOT_FOUND, STALE_TOKEN,
--- CONFLICT, FINISHED, OUT_OF_ORDER, DEADLINE, RETRY. Every script validates
+-- CONFLICT, FINISHED, OUT_OF_ORDER, DEADLINE, RETRY, UNREGISTERED. Every script validates
 -- all of its arguments before its first write.
 
 local TERMINAL = { completed = true, failed = true, cancelled = true, timeout = true }
@@ -76,17 +76,48 @@ local function hgetall(rk)
   return redis.call('HGETALL', rk)
 end
 
--- Loads only what fencing needs (status, claim_token) of a run that must exist:
--- the event path reads two fields, not every routing field.
+-- Loads only what fencing needs (status, claim_token, lease expiry) of a run
+-- that must exist: the event path reads three fields, not every routing field.
 local function load_holder(rk, rid)
-  local v = redis.call('HMGET', rk, 'status', 'claim_token')
+  local v = redis.call('HMGET', rk, 'status', 'claim_token', 'claim_lease_expires_at')
   if not v[1] then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
-  return { status = v[1], claim_token = v[2] or nil }
+  return { status = v[1], claim_token = v[2] or nil, lease_expires = tonumber(v[3] or '') }
 end
 
--- Fencing: with a token ('' = host call), the run must still be held with it.
-local function check_holder(h, rid, token)
-  if token ~= '' and (h.status ~= 'claimed' or h.claim_token ~= token) then
+-- Fencing: with a token ('' = host call), the run must still be held with it
+-- under a lease that has not expired by the server's clock `now` (an active
+-- claim): an expired lease can neither be renewed nor written to, even when
+-- nobody has claimed the run again yet.
+local function check_holder(h, rid, token, now)
+  if token == '' then return end
+  if h.status ~= 'claimed' or h.claim_token ~= token then
     fail('STALE_TOKEN', 'run ' .. rid .. ' is no longer held with this claim token (status ' .. h.status .. ')')
+  end
+  if not h.lease_expires or h.lease_expires <= now then
+    fail('STALE_TOKEN', 'the lease on run ' .. rid .. ' expired at ' .. fmt(h.lease_expires or 0) ..
+      ' ms (server clock ' .. fmt(now) .. '); the run may be claimed again')
+  end
+end
+
+-- The sequence of a stream's last event (0 when it has none).
+local function last_sequence(sk)
+  local top = redis.call('XREVRANGE', sk, '+', '-', 'COUNT', '1')
+  if top[1] then return tonumber(string.match(top[1][1], '^(%d+)')) end
+  return 0
+end
+
+-- Receipts make a resent call (its first reply was lost) give the first
+-- call's answer: `<P>:{Q}:receipt:<request id>` STRING, kept RECEIPT_MS. The
+-- request id is the claim token for claims and releases, a random id for
+-- audit events. Values never collide with run ids, which cannot contain braces.
+local RECEIPT_MS = '600000'
+
+local function receipt_key(B, request)
+  return B .. 'receipt:' .. request
+end
+
+local function check_request_id(v)
+  if #v < 16 or #v > 64 or string.find(v, '[^%w%-_]') then
+    fail('INVALID', 'request id must be 16..64 letters, digits, - or _')
   end
 end

@@ -97,7 +97,11 @@ end
 
 local function lane_remove(B, rid, h)
   if h.requested_runtime_id then
-    redis.call('ZREM', B .. 'pinned:' .. h.requested_runtime_id, rid)
+    local lane = B .. 'pinned:' .. h.requested_runtime_id
+    -- `pins` names only lanes that hold runs (the claim's wake-up test reads it).
+    if redis.call('ZREM', lane, rid) == 1 and redis.call('EXISTS', lane) == 0 then
+      redis.call('SREM', B .. 'pins', h.requested_runtime_id)
+    end
   elseif redis.call('ZREM', K.queued, rid) == 1 then
     runner_left(B, h.runner_id, rid)
   end
@@ -111,12 +115,14 @@ end
 -- Reads the fields the scripts route on; nil when the run does not exist.
 local function route_fields(rk)
   local v = redis.call('HMGET', rk, 'id', 'status', 'priority', 'runner_id', 'requested_runtime_id',
-    'claim_token', 'dispatch_attempts', 'max_attempts', 'deadline_at', 'not_before', 'started_at')
+    'claim_token', 'dispatch_attempts', 'max_attempts', 'deadline_at', 'not_before', 'started_at',
+    'claim_lease_expires_at')
   if not v[1] then return nil end
   return {
     id = v[1], status = v[2], priority = v[3], runner_id = v[4], requested_runtime_id = v[5] or nil,
     claim_token = v[6] or nil, dispatch_attempts = tonumber(v[7] or '0'), max_attempts = tonumber(v[8] or '0'),
     deadline_at = tonumber(v[9] or ''), not_before = v[10] or nil, started_at = v[11] or nil,
+    lease_expires = tonumber(v[12] or ''),
   }
 end
 

@@ -106,8 +106,17 @@ impl Store {
         };
         let (keys, mut k) = self.run_keys(run_id).await?;
         k.push(keys.events(run_id));
-        let args =
-            vec![keys.base.clone(), run_id.to_string(), event_type.to_string(), data_text, meta_text, max.to_string()];
+        // A request id, so that a resend after a lost reply does not write the event twice.
+        let request = uuid::Uuid::new_v4().simple().to_string();
+        let args = vec![
+            keys.base.clone(),
+            run_id.to_string(),
+            event_type.to_string(),
+            data_text,
+            meta_text,
+            max.to_string(),
+            request,
+        ];
         let value = self.eval(&self.scripts().append_audit_event, &k, &args).await?;
         let mut parts = reply::array(value)?.into_iter();
         let sequence = parts.next().map(reply::int).transpose()?.unwrap_or(0);

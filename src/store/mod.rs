@@ -120,6 +120,8 @@ struct Inner {
     partitions: Mutex<partitions::PartitionCache>,
     /// Rotates the partition a claim starts at.
     turn: AtomicUsize,
+    /// Claims sent whose answer was lost (see `runs::Unanswered`).
+    unanswered: Mutex<Vec<runs::Unanswered>>,
 }
 
 const LOCATOR_CAP: usize = 200_000;
@@ -197,6 +199,7 @@ impl Store {
                 queues: Mutex::new(HashMap::new()),
                 partitions: Mutex::new(Default::default()),
                 turn: AtomicUsize::new(0),
+                unanswered: Mutex::new(Vec::new()),
             }),
         };
         let mut conn = store.conn().await?;
@@ -301,8 +304,11 @@ impl Store {
 
     /// Like [`Store::eval`] but hands back the raw Redis error, for callers
     /// that retry on `RETRY`. A connection that turns out dead (Redis
-    /// restarted, network dropped) is replaced and the call tried once more;
-    /// a reply timeout is not retried, since the script may be running.
+    /// restarted, network dropped) or a reply that timed out is given up, and
+    /// the call sent once more on a new connection: every script is safe to
+    /// resend (the same request gives the first call's answer; see the
+    /// receipts in lua/include/common.lua), so a call whose reply was lost
+    /// is settled rather than left in doubt.
     pub(crate) async fn eval_raw(
         &self,
         lua: &Lua,
@@ -317,10 +323,10 @@ impl Store {
                 Ok(mut values) => return values.pop().ok_or_else(|| short_reply("script")),
                 Err(e) if Error::is_connection_failure(&e) => {
                     self.drop_connections();
-                    if attempt >= 2 || e.is_timeout() {
+                    if attempt >= 2 {
                         return Err(e);
                     }
-                    tracing::debug!(error = %e, "connection lost; retrying once on a new one");
+                    tracing::debug!(error = %e, "connection lost or reply timed out; resending once on a new one");
                 }
                 Err(e) => return Err(e),
             }
@@ -396,7 +402,7 @@ impl Store {
         let mut moved = 0;
         loop {
             match self.write_all_once(cmds.clone()).await {
-                Err(Error::Redis(e)) if Error::is_connection_failure(&e) && !e.is_timeout() && moved == 0 => {
+                Err(Error::Redis(e)) if Error::is_connection_failure(&e) && moved == 0 => {
                     moved += 1;
                     self.drop_connections();
                 }
@@ -439,11 +445,10 @@ impl Store {
     }
 
     /// Runs calls of one script on one queue as one pipeline (one round trip);
-    /// a dead connection is replaced once. Only for scripts that are safe to
-    /// send twice (create_run is idempotent by run_id).
+    /// a dead connection or a lost reply is retried once, as in [`Store::eval_raw`].
     pub(crate) async fn eval_many(&self, lua: &Lua, calls: &[(Vec<String>, Vec<String>)]) -> Result<Vec<Value>> {
         match self.eval_pipelined(lua, calls).await {
-            Err(e) if Error::is_connection_failure(&e) && !e.is_timeout() => {
+            Err(e) if Error::is_connection_failure(&e) => {
                 self.drop_connections();
                 self.eval_pipelined(lua, calls).await.map_err(|e| self.failed(e))
             }

@@ -1,13 +1,13 @@
 //! Run lifecycle: create, claim, renew, release, finalize, cancel, get.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use serde_json::Value;
 
 use super::locator::Reservation;
-use super::{Store, reply};
+use super::{Store, lock, reply};
 use crate::error::{Error, Result};
 use crate::model::{ClaimRequest, Finish, NewRun, Run, RunStatus};
 use crate::validate;
@@ -22,6 +22,18 @@ pub enum ClaimOutcome {
         next_due_ms: Option<i64>,
         now_ms: i64,
     },
+}
+
+/// A claim that was sent but never answered (the connection broke or the
+/// reply timed out): it may have claimed a run that nobody knows of. The
+/// store's next claim sends it again with the same token, and the script's
+/// receipt (see lua/include/claim.lua) hands back that run.
+pub(crate) struct Unanswered {
+    queue: String,
+    spec: Vec<String>,
+    sent: Instant,
+    /// The lease's end: after it, a run it claimed is taken back anyway.
+    until: Instant,
 }
 
 /// How a claim is given back.
@@ -93,6 +105,7 @@ fn new_run_record(new: &NewRun, id: i64, now_ms: i64) -> Run {
         claim_lease_expires_at_ms: None,
         created_at_ms: now_ms,
         last_sequence: 0,
+        claim_sent_at: None,
     }
 }
 
@@ -342,14 +355,61 @@ impl Store {
         Ok(None)
     }
 
-    /// One claim attempt on one queue.
+    /// One claim attempt on one queue. An earlier claim of this store that
+    /// went unanswered is settled first: the run it claimed, if any, is
+    /// returned instead.
     pub async fn claim_from(&self, queue: &str, request: &ClaimRequest) -> Result<ClaimOutcome> {
         validate::id("queue_name", queue)?;
+        let spec = self.claim_spec(request)?;
+        if let Some(run) = self.settle_unanswered().await? {
+            return Ok(ClaimOutcome::Claimed(run));
+        }
+        self.send_claim(queue, spec, Instant::now()).await
+    }
+
+    /// Sends one claim; `sent` is when it was first sent (its lease counts from then).
+    async fn send_claim(&self, queue: &str, spec: Vec<String>, sent: Instant) -> Result<ClaimOutcome> {
         let keys = self.queue_keys(queue);
         let mut args = vec![keys.base.clone()];
-        args.extend(self.claim_spec(request)?);
-        let value = self.eval(&self.scripts().claim_next_run, &keys.fixed(), &args).await?;
-        self.claim_outcome(value)
+        args.extend(spec.iter().cloned());
+        match self.eval(&self.scripts().claim_next_run, &keys.fixed(), &args).await {
+            Ok(value) => self.claim_outcome(value, sent),
+            Err(e) => {
+                if e.is_transient() {
+                    self.unanswered(queue, spec, sent);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Remembers a claim whose answer was lost, to be settled by the next claim.
+    fn unanswered(&self, queue: &str, spec: Vec<String>, sent: Instant) {
+        let lease = spec.get(1).and_then(|ms| ms.parse().ok()).map(Duration::from_millis).unwrap_or_default();
+        tracing::debug!(queue, "claim unanswered; it is sent again with the next claim");
+        lock(&self.inner.unanswered).push(Unanswered { queue: queue.to_string(), spec, sent, until: sent + lease });
+    }
+
+    /// Sends the unanswered claims again (same tokens): the first that had
+    /// claimed a run hands it back. Those whose lease ran out are dropped.
+    async fn settle_unanswered(&self) -> Result<Option<Box<Run>>> {
+        let pending = std::mem::take(&mut *lock(&self.inner.unanswered));
+        let mut pending = pending.into_iter();
+        while let Some(claim) = pending.next() {
+            if claim.until <= Instant::now() {
+                continue;
+            }
+            let settled = self.send_claim(&claim.queue, claim.spec, claim.sent).await;
+            if !matches!(settled, Ok(ClaimOutcome::Empty { .. })) {
+                lock(&self.inner.unanswered).extend(pending.by_ref());
+            }
+            match settled {
+                Ok(ClaimOutcome::Claimed(run)) => return Ok(Some(run)),
+                Ok(ClaimOutcome::Empty { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
     }
 
     /// The claim spec of the scripts: runtime_id, lease ms, a new token,
@@ -367,13 +427,14 @@ impl Store {
     }
 
     /// Reads a claim reply: {1, HGETALL, last sequence} or {0, next due}.
-    fn claim_outcome(&self, value: redis::Value) -> Result<ClaimOutcome> {
+    fn claim_outcome(&self, value: redis::Value, sent: Instant) -> Result<ClaimOutcome> {
         let mut parts = reply::array(value)?.into_iter();
         let claimed = parts.next().map(reply::int).transpose()?.unwrap_or(0);
         let rest = parts.next().ok_or_else(|| Error::Protocol("claim: short reply".into()))?;
         if claimed == 1 {
             let mut run = Run::from_fields(reply::fields(rest)?, true)?;
             run.last_sequence = parts.next().map(reply::int).transpose()?.unwrap_or(0);
+            run.claim_sent_at = Some(sent);
             self.remember(&run.run_id, &run.queue_name);
             Ok(ClaimOutcome::Claimed(Box::new(run)))
         } else {
@@ -523,7 +584,10 @@ impl Store {
         if let Some(m) = &finish.metadata {
             validate::object("metadata", m, max)?;
         }
+        let queue = self.locate(run_id).await?;
         let (keys, k) = self.run_keys(run_id).await?;
+        // One token for the chained claim, however often the call is sent.
+        let spec = next.map(|request| self.claim_spec(request)).transpose()?;
         for _ in 0..20 {
             let (flag, expected, merged) = match &finish.metadata {
                 None => ("0", String::new(), String::new()),
@@ -547,9 +611,10 @@ impl Store {
                 self.retention_ms(),
                 if quiet { "1" } else { "0" }.to_string(),
             ];
-            if let Some(request) = next {
-                args.extend(self.claim_spec(request)?);
+            if let Some(spec) = &spec {
+                args.extend(spec.iter().cloned());
             }
+            let sent = Instant::now();
             match self.eval_raw(&self.scripts().finalize_run, &k, &args).await {
                 Ok(value) => {
                     let mut parts = reply::array(value)?.into_iter();
@@ -562,11 +627,18 @@ impl Store {
                     }
                     let fields = parts.next().ok_or_else(|| Error::Protocol("finalize: short reply".into()))?;
                     let run = if quiet { None } else { Some(Run::from_fields(reply::fields(fields)?, false)?) };
-                    let claimed = parts.next().map(|v| self.claim_outcome(v)).transpose()?;
+                    let claimed = parts.next().map(|v| self.claim_outcome(v, sent)).transpose()?;
                     return Ok((run, claimed));
                 }
                 Err(e) if Error::is_retry(&e) => continue,
-                Err(e) => return Err(self.failed(e)),
+                Err(e) => {
+                    let e = self.failed(e);
+                    if let Some(spec) = spec.filter(|_| e.is_transient()) {
+                        // The finish may have landed and claimed the next run.
+                        self.unanswered(&queue, spec, sent);
+                    }
+                    return Err(e);
+                }
             }
         }
         Err(Error::Conflict(format!("metadata of run {run_id} kept changing; finalize gave up")))

@@ -11,9 +11,12 @@
 //! Each BLPOP names one queue's list, on a connection of its own: the lists of
 //! different queues live in different Redis Cluster slots, so one command may
 //! not name two of them. A waiter keeps one BLPOP in flight per queue, across
-//! calls, so a token a BLPOP pops is never dropped on the floor.
+//! calls. A token that such a BLPOP pops while nobody waits (its worker is
+//! busy) is pushed back at once, so another idle worker gets it.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::Conn;
@@ -44,11 +47,36 @@ pub struct Waiter {
     in_flight: JoinSet<Popped>,
     /// Queues with a BLPOP in flight.
     blocked: HashSet<String>,
+    /// True while a `block` call waits for the BLPOPs' tokens.
+    waiting: Arc<AtomicBool>,
+}
+
+/// Marks a waiter as waiting for as long as it lives (a `block` future may be
+/// dropped midway by a `select!`).
+struct Waiting(Arc<AtomicBool>);
+
+impl Waiting {
+    fn new(flag: &Arc<AtomicBool>) -> Waiting {
+        flag.store(true, Ordering::SeqCst);
+        Waiting(flag.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Waiter {
     pub async fn new(store: &Store) -> Result<Waiter> {
-        Ok(Waiter { store: store.clone(), idle: HashMap::new(), in_flight: JoinSet::new(), blocked: HashSet::new() })
+        Ok(Waiter {
+            store: store.clone(),
+            idle: HashMap::new(),
+            in_flight: JoinSet::new(),
+            blocked: HashSet::new(),
+            waiting: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// Claims from the request's queues (in order), waiting up to `wait` for a
@@ -118,6 +146,7 @@ impl Waiter {
             return Ok(false);
         }
         let deadline = tokio::time::Instant::now() + timeout;
+        let _waiting = Waiting::new(&self.waiting);
         loop {
             for queue in queues {
                 if !self.blocked.contains(queue) {
@@ -150,12 +179,18 @@ impl Waiter {
         };
         let key = self.store.queue_keys(queue).wake();
         let queue = queue.to_string();
+        let waiting = self.waiting.clone();
         self.blocked.insert(queue.clone());
         self.in_flight.spawn(async move {
             let mut cmd = redis::cmd("BLPOP");
             // BLPOP takes seconds with decimals; 0 would mean forever.
             cmd.arg(&key).arg(format!("{:.3}", SAFETY_POLL.as_secs_f64()));
             match cmd.query_async::<Option<(String, String)>>(&mut conn).await {
+                Ok(Some(_)) if !waiting.load(Ordering::SeqCst) => {
+                    // Nobody here wants it now: hand the wake-up on.
+                    let pushed: redis::RedisResult<i64> = redis::cmd("LPUSH").arg(&key).arg("1").query_async(&mut conn).await;
+                    (queue, Some(conn), pushed.map(|_| false).map_err(Error::from_redis))
+                }
                 Ok(popped) => (queue, Some(conn), Ok(popped.is_some())),
                 // A broken connection is dropped; the next start opens a new one.
                 Err(e) if Error::is_connection_failure(&e) => (queue, None, Err(Error::from_redis(e))),

@@ -1,13 +1,14 @@
 //! What a handler gets for one run, and what it returns.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::Result;
-use crate::model::{NewEvent, Run, RunEvent};
+use crate::error::{Error, Result};
+use crate::model::{Direction, NewEvent, Run, RunEvent};
 use crate::store::{Store, lock};
 
 /// Why a handler is asked to stop.
@@ -29,7 +30,13 @@ pub struct RunContext {
     pub run: Arc<Run>,
     store: Store,
     token: String,
-    next_sequence: Arc<AtomicI64>,
+    /// The next event sequence. Held across an emit, so that emits of one
+    /// handler land one after the other, in order.
+    next_sequence: Arc<tokio::sync::Mutex<i64>>,
+    /// When the lease ends by this process's clock (moved on by each renewal).
+    lease_end: Arc<std::sync::Mutex<Instant>>,
+    /// Fired with the lease's loss: the handler is then stopped at once.
+    lease_gone: CancellationToken,
     stop: CancellationToken,
     reason: Arc<std::sync::Mutex<Option<StopReason>>>,
     /// An emit failed because Redis was away or in a failover, not because
@@ -38,14 +45,16 @@ pub struct RunContext {
 }
 
 impl RunContext {
-    pub(crate) fn new(store: Store, run: Run, stop: CancellationToken) -> Self {
+    pub(crate) fn new(store: Store, run: Run, stop: CancellationToken, lease_end: Instant) -> Self {
         let token = run.claim_token.clone().unwrap_or_default();
         let next = run.last_sequence + 1;
         RunContext {
             run: Arc::new(run),
             store,
             token,
-            next_sequence: Arc::new(AtomicI64::new(next)),
+            next_sequence: Arc::new(tokio::sync::Mutex::new(next)),
+            lease_end: Arc::new(std::sync::Mutex::new(lease_end)),
+            lease_gone: CancellationToken::new(),
             stop,
             reason: Arc::new(std::sync::Mutex::new(None)),
             store_trouble: Arc::new(AtomicBool::new(false)),
@@ -69,30 +78,74 @@ impl RunContext {
 
     /// Appends several events in one round trip, in order.
     pub async fn emit_many(&self, events: Vec<(String, Value)>) -> Result<Vec<RunEvent>> {
-        let first = self.next_sequence.fetch_add(events.len() as i64, Ordering::SeqCst);
-        let batch: Vec<NewEvent> = events
-            .into_iter()
-            .enumerate()
-            .map(|(i, (event_type, data))| NewEvent::new(first + i as i64, event_type, data))
-            .collect();
-        self.noted(self.store.append_events(&self.run.run_id, Some(&self.token), &batch).await)
+        let batch = events.into_iter().map(|(event_type, data)| NewEvent::new(0, event_type, data)).collect();
+        self.emit_events(batch).await
     }
 
     /// Appends fully built events; their sequence numbers are assigned here.
+    ///
+    /// Emits of one handler land in the order they were made, one batch at a
+    /// time, and a sequence number is used up only by a batch that landed, so
+    /// a failed emit leaves no hole. A host's audit event may take the next
+    /// number meanwhile: the batch then moves on after it, and the handler
+    /// never sees that. While Redis is away (an outage, a failover) the same
+    /// batch is sent again, which is idempotent, until the lease runs out.
     pub async fn emit_events(&self, mut events: Vec<NewEvent>) -> Result<Vec<RunEvent>> {
-        let first = self.next_sequence.fetch_add(events.len() as i64, Ordering::SeqCst);
-        for (i, event) in events.iter_mut().enumerate() {
-            event.sequence = first + i as i64;
+        let mut next = self.next_sequence.lock().await;
+        let mut renumbered = 0;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            for (i, event) in events.iter_mut().enumerate() {
+                event.sequence = *next + i as i64;
+            }
+            match self.store.append_events(&self.run.run_id, Some(&self.token), &events).await {
+                Ok(landed) => {
+                    *next += events.len() as i64;
+                    return Ok(landed);
+                }
+                // The number is taken by an event that is not ours (an audit event).
+                Err(Error::Conflict(_) | Error::OutOfOrder(_)) if renumbered < 10 => {
+                    renumbered += 1;
+                    *next = self.last_sequence().await? + 1;
+                }
+                Err(e) if e.is_transient() && !self.is_stopped() && Instant::now() + pause < self.lease_end() => {
+                    tracing::debug!(run_id = %self.run.run_id, error = %e, "emit failed; sending it again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    if e.is_transient() {
+                        self.store_trouble.store(true, Ordering::SeqCst);
+                    }
+                    return Err(e);
+                }
+            }
         }
-        self.noted(self.store.append_events(&self.run.run_id, Some(&self.token), &events).await)
     }
 
-    /// Remembers a transient store failure (see [`crate::Error::is_transient`]).
-    fn noted<T>(&self, result: Result<T>) -> Result<T> {
-        if result.as_ref().is_err_and(crate::Error::is_transient) {
-            self.store_trouble.store(true, Ordering::SeqCst);
-        }
-        result
+    /// The sequence of the run's last event, as stored.
+    async fn last_sequence(&self) -> Result<i64> {
+        let page = self.store.page_run_events(&self.run.run_id, None, None, 1, Direction::Backward).await?;
+        Ok(page.items.first().map_or(0, |event| event.sequence))
+    }
+
+    /// When the lease ends by this process's clock, as far as it knows now.
+    pub fn lease_end(&self) -> Instant {
+        *lock(&self.lease_end)
+    }
+
+    pub(crate) fn set_lease_end(&self, end: Instant) {
+        *lock(&self.lease_end) = end;
+    }
+
+    /// Marks the lease lost and stops the handler at once.
+    pub(crate) fn lease_lost(&self, why: String) {
+        self.stop(StopReason::LeaseLost(why));
+        self.lease_gone.cancel();
+    }
+
+    pub(crate) async fn lease_gone(&self) {
+        self.lease_gone.cancelled().await
     }
 
     /// True once an emit failed for a reason of Redis's, not the handler's.

@@ -540,7 +540,10 @@ async fn execute_one(
     // Parsed by the chaos test (tests/chaos.rs): every claim a worker knows of.
     debug!(run_id = %run_id, attempt = attempts, token = %token, "run claimed");
     let stop = CancellationToken::new();
-    let ctx = RunContext::new(store.clone(), run, stop.clone());
+    // The lease counts from the claim's send, by this process's clock: it
+    // ends here before it ends on the server, however late the reply came.
+    let lease_end = run.claim_sent_at.unwrap_or_else(Instant::now) + inner.lease;
+    let ctx = RunContext::new(store.clone(), run, stop.clone(), lease_end);
     lock(&inner.in_flight).insert(run_id.clone(), ctx.clone());
     if ctx.run.cancel_requested_at.is_some() {
         ctx.stop(StopReason::Cancelled);
@@ -556,14 +559,13 @@ async fn execute_one(
     };
     if joined.is_none() {
         // Stopped: give the handler a moment to see `stopped()` and return on
-        // its own (clean up, record why), then make sure it is gone: it must
-        // not outlive its claim.
-        match tokio::time::timeout(STOP_WINDOW, &mut handler.0).await {
-            Ok(result) => joined = Some(result),
-            Err(_) => {
-                handler.0.abort();
-                let _ = (&mut handler.0).await;
-            }
+        // its own (clean up, record why), but never past the lease. Then it
+        // is aborted and left behind: a handler that blocks its thread cannot
+        // be aborted, and must not hold this slot (see the Worker docs).
+        tokio::select! {
+            result = &mut handler.0 => joined = Some(result),
+            _ = tokio::time::sleep(STOP_WINDOW) => handler.0.abort(),
+            _ = ctx.lease_gone() => handler.0.abort(),
         }
     }
     // Once the run was stopped, only a success stands; a failure (typically
@@ -721,30 +723,56 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// Renews the lease every `renew_every`; stops the handler when the lease is
-/// lost, or when the local clock passes the lease end without a renewal.
+/// Renews the lease every `renew_every`, each renewal counted from its own
+/// send. Stops the handler at once when the lease is lost, or when this
+/// process's clock reaches the lease's end without a renewal, whatever Redis
+/// does meanwhile (a renewal still on its way is given up then).
 async fn renew_lease(inner: Arc<Inner>, ctx: RunContext) {
-    let mut lease_end = Instant::now() + inner.lease;
+    let mut due = ctx.run.claim_sent_at.unwrap_or_else(Instant::now) + inner.renew_every;
     loop {
-        let next = (Instant::now() + inner.renew_every).min(lease_end);
-        tokio::time::sleep_until(next.into()).await;
-        if Instant::now() >= lease_end {
-            ctx.stop(StopReason::LeaseLost("lease expired before it could be renewed".into()));
+        let lease_end = ctx.lease_end();
+        tokio::time::sleep_until(due.min(lease_end).into()).await;
+        let sent = Instant::now();
+        if sent >= lease_end {
+            ctx.lease_lost("the lease ran out before it could be renewed".into());
             return;
         }
-        let sent = Instant::now();
-        match inner.store.renew_claim(&ctx.run.run_id, ctx.claim_token(), inner.lease).await {
-            Ok(run) => {
-                lease_end = sent + inner.lease;
+        let renewal = inner.store.renew_claim(&ctx.run.run_id, ctx.claim_token(), inner.lease);
+        match tokio::time::timeout_at(lease_end.into(), renewal).await {
+            Err(_) => {
+                ctx.lease_lost("the lease ran out while a renewal was on its way".into());
+                return;
+            }
+            Ok(Ok(run)) => {
+                due = sent + inner.renew_every;
+                ctx.set_lease_end(sent + inner.lease);
                 if run.cancel_requested_at.is_some() {
                     ctx.stop(StopReason::Cancelled);
                 }
             }
-            Err(Error::StaleToken(msg)) | Err(Error::NotFound(msg)) | Err(Error::DeadlinePassed(msg)) => {
-                ctx.stop(StopReason::LeaseLost(msg));
+            Ok(Err(Error::NotFound(msg))) => {
+                // Only a Redis that lost its data (restarted without
+                // persistence) or a hand-deleted key gets here.
+                tracing::error!(
+                    run_id = %ctx.run.run_id,
+                    "run vanished from Redis while held ({msg}): was Redis restarted without persistence? \
+                     The handler is stopped and its result dropped"
+                );
+                ctx.lease_lost(msg);
                 return;
             }
-            Err(e) => warn!(run_id = %ctx.run.run_id, error = %e, "lease renewal failed; retrying"),
+            Ok(Err(Error::StaleToken(msg))) | Ok(Err(Error::DeadlinePassed(msg))) => {
+                ctx.lease_lost(msg);
+                return;
+            }
+            Ok(Err(e)) => {
+                warn!(run_id = %ctx.run.run_id, error = %e, "lease renewal failed; retrying");
+                // Not at once: Redis is likely away.
+                due = Instant::now() + RENEW_RETRY.min(inner.renew_every);
+            }
         }
     }
 }
+
+/// The pause before a failed renewal is tried again.
+const RENEW_RETRY: Duration = Duration::from_millis(250);
