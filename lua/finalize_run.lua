@@ -20,8 +20,8 @@
 -- holder's retry is an idempotent no-op while any other token is STALE_TOKEN.
 -- A fenced finish needs an active claim: a lease that expired by the server's
 -- clock is STALE_TOKEN even when nobody has claimed the run again.
--- Resent with a claim spec, the retry claims with the same new token, so it
--- hands out the run the first call claimed (see claim_again in claim.lua).
+-- Resent with the same claim spec (same new token), it hands out the run the
+-- first call claimed (see claim_again in claim.lua).
 -- Returns {1 = finished now | 0 = already had this status, HGETALL... or {} when
 -- quiet, and when a claim was asked for: the claim's reply}.
 -- Errors: NOT_FOUND, STALE_TOKEN, CONFLICT (finished with another status),
@@ -53,8 +53,10 @@ if TERMINAL[h.status] then
     fail('STALE_TOKEN', 'run ' .. rid .. ' is no longer held with this claim token (status ' .. h.status .. ')')
   end
   if h.status == status then
-    -- A resend after a lost reply: answer as the first call did, claim included.
-    return { 0, quiet and {} or hgetall(rk), next_claim and claim(B, next_claim) or nil }
+    -- A resend after a lost reply answers as the first call did, with the run
+    -- that call claimed (its receipt); a new request claims nothing here.
+    local again = next_claim and claim_again(B, next_claim.token, now_ms())
+    return { 0, quiet and {} or hgetall(rk), again or nil }
   end
   fail('CONFLICT', 'run ' .. rid .. ' is already ' .. h.status .. '; it cannot become ' .. status)
 end

@@ -551,8 +551,10 @@ async fn execute_one(
 
     // Both tasks die with this one: a worker that is dropped mid-run (a crash,
     // as far as Redis can tell) must neither renew nor write any more.
-    let renewer = AbortOnDrop(tokio::spawn(renew_lease(inner.clone(), ctx.clone())));
+    // The handler is spawned first, so that tokio starts the renewer first on
+    // this thread: a handler that blocks the thread then blocks nothing else.
     let mut handler = AbortOnDrop(tokio::spawn((inner.handler)(ctx.clone())));
+    let renewer = AbortOnDrop(tokio::spawn(renew_lease(inner.clone(), ctx.clone())));
     let mut joined = tokio::select! {
         joined = &mut handler.0 => Some(joined),
         _ = stop.cancelled() => None,
