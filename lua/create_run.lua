@@ -139,6 +139,9 @@ for i, r in ipairs(runs) do
       if v ~= '' then redis.call('XADD', B .. 'idx:' .. scope[1] .. ':' .. v, entry, 'r', r.rid) end
     end
     if r.deadline then redis.call('ZADD', K.deadlines, r.deadline, r.rid) end
+    -- Runs executed directly, by start time: the reaper times out those whose
+    -- host never finished them (see reap.lua).
+    if r.status == 'running' then redis.call('ZADD', B .. 'running', now_s, r.rid) end
     if r.status == 'queued' and r.requested_runtime_id == '' and r.not_before == '' then
       local entries = by_runner[r.runner_id]
       if not entries then

@@ -6,7 +6,8 @@
 -- ARGV[1] key base   ARGV[2] how many lease holders to list (0 .. 1000)
 -- Returns {queued, pinned, delayed, claimed, finished, oldest queued created_at ms
 -- ('' if none), {run_id, runtime_id, lease_expires_at_ms}..., stats HGETALL, server time ms,
--- queued runs by runner HGETALL}.
+-- queued runs by runner HGETALL, running (directly executed, unfinished),
+-- oldest running start ms ('' if none)}.
 -- The oldest queued run is the head of the lowest-id priority band; the walk
 -- visits one entry per distinct priority, not every queued run.
 local B = ARGV[1]
@@ -40,6 +41,8 @@ if holders_wanted > 0 then
     holders[#holders + 1] = { l[i], redis.call('HGET', B .. 'run:' .. l[i], 'claimed_by_runtime_id') or '', l[i + 1] }
   end
 end
+local running = B .. 'running'
+local first_running = redis.call('ZRANGE', running, '0', '0', 'WITHSCORES')
 return { redis.call('ZCARD', K.queued), pinned, redis.call('ZCARD', K.delayed), redis.call('ZCARD', K.leases),
   redis.call('XLEN', K.finished), oldest, holders, redis.call('HGETALL', K.stats), now_ms(),
-  redis.call('HGETALL', B .. 'runners') }
+  redis.call('HGETALL', B .. 'runners'), redis.call('ZCARD', running), first_running[2] or '' }

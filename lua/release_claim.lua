@@ -9,8 +9,10 @@
 -- ARGV[7] retention ms
 -- Returns HGETALL of the run. Errors: NOT_FOUND, STALE_TOKEN (also when the
 -- lease expired by the server's clock).
--- A release leaves a receipt (<P>:{Q}:receipt:<token> = '{released}'), so a
--- resend after a lost reply returns the run instead of STALE_TOKEN.
+-- A release leaves a receipt (<P>:{Q}:receipt:<token> = '{released}' and a
+-- digest of the request), so a resend of the same release after a lost reply
+-- returns the run instead of STALE_TOKEN; another release with that token is
+-- STALE_TOKEN as usual.
 local B = ARGV[1]
 local rid = ARGV[2]
 check_id('run_id', rid)
@@ -28,10 +30,11 @@ local retention = check_int('retention ms', ARGV[7], 0, 1e13)
 local rk = KEYS[8]
 local h = load_run(rk, rid)
 local receipt = receipt_key(B, token)
-if redis.call('GET', receipt) == '{released}' then return hgetall(rk) end
+local request = '{released}' .. redis.sha1hex(status .. '\0' .. ARGV[5] .. '\0' .. ARGV[6])
+if redis.call('GET', receipt) == request then return hgetall(rk) end
 local now = now_ms()
 check_holder(h, rid, token, now)
-redis.call('SET', receipt, '{released}', 'PX', RECEIPT_MS)
+redis.call('SET', receipt, request, 'PX', RECEIPT_MS)
 if TERMINAL[status] then
   finish(B, rid, h, status, ARGV[5], now, retention)
   return hgetall(rk)

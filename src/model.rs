@@ -582,6 +582,14 @@ pub enum Direction {
     Backward,
 }
 
+/// The larger of two optional ages.
+fn oldest(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// The state of one queue, for operators.
 #[derive(Clone, Debug, Serialize)]
 pub struct QueueStats {
@@ -593,6 +601,11 @@ pub struct QueueStats {
     pub finished: i64,
     /// Age in seconds of the oldest claimable run, if any.
     pub oldest_queued_age: Option<f64>,
+    /// Runs created `running` (direct execution) and not finished yet; the
+    /// reaper times them out after the store's `running_timeout`.
+    pub running: i64,
+    /// Seconds since the oldest of them started.
+    pub oldest_running_age: Option<f64>,
     pub lease_holders: Vec<LeaseHolder>,
     /// Cumulative counters: created, completed, failed, cancelled, timeout, dead, reclaimed.
     pub counters: std::collections::BTreeMap<String, i64>,
@@ -615,6 +628,8 @@ impl QueueStats {
             claimed: 0,
             finished: 0,
             oldest_queued_age: None,
+            running: 0,
+            oldest_running_age: None,
             lease_holders: Vec::new(),
             counters: Default::default(),
             queued_by_runner: Default::default(),
@@ -626,10 +641,9 @@ impl QueueStats {
             out.delayed += p.delayed;
             out.claimed += p.claimed;
             out.finished += p.finished;
-            out.oldest_queued_age = match (out.oldest_queued_age, p.oldest_queued_age) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (a, b) => a.or(b),
-            };
+            out.oldest_queued_age = oldest(out.oldest_queued_age, p.oldest_queued_age);
+            out.running += p.running;
+            out.oldest_running_age = oldest(out.oldest_running_age, p.oldest_running_age);
             out.lease_holders.extend(p.lease_holders.iter().cloned());
             for (k, v) in &p.counters {
                 *out.counters.entry(k.clone()).or_default() += v;
@@ -658,4 +672,6 @@ pub struct ReapReport {
     pub timed_out: i64,
     pub purged: i64,
     pub stale_runtimes: i64,
+    /// Runs pinned to a runtime that is gone, released to any runtime.
+    pub pins_released: i64,
 }

@@ -315,9 +315,10 @@ fn assert_layout(keys: &[String], q: &str) {
             "pins",
             "runners",
             "meta",
+            "running",
         ]
         .contains(&rest)
-            || ["run:", "events:", "idx:", "runner:", "pinned:"].iter().any(|p| rest.starts_with(p));
+            || ["run:", "events:", "idx:", "runner:", "pinned:", "receipt:"].iter().any(|p| rest.starts_with(p));
         assert!(known, "undocumented queue key {key}");
     }
 }

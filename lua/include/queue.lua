@@ -150,6 +150,8 @@ local function finish(B, rid, h, status, reason, now, retention_ms, extra)
   elseif h.status == 'claimed' then
     redis.call('ZREM', K.leases, rid)
     clear_claim(rk)
+  elseif h.status == 'running' then
+    redis.call('ZREM', B .. 'running', rid)
   end
   if h.deadline_at then redis.call('ZREM', K.deadlines, rid) end
   local now_s = fmt(now)

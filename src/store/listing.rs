@@ -115,6 +115,9 @@ impl Store {
         let counters = counts(parts.next())?;
         let now_ms = parts.next().map(reply::int).transpose()?.unwrap_or(0);
         let queued_by_runner = counts(parts.next())?;
+        let running = parts.next().map(reply::int).transpose()?.unwrap_or(0);
+        let oldest_running = parts.next().map(reply::opt_int).transpose()?.flatten();
+        let age = |ms: i64| ((now_ms - ms).max(0)) as f64 / 1000.0;
         Ok(QueueStats {
             queue_name: queue.to_string(),
             queued,
@@ -122,7 +125,9 @@ impl Store {
             delayed,
             claimed,
             finished,
-            oldest_queued_age: oldest.map(|ms| ((now_ms - ms).max(0)) as f64 / 1000.0),
+            oldest_queued_age: oldest.map(age),
+            running,
+            oldest_running_age: oldest_running.map(age),
             lease_holders,
             counters,
             queued_by_runner,

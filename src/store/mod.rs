@@ -63,6 +63,15 @@ pub struct StoreConfig {
     pub wait_replicas: u32,
     /// How long a write waits for its replicas (default 1 s).
     pub replica_timeout: Duration,
+    /// A `running` run (created for direct execution, so without a lease)
+    /// that is not finished this long after its start ends `timeout` at the
+    /// next reaper pass: its host is presumably gone. `None` = never.
+    /// Default 24 h.
+    pub running_timeout: Option<Duration>,
+    /// A run pinned to a runtime whose key is gone (it stopped heartbeating
+    /// and expired, or never registered) loses its pin at the next reaper
+    /// pass once it is this old, and any runtime may claim it. Default 5 min.
+    pub pin_grace: Duration,
 }
 
 impl Default for StoreConfig {
@@ -77,6 +86,8 @@ impl Default for StoreConfig {
             cluster: false,
             wait_replicas: 0,
             replica_timeout: Duration::from_secs(1),
+            running_timeout: Some(Duration::from_secs(86_400)),
+            pin_grace: Duration::from_secs(300),
         }
     }
 }

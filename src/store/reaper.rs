@@ -1,6 +1,6 @@
 //! One housekeeping pass: lease expiry, deadlines, delayed promotion,
-//! retention, stale runtimes. Workers run it periodically; `runledger reap`
-//! runs it once.
+//! running timeouts, retention, pins of runtimes that are gone, stale
+//! runtimes. Workers run it periodically; `runledger reap` runs it once.
 
 use super::{Store, reply};
 use crate::error::{Error, Result};
@@ -21,6 +21,7 @@ impl Store {
                 "500".to_string(),
                 self.retention_ms(),
                 self.publish_command().to_string(),
+                self.inner.cfg.running_timeout.map(|t| t.as_millis().to_string()).unwrap_or_default(),
             ];
             let value = self.eval(&self.scripts().reap, &keys.fixed(), &args).await?;
             let mut parts = reply::array(value)?.into_iter();
@@ -33,8 +34,37 @@ impl Store {
             report.purged += count()?;
             let purged = parts.map(reply::string).collect::<Result<Vec<_>>>()?;
             self.drop_locators(&purged).await?;
+            report.pins_released += self.release_pins(queue).await?;
         }
         report.stale_runtimes = self.mark_stale_runtimes(now_ms, "stale", None).await?.len() as i64;
         Ok(report)
+    }
+
+    /// Releases the runs of `queue` pinned to runtimes whose key is gone.
+    async fn release_pins(&self, queue: &str) -> Result<i64> {
+        let keys = self.queue_keys(queue);
+        let mut conn = self.conn().await?;
+        let pins: Vec<String> =
+            redis::cmd("SMEMBERS").arg(keys.pins()).query_async(&mut conn).await.map_err(|e| self.failed(e))?;
+        if pins.is_empty() {
+            return Ok(0);
+        }
+        // Runtime keys live in other slots than the queue: one EXISTS each.
+        let probes = pins.iter().map(|rt| redis::cmd("EXISTS").arg(self.global().runtime(rt)).clone()).collect();
+        let alive = conn.query_all(probes).await.map_err(|e| self.failed(e))?;
+        let mut released = 0;
+        for (runtime, alive) in pins.iter().zip(alive) {
+            if reply::int(alive)? == 1 {
+                continue;
+            }
+            let args = vec![
+                keys.base.clone(),
+                runtime.clone(),
+                self.inner.cfg.pin_grace.as_millis().to_string(),
+                "500".to_string(),
+            ];
+            released += reply::int(self.eval(&self.scripts().release_pins, &keys.fixed(), &args).await?)?;
+        }
+        Ok(released)
     }
 }

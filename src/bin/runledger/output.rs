@@ -143,21 +143,25 @@ impl Output {
             return self.json(&stats);
         }
         println!(
-            "{:<16}  {:>8}  {:>7}  {:>7}  {:>7}  {:>8}  {:>10}",
-            "QUEUE", "QUEUED", "PINNED", "DELAYED", "CLAIMED", "FINISHED", "OLDEST(s)"
+            "{:<16}  {:>8}  {:>7}  {:>7}  {:>7}  {:>7}  {:>8}  {:>10}",
+            "QUEUE", "QUEUED", "PINNED", "DELAYED", "CLAIMED", "RUNNING", "FINISHED", "OLDEST(s)"
         );
         for s in stats {
             let name = if s.partition_of.is_some() { format!("  {}", s.queue_name) } else { s.queue_name.clone() };
             println!(
-                "{:<16}  {:>8}  {:>7}  {:>7}  {:>7}  {:>8}  {:>10}",
+                "{:<16}  {:>8}  {:>7}  {:>7}  {:>7}  {:>7}  {:>8}  {:>10}",
                 name,
                 s.queued,
                 s.pinned,
                 s.delayed,
                 s.claimed,
+                s.running,
                 s.finished,
                 s.oldest_queued_age.map(|a| format!("{a:.1}")).unwrap_or_else(|| "-".into())
             );
+            if let Some(age) = s.oldest_running_age {
+                println!("    oldest running run started {age:.0} s ago (timed out by the reaper after the running timeout)");
+            }
             for h in &s.lease_holders {
                 println!(
                     "    {} held by {} until {}",
