@@ -102,22 +102,30 @@ async fn chaos() {
 
     let reclaims: usize = analyses.values().map(|a| a.reclaims).sum();
     let lapsed_releases: usize = analyses.values().map(|a| a.lapsed_releases).sum();
+    let fenced_checked: usize = analyses.values().map(|a| a.fenced_checked).sum();
     eprintln!(
         "chaos summary: runs {}  monitor lines {}  claims {} (known to workers {}, unknown by killed runtimes {}, \
-         unknown by live runtimes {})  kills {}  cuts {}  replies dropped {}  re-claims after expiry {}  \
-         releases after expiry {}",
+         unknown by killed runtimes before their last logged claim {}, unknown by live runtimes {})  kills {}  cuts {}  replies dropped {}  re-claims after expiry {}  \
+         releases after expiry {}  fenced writes checked {}",
         RUNS,
         lines.len(),
         claims.total,
         claims.known,
         claims.unknown_killed,
+        claims.unknown_before_kill,
         claims.unknown_live,
         fleet.kills,
         cuts,
         replies_dropped,
         reclaims,
         lapsed_releases,
+        fenced_checked,
     );
+    if !findings.by_check.is_empty() {
+        // Keep the evidence: worker logs and the whole MONITOR record.
+        std::fs::write(logs.path().join("monitor.log"), lines.join("\n")).expect("write monitor.log");
+        eprintln!("chaos: worker logs and monitor.log kept in {}", logs.keep().display());
+    }
     findings.assert_none();
 }
 
@@ -344,6 +352,10 @@ struct Claim {
     runtime: String,
     attempt: i64,
     at_ms: i64,
+    /// Position of its HSET in the MONITOR record (the server's order).
+    index: usize,
+    /// The script that made it (claim_next_run, or finalize_run chaining a claim).
+    script: &'static str,
 }
 
 /// The lease in force while walking a run's history.
@@ -366,6 +378,8 @@ struct RunAnalysis {
     /// Releases under a token whose lease had already expired (allowed: the
     /// run goes back to the queue, as the recovery would send it).
     lapsed_releases: usize,
+    /// Writes under the current token checked against its lease expiry.
+    fenced_checked: usize,
 }
 
 /// The server clock reading (epoch ms) a write carries: scripts store the
@@ -418,6 +432,8 @@ fn analyze_run(run_id: &str, writes: &[RunWrite], cmds: &[monitor::Command], f: 
                 runtime: w.field("claimed_by_runtime_id").unwrap_or_default().to_string(),
                 attempt: w.field("dispatch_attempts").and_then(|v| v.parse().ok()).unwrap_or(-1),
                 at_ms: t,
+                index: w.index,
+                script: script_name(w, cmds),
             });
             lease = Some(Lease { token, expires_ms: expires });
             last_ended_by_expiry = false;
@@ -437,6 +453,7 @@ fn analyze_run(run_id: &str, writes: &[RunWrite], cmds: &[monitor::Command], f: 
         match (&under, &lease) {
             (Some(token), Some(current)) if token == &current.token => {
                 // The active-claim rule: a holder writes only before its lease expires.
+                a.fenced_checked += 1;
                 let lapsed = t >= current.expires_ms;
                 if lapsed && status == Some("queued") {
                     a.lapsed_releases += 1;
@@ -492,6 +509,31 @@ fn analyze_run(run_id: &str, writes: &[RunWrite], cmds: &[monitor::Command], f: 
     a
 }
 
+/// The name of the script that made a write, by the SHA of its EVALSHA.
+fn script_name(w: &RunWrite, cmds: &[monitor::Command]) -> &'static str {
+    static NAMES: std::sync::OnceLock<HashMap<String, &'static str>> = std::sync::OnceLock::new();
+    let names = NAMES.get_or_init(|| {
+        let s = runledger::scripts::Scripts::new();
+        [
+            (&s.claim_next_run, "claim_next_run"),
+            (&s.finalize_run, "finalize_run"),
+            (&s.renew_claim, "renew_claim"),
+            (&s.release_claim, "release_claim"),
+            (&s.release_expired_claims, "release_expired_claims"),
+            (&s.append_events, "append_events"),
+            (&s.reap, "reap"),
+            (&s.create_run, "create_run"),
+        ]
+        .into_iter()
+        .map(|(lua, name)| (lua.script.get_hash().to_string(), name))
+        .collect()
+    });
+    w.script
+        .and_then(|i| cmds[i].script_parts())
+        .and_then(|(sha, _, _)| names.get(&sha.to_ascii_lowercase()).copied())
+        .unwrap_or("?")
+}
+
 fn describe(w: &RunWrite) -> String {
     match &w.write {
         Write::Xadd { id, fields } => {
@@ -532,6 +574,8 @@ struct ClaimCounts {
     known: usize,
     unknown_killed: usize,
     unknown_live: usize,
+    /// Unknown claims by killed runtimes that had logged a later claim.
+    unknown_before_kill: usize,
 }
 
 /// b. Claims: the run's counter, the history and the workers agree; a claim
@@ -546,6 +590,14 @@ fn check_claims(
     let known = known_claims(logs, f);
     let mut counts = ClaimCounts::default();
     let mut in_history = HashSet::new();
+    let last_known = last_known_claim(analyses, &known);
+    let token_runs = runs_per_token(analyses);
+    // Why a claim may have gone unheard of: which script made it, and
+    // whether its token was also given to another run (a resent claim).
+    let how = |run_id: &str, c: &Claim| {
+        let others: Vec<&str> = token_runs[c.token.as_str()].iter().copied().filter(|r| *r != run_id).collect();
+        format!("made by {}; same token claimed on {others:?}", c.script)
+    };
     for (run_id, a) in analyses {
         let attempts = finals[*run_id].dispatch_attempts;
         // Unknown claims are judged one by one below; a counter that
@@ -570,14 +622,38 @@ fn check_claims(
                         );
                     }
                 }
-                None if killed.contains(&c.runtime) => counts.unknown_killed += 1,
+                // A crash swallows only the replies it came before: a claim
+                // the server made before the runtime's last claim it did log
+                // was lost while the process was alive and working.
+                None if killed.contains(&c.runtime) && last_known.get(&c.runtime).is_none_or(|&i| c.index > i) => {
+                    counts.unknown_killed += 1
+                }
+                None if killed.contains(&c.runtime) => {
+                    counts.unknown_before_kill += 1;
+                    f.fail(
+                        "b",
+                        format!(
+                            "{run_id}: unknown claim by {} (killed later, but it logged claims the server made after \
+                             this one; attempt {}, token {}, at {}; {})",
+                            c.runtime,
+                            c.attempt,
+                            c.token,
+                            c.at_ms,
+                            how(run_id, c)
+                        ),
+                    );
+                }
                 None => {
                     counts.unknown_live += 1;
                     f.fail(
                         "b",
                         format!(
-                            "{run_id}: unknown claim by live runtime {} (attempt {}, token {}, at {})",
-                            c.runtime, c.attempt, c.token, c.at_ms
+                            "{run_id}: unknown claim by live runtime {} (attempt {}, token {}, at {}; {})",
+                            c.runtime,
+                            c.attempt,
+                            c.token,
+                            c.at_ms,
+                            how(run_id, c)
                         ),
                     );
                 }
@@ -590,6 +666,34 @@ fn check_claims(
         }
     }
     counts
+}
+
+/// Claim token -> the runs claimed with it (a token is meant for one claim).
+fn runs_per_token<'a>(analyses: &'a BTreeMap<&str, RunAnalysis>) -> HashMap<&'a str, Vec<&'a str>> {
+    let mut out: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (run_id, a) in analyses {
+        for c in &a.claims {
+            out.entry(c.token.as_str()).or_default().push(run_id);
+        }
+    }
+    out
+}
+
+/// Per runtime, the MONITOR position of the last claim its log mentions.
+fn last_known_claim(
+    analyses: &BTreeMap<&str, RunAnalysis>,
+    known: &HashMap<(String, String), KnownClaim>,
+) -> HashMap<String, usize> {
+    let mut last: HashMap<String, usize> = HashMap::new();
+    for (run_id, a) in analyses {
+        for c in &a.claims {
+            if known.contains_key(&(run_id.to_string(), c.token.clone())) {
+                let at = last.entry(c.runtime.clone()).or_default();
+                *at = (*at).max(c.index);
+            }
+        }
+    }
+    last
 }
 
 /// c. A completed run's stream is 1..N, ending with its last attempt's `finished`.
