@@ -781,3 +781,95 @@ fn monitor_lines_parse_with_escapes() {
     assert_eq!(cmd.source, "lua");
     assert_eq!(cmd.args, ["HSET", "rl:{q}:run:abc", "a", "x\"y\\z\nA"]);
 }
+
+// ---------------------------------------------------------------- the checker on made-up histories
+
+/// Runs the lease analysis (check d) on MONITOR lines for run `r1`.
+fn analyze_lines(lines: &[&str]) -> (RunAnalysis, Findings) {
+    let lines: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    let cmds = monitor::commands(&lines);
+    let histories = monitor::run_histories(&cmds, PREFIX, QUEUE);
+    let mut findings = Findings::default();
+    let analysis = analyze_run("r1", &histories["r1"], &cmds, &mut findings);
+    (analysis, findings)
+}
+
+/// A claim of r1 with `token` by `runtime` at `at` ms, lease to `expires` ms.
+fn claim_lines(token: &str, runtime: &str, at: i64, expires: i64) -> [String; 2] {
+    [
+        format!(r#"{at}.000000 [0 127.0.0.1:1] "EVALSHA" "c" "1" "k" "rl:{{chaos}}:" "{runtime}" "2000" "{token}""#),
+        format!(
+            r#"{at}.000001 [0 lua] "HSET" "rl:{{chaos}}:run:r1" "status" "claimed" "claimed_by_runtime_id" "{runtime}" "claim_token" "{token}" "claim_lease_expires_at" "{expires}" "dispatch_attempts" "1" "last_claimed_at" "{at}" "updated_at" "{at}""#
+        ),
+    ]
+}
+
+/// A script call given `token` that runs `write` (one lua line's command part) at `at` ms.
+fn fenced_lines(token: &str, at: i64, write: &str) -> [String; 2] {
+    [
+        format!(r#"{at}.000000 [0 127.0.0.1:1] "EVALSHA" "f" "1" "k" "rl:{{chaos}}:" "r1" "{token}""#),
+        format!(r#"{at}.000001 [0 lua] {write}"#),
+    ]
+}
+
+fn lines_of(parts: &[[String; 2]]) -> Vec<String> {
+    parts.iter().flatten().cloned().collect()
+}
+
+fn check_d(parts: &[[String; 2]]) -> (RunAnalysis, Vec<String>) {
+    let lines = lines_of(parts);
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let (a, f) = analyze_lines(&refs);
+    (a, f.by_check.get("d").cloned().unwrap_or_default())
+}
+
+#[test]
+fn lease_check_accepts_a_clean_history() {
+    let (a, d) = check_d(&[
+        claim_lines("t1", "w1", 1000, 3000),
+        fenced_lines("t1", 1500, r#""XADD" "rl:{chaos}:events:r1" "1-0" "type" "started" "created_at" "1500""#),
+        fenced_lines("t1", 2900, r#""HSET" "rl:{chaos}:run:r1" "claim_lease_expires_at" "4900" "updated_at" "2900""#),
+        fenced_lines("t1", 4800, r#""HSET" "rl:{chaos}:run:r1" "status" "completed" "updated_at" "4800" "finish_token" "t1""#),
+    ]);
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!((a.claims.len(), a.terminal_hsets.len(), a.fenced_checked), (1, 1, 3));
+}
+
+#[test]
+fn lease_check_refuses_writes_after_expiry_without_a_reclaim() {
+    let (_, d) = check_d(&[
+        claim_lines("t1", "w1", 1000, 3000),
+        fenced_lines("t1", 3000, r#""HSET" "rl:{chaos}:run:r1" "claim_lease_expires_at" "5000" "updated_at" "3000""#),
+    ]);
+    assert_eq!(d.len(), 1, "a renewal at the expiry instant: {d:?}");
+    let (_, d) = check_d(&[
+        claim_lines("t1", "w1", 1000, 3000),
+        fenced_lines("t1", 3500, r#""XADD" "rl:{chaos}:events:r1" "1-0" "type" "started" "created_at" "3500""#),
+        fenced_lines("t1", 3600, r#""HSET" "rl:{chaos}:run:r1" "status" "completed" "updated_at" "3600" "finish_token" "t1""#),
+    ]);
+    assert_eq!(d.len(), 2, "an event and a finish after expiry: {d:?}");
+}
+
+#[test]
+fn lease_check_refuses_overlaps_and_stale_tokens() {
+    let (_, d) = check_d(&[claim_lines("t1", "w1", 1000, 3000), claim_lines("t2", "w2", 2500, 4500)]);
+    assert_eq!(d.len(), 1, "a claim inside a live lease: {d:?}");
+    let recovery = [
+        "3000.000000 [0 127.0.0.1:2] \"EVALSHA\" \"c\" \"1\" \"k\" \"x\"".to_string(),
+        r#"3000.000001 [0 lua] "HSET" "rl:{chaos}:run:r1" "status" "queued" "status_reason" "claim lease expired" "updated_at" "3000""#.to_string(),
+    ];
+    let (a, d) = check_d(&[
+        claim_lines("t1", "w1", 1000, 3000),
+        recovery,
+        claim_lines("t2", "w2", 3000, 5000),
+        fenced_lines("t1", 3100, r#""XADD" "rl:{chaos}:events:r1" "2-0" "type" "progress" "created_at" "3100""#),
+    ]);
+    assert_eq!(a.reclaims, 1);
+    assert_eq!(d.len(), 1, "the old holder's event after the re-claim: {d:?}");
+    let early = [
+        "2000.000000 [0 127.0.0.1:2] \"EVALSHA\" \"c\" \"1\" \"k\" \"x\"".to_string(),
+        r#"2000.000001 [0 lua] "HSET" "rl:{chaos}:run:r1" "status" "queued" "updated_at" "2000""#.to_string(),
+    ];
+    let (_, d) = check_d(&[claim_lines("t1", "w1", 1000, 3000), early]);
+    assert_eq!(d.len(), 1, "a recovery of a live lease: {d:?}");
+}
