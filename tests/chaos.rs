@@ -30,7 +30,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::monitor::{self, RunWrite, Write};
-use common::proxy::Proxy;
+use common::proxy::{self, ConnEnd, End, Proxy};
 use rand::RngExt;
 use runledger::{NewRun, Store};
 
@@ -81,6 +81,7 @@ async fn chaos() {
     fleet.stop_all().await;
     let lines = recorder.stop().await;
     let replies_dropped = proxy.replies_dropped();
+    let conn_ends = proxy.connection_ends();
     drop(proxy);
 
     let cmds = monitor::commands(&lines);
@@ -97,15 +98,15 @@ async fn chaos() {
         })
         .collect();
     check_terminal_once(&analyses, &finals, &mut findings);
-    let claims = check_claims(&analyses, &finals, &worker_logs, &fleet.killed, &mut findings);
+    let claims = check_claims(&analyses, &finals, &worker_logs, &fleet.killed, &conn_ends, &mut findings);
     check_events(&analyses, &finals, &mut findings);
 
     let reclaims: usize = analyses.values().map(|a| a.reclaims).sum();
     let lapsed_releases: usize = analyses.values().map(|a| a.lapsed_releases).sum();
     let fenced_checked: usize = analyses.values().map(|a| a.fenced_checked).sum();
     eprintln!(
-        "chaos summary: runs {}  monitor lines {}  claims {} (known to workers {}, unknown by killed runtimes {}, \
-         unknown by killed runtimes before their last logged claim {}, unknown by live runtimes {})  kills {}  cuts {}  replies dropped {}  re-claims after expiry {}  \
+        "chaos summary: runs {}  monitor lines {}  claims {} (known to workers {}, unknown by killed runtimes (crash) {}, \
+         unknown by killed runtimes (lost while alive) {}, unknown by live runtimes {})  kills {}  cuts {}  replies dropped {}  re-claims after expiry {}  \
          releases after expiry {}  fenced writes checked {}",
         RUNS,
         lines.len(),
@@ -121,6 +122,9 @@ async fn chaos() {
         lapsed_releases,
         fenced_checked,
     );
+    for (cause, n) in &claims.unexcused_by_cause {
+        eprintln!("chaos: unexcused unknown claims: {n} made by {cause}");
+    }
     if !findings.by_check.is_empty() {
         // Keep the evidence: worker logs and the whole MONITOR record.
         std::fs::write(logs.path().join("monitor.log"), lines.join("\n")).expect("write monitor.log");
@@ -165,8 +169,8 @@ struct Fleet {
     generations: Vec<u32>,
     /// (runtime id, log file) of every process started.
     started: Vec<(String, PathBuf)>,
-    /// Runtime ids of the processes SIGKILLed.
-    killed: HashSet<String>,
+    /// Runtime id of each process SIGKILLed -> when the signal was sent (µs since the epoch).
+    killed: HashMap<String, u64>,
     kills: u32,
 }
 
@@ -183,7 +187,7 @@ impl Fleet {
             slots: (0..SLOTS).map(|_| None).collect(),
             generations: vec![0; SLOTS],
             started: Vec::new(),
-            killed: HashSet::new(),
+            killed: HashMap::new(),
             kills: 0,
         }
     }
@@ -214,9 +218,10 @@ impl Fleet {
     fn kill_and_replace(&mut self, slot: usize) {
         if let Some(mut worker) = self.slots[slot].take() {
             // Child::kill is SIGKILL: no shutdown code runs, as in a crash.
+            let sent = proxy::now_us();
             worker.child.kill().expect("SIGKILL a worker");
             worker.child.wait().expect("reap a killed worker");
-            self.killed.insert(worker.runtime_id);
+            self.killed.insert(worker.runtime_id, sent);
             self.kills += 1;
         }
         self.start(slot);
@@ -237,9 +242,10 @@ impl Fleet {
                 }
                 if tokio::time::Instant::now() >= deadline {
                     eprintln!("worker {} ignored SIGTERM for 30 s; killing it", w.runtime_id);
+                    let sent = proxy::now_us();
                     w.child.kill().expect("SIGKILL a stuck worker");
                     w.child.wait().expect("reap a stuck worker");
-                    self.killed.insert(w.runtime_id.clone());
+                    self.killed.insert(w.runtime_id.clone(), sent);
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -356,6 +362,9 @@ struct Claim {
     index: usize,
     /// The script that made it (claim_next_run, or finalize_run chaining a claim).
     script: &'static str,
+    /// The client port of the script call (the proxy's upstream side) and its MONITOR time.
+    port: Option<u16>,
+    monitor_us: u64,
 }
 
 /// The lease in force while walking a run's history.
@@ -434,6 +443,8 @@ fn analyze_run(run_id: &str, writes: &[RunWrite], cmds: &[monitor::Command], f: 
                 at_ms: t,
                 index: w.index,
                 script: script_name(w, cmds),
+                port: w.script.and_then(|i| cmds[i].source.rsplit(':').next()?.parse().ok()),
+                monitor_us: w.time_us,
             });
             lease = Some(Lease { token, expires_ms: expires });
             last_ended_by_expiry = false;
@@ -574,8 +585,10 @@ struct ClaimCounts {
     known: usize,
     unknown_killed: usize,
     unknown_live: usize,
-    /// Unknown claims by killed runtimes that had logged a later claim.
+    /// Unknown claims by killed runtimes whose reply the network lost while they lived on.
     unknown_before_kill: usize,
+    /// Unknown claims not excused, by (script that made it, how its connection ended).
+    unexcused_by_cause: BTreeMap<String, usize>,
 }
 
 /// b. Claims: the run's counter, the history and the workers agree; a claim
@@ -584,7 +597,8 @@ fn check_claims(
     analyses: &BTreeMap<&str, RunAnalysis>,
     finals: &HashMap<String, FinalState>,
     logs: &[(String, String)],
-    killed: &HashSet<String>,
+    killed: &HashMap<String, u64>,
+    conn_ends: &[ConnEnd],
     f: &mut Findings,
 ) -> ClaimCounts {
     let known = known_claims(logs, f);
@@ -596,7 +610,13 @@ fn check_claims(
     // whether its token was also given to another run (a resent claim).
     let how = |run_id: &str, c: &Claim| {
         let others: Vec<&str> = token_runs[c.token.as_str()].iter().copied().filter(|r| *r != run_id).collect();
-        format!("made by {}; same token claimed on {others:?}", c.script)
+        let end = c.port.and_then(|p| proxy::end_of(conn_ends, p, c.monitor_us));
+        format!("made by {}; same token claimed on {others:?}; its connection ended {end:?}", c.script)
+    };
+    let cause = |c: &Claim| {
+        let end = c.port.and_then(|p| proxy::end_of(conn_ends, p, c.monitor_us)).map(|e| e.end);
+        let resent = if token_runs[c.token.as_str()].len() > 1 { ", token reused" } else { "" };
+        format!("{} / connection end {end:?}{resent}", c.script)
     };
     for (run_id, a) in analyses {
         let attempts = finals[*run_id].dispatch_attempts;
@@ -622,19 +642,19 @@ fn check_claims(
                         );
                     }
                 }
-                // A crash swallows only the replies it came before: a claim
-                // the server made before the runtime's last claim it did log
-                // was lost while the process was alive and working.
-                None if killed.contains(&c.runtime) && last_known.get(&c.runtime).is_none_or(|&i| c.index > i) => {
+                None if killed.contains_key(&c.runtime)
+                    && crash_swallowed(c, killed[&c.runtime], last_known.get(&c.runtime), conn_ends) =>
+                {
                     counts.unknown_killed += 1
                 }
-                None if killed.contains(&c.runtime) => {
+                None if killed.contains_key(&c.runtime) => {
                     counts.unknown_before_kill += 1;
+                    *counts.unexcused_by_cause.entry(cause(c)).or_default() += 1;
                     f.fail(
                         "b",
                         format!(
-                            "{run_id}: unknown claim by {} (killed later, but it logged claims the server made after \
-                             this one; attempt {}, token {}, at {}; {})",
+                            "{run_id}: unknown claim by {} (killed later, but its reply was lost while the process \
+                             lived on and logged later claims; attempt {}, token {}, at {}; {})",
                             c.runtime,
                             c.attempt,
                             c.token,
@@ -645,6 +665,7 @@ fn check_claims(
                 }
                 None => {
                     counts.unknown_live += 1;
+                    *counts.unexcused_by_cause.entry(cause(c)).or_default() += 1;
                     f.fail(
                         "b",
                         format!(
@@ -677,6 +698,22 @@ fn runs_per_token<'a>(analyses: &'a BTreeMap<&str, RunAnalysis>) -> HashMap<&'a 
         }
     }
     out
+}
+
+/// Whether the SIGKILL (sent at `killed_us`) can be what swallowed the reply
+/// to claim `c`, which no worker log mentions. Yes when the claim's
+/// connection was closed by the client side at or after the kill (the dying
+/// process's sockets), or had not ended at all. When it was closed earlier,
+/// by the proxy (lost reply, cut) or by the live client, the reply was lost
+/// to the network and the library had to recover it; that is excused only if
+/// the process made no later claim it logged (it may have died recovering).
+fn crash_swallowed(c: &Claim, killed_us: u64, last_known: Option<&usize>, conn_ends: &[ConnEnd]) -> bool {
+    let end = c.port.and_then(|p| proxy::end_of(conn_ends, p, c.monitor_us));
+    match end {
+        None => true,
+        Some(e) if e.end == End::Client && e.ended_us >= killed_us => true,
+        Some(_) => last_known.is_none_or(|&i| c.index > i),
+    }
 }
 
 /// Per runtime, the MONITOR position of the last claim its log mentions.

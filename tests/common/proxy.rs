@@ -12,7 +12,10 @@
 //! * [`Proxy::cut_all`]: closes every open connection now.
 //! * [`Proxy::refuse`]: while on, new connections are accepted and closed at once.
 //!
-//! [`Proxy::replies_dropped`] counts the replies lost on purpose. The proxy
+//! [`Proxy::replies_dropped`] counts the replies lost on purpose, and
+//! [`Proxy::connection_ends`] tells, per upstream connection (by the local
+//! port Redis sees, as MONITOR shows it, and the wall-clock time it ended,
+//! which tells apart two connections that got the same port), who ended it. The proxy
 //! and all its connections stop when the [`Proxy`] is dropped.
 #![allow(dead_code)]
 
@@ -43,6 +46,31 @@ struct Shared {
     cut: Mutex<CancellationToken>,
     /// Cancelled when the proxy is dropped.
     stop: CancellationToken,
+    /// Every ended upstream connection, in the order they ended.
+    ends: Mutex<Vec<ConnEnd>>,
+}
+
+/// One ended upstream connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnEnd {
+    /// Its local port: MONITOR shows its commands as from `127.0.0.1:<port>`.
+    pub port: u16,
+    /// When it ended, µs since the epoch (this machine's clock, which Redis shares).
+    pub ended_us: u64,
+    pub end: End,
+}
+
+/// Who ended a proxied connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The client closed it (or died: the kernel closes a killed process's sockets).
+    Client,
+    /// Redis closed it.
+    Server,
+    /// The proxy, losing a reply on purpose.
+    LostReply,
+    /// The proxy, in `cut_all` or when dropped.
+    Cut,
 }
 
 /// The running proxy; see the module docs.
@@ -64,6 +92,7 @@ impl Proxy {
             accepted: AtomicU64::new(0),
             cut: Mutex::new(CancellationToken::new()),
             stop: CancellationToken::new(),
+            ends: Mutex::new(Vec::new()),
         });
         tokio::spawn(accept_loop(listener, shared.clone()));
         Proxy { shared, addr }
@@ -100,6 +129,12 @@ impl Proxy {
         self.shared.dropped.load(Ordering::SeqCst)
     }
 
+    /// How each ended upstream connection ended, in the order they ended.
+    pub fn connection_ends(&self) -> Vec<ConnEnd> {
+        lock(&self.shared.ends).clone()
+    }
+
+
     /// Connections accepted so far (refused ones included).
     pub fn connections_accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::SeqCst)
@@ -111,6 +146,17 @@ impl Drop for Proxy {
         self.shared.stop.cancel();
         self.cut_all();
     }
+}
+
+/// How the connection from `port` that was open at `at_us` (the MONITOR
+/// time of one of its commands) ended; None if it had not ended in `ends`.
+pub fn end_of(ends: &[ConnEnd], port: u16, at_us: u64) -> Option<ConnEnd> {
+    ends.iter().find(|e| e.port == port && e.ended_us >= at_us).copied()
+}
+
+/// Now, µs since the epoch.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -140,33 +186,39 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 /// Pumps one connection both ways in one task, so that the decision to lose
 /// a reply is taken before the server's answer could be forwarded.
-async fn forward(mut client: TcpStream, shared: Arc<Shared>, cut: CancellationToken) {
-    let Ok(mut server) = TcpStream::connect(shared.upstream).await else {
+async fn forward(client: TcpStream, shared: Arc<Shared>, cut: CancellationToken) {
+    let Ok(server) = TcpStream::connect(shared.upstream).await else {
         return; // Redis away: the client sees a closed connection.
     };
+    let port = server.local_addr().map(|a| a.port()).unwrap_or(0);
+    let end = pump(client, server, &shared, &cut).await;
+    lock(&shared.ends).push(ConnEnd { port, ended_us: now_us(), end });
+}
+
+async fn pump(mut client: TcpStream, mut server: TcpStream, shared: &Shared, cut: &CancellationToken) -> End {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let mut from_client = vec![0u8; 64 * 1024];
     let mut from_server = vec![0u8; 64 * 1024];
     loop {
         tokio::select! {
-            _ = cut.cancelled() => return,
-            _ = shared.stop.cancelled() => return,
+            _ = cut.cancelled() => return End::Cut,
+            _ = shared.stop.cancelled() => return End::Cut,
             read = client.read(&mut from_client) => {
-                let n = match read { Ok(0) | Err(_) => return, Ok(n) => n };
+                let n = match read { Ok(0) | Err(_) => return End::Client, Ok(n) => n };
                 if server.write_all(&from_client[..n]).await.is_err() {
-                    return;
+                    return End::Server;
                 }
-                if lose_this_one(&shared) {
+                if lose_this_one(shared) {
                     swallow_reply(&mut server).await;
                     shared.dropped.fetch_add(1, Ordering::SeqCst);
-                    return; // both sockets close here, the reply unsent
+                    return End::LostReply; // both sockets close here, the reply unsent
                 }
             }
             read = server.read(&mut from_server) => {
-                let n = match read { Ok(0) | Err(_) => return, Ok(n) => n };
+                let n = match read { Ok(0) | Err(_) => return End::Server, Ok(n) => n };
                 if client.write_all(&from_server[..n]).await.is_err() {
-                    return;
+                    return End::Client;
                 }
             }
         }
