@@ -429,7 +429,13 @@ fn analyze_run(run_id: &str, writes: &[RunWrite], cmds: &[monitor::Command], f: 
             if let Some(prev) = &lease {
                 // Never ended by any write: only its expiry can have ended it.
                 if t < prev.expires_ms {
-                    f.fail("d", format!("{run_id}: claimed at {t} while the lease of {} ran to {}", prev.token, prev.expires_ms));
+                    f.fail(
+                        "d",
+                        format!(
+                            "{run_id}: claimed at {t} while the lease of {} ran to {}",
+                            prev.token, prev.expires_ms
+                        ),
+                    );
                 }
                 last_ended_by_expiry = true;
             }
@@ -486,8 +492,10 @@ fn analyze_run(run_id: &str, writes: &[RunWrite], cmds: &[monitor::Command], f: 
                 if is_status_change && t < current.expires_ms {
                     f.fail(
                         "d",
-                        format!("{run_id}: {what} at {t} without a token ended the lease of {} (to {})",
-                            current.token, current.expires_ms),
+                        format!(
+                            "{run_id}: {what} at {t} without a token ended the lease of {} (to {})",
+                            current.token, current.expires_ms
+                        ),
                     );
                 } else if is_renewal || is_event {
                     f.fail("d", format!("{run_id}: {what} at {t} made under no token of the run"));
@@ -499,9 +507,7 @@ fn analyze_run(run_id: &str, writes: &[RunWrite], cmds: &[monitor::Command], f: 
                 }
             }
         }
-        if is_event
-            && let Some(seq) = w.event_sequence()
-        {
+        if is_event && let Some(seq) = w.event_sequence() {
             let claim = under.as_ref().and_then(|tok| a.claims.iter().rposition(|c| &c.token == tok));
             if let Some(i) = claim {
                 a.event_claim.insert(seq, i);
@@ -571,7 +577,10 @@ fn check_terminal_once(analyses: &BTreeMap<&str, RunAnalysis>, finals: &HashMap<
             f.fail("a", format!("{run_id}: final status {status}"));
         }
         if a.terminal_hsets.len() != 1 {
-            f.fail("a", format!("{run_id}: {} terminal writes in the history: {:?}", a.terminal_hsets.len(), a.terminal_hsets));
+            f.fail(
+                "a",
+                format!("{run_id}: {} terminal writes in the history: {:?}", a.terminal_hsets.len(), a.terminal_hsets),
+            );
         }
     }
     if terminal != RUNS {
@@ -866,7 +875,11 @@ fn lease_check_accepts_a_clean_history() {
         claim_lines("t1", "w1", 1000, 3000),
         fenced_lines("t1", 1500, r#""XADD" "rl:{chaos}:events:r1" "1-0" "type" "started" "created_at" "1500""#),
         fenced_lines("t1", 2900, r#""HSET" "rl:{chaos}:run:r1" "claim_lease_expires_at" "4900" "updated_at" "2900""#),
-        fenced_lines("t1", 4800, r#""HSET" "rl:{chaos}:run:r1" "status" "completed" "updated_at" "4800" "finish_token" "t1""#),
+        fenced_lines(
+            "t1",
+            4800,
+            r#""HSET" "rl:{chaos}:run:r1" "status" "completed" "updated_at" "4800" "finish_token" "t1""#,
+        ),
     ]);
     assert!(d.is_empty(), "{d:?}");
     assert_eq!((a.claims.len(), a.terminal_hsets.len(), a.fenced_checked), (1, 1, 3));
@@ -882,7 +895,11 @@ fn lease_check_refuses_writes_after_expiry_without_a_reclaim() {
     let (_, d) = check_d(&[
         claim_lines("t1", "w1", 1000, 3000),
         fenced_lines("t1", 3500, r#""XADD" "rl:{chaos}:events:r1" "1-0" "type" "started" "created_at" "3500""#),
-        fenced_lines("t1", 3600, r#""HSET" "rl:{chaos}:run:r1" "status" "completed" "updated_at" "3600" "finish_token" "t1""#),
+        fenced_lines(
+            "t1",
+            3600,
+            r#""HSET" "rl:{chaos}:run:r1" "status" "completed" "updated_at" "3600" "finish_token" "t1""#,
+        ),
     ]);
     assert_eq!(d.len(), 2, "an event and a finish after expiry: {d:?}");
 }

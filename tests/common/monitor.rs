@@ -213,8 +213,8 @@ pub fn commands(lines: &[String]) -> Vec<Command> {
     for line in lines {
         let mut cmd = parse_line(line).unwrap_or_else(|| panic!("monitor: cannot parse line {line:?}"));
         if cmd.from_script() {
-            let script = current_script
-                .unwrap_or_else(|| panic!("monitor: script command before any EVAL/EVALSHA: {line:?}"));
+            let script =
+                current_script.unwrap_or_else(|| panic!("monitor: script command before any EVAL/EVALSHA: {line:?}"));
             cmd.script = Some(script);
         } else {
             current_script = cmd.is_script_call().then_some(out.len());

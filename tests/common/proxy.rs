@@ -134,7 +134,6 @@ impl Proxy {
         lock(&self.shared.ends).clone()
     }
 
-
     /// Connections accepted so far (refused ones included).
     pub fn connections_accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::SeqCst)
