@@ -15,6 +15,9 @@ pub struct RedisServer {
     child: Child,
     port: u16,
     dir: tempfile::TempDir,
+    /// The extra config arguments it was started with, given again by
+    /// [`RedisServer::kill_and_restart`] and [`RedisServer::start_again`].
+    extra: Vec<String>,
 }
 
 /// Where `redis-server` is on PATH, if anywhere.
@@ -63,17 +66,61 @@ impl RedisServer {
             .prefix("runledger-redis-")
             .tempdir()
             .map_err(|e| Error::Server(format!("temp dir: {e}")))?;
-        let mut command = server_command(binary, port, dir.path());
-        command.args(["--appendonly", "no"]).args(extra);
-        let child = command.spawn().map_err(|e| Error::Server(format!("spawn {}: {e}", binary.display())))?;
-        let mut server = RedisServer { child, port, dir };
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let child = spawn_child(binary, port, dir.path(), &extra)?;
+        let mut server = RedisServer { child, port, dir, extra };
         // On an error the server is dropped, which stops it.
         wait_until_up(&mut server.child, port, &server.dir.path().join("redis.log"), Duration::from_secs(10))?;
         Ok(server)
     }
 
-    /// Stops the server and starts a new one on the same port and dir (what a
-    /// Redis restart looks like to clients; data is not kept, persistence is off).
+    /// Kills the server (SIGKILL to our own child, by PID: no shutdown save,
+    /// as in a crash) and starts redis-server again on the same port, in the
+    /// same data dir, with the same arguments. Whatever the old process had
+    /// persisted (its AOF or RDB file) is loaded again; with persistence off
+    /// (the default) the new server is empty. Retries for up to 10 s while the
+    /// old socket lingers.
+    pub fn kill_and_restart(&mut self) -> Result<()> {
+        self.stop();
+        self.start_again()
+    }
+
+    /// Starts redis-server again after [`RedisServer::stop`]: same port, same
+    /// data dir (so persisted data is reloaded), same arguments. A test can
+    /// `stop()`, keep the server away for a while, then call this. Does
+    /// nothing when the server is still running. Retries for up to 10 s while
+    /// the old socket lingers (or the port is briefly taken).
+    pub fn start_again(&mut self) -> Result<()> {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            return Ok(());
+        }
+        let binary = find_redis_server().ok_or_else(|| Error::Server(INSTALL_HINT.into()))?;
+        let log = self.dir.path().join("redis.log");
+        let started = Instant::now();
+        loop {
+            let mut child = spawn_child(&binary, self.port, self.dir.path(), &self.extra)?;
+            // Loading a large AOF takes a while; the wait is for the first PING answer.
+            match wait_until_up(&mut child, self.port, &log, Duration::from_secs(30)) {
+                Ok(()) => {
+                    self.child = child;
+                    return Ok(());
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    if started.elapsed() > Duration::from_secs(10) {
+                        return Err(e);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// Stops the server and starts a new one on the same port in a fresh,
+    /// empty dir, without the extra arguments (what a Redis restart that lost
+    /// its data looks like to clients). To keep the data, see
+    /// [`RedisServer::kill_and_restart`].
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
         let binary = find_redis_server().ok_or_else(|| Error::Server(INSTALL_HINT.into()))?;
@@ -116,6 +163,7 @@ impl RedisServer {
     }
 
     /// Stops the server (SIGKILL to our own child, by PID) and waits for it.
+    /// [`RedisServer::start_again`] brings it back with its data.
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -126,6 +174,13 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Spawns the private server's process: persistence off unless `extra` turns it on.
+fn spawn_child(binary: &Path, port: u16, dir: &Path, extra: &[String]) -> Result<Child> {
+    let mut command = server_command(binary, port, dir);
+    command.args(["--appendonly", "no"]).args(extra);
+    command.spawn().map_err(|e| Error::Server(format!("spawn {}: {e}", binary.display())))
 }
 
 /// A redis-server on 127.0.0.1:`port` in `dir`, logging to `dir/redis.log`,

@@ -5,7 +5,10 @@
 //! 5 claim lost. Every failure prints exactly one line on stderr, starting
 //! with `runledger: `.
 //!
-//! Timing bounds here are generous sanity bounds, never benchmarks.
+//! A test fails on behaviour only: no assertion depends on how long a call
+//! took (the one exception is a lower bound, "not before the wait asked
+//! for", which slowness cannot fail). Timeouts are hang guards; how fast
+//! things are is measured by `runledger bench`.
 
 mod common;
 
@@ -15,7 +18,7 @@ use std::time::{Duration, Instant};
 use runledger::{RegisterRuntime, Store};
 use serde_json::{Value, json};
 
-/// How long any single CLI call may take before the test gives up on it.
+/// Hang guard: how long a CLI call may run before the test declares it hung.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The binary with a clean environment: no REDIS_URL, prefix or log filter
@@ -95,7 +98,7 @@ async fn run_cmd(mut cmd: tokio::process::Command, args: String) -> Out {
     let start = Instant::now();
     let output = tokio::time::timeout(CALL_TIMEOUT, cmd.output())
         .await
-        .unwrap_or_else(|_| panic!("`runledger {args}` did not finish within {CALL_TIMEOUT:?}"))
+        .unwrap_or_else(|_| panic!("hang guard: `runledger {args}` had not ended after {CALL_TIMEOUT:?}"))
         .unwrap_or_else(|e| panic!("spawning `runledger {args}`: {e}"));
     Out::from_output(args, output, start.elapsed())
 }
@@ -108,11 +111,11 @@ fn spawn(url: &str, args: &[&str]) -> (tokio::process::Child, String, Instant) {
     (child, format!("--redis {url} {}", args.join(" ")), Instant::now())
 }
 
-/// Waits for a background call to end within `within`.
+/// Waits for a background call to end; `within` is a hang guard.
 async fn finish(child: tokio::process::Child, args: String, started: Instant, within: Duration) -> Out {
     let output = tokio::time::timeout(within, child.wait_with_output())
         .await
-        .unwrap_or_else(|_| panic!("`runledger {args}` did not end within {within:?}"))
+        .unwrap_or_else(|_| panic!("hang guard: `runledger {args}` had not ended after {within:?}"))
         .unwrap_or_else(|e| panic!("waiting for `runledger {args}`: {e}"));
     Out::from_output(args, output, started.elapsed())
 }
@@ -318,11 +321,12 @@ async fn claim_null_wait_and_wake() {
     let empty = rl(url, &["--json", "claim", "--runtime", "rt-1"]).await.ok();
     assert_eq!(empty.stdout, "null\n", "{}", empty.describe());
 
-    // A bounded wait on an empty queue returns after about the wait.
+    // A bounded wait on an empty queue returns, empty-handed, and not before
+    // the wait (a lower bound: slowness cannot fail it; how soon after is for
+    // `runledger bench`, and the hang guard of `rl`).
     let waited = rl(url, &["claim", "--runtime", "rt-1", "--queue", "jobs", "--wait", "0.5"]).await.ok();
     assert_eq!(waited.stdout.trim(), "nothing to claim", "{}", waited.describe());
     assert!(waited.took >= Duration::from_millis(450), "returned before the wait: {}", waited.describe());
-    assert!(waited.took < Duration::from_secs(4), "waited far too long: {}", waited.describe());
     let waited = rl(url, &["--json", "claim", "--runtime", "rt-1", "--queue", "jobs", "--wait", "0.5"]).await.ok();
     assert_eq!(waited.stdout, "null\n", "{}", waited.describe());
     assert!(waited.took >= Duration::from_millis(450), "returned before the wait: {}", waited.describe());
@@ -335,12 +339,8 @@ async fn claim_null_wait_and_wake() {
         spawn(url, &["--json", "claim", "--runtime", "rt-2", "--queue", "jobs", "--wait", "5", "--lease", "30"]);
     tokio::time::sleep(Duration::from_millis(400)).await;
     rl(url, &["enqueue", "--queue", "jobs", "--runner", "agent", "--run-id", "woken"]).await.ok();
-    let woke = finish(child, args, started, Duration::from_secs(15)).await;
-    assert!(
-        woke.took < Duration::from_secs(4),
-        "the claim was not woken well before its 5 s wait: {}",
-        woke.describe()
-    );
+    // The waiting claim ends with the run (how soon is measured by `runledger bench`).
+    let woke = finish(child, args, started, Duration::from_secs(30)).await;
     let run = woke.json();
     assert_seed_run(&run);
     assert_eq!(run["run_id"], "woken");
@@ -356,15 +356,13 @@ async fn claim_null_wait_and_wake() {
     // Waiting on a queue that already holds a run claims it at once.
     rl(url, &["enqueue", "--queue", "jobs", "--runner", "agent", "--run-id", "ready"]).await.ok();
     let ready = rl(url, &["--json", "claim", "--runtime", "rt-3", "--queue", "jobs", "--wait", "5"]).await;
-    assert!(ready.took < Duration::from_secs(4), "{}", ready.describe());
     assert_eq!(ready.json()["run_id"], "ready");
 
     // Without --queue, a wait covers every known queue.
     let (child, args, started) = spawn(url, &["--json", "claim", "--runtime", "rt-4", "--wait", "5"]);
     tokio::time::sleep(Duration::from_millis(400)).await;
     rl(url, &["enqueue", "--queue", "jobs", "--runner", "agent", "--run-id", "any-queue"]).await.ok();
-    let woke = finish(child, args, started, Duration::from_secs(15)).await;
-    assert!(woke.took < Duration::from_secs(4), "{}", woke.describe());
+    let woke = finish(child, args, started, Duration::from_secs(30)).await;
     assert_eq!(woke.json()["run_id"], "any-queue");
 
     // Reads never show the token; the text claim does (it is the claimer's result).
@@ -670,10 +668,10 @@ async fn events_follow_ends_after_finalize() {
         assert!(line.trim_start().starts_with(&format!("{seq} ")), "{}", out.describe());
     }
 
-    // Following a finished run prints what it has and ends at once.
+    // Following a finished run prints what it has and ends by itself (`rl`
+    // waits for the process to exit, under its hang guard).
     let done = rl(url, &["events", "f-1", "--follow"]).await.ok();
     assert_eq!(done.stdout.lines().count(), 5, "{}", done.describe());
-    assert!(done.took < Duration::from_secs(5), "{}", done.describe());
     // Following an unknown run: not found.
     rl(url, &["events", "ghost", "--follow"]).await.fails(3);
 }
@@ -772,8 +770,8 @@ async fn unreachable_redis_and_redis_url() {
         vec!["runs"],
         vec!["queues"],
     ] {
+        // It gives up by itself: `rl` waits for the exit, under its hang guard.
         let out = rl(dead, &args).await;
-        assert!(out.took < Duration::from_secs(10), "gave up slowly: {}", out.describe());
         assert!(out.stdout.is_empty(), "nothing on stdout: {}", out.describe());
         let line = out.fails(1);
         assert!(line.contains("Redis"), "mentions Redis: {line}");
@@ -949,8 +947,9 @@ async fn runtimes_queues_and_reap() {
     rl(url, &["enqueue", "--queue", "sms", "--runner", "agent", "--run-id", "s-later", "--not-before", &not_before])
         .await
         .ok();
-    let (_, token) = claim(url, "rt-lib-1", "mail", "2").await;
-    let claimed_at = Instant::now();
+    // A long lease, so the first reap below cannot find it expired however slow
+    // the machine; it is shortened by a renewal before the second.
+    let (_, token) = claim(url, "rt-lib-1", "mail", "600").await;
     let queues = rl(url, &["--json", "queues"]).await.json();
     let find = |qs: &Value, name: &str| -> Value {
         qs.as_array()
@@ -997,12 +996,18 @@ async fn runtimes_queues_and_reap() {
     for key in ["promoted", "reclaimed", "timed_out", "purged", "stale_runtimes"] {
         assert!(report[key].is_i64(), "reap report lacks `{key}`: {report:#}");
     }
-    if claimed_at.elapsed() < Duration::from_millis(1500) {
-        assert_eq!(report["reclaimed"], 0, "the 2 s lease has not expired yet: {report:#}");
+    assert_eq!(report["reclaimed"], 0, "the 600 s lease has not expired: {report:#}");
+    // A renewal sets the lease to 1 s from now; reap until it has expired.
+    rl(url, &["renew", "m-0", "--token", &token, "--lease", "1"]).await.ok();
+    let mut reclaimed = 0;
+    let hang_guard = Instant::now() + Duration::from_secs(60);
+    while reclaimed == 0 {
+        assert!(Instant::now() < hang_guard, "hang guard: the 1 s lease of m-0 never expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let report = rl(url, &["--json", "reap"]).await.json();
+        reclaimed = int_of(&report, "reclaimed");
     }
-    tokio::time::sleep(Duration::from_millis(2300).saturating_sub(claimed_at.elapsed())).await;
-    let report = rl(url, &["--json", "reap"]).await.json();
-    assert_eq!(report["reclaimed"], 1, "the expired lease of m-0: {report:#}");
+    assert_eq!(reclaimed, 1, "the expired lease of m-0, once");
     let m0 = rl(url, &["--json", "get", "m-0"]).await.json();
     assert_eq!(m0["status"], "queued", "{m0:#}");
     rl(url, &["renew", "m-0", "--token", &token]).await.fails(5);
@@ -1038,8 +1043,8 @@ async fn claim_wait_without_queue_notices_a_new_queue() {
     let (child, args, started) = spawn(&url, &["--json", "claim", "--runtime", "rt", "--wait", "8"]);
     tokio::time::sleep(Duration::from_millis(700)).await;
     rl(&url, &["enqueue", "--queue", "brand-new", "--runner", "a", "--run-id", "fresh"]).await.ok();
-    let out = finish(child, args, started, Duration::from_secs(12)).await;
+    // The wait ends with the new queue's run, not `null` (how soon is for `runledger bench`).
+    let out = finish(child, args, started, Duration::from_secs(30)).await;
     let run: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("JSON ({e}): {}", out.describe()));
     assert_eq!(str_of(&run, "run_id"), "fresh", "{}", out.describe());
-    assert!(out.took < Duration::from_secs(6), "found well before the 8 s wait ended: {}", out.describe());
 }

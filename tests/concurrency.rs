@@ -12,6 +12,9 @@ use runledger::*;
 use serde_json::json;
 
 const QUEUE: &str = "load";
+/// How long a worker task may run before the test is declared hung (not slow:
+/// no assertion here depends on elapsed time).
+const HANG_GUARD: Duration = Duration::from_secs(300);
 
 /// What happened to one claim.
 #[derive(Clone, Debug, PartialEq)]
@@ -154,9 +157,9 @@ async fn many_claimers_finish_every_run_exactly_once() {
     let mut per_worker = Vec::new();
     for t in tasks {
         per_worker.push(
-            tokio::time::timeout(Duration::from_secs(50), t)
+            tokio::time::timeout(HANG_GUARD, t)
                 .await
-                .expect("workers finish in time")
+                .expect("hang guard: a worker task never ended")
                 .expect("worker task"),
         );
     }
@@ -213,7 +216,6 @@ async fn short_leases_and_stalled_workers_are_fenced() {
 
     let history: Arc<Mutex<Vec<Claim>>> = Arc::new(Mutex::new(Vec::new()));
     let finished: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
-    let deadline = Instant::now() + Duration::from_secs(45);
     let mut tasks = Vec::new();
     for w in 0..WORKERS {
         let url = redis.url.clone();
@@ -223,7 +225,6 @@ async fn short_leases_and_stalled_workers_are_fenced() {
             let store = Store::connect(&url).await.expect("worker connects");
             let req = ClaimRequest::new(format!("worker-{w}")).queue(QUEUE).lease(LEASE);
             loop {
-                assert!(Instant::now() < deadline, "the stalled-worker run did not finish in time");
                 let Some(run) = store.claim_next_run(&req).await.expect("claim") else {
                     if finished.lock().expect("lock").len() == RUNS {
                         return;
@@ -280,7 +281,8 @@ async fn short_leases_and_stalled_workers_are_fenced() {
         }));
     }
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(55), t).await.expect("workers finish in time").expect("worker task");
+        // A run that never finished keeps the workers looping: that is a hang, not slowness.
+        tokio::time::timeout(HANG_GUARD, t).await.expect("hang guard: a worker task never ended").expect("worker task");
     }
     let history = history.lock().expect("lock").clone();
     let mut by_run: BTreeMap<String, Vec<Claim>> = BTreeMap::new();

@@ -1,11 +1,14 @@
 //! The `Worker` runtime and the worker-facing CLI commands, end to end on a
 //! real Redis (a private redis-server per test, see `common`).
 //!
-//! Timing bounds here are generous sanity bounds, never benchmarks.
+//! A test fails on behaviour only: no assertion depends on how long
+//! anything took (the one kept is a lower bound, "a retry waits its backoff",
+//! which slowness cannot fail). Waits and timeouts are hang guards; how fast
+//! things are is measured by `runledger bench`.
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -15,17 +18,22 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Polls `$cond` (which may `.await`) every 20 ms until it holds; fails the
-/// test with `$what` when `$within` passes first.
+/// The shortest hang guard of a wait: a bound sized for how long a thing
+/// usually takes would fail a test on a slow machine, not on its behaviour.
+const HANG_GUARD_FLOOR: Duration = Duration::from_secs(60);
+
+/// Polls `$cond` (which may `.await`) every 20 ms until it holds. `$within`
+/// (raised to at least [`HANG_GUARD_FLOOR`]) is a hang guard: when it passes
+/// first the test fails as hung, not as slow.
 macro_rules! eventually {
     ($within:expr, $what:expr, $cond:expr) => {{
-        let within: Duration = $within;
-        let deadline = Instant::now() + within;
+        let guard: Duration = std::cmp::max($within, HANG_GUARD_FLOOR);
+        let deadline = Instant::now() + guard;
         loop {
             if $cond {
                 break;
             }
-            assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {}", $what);
+            assert!(Instant::now() < deadline, "hang guard: still waiting for {} after {guard:?}", $what);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }};
@@ -86,7 +94,7 @@ async fn stop(token: CancellationToken, handle: tokio::task::JoinHandle<Result<W
     token.cancel();
     tokio::time::timeout(Duration::from_secs(20), handle)
         .await
-        .expect("worker did not stop within 20 s of shutdown")
+        .expect("hang guard: the worker had not stopped 20 s after shutdown")
         .expect("worker task panicked")
         .expect("worker returned an error")
 }
@@ -195,7 +203,6 @@ async fn two_workers_finish_every_run_once_with_ordered_events() {
 struct Stalled {
     token: Option<String>,
     reason: Option<StopReason>,
-    stopped_after: Option<Duration>,
     late_emit: Option<Result<i64>>,
 }
 
@@ -223,14 +230,13 @@ async fn lost_lease_is_reclaimed_and_the_old_token_is_fenced() {
                 let t0 = Instant::now();
                 lock(&st).token = Some(ctx.claim_token().to_string());
                 ctx.emit("w1-started", json!({})).await?;
+                // The stall has no end of its own: only the worker's stop ends it.
                 tokio::select! {
                     _ = ctx.stopped() => {
-                        let mut s = lock(&st);
-                        s.reason = ctx.stop_reason();
-                        s.stopped_after = Some(t0.elapsed());
+                        lock(&st).reason = ctx.stop_reason();
                         stop_w1.cancel();
                     }
-                    _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+                    _ = tokio::time::sleep(Duration::from_secs(600)) => {}
                 }
                 // A stalled handler carries on as if nothing happened.
                 tokio::time::sleep_until((t0 + Duration::from_secs(3)).into()).await;
@@ -258,7 +264,7 @@ async fn lost_lease_is_reclaimed_and_the_old_token_is_fenced() {
             let (en, ga) = (en.clone(), ga.clone());
             async move {
                 en.notify_one();
-                tokio::time::timeout(Duration::from_secs(20), ga.notified())
+                tokio::time::timeout(Duration::from_secs(120), ga.notified())
                     .await
                     .map_err(|_| Failure::fatal("gate"))?;
                 ctx.emit("w2-done", json!({ "attempt": ctx.run.dispatch_attempts })).await?;
@@ -267,9 +273,9 @@ async fn lost_lease_is_reclaimed_and_the_old_token_is_fenced() {
         })
         .expect("build w2");
     let (t2, h2) = start(w2);
-    tokio::time::timeout(Duration::from_secs(10), entered.notified())
+    tokio::time::timeout(HANG_GUARD_FLOOR, entered.notified())
         .await
-        .expect("worker 2 did not re-claim the run within 10 s");
+        .expect("hang guard: worker 2 never re-claimed the run");
 
     // Worker 2 holds it now.
     let held = run(&store, "ll-1").await;
@@ -278,14 +284,13 @@ async fn lost_lease_is_reclaimed_and_the_old_token_is_fenced() {
     assert_eq!(held.dispatch_attempts, 2);
     assert!(counter(&stats(&store, "ll").await, "reclaimed") >= 1);
 
-    // Worker 1's handler was told it lost the lease, well before its own 3 s stall ended.
+    // Worker 1's handler was told it lost the lease: only that stop can end its stall.
     eventually!(Duration::from_secs(5), "worker 1's handler sees the stop", lock(&stalled).reason.is_some());
-    let (old_token, reason, after) = {
+    let (old_token, reason) = {
         let s = lock(&stalled);
-        (s.token.clone().expect("token recorded"), s.reason.clone(), s.stopped_after)
+        (s.token.clone().expect("token recorded"), s.reason.clone())
     };
     assert!(matches!(reason, Some(StopReason::LeaseLost(_))), "stop reason {reason:?}");
-    assert!(after.is_some_and(|d| d < Duration::from_millis(2900)), "stopped after {after:?}");
 
     // The old token can write nothing any more.
     match store.append_event("ll-1", Some(&old_token), &NewEvent::new(50, "stale", json!({}))).await {
@@ -328,8 +333,8 @@ async fn lost_lease_is_reclaimed_and_the_old_token_is_fenced() {
 }
 
 // 3. request_cancel reaches the handler holding the run.
-/// What the handler saw when it was stopped, and when.
-type Seen = Option<(Option<StopReason>, Instant)>;
+/// The stop reason the handler saw, once it was stopped.
+type Seen = Option<Option<StopReason>>;
 
 async fn cancel_reaches_the_running_handler() {
     let (_redis, store) = common::store().await;
@@ -347,7 +352,7 @@ async fn cancel_reaches_the_running_handler() {
                 s.notify_one();
                 tokio::select! {
                     _ = ctx.stopped() => {
-                        *lock(&sn) = Some((ctx.stop_reason(), Instant::now()));
+                        *lock(&sn) = Some(ctx.stop_reason());
                         Err(Failure::fatal("stopped"))
                     }
                     _ = tokio::time::sleep(Duration::from_secs(60)) => Ok(Done::default()),
@@ -356,17 +361,15 @@ async fn cancel_reaches_the_running_handler() {
         })
         .expect("build");
     let (t, h) = start(worker);
-    tokio::time::timeout(Duration::from_secs(10), started.notified()).await.expect("handler never started");
+    tokio::time::timeout(HANG_GUARD_FLOOR, started.notified()).await.expect("hang guard: the handler never started");
     assert_eq!(run(&store, "c-1").await.status, RunStatus::Claimed);
 
-    let asked = Instant::now();
     let r = store.request_cancel("c-1", Some("user changed their mind")).await.expect("request_cancel");
     assert!(r.cancel_requested_at.is_some());
     eventually!(Duration::from_secs(5), "the handler sees the cancel", lock(&seen).is_some());
-    let (reason, at) = lock(&seen).clone().expect("seen");
+    // The handler sleeps 60 s otherwise: the stop it saw is the cancel's (how soon it came is for `runledger bench`).
+    let reason = lock(&seen).clone().expect("seen");
     assert_eq!(reason, Some(StopReason::Cancelled));
-    let took = at.duration_since(asked);
-    assert!(took < Duration::from_secs(3), "cancel took {took:?} to reach the handler");
 
     eventually!(Duration::from_secs(5), "c-1 cancelled", run(&store, "c-1").await.status == RunStatus::Cancelled);
     let report = stop(t, h).await;
@@ -425,7 +428,8 @@ async fn panics_retries_and_fatal_failures() {
     assert!(retried.dispatch_attempts >= 2, "attempts {}", retried.dispatch_attempts);
     let (gave_up, again) = *lock(&retry_times);
     let gap = again.expect("attempt 2 ran").duration_since(gave_up.expect("attempt 1 ran"));
-    // The backoff delay for attempt 2 is 300 ms jittered to 50..100 %.
+    // The backoff delay for attempt 2 is 300 ms jittered to 50..100 %: a lower
+    // bound (the retry waits), which slowness cannot fail.
     assert!(gap >= Duration::from_millis(140), "retried after only {gap:?}");
     assert_eq!(types(&all_events(&store, "px-retry").await), ["ok"]);
 
@@ -707,21 +711,25 @@ async fn commandstats(conn: &mut runledger::store::Conn) -> HashMap<String, u64>
     command_calls(&info)
 }
 
-// 8. An idle worker blocks (few commands) and is woken at once by an enqueue.
+// 8. An idle worker blocks (it claims only when a wait ends) and an enqueue reaches it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_worker_blocks_cheaply_and_wakes_on_enqueue() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
-    let entered: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let entered: Arc<Mutex<HashSet<String>>> = Arc::default();
     let en = entered.clone();
     let worker = Worker::builder(&store)
         .runtime_id("idle-w")
         .queue("idle")
+        // Nothing on a timer but the wait itself (no reaper pass, no heartbeat in
+        // the window): every command counted below belongs to the wait loop.
+        .reap_every(None)
+        .heartbeat(Duration::from_secs(3600))
         .handle_signals(false)
         .build(move |ctx| {
             let en = en.clone();
             async move {
-                lock(&en).insert(ctx.run_id().to_string(), Instant::now());
+                lock(&en).insert(ctx.run_id().to_string());
                 Ok(Done::default())
             }
         })
@@ -730,24 +738,29 @@ async fn idle_worker_blocks_cheaply_and_wakes_on_enqueue() {
     eventually!(Duration::from_secs(5), "worker registered", store.get_runtime("idle-w").await.is_ok());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // Idle cost: 3 s with nothing to do.
+    // Idle cost, counted per wait rather than per second: over a 3 s window
+    // the worker blocks, and claims (one script call, EVALSHA; the commands
+    // the script runs are counted too, so only EVALSHA is compared) about once
+    // per BLPOP. A worker that polled instead of blocking would make many
+    // claims per BLPOP, however long the window.
     let before = commandstats(&mut raw).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = commandstats(&mut raw).await;
     let delta = |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
-    let total: u64 = after.values().sum::<u64>() - before.values().sum::<u64>() - 1; // minus our INFO
-    assert!(total < 60, "an idle worker sent {total} commands in 3 s: before {before:?} after {after:?}");
-    assert!(delta("blpop") >= 1, "the idle worker never blocked: {after:?}");
+    let (blpops, claims) = (delta("blpop"), delta("evalsha"));
+    assert!(blpops >= 1, "the idle worker never blocked: {after:?}");
+    assert!(
+        claims <= 2 * (blpops + 1),
+        "an idle worker made {claims} claims for {blpops} BLPOPs: before {before:?} after {after:?}"
+    );
 
-    // Wake-up: each enqueue reaches the handler quickly, whatever the phase of the safety poll.
+    // Wake-up: each enqueue reaches the handler, whatever the phase of the
+    // safety poll (how soon is measured by `runledger bench`).
     for (i, pause) in [0u64, 700, 1300].into_iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let id = format!("idle-{i}");
-        let enqueued = Instant::now();
         store.create_run(&NewRun::new(&id, "agent").queue("idle")).await.expect("create");
-        eventually!(Duration::from_secs(5), format!("{id} handled"), lock(&entered).contains_key(&id));
-        let latency = lock(&entered)[&id].duration_since(enqueued);
-        assert!(latency < Duration::from_secs(2), "{id} waited {latency:?} for an idle worker");
+        eventually!(Duration::from_secs(5), format!("{id} handled"), lock(&entered).contains(&id));
     }
     eventually!(Duration::from_secs(5), "all completed", counter(&stats(&store, "idle").await, "completed") == 3);
     let report = stop(t, h).await;

@@ -16,6 +16,9 @@
 //! backend it runs on is a task-local the macro sets.
 #![allow(dead_code)]
 
+pub mod monitor;
+pub mod proxy;
+
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use runledger::embedded::{RedisServer, find_redis_server};
