@@ -291,7 +291,14 @@ impl Worker {
             tasks.spawn(signals(shutdown.clone()));
         }
         tasks.spawn(heartbeats(inner.clone(), background.clone()));
-        tasks.spawn(cancel_listener(inner.clone(), background.clone()));
+        let listening = Arc::new(tokio::sync::Notify::new());
+        tasks.spawn(cancel_listener(inner.clone(), background.clone(), listening.clone()));
+        // Claim only once cancel notices can reach this worker: a notice
+        // published before the subscription would be missed (renewals would
+        // still report it, lease/3 later). Not for ever: Redis may be away.
+        if tokio::time::timeout(LISTEN_WAIT, listening.notified()).await.is_err() {
+            warn!("cancel notices are not subscribed yet; claiming anyway (renewals report cancellations too)");
+        }
         if let Some(every) = inner.reap_every {
             tasks.spawn(reaper(inner.clone(), every, background.clone()));
         }
@@ -351,11 +358,16 @@ async fn heartbeats(inner: Arc<Inner>, stop: CancellationToken) {
     }
 }
 
-/// Delivers `request_cancel` to the handler of the run within a pub/sub hop.
-async fn cancel_listener(inner: Arc<Inner>, stop: CancellationToken) {
+/// How long a starting worker waits for its cancel subscription before claiming.
+const LISTEN_WAIT: Duration = Duration::from_secs(5);
+
+/// Delivers `request_cancel` to the handler of the run within a pub/sub hop;
+/// `listening` is notified each time the subscription is in place.
+async fn cancel_listener(inner: Arc<Inner>, stop: CancellationToken, listening: Arc<tokio::sync::Notify>) {
     loop {
         let listen = async {
             let mut notices = inner.store.cancel_notices(&inner.queues).await?;
+            listening.notify_one();
             while let Some(run_id) = notices.next().await {
                 let ctx = lock(&inner.in_flight).get(&run_id).cloned();
                 if let Some(ctx) = ctx {
