@@ -98,7 +98,8 @@ async fn chaos() {
         })
         .collect();
     check_terminal_once(&analyses, &finals, &mut findings);
-    let claims = check_claims(&analyses, &finals, &worker_logs, &fleet.killed, &conn_ends, &mut findings);
+    let sends = token_sends(&cmds);
+    let claims = check_claims(&analyses, &finals, &worker_logs, &fleet.killed, &conn_ends, &sends, &mut findings);
     check_events(&analyses, &finals, &mut findings);
 
     let reclaims: usize = analyses.values().map(|a| a.reclaims).sum();
@@ -608,6 +609,7 @@ fn check_claims(
     logs: &[(String, String)],
     killed: &HashMap<String, u64>,
     conn_ends: &[ConnEnd],
+    sends: &HashMap<String, usize>,
     f: &mut Findings,
 ) -> ClaimCounts {
     let known = known_claims(logs, f);
@@ -652,7 +654,8 @@ fn check_claims(
                     }
                 }
                 None if killed.contains_key(&c.runtime)
-                    && crash_swallowed(c, killed[&c.runtime], last_known.get(&c.runtime), conn_ends) =>
+                    && (crash_swallowed(c, killed[&c.runtime], last_known.get(&c.runtime), conn_ends)
+                        || died_before_resend(c, sends)) =>
                 {
                     counts.unknown_killed += 1
                 }
@@ -723,6 +726,25 @@ fn crash_swallowed(c: &Claim, killed_us: u64, last_known: Option<&usize>, conn_e
         Some(e) if e.end == End::Client && e.ended_us >= killed_us => true,
         Some(_) => last_known.is_none_or(|&i| c.index > i),
     }
+}
+
+/// How many script calls sent each claim token (a claim's own call, then any
+/// resend of it: the library resends a call whose reply was lost).
+fn token_sends(cmds: &[monitor::Command]) -> HashMap<String, usize> {
+    let mut out: HashMap<String, usize> = HashMap::new();
+    for cmd in cmds.iter().filter(|c| c.source != "lua" && c.script_parts().is_some()) {
+        for arg in cmd.args.iter().filter(|a| a.len() == 32 && a.bytes().all(|b| b.is_ascii_hexdigit())) {
+            *out.entry(arg.clone()).or_default() += 1;
+        }
+    }
+    out
+}
+
+/// A claim whose reply was lost is sent again at once by a live process (or
+/// by its next claim); when its token was never sent again, the process
+/// (which was killed) died before it could resend, and the crash lost it.
+fn died_before_resend(c: &Claim, sends: &HashMap<String, usize>) -> bool {
+    sends.get(&c.token).copied().unwrap_or(0) <= 1
 }
 
 /// Per runtime, the MONITOR position of the last claim its log mentions.

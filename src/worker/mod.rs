@@ -276,7 +276,22 @@ impl Worker {
         registration.capabilities = Some(serde_json::json!({
             "queues": inner.queues, "runner_ids": inner.runner_ids, "concurrency": inner.concurrency
         }));
-        store.register_runtime(&registration).await?;
+        // Redis may be away or restarting as the worker starts: wait for it.
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match store.register_runtime(&registration).await {
+                Ok(_) => break,
+                Err(e) if e.is_transient() => {
+                    warn!(error = %e, ?pause, "cannot register the runtime yet; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(WorkerReport::default()),
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
         info!(runtime = %inner.runtime_id, queues = ?inner.queues, "worker started");
         for a in store.config_advice().await.unwrap_or_default() {
             warn!(
