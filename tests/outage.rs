@@ -243,8 +243,8 @@ async fn calls_return_transient_errors_while_redis_is_down() {
     for round in 1..=2 {
         let e = transient_error("get_run", store.get_run("before")).await;
         eprintln!("round {round}: get_run: {e}");
-        let e = transient_error("create_run", store.create_run(&NewRun::new(format!("during{round}"), "agent").queue("q")))
-            .await;
+        let during = NewRun::new(format!("during{round}"), "agent").queue("q");
+        let e = transient_error("create_run", store.create_run(&during)).await;
         eprintln!("round {round}: create_run: {e}");
         let e = transient_error("claim_next_run", store.claim_next_run(&claim)).await;
         eprintln!("round {round}: claim_next_run: {e}");
