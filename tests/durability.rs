@@ -139,7 +139,7 @@ async fn writer(store: Store, k: usize, stop: Arc<AtomicBool>, acks: Arc<AtomicU
         if !whole {
             continue;
         }
-        let finish = if i % 5 == 0 {
+        let finish = if i.is_multiple_of(5) {
             Finish::new(RunStatus::Failed).reason("every fifth run fails")
         } else {
             Finish::new(RunStatus::Completed)

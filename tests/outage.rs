@@ -243,8 +243,8 @@ async fn calls_return_transient_errors_while_redis_is_down() {
     for round in 1..=2 {
         let e = transient_error("get_run", store.get_run("before")).await;
         eprintln!("round {round}: get_run: {e}");
-        let e = transient_error("create_run", store.create_run(&NewRun::new(format!("during{round}"), "agent").queue("q")))
-            .await;
+        let during = NewRun::new(format!("during{round}"), "agent").queue("q");
+        let e = transient_error("create_run", store.create_run(&during)).await;
         eprintln!("round {round}: create_run: {e}");
         let e = transient_error("claim_next_run", store.claim_next_run(&claim)).await;
         eprintln!("round {round}: claim_next_run: {e}");
@@ -266,15 +266,17 @@ async fn cut_connections_run_nothing_twice() {
     workload.under_way().await;
 
     let client = redis::Client::open(server.url()).expect("client");
+    // No reply timeout of the client's own (a busy machine is slow, not wrong); the hang guard bounds the call.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
     for cut in 1..=3 {
         // A connection of its own each time; CLIENT KILL spares the caller (SKIPME yes).
-        let mut raw = client.get_multiplexed_async_connection().await.expect("raw connection");
-        let killed: i64 = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("TYPE")
-            .arg("normal")
-            .query_async(&mut raw)
+        let kill = async {
+            let mut raw = client.get_multiplexed_async_connection_with_config(&config).await?;
+            redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("normal").query_async::<i64>(&mut raw).await
+        };
+        let killed = tokio::time::timeout(Duration::from_secs(30), kill)
             .await
+            .expect("hang guard: CLIENT KILL did not return")
             .expect("CLIENT KILL TYPE normal");
         eprintln!("cut {cut}: {killed} connections killed");
         workload.disrupted.store(true, Ordering::SeqCst);
