@@ -605,7 +605,6 @@ async fn execute_one(
         _ if ctx.is_stopped() => None,
         other => other,
     };
-    drop(renewer);
     lock(&inner.in_flight).remove(&run_id);
 
     // Each outcome is counted once its write has landed, so a report adds up:
@@ -624,7 +623,7 @@ async fn execute_one(
                     runner_ids: inner.runner_ids.clone(),
                     lease: inner.lease,
                 };
-                match store.finish_and_claim(&run_id, &finish, Some(&token), &request).await {
+                match settle(&ctx, || store.finish_and_claim(&run_id, &finish, Some(&token), &request)).await {
                     Ok(claimed) => {
                         next = claimed;
                         (Ended::Completed, Ok(()))
@@ -632,7 +631,7 @@ async fn execute_one(
                     Err(e) => (Ended::Completed, Err(e)),
                 }
             } else {
-                (Ended::Completed, store.finish_run(&run_id, &finish, Some(&token)).await)
+                (Ended::Completed, settle(&ctx, || store.finish_run(&run_id, &finish, Some(&token))).await)
             }
         }
         // A failure that followed an emit Redis refused (an outage, a
@@ -643,11 +642,11 @@ async fn execute_one(
                 status_reason: Some(format!("retrying after: {}", failure.message)),
                 retry_in: Some(inner.backoff.delay(attempts)),
             };
-            (Ended::Retried, store.release_claim(&run_id, &token, &release).await.map(|_| ()))
+            (Ended::Retried, settle(&ctx, || store.release_claim(&run_id, &token, &release)).await.map(|_| ()))
         }
         Some(Ok(Err(failure))) => {
             let finish = Finish::new(RunStatus::Failed).reason(failure.message);
-            (Ended::Failed, store.finish_run(&run_id, &finish, Some(&token)).await)
+            (Ended::Failed, settle(&ctx, || store.finish_run(&run_id, &finish, Some(&token))).await)
         }
         Some(Err(join_error)) => {
             let reason = if join_error.is_panic() {
@@ -662,12 +661,12 @@ async fn execute_one(
                 "handler was aborted".into()
             };
             let finish = Finish::new(RunStatus::Failed).reason(reason);
-            (Ended::Failed, store.finish_run(&run_id, &finish, Some(&token)).await)
+            (Ended::Failed, settle(&ctx, || store.finish_run(&run_id, &finish, Some(&token))).await)
         }
         None => match ctx.stop_reason() {
             Some(StopReason::Cancelled) => {
                 let finish = Finish::new(RunStatus::Cancelled).reason("cancelled while running");
-                (Ended::Cancelled, store.finish_run(&run_id, &finish, Some(&token)).await)
+                (Ended::Cancelled, settle(&ctx, || store.finish_run(&run_id, &finish, Some(&token))).await)
             }
             Some(StopReason::Shutdown) => {
                 let release = Release {
@@ -675,7 +674,7 @@ async fn execute_one(
                     status_reason: Some("worker shut down".into()),
                     retry_in: None,
                 };
-                (Ended::Released, store.release_claim(&run_id, &token, &release).await.map(|_| ()))
+                (Ended::Released, settle(&ctx, || store.release_claim(&run_id, &token, &release)).await.map(|_| ()))
             }
             Some(StopReason::LeaseLost(why)) => {
                 warn!(run_id, why, "lease lost; run abandoned");
@@ -684,6 +683,9 @@ async fn execute_one(
             None => (Ended::LeaseLost, Err(Error::Protocol("stopped without a reason".into()))),
         },
     };
+    // Renewed until the outcome is written: a write retried through an
+    // outage must not lose the lease meanwhile.
+    drop(renewer);
     match result {
         Ok(()) => {
             *ended.counter(&mut lock(report)) += 1;
@@ -703,6 +705,27 @@ async fn execute_one(
         }
     }
     next
+}
+
+/// Sends a run's final write (finish or release), and again while Redis is
+/// away, until the lease runs out: the write is idempotent, and a run whose
+/// outcome never landed would run a second time once its lease expired.
+async fn settle<T, F, Fut>(ctx: &RunContext, mut write: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match write().await {
+            Err(e) if e.is_transient() && Instant::now() + pause < ctx.lease_end() => {
+                debug!(run_id = %ctx.run.run_id, error = %e, "writing the run's outcome failed; sending it again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// How a run's execution ended, as counted in the [`WorkerReport`].
