@@ -66,22 +66,7 @@ fn run_id(i: usize) -> String {
     format!("r{i:03}")
 }
 
-/// Every event of a run, oldest first.
-async fn all_events(store: &Store, run_id: &str) -> Vec<RunEvent> {
-    let mut out = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store
-            .page_run_events(run_id, None, after, 100, Direction::Forward)
-            .await
-            .unwrap_or_else(|e| panic!("events of {run_id}: {e}"));
-        after = page.items.last().map(|e| e.sequence);
-        out.extend(page.items);
-        if !page.has_more {
-            return out;
-        }
-    }
-}
+use common::all_events;
 
 /// Two workers (a store each, as two processes would have) on 300 runs.
 struct Workload {

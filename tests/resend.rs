@@ -64,6 +64,14 @@ async fn create(store: &Store, run_id: &str) {
     store.create_run(&NewRun::new(run_id, "agent").queue(Q)).await.unwrap_or_else(|e| panic!("create {run_id}: {e}"));
 }
 
+/// Creates run `a` and claims it: the claim request and its token.
+async fn claim_the_only_run(store: &Store) -> (ClaimRequest, String) {
+    create(store, "a").await;
+    let request = ClaimRequest::new("rt").queue(Q).lease(Duration::from_secs(30));
+    let held = store.claim_next_run(&request).await.expect("claim").expect("a run");
+    (request, held.claim_token.expect("token"))
+}
+
 async fn status(store: &Store, run_id: &str) -> Run {
     store.get_run(run_id).await.unwrap_or_else(|e| panic!("get {run_id}: {e}"))
 }
@@ -146,10 +154,7 @@ async fn finish_and_claim_resent_hands_out_the_same_next_run() {
 async fn release_resent_is_not_a_stale_token() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
-    create(&store, "a").await;
-    let request = ClaimRequest::new("rt").queue(Q).lease(Duration::from_secs(30));
-    let held = store.claim_next_run(&request).await.expect("claim").expect("a run");
-    let token = held.claim_token.clone().expect("token");
+    let (_, token) = claim_the_only_run(&store).await;
     let args: Vec<String> = vec![
         store.queue_keys(Q).base,
         "a".into(),
@@ -196,7 +201,8 @@ async fn audit_event_resent_is_written_once() {
 /// ran out while nobody claimed the run.
 async fn expire_lease(raw: &mut Conn, store: &Store, run_id: &str) {
     let key = store.queue_keys(Q).run(run_id);
-    let _: () = redis::cmd("HSET").arg(&key).arg("claim_lease_expires_at").arg("1").query_async(raw).await.expect("HSET");
+    let _: () =
+        redis::cmd("HSET").arg(&key).arg("claim_lease_expires_at").arg("1").query_async(raw).await.expect("HSET");
     let leases = store.queue_keys(Q).fixed()[1].clone();
     let _: () = redis::cmd("ZADD").arg(&leases).arg("1").arg(run_id).query_async(raw).await.expect("ZADD");
 }
@@ -204,10 +210,7 @@ async fn expire_lease(raw: &mut Conn, store: &Store, run_id: &str) {
 async fn an_expired_lease_is_no_longer_an_active_claim() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
-    create(&store, "a").await;
-    let request = ClaimRequest::new("rt").queue(Q).lease(Duration::from_secs(30));
-    let held = store.claim_next_run(&request).await.expect("claim").expect("a run");
-    let token = held.claim_token.clone().expect("token");
+    let (request, token) = claim_the_only_run(&store).await;
     expire_lease(&mut raw, &store, "a").await;
 
     let lease = Duration::from_secs(30);

@@ -43,22 +43,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Every event of a run, oldest first.
-async fn all_events(store: &Store, run_id: &str) -> Vec<RunEvent> {
-    let mut out = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store
-            .page_run_events(run_id, None, after, 100, Direction::Forward)
-            .await
-            .unwrap_or_else(|e| panic!("events of {run_id}: {e}"));
-        after = page.items.last().map(|e| e.sequence);
-        out.extend(page.items);
-        if !page.has_more {
-            return out;
-        }
-    }
-}
+use common::all_events;
 
 fn sequences(events: &[RunEvent]) -> Vec<i64> {
     events.iter().map(|e| e.sequence).collect()

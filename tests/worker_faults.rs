@@ -137,7 +137,8 @@ async fn a_stalled_renewal_stops_the_handler_at_the_lease_end() {
     let (stop, handle) = start(worker);
     tokio::time::timeout(HANG_GUARD, started.notified()).await.expect("hang guard: handler start");
     // Writes stall far longer than the lease; this connection's own commands go through.
-    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg("600000").arg("WRITE").query_async(&mut raw).await.expect("PAUSE");
+    let _: () =
+        redis::cmd("CLIENT").arg("PAUSE").arg("600000").arg("WRITE").query_async(&mut raw).await.expect("PAUSE");
     until("the worker ends the handler while Redis is still paused", async || first_ended.load(Ordering::SeqCst)).await;
     let _: () = redis::cmd("CLIENT").arg("UNPAUSE").query_async(&mut raw).await.expect("UNPAUSE");
     // The late renewal is refused by the server (the lease had expired), and the run is run again.

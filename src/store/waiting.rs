@@ -188,7 +188,8 @@ impl Waiter {
             match cmd.query_async::<Option<(String, String)>>(&mut conn).await {
                 Ok(Some(_)) if !waiting.load(Ordering::SeqCst) => {
                     // Nobody here wants it now: hand the wake-up on.
-                    let pushed: redis::RedisResult<i64> = redis::cmd("LPUSH").arg(&key).arg("1").query_async(&mut conn).await;
+                    let pushed: redis::RedisResult<i64> =
+                        redis::cmd("LPUSH").arg(&key).arg("1").query_async(&mut conn).await;
                     (queue, Some(conn), pushed.map(|_| false).map_err(Error::from_redis))
                 }
                 Ok(popped) => (queue, Some(conn), Ok(popped.is_some())),

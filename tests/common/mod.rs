@@ -260,3 +260,20 @@ pub const SEED_RUNTIME_KEYS: &[&str] = &[
     "created_at",
     "updated_at",
 ];
+
+/// Every event of a run, oldest first.
+pub async fn all_events(store: &runledger::Store, run_id: &str) -> Vec<runledger::RunEvent> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .page_run_events(run_id, None, after, 100, runledger::Direction::Forward)
+            .await
+            .unwrap_or_else(|e| panic!("events of {run_id}: {e}"));
+        after = page.items.last().map(|e| e.sequence);
+        out.extend(page.items);
+        if !page.has_more {
+            return out;
+        }
+    }
+}

@@ -48,12 +48,12 @@ impl Command {
         self.args.first().is_some_and(|a| a.eq_ignore_ascii_case(name))
     }
 
-    pub fn from_script(&self) -> bool {
+    pub fn is_inside_script(&self) -> bool {
         self.source == "lua"
     }
 
     pub fn is_script_call(&self) -> bool {
-        !self.from_script() && (self.name_is("EVALSHA") || self.name_is("EVAL"))
+        !self.is_inside_script() && (self.name_is("EVALSHA") || self.name_is("EVAL"))
     }
 
     /// For an EVAL/EVALSHA: (sha or body, KEYS, ARGV).
@@ -212,7 +212,7 @@ pub fn commands(lines: &[String]) -> Vec<Command> {
     let mut current_script = None;
     for line in lines {
         let mut cmd = parse_line(line).unwrap_or_else(|| panic!("monitor: cannot parse line {line:?}"));
-        if cmd.from_script() {
+        if cmd.is_inside_script() {
             let script =
                 current_script.unwrap_or_else(|| panic!("monitor: script command before any EVAL/EVALSHA: {line:?}"));
             cmd.script = Some(script);

@@ -160,7 +160,9 @@ impl Output {
                 s.oldest_queued_age.map(|a| format!("{a:.1}")).unwrap_or_else(|| "-".into())
             );
             if let Some(age) = s.oldest_running_age {
-                println!("    oldest running run started {age:.0} s ago (timed out by the reaper after the running timeout)");
+                println!(
+                    "    oldest running run started {age:.0} s ago (timed out by the reaper after the running timeout)"
+                );
             }
             for h in &s.lease_holders {
                 println!(
