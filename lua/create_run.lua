@@ -156,7 +156,7 @@ for i, r in ipairs(runs) do
       local h = { id = id, priority = r.priority, runner_id = r.runner_id }
       if r.not_before ~= '' then h.not_before = r.not_before end
       if r.requested_runtime_id ~= '' then h.requested_runtime_id = r.requested_runtime_id end
-      claimable = requeue(B, r.rid, h, now, true) or claimable
+      requeue(B, r.rid, h, now)
     end
     out[i] = { 1, id, now }
   end
@@ -164,7 +164,11 @@ end
 -- A run given twice in one batch is created once; the repeat sees it as existing.
 for _, i in ipairs(repeats) do out[i] = { 0, hgetall(runs[i].key) } end
 for _, runner in ipairs(runner_order) do queue_runs(B, runner, by_runner[runner]) end
-if claimable then wake() end
+-- One wake-up per batch, and one per runner for workers filtering on it.
+if claimable then
+  wake()
+  for _, runner in ipairs(runner_order) do wake_runner(B, runner, now) end
+end
 if fresh > 0 then
   redis.call('HSET', KEYS[8], 'number', ARGV[4], 'clock', fmt(clock))
   redis.call('HINCRBY', K.stats, 'created', fresh)

@@ -36,5 +36,8 @@ for _, rid in ipairs(redis.call('ZRANGE', lane, '0', fmt(limit - 1))) do
     released = released + 1
   end
 end
-if redis.call('EXISTS', lane) == 0 then redis.call('SREM', B .. 'pins', runtime) end
+if redis.call('EXISTS', lane) == 0 then
+  redis.call('SREM', B .. 'pins', runtime)
+  redis.call('DEL', B .. 'wake:pin:' .. runtime)
+end
 return released

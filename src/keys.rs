@@ -39,6 +39,18 @@ impl QueueKeys {
     pub fn wake(&self) -> String {
         self.key("wake")
     }
+    /// Wake-up list of the workers filtering on one runner.
+    pub fn runner_wake(&self, runner_id: &str) -> String {
+        self.key(&format!("wake:runner:{runner_id}"))
+    }
+    /// Wake-up list of one runtime's pinned runs.
+    pub fn pin_wake(&self, runtime_id: &str) -> String {
+        self.key(&format!("wake:pin:{runtime_id}"))
+    }
+    /// HASH runner_id -> until (ms): runners that filtered workers wait for.
+    pub fn listeners(&self) -> String {
+        self.key("listeners")
+    }
     pub fn cancel_channel(&self) -> String {
         self.key("cancel")
     }

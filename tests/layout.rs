@@ -316,9 +316,12 @@ fn assert_layout(keys: &[String], q: &str) {
             "runners",
             "meta",
             "running",
+            "listeners",
         ]
         .contains(&rest)
-            || ["run:", "events:", "idx:", "runner:", "pinned:", "receipt:"].iter().any(|p| rest.starts_with(p));
+            || ["run:", "events:", "idx:", "runner:", "pinned:", "receipt:", "wake:runner:", "wake:pin:"]
+                .iter()
+                .any(|p| rest.starts_with(p));
         assert!(known, "undocumented queue key {key}");
     }
 }

@@ -131,15 +131,19 @@ local function claim(B, c, now)
         left = redis.call('ZCARD', K.queued)
       end
       if left > 0 then wake() end
+      -- Chain the wake-ups of filtered and pinned workers the same way.
+      if h.requested_runtime_id then
+        if redis.call('EXISTS', pinned) == 1 then wake_pin(B, runtime) end
+      elseif #runners > 0 and tonumber(redis.call('HGET', B .. 'runners', h.runner_id) or '0') > 0 then
+        wake_runner(B, h.runner_id, now)
+      end
       return { 1, hgetall(rk), last_sequence(B .. 'events:' .. rid) }
     end
   end
 
-  -- A stale token would wake idle workers for nothing; but pinned runs are
-  -- woken through the same list, so it stays while any pinned lane exists.
-  if redis.call('ZCARD', K.queued) == 0 and redis.call('SCARD', B .. 'pins') == 0 then
-    redis.call('DEL', K.wake)
-  end
+  -- A stale token would wake idle workers for nothing (pinned runs have
+  -- wake lists of their own).
+  if redis.call('ZCARD', K.queued) == 0 then redis.call('DEL', K.wake) end
   local due = ''
   local d = redis.call('ZRANGE', K.delayed, '0', '0', 'WITHSCORES')
   if d[2] then due = tonumber(d[2]) end

@@ -107,9 +107,53 @@ local function lane_remove(B, rid, h)
   end
 end
 
--- Wakes one blocked worker; the list never holds more than one token.
+-- Wake-up lists, each holding one token at most (see store/waiting.rs), so
+-- that a token is taken only by a worker that can claim what it announces:
+--   `wake`             workers without a runner filter;
+--   `wake:runner:<r>`  workers filtering on runner r, pushed only while one
+--                      listens (`listeners` HASH r -> until ms, written by them);
+--   `wake:pin:<rt>`    runtime rt, for its pinned runs.
+local LISTENED_TOKEN_MS = '60000'
+
+local function push_token(key)
+  if redis.call('LLEN', key) == 0 then
+    redis.call('LPUSH', key, '1')
+    return true
+  end
+  return false
+end
+
+-- Wakes one blocked worker without a runner filter.
 local function wake()
-  if redis.call('LLEN', K.wake) == 0 then redis.call('LPUSH', K.wake, '1') end
+  push_token(K.wake)
+end
+
+-- Wakes one worker filtering on runner r, if one listens.
+local function wake_runner(B, r, now)
+  local until_ms = tonumber(redis.call('HGET', B .. 'listeners', r) or '')
+  if not until_ms then return end
+  if until_ms <= now then
+    redis.call('HDEL', B .. 'listeners', r)
+    return
+  end
+  local key = B .. 'wake:runner:' .. r
+  -- A token nobody takes (its listener left) goes away on its own.
+  if push_token(key) then redis.call('PEXPIRE', key, LISTENED_TOKEN_MS) end
+end
+
+-- Wakes the runtime a run is pinned to.
+local function wake_pin(B, runtime)
+  push_token(B .. 'wake:pin:' .. runtime)
+end
+
+-- Wakes the workers that may claim run h, which just became claimable.
+local function wake_for(B, h, now)
+  if h.requested_runtime_id then
+    wake_pin(B, h.requested_runtime_id)
+  else
+    wake()
+    wake_runner(B, h.runner_id, now)
+  end
 end
 
 -- Reads the fields the scripts route on; nil when the run does not exist.
@@ -185,7 +229,7 @@ local function requeue(B, rid, h, now, no_wake)
     return false
   end
   lane_add(B, rid, h)
-  if not no_wake then wake() end
+  if not no_wake then wake_for(B, h, now) end
   return true
 end
 
@@ -224,8 +268,10 @@ local function promote_delayed(B, now, limit)
   for _, rid in ipairs(ids) do
     redis.call('ZREM', K.delayed, rid)
     local h = route_fields(B .. 'run:' .. rid)
-    if h and h.status == 'queued' then lane_add(B, rid, h) end
+    if h and h.status == 'queued' then
+      lane_add(B, rid, h)
+      wake_for(B, h, now)
+    end
   end
-  if #ids > 0 then wake() end
   return #ids
 end

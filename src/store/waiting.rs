@@ -1,10 +1,14 @@
 //! Blocking claims: wait on the queues' wake-up lists instead of polling.
 //!
 //! Every enqueue (and every due delayed run the claim script promotes) pushes
-//! one token onto `<P>:{Q}:wake`, a list capped at one element. An idle
-//! worker blocks in BLPOP on the wake lists of its queues; whoever pops the
-//! token claims, and the claim script pushes a new token while runs remain, so
-//! the wake-up chains from worker to worker. The BLPOP timeout is the time
+//! one token onto the wake-up list of the workers that may claim the run
+//! (each list capped at one element): `<P>:{Q}:wake` for workers without a
+//! runner filter, `wake:runner:<r>` for those filtering on runner r (which
+//! announce themselves in `listeners`), `wake:pin:<rt>` for a run pinned to
+//! runtime rt. So a token is never used up by a worker that cannot claim the
+//! run. An idle worker blocks in one BLPOP per queue on its lists; whoever
+//! pops a token claims, and the claim script pushes a new one while runs
+//! remain, so the wake-up chains from worker to worker. The BLPOP timeout is the time
 //! until the next delayed run or lease falls due (at most `SAFETY_POLL`), so a
 //! lost token costs at most one safety poll.
 //!
@@ -31,6 +35,10 @@ use crate::model::{ClaimRequest, Run};
 /// The longest an idle waiter sleeps without asking the queues.
 pub const SAFETY_POLL: Duration = Duration::from_secs(2);
 
+/// How long a filtered worker's entry in `listeners` holds after it
+/// started a wait (renewed by every wait, at least every SAFETY_POLL).
+const LISTENING_MS: i64 = 60_000;
+
 /// How soon a waiter serving every known queue notices a new queue.
 const NEW_QUEUE_POLL: Duration = Duration::from_millis(500);
 
@@ -40,6 +48,11 @@ type Popped = (String, Option<Conn>, Result<bool>);
 
 /// Blocks on wake-up lists, one dedicated connection per queue.
 pub struct Waiter {
+    /// Whom the waits are for: the wake lists to block on follow from it.
+    listener: Listener,
+    /// Claims made after a wait that ended without a wake-up (the safety
+    /// poll, or a run falling due): each one a wake-up that did not come.
+    polled_claims: u64,
     store: Store,
     /// Connections not blocked right now, by queue.
     idle: HashMap<String, Conn>,
@@ -68,9 +81,18 @@ impl Drop for Waiting {
     }
 }
 
+/// The runtime and runner filter a waiter waits for.
+#[derive(Clone, Default, PartialEq)]
+struct Listener {
+    runtime_id: String,
+    runner_ids: Vec<String>,
+}
+
 impl Waiter {
     pub async fn new(store: &Store) -> Result<Waiter> {
         Ok(Waiter {
+            listener: Listener::default(),
+            polled_claims: 0,
             store: store.clone(),
             idle: HashMap::new(),
             in_flight: JoinSet::new(),
@@ -95,6 +117,8 @@ impl Waiter {
         stop: &CancellationToken,
     ) -> Result<Option<Run>> {
         let deadline = Instant::now() + wait;
+        self.listen_for(request);
+        let mut woken = true;
         // Without queues, every known queue is served; queues created while
         // waiting are found by reading the queue set again, at least every
         // NEW_QUEUE_POLL (their wake lists are not watched before).
@@ -115,7 +139,12 @@ impl Waiter {
             let mut next_due: Option<i64> = None;
             for queue in &queues {
                 match self.store.claim_from(queue, request).await? {
-                    ClaimOutcome::Claimed(run) => return Ok(Some(*run)),
+                    ClaimOutcome::Claimed(run) => {
+                        if !woken {
+                            self.polled_claims += 1;
+                        }
+                        return Ok(Some(*run));
+                    }
                     ClaimOutcome::Empty { next_due_ms, now_ms } => {
                         if let Some(due) = next_due_ms {
                             let left = due - now_ms;
@@ -134,9 +163,41 @@ impl Waiter {
             }
             tokio::select! {
                 _ = stop.cancelled() => return Ok(None),
-                woken = self.block(&queues, sleep) => { woken?; }
+                popped = self.block(&queues, sleep) => woken = popped?,
             }
         }
+    }
+
+    /// How many claims came after a wait that no wake-up ended: the wake-ups
+    /// that were missed (or runs that fell due meanwhile).
+    pub fn polled_claims(&self) -> u64 {
+        self.polled_claims
+    }
+
+    /// Waits from now on for this request's runtime and runner filter; BLPOPs
+    /// started for another are given up (their connections closed).
+    fn listen_for(&mut self, request: &ClaimRequest) {
+        let listener = Listener { runtime_id: request.runtime_id.clone(), runner_ids: request.runner_ids.clone() };
+        if listener != self.listener {
+            self.in_flight.abort_all();
+            self.blocked.clear();
+            self.idle.clear();
+            self.listener = listener;
+        }
+    }
+
+    /// The wake lists one BLPOP of this waiter names on a queue (one slot).
+    fn wake_keys(&self, queue: &str) -> Vec<String> {
+        let keys = self.store.queue_keys(queue);
+        let mut out: Vec<String> = if self.listener.runner_ids.is_empty() {
+            vec![keys.wake()]
+        } else {
+            self.listener.runner_ids.iter().map(|r| keys.runner_wake(r)).collect()
+        };
+        if !self.listener.runtime_id.is_empty() {
+            out.push(keys.pin_wake(&self.listener.runtime_id));
+        }
+        out
     }
 
     /// Blocks until a wake token arrives on one of the queues or `timeout` passes.
@@ -177,16 +238,33 @@ impl Waiter {
             Some(conn) => conn,
             None => self.store.dedicated_conn().await?,
         };
-        let key = self.store.queue_keys(queue).wake();
+        let wake_keys = self.wake_keys(queue);
+        // Filtered workers say which runners they wait for, so that enqueues
+        // of those runners push their lists (see lua/include/queue.lua).
+        let listening = (!self.listener.runner_ids.is_empty()).then(|| {
+            let until = chrono::Utc::now().timestamp_millis() + LISTENING_MS;
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(self.store.queue_keys(queue).listeners());
+            for runner in &self.listener.runner_ids {
+                cmd.arg(runner).arg(until);
+            }
+            cmd
+        });
         let queue = queue.to_string();
         let waiting = self.waiting.clone();
         self.blocked.insert(queue.clone());
         self.in_flight.spawn(async move {
+            if let Some(cmd) = listening
+                && let Err(e) = cmd.query_async::<i64>(&mut conn).await
+            {
+                let kept = (!Error::is_connection_failure(&e)).then_some(conn);
+                return (queue, kept, Err(Error::from_redis(e)));
+            }
             let mut cmd = redis::cmd("BLPOP");
             // BLPOP takes seconds with decimals; 0 would mean forever.
-            cmd.arg(&key).arg(format!("{:.3}", SAFETY_POLL.as_secs_f64()));
+            cmd.arg(&wake_keys).arg(format!("{:.3}", SAFETY_POLL.as_secs_f64()));
             match cmd.query_async::<Option<(String, String)>>(&mut conn).await {
-                Ok(Some(_)) if !waiting.load(Ordering::SeqCst) => {
+                Ok(Some((key, _))) if !waiting.load(Ordering::SeqCst) => {
                     // Nobody here wants it now: hand the wake-up on.
                     let pushed: redis::RedisResult<i64> =
                         redis::cmd("LPUSH").arg(&key).arg("1").query_async(&mut conn).await;
