@@ -31,11 +31,12 @@ if receipt then
   end
 end
 local seq = last_sequence(sk) + 1
+if seq > MAX_SEQUENCE then fail('INVALID', 'run ' .. rid .. ' has no event sequence left') end
 local now = now_ms()
 local f = { 'type', ARGV[3], 'data', ARGV[4], 'source', 'host', 'created_at', now }
 if ARGV[5] ~= '' then f[#f + 1] = 'metadata'; f[#f + 1] = ARGV[5] end
-redis.call('XADD', sk, seq .. '-0', unpack(f))
-if receipt then redis.call('SET', receipt, seq .. ' ' .. fmt(now), 'PX', RECEIPT_MS) end
+redis.call('XADD', sk, fmt(seq) .. '-0', unpack(f))
+if receipt then redis.call('SET', receipt, fmt(seq) .. ' ' .. fmt(now), 'PX', RECEIPT_MS) end
 local ttl = redis.call('PTTL', rk)
 if ttl > 0 then redis.call('PEXPIRE', sk, ttl) end
 return { seq, now }

@@ -24,11 +24,14 @@ local token = ARGV[3]
 local max_bytes = check_int('max JSON bytes', ARGV[4], 1, 512 * 1024 * 1024)
 local n = (#ARGV - 4) / 7
 if n < 1 or n ~= math.floor(n) then fail('INVALID', 'events must come as 7 values each, at least one') end
+if n > MAX_EVENTS_PER_CALL then
+  fail('INVALID', 'at most ' .. MAX_EVENTS_PER_CALL .. ' events per call, got ' .. n)
+end
 local events = {}
 for i = 0, n - 1 do
   local a = 5 + i * 7
   local e = {
-    seq = check_int('sequence', ARGV[a], 1, 1e15), type = ARGV[a + 1], data = ARGV[a + 2],
+    seq = check_int('sequence', ARGV[a], 1, MAX_SEQUENCE), type = ARGV[a + 1], data = ARGV[a + 2],
     usage = ARGV[a + 3], source = ARGV[a + 4], artifact_refs = ARGV[a + 5], metadata = ARGV[a + 6],
   }
   check_id('event type', e.type)
@@ -60,13 +63,13 @@ local out = {}
 local high = last
 for i, e in ipairs(events) do
   if e.seq <= high then
-    local found = e.seq <= last and redis.call('XRANGE', sk, e.seq .. '-0', e.seq .. '-0')[1]
+    local found = e.seq <= last and redis.call('XRANGE', sk, fmt(e.seq) .. '-0', fmt(e.seq) .. '-0')[1]
     if not found then
-      fail('OUT_OF_ORDER', 'event sequence ' .. e.seq .. ' of run ' .. rid .. ' is not above the last one (' .. high .. ')')
+      fail('OUT_OF_ORDER', 'event sequence ' .. fmt(e.seq) .. ' of run ' .. rid .. ' is not above the last one (' .. fmt(high) .. ')')
     end
     local equal, created = same(found[2], e)
     if not equal then
-      fail('CONFLICT', 'event sequence ' .. e.seq .. ' of run ' .. rid .. ' already exists with other content')
+      fail('CONFLICT', 'event sequence ' .. fmt(e.seq) .. ' of run ' .. rid .. ' already exists with other content')
     end
     out[i] = { e.seq, created, 0 }
   else
@@ -85,7 +88,8 @@ for i, e in ipairs(events) do
     if e.usage ~= '' then f[#f + 1] = 'usage'; f[#f + 1] = e.usage end
     if e.artifact_refs ~= '' then f[#f + 1] = 'artifact_refs'; f[#f + 1] = e.artifact_refs end
     if e.metadata ~= '' then f[#f + 1] = 'metadata'; f[#f + 1] = e.metadata end
-    redis.call('XADD', sk, e.seq .. '-0', unpack(f))
+    -- fmt, not `..`: Lua writes 1e14 as "1e+14", which is no stream id.
+    redis.call('XADD', sk, fmt(e.seq) .. '-0', unpack(f))
     out[i] = { e.seq, now, 1 }
   end
 end

@@ -47,6 +47,8 @@ local n = (#ARGV - 5) / WIDTH
 if n < 1 or n ~= math.floor(n) or #KEYS ~= 8 + n then
   fail('INVALID', 'runs must come as 17 values each with one key each, at least one')
 end
+-- The client sends 500 per call; a bound keeps one call (and its unpacks) short.
+if n > 1000 then fail('INVALID', 'at most 1000 runs per call, got ' .. n) end
 
 local OPTIONAL_IDS = { 'event_id', 'binding_id', 'conversation_id', 'thread_id', 'workspace_id', 'bot_id',
   'agent_id', 'requested_runtime_id' }

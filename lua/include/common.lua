@@ -12,6 +12,10 @@
 
 local TERMINAL = { completed = true, failed = true, cancelled = true, timeout = true }
 
+-- Event sequences are exact integers in Lua (a double) and in JSON: below 2^53.
+local MAX_SEQUENCE = 9007199254740991
+local MAX_EVENTS_PER_CALL = 1000
+
 local function fail(code, msg)
   error({ err = code .. ' ' .. msg })
 end

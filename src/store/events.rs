@@ -10,8 +10,8 @@ use crate::validate;
 /// The JSON strings an event is stored as. Empty metadata and artifact lists
 /// are stored as absent, so a retry compares equal however it spells them.
 fn encode(event: &NewEvent, max: usize) -> Result<[String; 7]> {
-    if event.sequence < 1 {
-        return Err(Error::Invalid(format!("event sequence must be 1 or more, got {}", event.sequence)));
+    if !(1..=MAX_SEQUENCE).contains(&event.sequence) {
+        return Err(Error::Invalid(format!("event sequence must be in [1, {MAX_SEQUENCE}], got {}", event.sequence)));
     }
     validate::id("event type", &event.event_type)?;
     validate::id("event source", &event.source)?;
@@ -28,6 +28,12 @@ fn encode(event: &NewEvent, max: usize) -> Result<[String; 7]> {
     };
     Ok([event.sequence.to_string(), event.event_type.clone(), data, usage, event.source.clone(), refs, metadata])
 }
+
+/// The largest event sequence: exact as a double (Lua, JSON), 2^53 - 1.
+pub const MAX_SEQUENCE: i64 = 9_007_199_254_740_991;
+
+/// The most events one `append_events` call takes (one script call).
+pub const MAX_EVENTS_PER_CALL: usize = 1000;
 
 impl Store {
     /// Appends one event (the seed's append_event). See [`Store::append_events`].
@@ -49,6 +55,9 @@ impl Store {
         validate::id("run_id", run_id)?;
         if events.is_empty() {
             return Ok(Vec::new());
+        }
+        if events.len() > MAX_EVENTS_PER_CALL {
+            return Err(Error::Invalid(format!("at most {MAX_EVENTS_PER_CALL} events per call, got {}", events.len())));
         }
         let max = self.max_json();
         let (keys, mut k) = self.run_keys(run_id).await?;

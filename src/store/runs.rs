@@ -24,6 +24,10 @@ pub enum ClaimOutcome {
     },
 }
 
+/// The most runs one `create_runs` call takes: a batch is validated whole
+/// and held in memory before anything is sent.
+pub const MAX_RUNS_PER_BATCH: usize = 10_000;
+
 /// A claim that was sent but never answered (the connection broke or the
 /// reply timed out): it may have claimed a run that nobody knows of. The
 /// store's next claim sends it again with the same token, and the script's
@@ -219,6 +223,12 @@ impl Store {
     /// queue (or comes twice in the batch) gives the run that holds it.
     pub async fn create_runs(&self, runs: &[NewRun]) -> Result<Vec<Run>> {
         const PER_CALL: usize = 500;
+        if runs.len() > MAX_RUNS_PER_BATCH {
+            return Err(Error::Invalid(format!(
+                "at most {MAX_RUNS_PER_BATCH} runs per create_runs call, got {}",
+                runs.len()
+            )));
+        }
         // Runs sent to a partitioned queue go to one of its partitions.
         let counts = self.partition_counts().await?;
         let placed: Vec<NewRun>;

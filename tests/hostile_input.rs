@@ -1,0 +1,130 @@
+//! Hostile input is refused with one clear error and writes nothing: the
+//! whole keyspace (`DUMP` of every key) is the same before and after each
+//! refused call. And sequences up to 2^53 - 1 land exactly (Lua would write
+//! 1e14 as "1e+14", no stream id, and half-land a batch).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use runledger::scripts::Scripts;
+use runledger::store::Conn;
+use runledger::*;
+use serde_json::json;
+
+const Q: &str = "hq";
+
+/// Every key with its DUMP: what a refused call must leave untouched.
+async fn keyspace(raw: &mut Conn) -> BTreeMap<String, Vec<u8>> {
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(raw).await.expect("KEYS");
+    let mut out = BTreeMap::new();
+    for key in keys {
+        let dump: Option<Vec<u8>> = redis::cmd("DUMP").arg(&key).query_async(raw).await.expect("DUMP");
+        out.insert(key, dump.unwrap_or_default());
+    }
+    out
+}
+
+/// A queue with one claimed run "h": its token.
+async fn held_run(store: &Store) -> String {
+    store.create_run(&NewRun::new("h", "agent").queue(Q)).await.expect("create");
+    let request = ClaimRequest::new("rt").queue(Q).lease(Duration::from_secs(60));
+    let run = store.claim_next_run(&request).await.expect("claim").expect("the run");
+    run.claim_token.expect("token")
+}
+
+fn event(sequence: i64) -> NewEvent {
+    NewEvent::new(sequence, "step", json!({ "n": sequence }))
+}
+
+#[tokio::test]
+async fn a_sequence_of_1e14_lands_whole() {
+    let (redis, store) = common::store().await;
+    let mut raw = common::raw(&redis).await;
+    let token = held_run(&store).await;
+    let big = 100_000_000_000_000;
+    let landed = store.append_events("h", Some(&token), &[event(1), event(big)]).await.expect("append");
+    assert_eq!(landed.iter().map(|e| e.sequence).collect::<Vec<_>>(), [1, big]);
+    let ids: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(store.queue_keys(Q).events("h"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut raw)
+        .await
+        .expect("XRANGE");
+    let ids: Vec<&str> = ids.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["1-0", "100000000000000-0"]);
+    // The largest sequence there is lands too, and the host's next audit event has no number left.
+    let max = runledger::store::MAX_SEQUENCE;
+    store.append_events("h", Some(&token), &[event(max)]).await.expect("append the largest sequence");
+    let before = keyspace(&mut raw).await;
+    let err = store.append_audit_event("h", "note", None, None).await.expect_err("no sequence left");
+    assert!(matches!(err, Error::Invalid(_)), "{err:?}");
+    assert_eq!(keyspace(&mut raw).await, before, "a refused audit event wrote something");
+}
+
+#[tokio::test]
+async fn refused_inputs_change_nothing() {
+    let (redis, store) = common::store().await;
+    let mut raw = common::raw(&redis).await;
+    let token = held_run(&store).await;
+    store.append_event("h", Some(&token), &event(1)).await.expect("a first event");
+
+    // Through the library: refused before anything is sent.
+    let too_many_events: Vec<NewEvent> = (2..=1002).map(event).collect();
+    let too_many_runs: Vec<NewRun> = (0..10_001).map(|i| NewRun::new(format!("b{i}"), "agent").queue(Q)).collect();
+    let before = keyspace(&mut raw).await;
+    let refusals: Vec<(&str, Error)> = vec![
+        ("sequence 0", store.append_event("h", Some(&token), &event(0)).await.expect_err("sequence 0")),
+        ("sequence -1", store.append_event("h", Some(&token), &event(-1)).await.expect_err("sequence -1")),
+        (
+            "sequence 2^53",
+            store.append_event("h", Some(&token), &event(9_007_199_254_740_992)).await.expect_err("2^53"),
+        ),
+        ("1,001 events", store.append_events("h", Some(&token), &too_many_events).await.expect_err("1,001 events")),
+        ("10,001 runs", store.create_runs(&too_many_runs).await.expect_err("10,001 runs")),
+    ];
+    for (what, err) in &refusals {
+        assert!(matches!(err, Error::Invalid(_)), "{what}: {err:?}");
+    }
+    assert_eq!(keyspace(&mut raw).await, before, "a refused library call wrote something");
+
+    // Straight to the script, as another client could: refused by the script itself.
+    let scripts = Scripts::new();
+    let keys = store.queue_keys(Q);
+    let mut k: Vec<String> = keys.fixed().to_vec();
+    k.push(keys.run("h"));
+    k.push(keys.events("h"));
+    let call = |events: Vec<[String; 7]>| {
+        let mut args = vec![keys.base.clone(), "h".to_string(), token.clone(), "1048576".to_string()];
+        for e in events {
+            args.extend(e);
+        }
+        args
+    };
+    let one = |seq: &str| {
+        [seq.to_string(), "step".into(), "{}".into(), String::new(), "runner".into(), String::new(), String::new()]
+    };
+    let hostile: Vec<(&str, Vec<String>)> = vec![
+        ("a non-numeric sequence", call(vec![one("abc")])),
+        ("a fractional sequence", call(vec![one("1.5")])),
+        ("a NaN sequence", call(vec![one("nan")])),
+        ("a negative sequence", call(vec![one("-3")])),
+        ("a sequence of 2^53", call(vec![one("9007199254740992")])),
+        ("a good event then a bad one", call(vec![one("2"), one("1e300")])),
+        ("1,001 events", call((2..=1002).map(|s| one(&s.to_string())).collect())),
+    ];
+    for (what, args) in hostile {
+        let reply: redis::RedisResult<redis::Value> = redis::cmd("EVAL")
+            .arg(scripts.append_events.code)
+            .arg(k.len())
+            .arg(&k)
+            .arg(&args)
+            .query_async(&mut raw)
+            .await;
+        let err = reply.expect_err(what);
+        assert_eq!(err.code(), Some("INVALID"), "{what}: {err:?}");
+        assert_eq!(keyspace(&mut raw).await, before, "{what}: the refused script wrote something");
+    }
+}
