@@ -102,6 +102,18 @@ for i, r in ipairs(runs) do
 end
 -- The clocks of the whole batch, in order (see the header).
 local clock = math.max(tonumber(meta[2] or '0'), now - ID_EPOCH)
+-- The `runs` index takes ids in order only: after its last id, whatever the
+-- queue's clock says (a meta hash edited or lost, a server clock set back).
+-- Checked before the first write, so a batch never half-lands on XADD.
+if fresh > 0 and redis.call('EXISTS', B .. 'runs') == 1 then
+  local info = redis.call('XINFO', 'STREAM', B .. 'runs')
+  for j = 1, #info, 2 do
+    if info[j] == 'last-generated-id' then
+      local last = tonumber(string.match(info[j + 1], '^(%d+)')) or 0
+      clock = math.max(clock, math.floor(last / QUEUES))
+    end
+  end
+end
 if clock + fresh >= CLOCK_LIMIT then fail('INVALID', 'the id clock of queue ' .. queue .. ' is exhausted') end
 local claimable = false
 -- Unpinned runs due now go into `queued` together, one ZADD per runner.

@@ -128,3 +128,39 @@ async fn refused_inputs_change_nothing() {
         assert_eq!(keyspace(&mut raw).await, before, "{what}: the refused script wrote something");
     }
 }
+
+/// A queue whose `runs` index is ahead of its clock (its meta hash was lost
+/// or edited, or the server clock was set back) still creates runs whole:
+/// the new ids follow the index, instead of a run hash written and then its
+/// index entry refused.
+#[tokio::test]
+async fn a_clock_behind_the_index_still_creates_whole_runs() {
+    let (redis, store) = common::store().await;
+    let mut raw = common::raw(&redis).await;
+    let first = store.create_run(&NewRun::new("first", "agent").queue(Q)).await.expect("create");
+    let keys = store.queue_keys(Q);
+    // An index entry an hour ahead of the queue's clock.
+    let ahead = first.id + 3_600_000 * 4096;
+    let _: String = redis::cmd("XADD")
+        .arg(keys.runs_index())
+        .arg(format!("{ahead}-0"))
+        .arg("r")
+        .arg("elsewhere")
+        .query_async(&mut raw)
+        .await
+        .expect("XADD");
+    let next = store.create_run(&NewRun::new("next", "agent").queue(Q)).await.expect("create after the jump");
+    assert!(next.id > ahead, "id {} does not follow the index ({ahead})", next.id);
+    assert_eq!(next.id % 4096, first.id % 4096, "the queue number stays in the id");
+    let last: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        .arg(keys.runs_index())
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut raw)
+        .await
+        .expect("XREVRANGE");
+    assert_eq!(last[0].0, format!("{}-0", next.id), "the new run is the index's newest entry");
+    assert_eq!(store.get_run("next").await.expect("get").status, RunStatus::Queued);
+}
