@@ -30,8 +30,9 @@ local timed_out = 0
 for _, rid in ipairs(redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', now, 'LIMIT', 0, limit)) do
   local h = route_fields(B .. 'run:' .. rid)
   if h and not TERMINAL[h.status] then
-    finish(B, rid, h, 'timeout', 'deadline passed', now, retention)
+    -- Notice first, as in request_cancel.lua: a refused PUBLISH writes nothing.
     if h.status == 'claimed' then redis.call(publish, B .. 'cancel', rid) end
+    finish(B, rid, h, 'timeout', 'deadline passed', now, retention)
     timed_out = timed_out + 1
   else
     redis.call('ZREM', K.deadlines, rid)

@@ -23,11 +23,13 @@ local rk = KEYS[8]
 local h = load_run(rk, rid)
 if TERMINAL[h.status] then return hgetall(rk) end
 local now = now_ms()
+-- The notice goes out before the first write: a user without rights on the
+-- channel is refused with nothing written (the holder reads nothing from
+-- the hash when notified, so the order does not matter to it).
+if h.status ~= 'queued' then redis.call(publish, KEYS[9], rid) end
 redis.call('HSET', rk, 'cancel_requested_at', now, 'updated_at', now)
 if ARGV[3] ~= '' then redis.call('HSET', rk, 'status_reason', ARGV[3]) end
 if h.status == 'queued' then
   finish(B, rid, h, 'cancelled', ARGV[3] ~= '' and ARGV[3] or 'cancelled while queued', now, retention)
-else
-  redis.call(publish, KEYS[9], rid)
 end
 return hgetall(rk)

@@ -164,3 +164,25 @@ async fn a_clock_behind_the_index_still_creates_whole_runs() {
     assert_eq!(last[0].0, format!("{}-0", next.id), "the new run is the index's newest entry");
     assert_eq!(store.get_run("next").await.expect("get").status, RunStatus::Queued);
 }
+
+/// A Redis user without rights on the cancel channel: cancelling a claimed
+/// run is refused (the notice cannot go out) and nothing is written, rather
+/// than a cancel recorded that its holder never hears of.
+#[tokio::test]
+async fn a_cancel_refused_by_the_acl_writes_nothing() {
+    let (redis, store) = common::store().await;
+    let mut raw = common::raw(&redis).await;
+    held_run(&store).await;
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "nochannels", "on", ">secret", "~*", "+@all", "resetchannels"][..])
+        .query_async(&mut raw)
+        .await
+        .expect("ACL SETUSER");
+    let url = redis.url.replacen("redis://", "redis://nochannels:secret@", 1);
+    let limited = Store::connect(&url).await.expect("connect as the limited user");
+    let before = keyspace(&mut raw).await;
+    let err = limited.request_cancel("h", Some("operator")).await.expect_err("no channel rights");
+    assert!(err.to_string().contains("publish"), "the error says what was refused: {err}");
+    assert_eq!(keyspace(&mut raw).await, before, "a refused cancel wrote something");
+    assert!(store.get_run("h").await.expect("get").cancel_requested_at.is_none());
+}
