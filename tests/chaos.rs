@@ -79,6 +79,8 @@ async fn chaos() {
     }
     proxy.lose_replies(0.0);
     fleet.stop_all().await;
+    // A worker that ends on its own (a panic, a signal) is a bug, not chaos.
+    assert!(fleet.died.is_empty(), "workers exited on their own: {:?}", fleet.died);
     let lines = recorder.stop().await;
     let replies_dropped = proxy.replies_dropped();
     let conn_ends = proxy.connection_ends();
@@ -172,6 +174,8 @@ struct Fleet {
     started: Vec<(String, PathBuf)>,
     /// Runtime id of each process SIGKILLed -> when the signal was sent (µs since the epoch).
     killed: HashMap<String, u64>,
+    /// Workers that exited before the test stopped or killed them, with their status.
+    died: Vec<String>,
     kills: u32,
 }
 
@@ -189,6 +193,7 @@ impl Fleet {
             generations: vec![0; SLOTS],
             started: Vec::new(),
             killed: HashMap::new(),
+            died: Vec::new(),
             kills: 0,
         }
     }
@@ -218,6 +223,9 @@ impl Fleet {
 
     fn kill_and_replace(&mut self, slot: usize) {
         if let Some(mut worker) = self.slots[slot].take() {
+            if let Ok(Some(status)) = worker.child.try_wait() {
+                self.died.push(format!("{} ({status})", worker.runtime_id));
+            }
             // Child::kill is SIGKILL: no shutdown code runs, as in a crash.
             let sent = proxy::now_us();
             worker.child.kill().expect("SIGKILL a worker");
@@ -231,6 +239,11 @@ impl Fleet {
     /// SIGTERM to every worker, then waits for each (SIGKILL after 30 s).
     async fn stop_all(&mut self) {
         let mut workers: Vec<Worker> = self.slots.iter_mut().filter_map(Option::take).collect();
+        for w in &mut workers {
+            if let Ok(Some(status)) = w.child.try_wait() {
+                self.died.push(format!("{} ({status})", w.runtime_id));
+            }
+        }
         for w in &workers {
             // SAFETY: kill(2) on the PID of a child we started and have not reaped.
             unsafe { libc::kill(w.child.id() as libc::pid_t, libc::SIGTERM) };

@@ -86,11 +86,6 @@ enum Command {
 
 #[tokio::main]
 async fn main() {
-    // Printing into a closed pipe (`runledger runs | head`) ends quietly, as other CLIs do.
-    #[cfg(unix)]
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => {
@@ -115,6 +110,18 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    // Printing into a closed pipe (`runledger runs | head`) ends quietly, as
+    // other CLIs do. Not for the long-running commands: with SIGPIPE at its
+    // default, a write into a socket that Redis (or the network) closed kills
+    // the process silently instead of failing one call, which the library
+    // retries (found by tests/chaos.rs).
+    #[cfg(unix)]
+    if !matches!(cli.command, Command::Worker(_) | Command::Demo(_) | Command::Bench(_)) {
+        // SAFETY: signal(2) only changes how this process takes SIGPIPE.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
