@@ -80,7 +80,7 @@ async fn chaos() {
     proxy.lose_replies(0.0);
     fleet.stop_all().await;
     // A worker that ends on its own (a panic, a signal) is a bug, not chaos.
-    assert!(fleet.died.is_empty(), "workers exited on their own: {:?}", fleet.died);
+    assert!(fleet.died.is_empty(), "workers exited on their own: {:?}\n{}", fleet.died, fleet.died_log_tails());
     let lines = recorder.stop().await;
     let replies_dropped = proxy.replies_dropped();
     let conn_ends = proxy.connection_ends();
@@ -265,6 +265,24 @@ impl Fleet {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+
+    /// The last lines each worker that died on its own wrote, for the failure message.
+    fn died_log_tails(&self) -> String {
+        let mut out = String::new();
+        for (id, path) in &self.started {
+            if !self.died.iter().any(|d| d.starts_with(&format!("{id} "))) {
+                continue;
+            }
+            let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("(log unreadable: {e})"));
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- last lines of {id}'s log:\n"));
+            for line in &lines[lines.len().saturating_sub(15)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     fn read_logs(&self) -> Vec<(String, String)> {

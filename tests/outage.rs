@@ -270,3 +270,57 @@ async fn cut_connections_run_nothing_twice() {
 
     workload.check().await;
 }
+
+/// `runledger worker` started while its Redis is down (a host booting, a
+/// deploy racing a Redis restart) waits for it instead of exiting, then
+/// serves the queue, and still stops at SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_command_waits_for_redis_to_come_up() {
+    let mut server = aof_server();
+    tokio::task::block_in_place(|| server.stop());
+    let logs = tempfile::tempdir().expect("temp dir");
+    let log_path = logs.path().join("worker.log");
+    let log = std::fs::File::create(&log_path).expect("worker log");
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_runledger"))
+        .args(["--redis", &server.url(), "worker", "--queue", "q", "--work-ms", "1", "--fail-rate", "0"])
+        .args(["--runtime-id", "late-redis", "--grace", "1"])
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .env_remove("REDIS_URL")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn runledger worker");
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let mut exited = None;
+    wait_until("the worker to say it cannot reach Redis, or exit", || {
+        exited = worker.try_wait().expect("worker status");
+        let done = exited.is_some() || read_log().contains("cannot reach Redis yet");
+        async move { done }
+    })
+    .await;
+    assert!(exited.is_none(), "the worker exited ({exited:?}) instead of waiting: {}", read_log());
+
+    tokio::task::block_in_place(|| server.start_again()).expect("start redis-server again");
+    let store = Store::connect(&server.url()).await.expect("connect");
+    store.create_run(&NewRun::new("after-start", "agent").queue("q")).await.expect("create");
+    wait_until("the waiting worker to complete the run", || async {
+        store.get_run("after-start").await.map(|r| r.status == RunStatus::Completed).unwrap_or(false)
+    })
+    .await;
+
+    // SAFETY: kill(2) on the PID of a child this test started and has not reaped.
+    unsafe { libc::kill(worker.id() as libc::pid_t, libc::SIGTERM) };
+    let status = tokio::task::block_in_place(|| {
+        let deadline = std::time::Instant::now() + HANG_GUARD;
+        loop {
+            if let Some(status) = worker.try_wait().expect("worker status") {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "hang guard: the worker ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    assert!(status.success(), "worker exit {status}: {}", read_log());
+}

@@ -24,6 +24,55 @@ pub async fn connect(url: &str, target: &Target) -> Result<Store> {
     })
 }
 
+/// Like [`connect`], and keeps trying while Redis is unreachable (a worker
+/// started with, or just before, its Redis), until SIGINT/SIGTERM. `None`
+/// when a signal ended the wait. Bad URLs and refusals still fail at once.
+pub async fn connect_waiting(url: &str, target: &Target) -> Result<Option<Store>> {
+    let mut pause = Duration::from_millis(100);
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    loop {
+        match connect(url, target).await {
+            Ok(store) => return Ok(Some(store)),
+            Err(e) if starting_up(&e) => {
+                tracing::warn!(error = %e, ?pause, "cannot reach Redis yet; retrying");
+                tokio::select! {
+                    _ = &mut stop => return Ok(None),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Redis away, or up but not serving yet (loading its data, a cluster
+/// electing a primary): worth waiting for. Not a bad password or URL.
+fn starting_up(e: &Error) -> bool {
+    match e {
+        Error::Unreachable { .. } => true,
+        Error::Redis(err) => matches!(err.code(), Some("LOADING" | "BUSY" | "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN")),
+        _ => false,
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 fn json_arg(name: &str, text: &Option<String>) -> Result<Option<Value>> {
     text.as_deref().map(|t| validate::parse_object(name, t)).transpose()
 }

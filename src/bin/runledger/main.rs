@@ -183,7 +183,10 @@ async fn run(cli: Cli) -> runledger::Result<()> {
         Command::Queues => ledger::queues(&store().await?, &out).await,
         Command::Partition(a) => ledger::partition(&store().await?, &out, a).await,
         Command::Reap => ledger::reap(&store().await?, &out).await,
-        Command::Worker(a) => worker_cmd::run(&store().await?, &out, a).await,
+        Command::Worker(a) => match ledger::connect_waiting(&url, &target).await? {
+            Some(store) => worker_cmd::run(&store, &out, a).await,
+            None => Ok(()),
+        },
         Command::Demo(a) => demo::run(&target, &out, a).await,
         Command::Bench(a) => bench::run(&target, &out, a).await,
     }
