@@ -33,6 +33,18 @@ impl QueueKeys {
     pub fn finished(&self) -> String {
         self.key("finished")
     }
+    /// HASH runner_id -> how many of its runs are queued.
+    pub fn runners(&self) -> String {
+        self.key("runners")
+    }
+    /// ZSET of runs created `running` (direct execution), by start time.
+    pub fn running(&self) -> String {
+        self.key("running")
+    }
+    /// The answer of one request, for a resend after a lost reply.
+    pub fn receipt(&self, request: &str) -> String {
+        self.key(&format!("receipt:{request}"))
+    }
     pub fn stats(&self) -> String {
         self.key("stats")
     }

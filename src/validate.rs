@@ -25,6 +25,18 @@ pub fn id(name: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// A key prefix: an id without `:`. Every key of a prefix starts with
+/// `<prefix>:`, so prefixes without `:` never nest (`rl` and `rl:runtime`
+/// would: runtime `queues` of the first is the queue set of the second), and an ACL
+/// pattern `~<prefix>:*` holds exactly one tenant's keys.
+pub fn prefix(value: &str) -> Result<()> {
+    id("prefix", value)?;
+    if value.contains(':') {
+        return Err(Error::Invalid(format!("prefix must not contain ':' (prefixes would nest): {value:?}")));
+    }
+    Ok(())
+}
+
 pub fn opt_id(name: &str, value: Option<&str>) -> Result<()> {
     value.map_or(Ok(()), |v| id(name, v))
 }
