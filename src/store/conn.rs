@@ -8,7 +8,13 @@
 //! A cluster is chosen by a `redis+cluster://host:port,host:port/` URL or by
 //! [`super::StoreConfig::cluster`] with a plain `redis://` URL; either form
 //! accepts several comma-separated seed nodes.
+//!
+//! TLS: a `rediss://` (or `rediss+cluster://`) URL connects over TLS
+//! (rustls), verifying the server's certificate against the system's roots,
+//! or against the CA of [`super::StoreConfig::tls_ca_file`] when set; the
+//! redis crate's `rediss://host:port/#insecure` skips verification.
 
+use std::path::Path;
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -113,14 +119,59 @@ pub fn cluster_nodes(url: &str, cluster: bool) -> Result<Option<Vec<String>>> {
     Ok(Some(nodes))
 }
 
+/// True for a URL that asks for TLS.
+fn is_tls_url(url: &str) -> bool {
+    matches!(url.split_once("://"), Some(("rediss" | "rediss+cluster", _)))
+}
+
+/// The TLS settings of every connection a store makes to `url`: `None` to
+/// trust the system's roots (or for a plain URL), else the CA of
+/// `ca_file`. Also installs rustls's process-wide crypto provider (ring)
+/// unless the application installed one.
+pub(crate) fn tls_certificates(url: &str, ca_file: Option<&Path>) -> Result<Option<redis::TlsCertificates>> {
+    let tls = is_tls_url(url);
+    if tls && rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race with another installer is fine: one provider is in place.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let Some(path) = ca_file else { return Ok(None) };
+    if !tls {
+        let scheme = url.split_once("://").map_or(url, |(scheme, _)| scheme);
+        return Err(Error::Invalid(format!(
+            "a TLS CA file ({}) needs a rediss:// URL, not {scheme}://",
+            path.display()
+        )));
+    }
+    let pem = std::fs::read(path)
+        .map_err(|e| Error::Invalid(format!("cannot read the TLS CA file {}: {e}", path.display())))?;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut count = 0;
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        cert.map_err(|e| Error::Invalid(format!("TLS CA file {}: bad PEM certificate: {e}", path.display())))?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(Error::Invalid(format!("TLS CA file {} holds no PEM certificate", path.display())));
+    }
+    Ok(Some(redis::TlsCertificates { client_tls: None, root_cert: Some(pem) }))
+}
+
+/// The seed nodes of a cluster, with the TLS settings every connection to
+/// the cluster uses.
+pub(crate) struct Seeds {
+    pub urls: Vec<String>,
+    pub tls: Option<redis::TlsCertificates>,
+}
+
 /// Builds a cluster client. `response_timeout` None = no reply timeout (for
 /// blocking commands); `push` carries pub/sub messages (RESP3).
 pub(crate) fn cluster_client(
-    nodes: &[String],
+    nodes: &Seeds,
     response_timeout: Option<Duration>,
     push: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
 ) -> Result<ClusterClient> {
-    let mut builder = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
+    let mut builder = redis::cluster::ClusterClientBuilder::new(nodes.urls.clone())
         .connection_timeout(Duration::from_secs(5))
         // A failover takes a few seconds (node timeout + election): retries
         // with backoff ride it out instead of failing the call.
@@ -129,6 +180,9 @@ pub(crate) fn cluster_client(
         .max_retry_wait(1000);
     if let Some(timeout) = response_timeout {
         builder = builder.response_timeout(timeout);
+    }
+    if let Some(certs) = &nodes.tls {
+        builder = builder.certs(certs.clone());
     }
     if let Some(push) = push {
         builder = builder.use_protocol(redis::ProtocolVersion::RESP3).push_sender(push);

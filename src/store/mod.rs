@@ -30,6 +30,7 @@ pub use waiting::{SAFETY_POLL, Waiter};
 mod runtimes;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -73,6 +74,11 @@ pub struct StoreConfig {
     /// and expired, or never registered) loses its pin at the next reaper
     /// pass once it is this old, and any runtime may claim it. Default 5 min.
     pub pin_grace: Duration,
+    /// PEM file of the CA certificate(s) that sign the server's certificate,
+    /// trusted instead of the system's roots on a `rediss://` URL (like
+    /// redis-cli's `--cacert`); read once at connect, for every connection.
+    /// `None` (default) = the system's roots (which honour `SSL_CERT_FILE`).
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -89,6 +95,7 @@ impl Default for StoreConfig {
             replica_timeout: Duration::from_secs(1),
             running_timeout: Some(Duration::from_secs(86_400)),
             pin_grace: Duration::from_secs(300),
+            tls_ca_file: None,
         }
     }
 }
@@ -109,7 +116,7 @@ enum Backend {
         next: AtomicUsize,
     },
     Cluster {
-        nodes: Vec<String>,
+        nodes: conn::Seeds,
         client: redis::cluster::ClusterClient,
         /// Shared; replaced (with a fresh look at the slots) when a call on
         /// it times out or finds it broken, as around a failover.
@@ -169,15 +176,17 @@ impl Store {
 
     /// Connects and checks that the server answers.
     pub async fn connect_with(url: &str, cfg: StoreConfig) -> Result<Store> {
-        crate::validate::id("prefix", &cfg.prefix)?;
+        crate::validate::prefix(&cfg.prefix)?;
         if cfg.max_json_bytes == 0 {
             return Err(Error::Invalid("max_json_bytes must be more than 0".into()));
         }
         if cfg.wait_replicas > 0 && cfg.replica_timeout.is_zero() {
             return Err(Error::Invalid("replica_timeout must be more than 0 with wait_replicas".into()));
         }
+        let tls = conn::tls_certificates(url, cfg.tls_ca_file.as_deref())?;
         let backend = match conn::cluster_nodes(url, cfg.cluster)? {
-            Some(nodes) => {
+            Some(urls) => {
+                let nodes = conn::Seeds { urls, tls };
                 let client = conn::cluster_client(&nodes, Some(cfg.response_timeout), None)?;
                 let conn = client.get_async_connection().await?;
                 let blocking = conn::cluster_client(&nodes, None, None)?;
@@ -187,14 +196,19 @@ impl Store {
                 let connection_config = AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(Duration::from_secs(5)))
                     .set_response_timeout(Some(cfg.response_timeout));
-                let manager = deadpool_redis::Manager::new_with_config(url, connection_config)?;
+                let client = match tls {
+                    Some(certs) => redis::Client::build_with_tls(url, certs)?,
+                    None => redis::Client::open(url)?,
+                };
+                let manager =
+                    deadpool_redis::Manager::new_with_config(client.get_connection_info().clone(), connection_config)?;
                 let pool = deadpool_redis::Pool::builder(manager)
                     .max_size(cfg.connections.max(1) * 2)
                     .runtime(deadpool_redis::Runtime::Tokio1)
                     .build()
                     .map_err(|e| Error::Invalid(format!("connection pool: {e}")))?;
                 Backend::Single {
-                    client: redis::Client::open(url)?,
+                    client,
                     pool,
                     conns: (0..cfg.connections.max(1)).map(|_| Mutex::new(None)).collect(),
                     next: AtomicUsize::new(0),
@@ -231,7 +245,7 @@ impl Store {
     /// The seed nodes of a cluster store (empty for a single server).
     pub fn cluster_nodes(&self) -> &[String] {
         match &self.inner.backend {
-            Backend::Cluster { nodes, .. } => nodes,
+            Backend::Cluster { nodes, .. } => &nodes.urls,
             Backend::Single { .. } => &[],
         }
     }

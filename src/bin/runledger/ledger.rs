@@ -17,6 +17,11 @@ pub async fn connect(url: &str, target: &Target) -> Result<Store> {
         Error::Redis(err) if err.kind() == redis::ErrorKind::InvalidClientConfig => {
             Error::Invalid(format!("--redis / REDIS_URL is not a valid Redis URL: {url} ({err})"))
         }
+        // rustls reports an untrusted certificate as an I/O error: it is not
+        // an outage, and waiting will not fix it.
+        Error::Redis(err) if err.to_string().contains("certificate") => {
+            Error::Invalid(format!("TLS: {url} did not present a trusted certificate: {err} (see --tls-ca)"))
+        }
         Error::Redis(err) if err.is_connection_refusal() || err.is_io_error() || err.is_timeout() => {
             Error::Unreachable { url: url.to_string(), reason: format!("{err} (set --redis or REDIS_URL)") }
         }

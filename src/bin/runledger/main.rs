@@ -33,6 +33,10 @@ pub struct Cli {
     /// fewer in time is an error. 0 = off.
     #[arg(long, global = true, env = "RUNLEDGER_WAIT_REPLICAS", default_value_t = 0)]
     wait_replicas: u32,
+    /// PEM file of the CA that signs the server's certificate, for a rediss:// (TLS) URL
+    /// [default: the system's roots]; like redis-cli's --cacert.
+    #[arg(long, global = true, env = "RUNLEDGER_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
     /// Prefix of every key.
     #[arg(long, global = true, env = "RUNLEDGER_PREFIX", default_value = "rl")]
     prefix: String,
@@ -143,6 +147,8 @@ pub struct Target {
     pub prefix: String,
     pub cluster: bool,
     pub wait_replicas: u32,
+    /// `--tls-ca` / `RUNLEDGER_TLS_CA`, if given.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl Target {
@@ -152,6 +158,7 @@ impl Target {
             prefix: prefix.to_string(),
             cluster: self.cluster,
             wait_replicas: self.wait_replicas,
+            tls_ca_file: self.tls_ca.clone(),
             ..Default::default()
         }
     }
@@ -164,6 +171,7 @@ async fn run(cli: Cli) -> runledger::Result<()> {
         prefix: cli.prefix.clone(),
         cluster: cli.cluster,
         wait_replicas: cli.wait_replicas,
+        tls_ca: cli.tls_ca.clone(),
     };
     let url = cli.redis.clone().unwrap_or_else(|| "redis://127.0.0.1:6379/".to_string());
     let store = || ledger::connect(&url, &target);
