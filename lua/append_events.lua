@@ -6,7 +6,8 @@
 -- ARGV[1] key base   ARGV[2] run_id
 -- ARGV[3] claim token ('' = host call without fencing)
 -- ARGV[4] max JSON bytes
--- ARGV[5..] 7 values per event: sequence, type, data (JSON object),
+-- ARGV[5] the most events a run may hold (1 .. 10,000,000)
+-- ARGV[6..] 7 values per event: sequence, type, data (JSON object),
 --   usage (JSON object or ''), source, artifact_refs (JSON array or ''),
 --   metadata (JSON object or '')
 -- Returns one {sequence, created_at_ms, 1 = appended | 0 = identical retry} per event.
@@ -14,7 +15,8 @@
 -- A sequence that already exists is an idempotent retry when its content is
 -- the same and a CONFLICT when it differs. A new sequence must be above the
 -- stream's last one (OUT_OF_ORDER otherwise) and the run must not be finished
--- (FINISHED). A token that no longer holds the run, or whose lease expired
+-- (FINISHED), and the run may hold at most ARGV[5] events (LIMIT past it).
+-- A token that no longer holds the run, or whose lease expired
 -- by the server's clock, is STALE_TOKEN. Every event
 -- is checked before the first one is written, so a batch lands whole or not at all.
 local B = ARGV[1]
@@ -22,14 +24,15 @@ local rid = ARGV[2]
 check_id('run_id', rid)
 local token = ARGV[3]
 local max_bytes = check_int('max JSON bytes', ARGV[4], 1, 512 * 1024 * 1024)
-local n = (#ARGV - 4) / 7
+local max_events = check_int('max events per run', ARGV[5], 1, 1e7)
+local n = (#ARGV - 5) / 7
 if n < 1 or n ~= math.floor(n) then fail('INVALID', 'events must come as 7 values each, at least one') end
 if n > MAX_EVENTS_PER_CALL then
   fail('INVALID', 'at most ' .. MAX_EVENTS_PER_CALL .. ' events per call, got ' .. n)
 end
 local events = {}
 for i = 0, n - 1 do
-  local a = 5 + i * 7
+  local a = 6 + i * 7
   local e = {
     seq = check_int('sequence', ARGV[a], 1, MAX_SEQUENCE), type = ARGV[a + 1], data = ARGV[a + 2],
     usage = ARGV[a + 3], source = ARGV[a + 4], artifact_refs = ARGV[a + 5], metadata = ARGV[a + 6],
@@ -78,6 +81,18 @@ for i, e in ipairs(events) do
     end
     high = e.seq
     out[i] = false
+  end
+end
+
+local new = 0
+for i = 1, #events do
+  if not out[i] then new = new + 1 end
+end
+if new > 0 then
+  local held = redis.call('XLEN', sk)
+  if held + new > max_events then
+    fail('LIMIT', 'run ' .. rid .. ' holds ' .. held .. ' events; ' .. new .. ' more would pass the limit of ' ..
+      fmt(max_events) .. ' events per run')
   end
 end
 

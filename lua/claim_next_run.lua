@@ -5,7 +5,7 @@
 -- ARGV[2]  runtime_id
 -- ARGV[3]  lease length in ms (1 .. 86400000)
 -- ARGV[4]  new claim token (chosen by the client, 32 hex chars)
--- ARGV[5]  retention of finished runs in ms (for runs that time out here)
+-- ARGV[5]  retention ms (checked, unused: finished runs carry no TTL; kept so the positions stay)
 -- ARGV[6..] runner_ids filter (none = any runner)
 -- The work is done by claim() in include/claim.lua.
 -- A claim records a receipt (<P>:{Q}:receipt:<token> = run_id, for the lease's

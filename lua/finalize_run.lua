@@ -23,7 +23,9 @@
 -- Resent with the same claim spec (same new token), it hands out the run the
 -- first call claimed (see claim_again in claim.lua).
 -- Returns {1 = finished now | 0 = already had this status, HGETALL... or {} when
--- quiet, and when a claim was asked for: the claim's reply}.
+-- quiet, the claim's reply when a claim was asked for (else 0), then the ids
+-- of the runs this call purged (up to PURGE_PER_FINISH, past the retention):
+-- the client deletes their locators, which live in other slots}.
 -- Errors: NOT_FOUND, STALE_TOKEN, CONFLICT (finished with another status),
 -- RETRY (metadata changed since the client read it; the library retries).
 local B = ARGV[1]
@@ -56,7 +58,7 @@ if TERMINAL[h.status] then
     -- A resend after a lost reply answers as the first call did, with the run
     -- that call claimed (its receipt); a new request claims nothing here.
     local again = next_claim and claim_again(B, next_claim.token, now_ms())
-    return { 0, quiet and {} or hgetall(rk), again or nil }
+    return { 0, quiet and {} or hgetall(rk), again or 0 }
   end
   fail('CONFLICT', 'run ' .. rid .. ' is already ' .. h.status .. '; it cannot become ' .. status)
 end
@@ -69,7 +71,12 @@ if with_meta then
 end
 if ARGV[5] ~= '' then redis.call('HSET', rk, 'usage', ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('HSET', rk, 'cost', ARGV[6]) end
-finish(B, rid, h, status, ARGV[4], now, retention, token ~= '' and { 'finish_token', token } or nil)
-local reply = { 1, quiet and {} or hgetall(rk) }
-if next_claim then reply[3] = claim(B, next_claim, now) end
+finish(B, rid, h, status, ARGV[4], now, token ~= '' and { 'finish_token', token } or nil)
+-- Each finish purges up to two runs past the retention: the finished
+-- stream shrinks at least as fast as it grows, with no reaper running.
+-- The run is read back first: with a short retention it can be among those purged.
+local fields = quiet and {} or hgetall(rk)
+local purged = purge_finished(B, now, retention, PURGE_PER_FINISH)
+local reply = { 1, fields, next_claim and claim(B, next_claim, now) or 0 }
+for _, id in ipairs(purged) do reply[#reply + 1] = id end
 return reply

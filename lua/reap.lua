@@ -12,7 +12,8 @@
 -- Does, each at most `limit` times: promote due delayed runs; take back
 -- expired leases (dead-lettering runs out of attempts); time out runs past
 -- their deadline, and running runs past the running timeout; purge runs
--- finished longer ago than the retention, with their events and list-index entries.
+-- finished longer ago than the retention, with their events and list-index
+-- entries (purge_finished in include/queue.lua).
 -- Returns {promoted, reclaimed, timed_out, purged, run ids purged...}: the
 -- client drops the purged runs' locators (another slot on a cluster).
 local B = ARGV[1]
@@ -24,7 +25,7 @@ local running_timeout = check_opt_int('running timeout ms', ARGV[6] or '', 1, 1e
 now = now or now_ms()
 
 local promoted = promote_delayed(B, now, limit)
-local reclaimed = #recover_expired(B, now, limit, 'queued', 'claim lease expired', retention)
+local reclaimed = #recover_expired(B, now, limit, 'queued', 'claim lease expired')
 
 local timed_out = 0
 for _, rid in ipairs(redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', now, 'LIMIT', 0, limit)) do
@@ -32,7 +33,7 @@ for _, rid in ipairs(redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', now, 'LIMI
   if h and not TERMINAL[h.status] then
     -- Notice first, as in request_cancel.lua: a refused PUBLISH writes nothing.
     if h.status == 'claimed' then redis.call(publish, B .. 'cancel', rid) end
-    finish(B, rid, h, 'timeout', 'deadline passed', now, retention)
+    finish(B, rid, h, 'timeout', 'deadline passed', now)
     timed_out = timed_out + 1
   else
     redis.call('ZREM', K.deadlines, rid)
@@ -45,7 +46,7 @@ if running_timeout then
     local h = route_fields(B .. 'run:' .. rid)
     if h and h.status == 'running' then
       finish(B, rid, h, 'timeout', 'running for longer than ' .. fmt(running_timeout / 1000) ..
-        ' s without being finished (running timeout)', now, retention)
+        ' s without being finished (running timeout)', now)
       timed_out = timed_out + 1
     else
       redis.call('ZREM', B .. 'running', rid)
@@ -53,32 +54,7 @@ if running_timeout then
   end
 end
 
-local purged = 0
-local purged_ids = {}
-local SCOPES = { 'conversation', 'bot', 'workspace', 'thread' }
-for _, entry in ipairs(redis.call('XRANGE', K.finished, '-', fmt(now - retention), 'COUNT', limit)) do
-  local rid = entry[2][2]
-  local rk = B .. 'run:' .. rid
-  local v = redis.call('HMGET', rk, 'id', 'conversation_id', 'bot_id', 'workspace_id', 'thread_id')
-  if v[1] then
-    local index_entry = v[1] .. '-0'
-    redis.call('XDEL', B .. 'runs', index_entry)
-    for i = 1, 4 do
-      if v[i + 1] then
-        local idx = B .. 'idx:' .. SCOPES[i] .. ':' .. v[i + 1]
-        redis.call('XDEL', idx, index_entry)
-        -- An empty stream stays a key; a scope value that has no runs left goes.
-        if redis.call('XLEN', idx) == 0 then redis.call('DEL', idx) end
-      end
-    end
-  end
-  redis.call('DEL', rk, B .. 'events:' .. rid)
-  redis.call('XDEL', K.finished, entry[1])
-  purged = purged + 1
-  -- Only a run whose hash was still here owns its locator: an expired one's
-  -- locator expired with it and may name a newer run of that id by now.
-  if v[1] then purged_ids[#purged_ids + 1] = rid end
-end
-local out = { promoted, reclaimed, timed_out, purged }
+local purged_ids = purge_finished(B, now, retention, limit)
+local out = { promoted, reclaimed, timed_out, #purged_ids }
 for _, rid in ipairs(purged_ids) do out[#out + 1] = rid end
 return out

@@ -6,7 +6,7 @@
 -- ARGV[4] status: queued | completed | failed | cancelled | timeout
 -- ARGV[5] status_reason ('' = none)
 -- ARGV[6] retry delay ms (0 = claimable at once; only with status queued)
--- ARGV[7] retention ms
+-- ARGV[7] retention ms (checked, unused: finished runs carry no TTL; kept so the positions stay)
 -- Returns HGETALL of the run. Errors: NOT_FOUND, STALE_TOKEN (also when the
 -- lease expired by the server's clock).
 -- A release leaves a receipt (<P>:{Q}:receipt:<token> = '{released}' and a
@@ -36,7 +36,7 @@ local now = now_ms()
 check_holder(h, rid, token, now)
 redis.call('SET', receipt, request, 'PX', RECEIPT_MS)
 if TERMINAL[status] then
-  finish(B, rid, h, status, ARGV[5], now, retention)
+  finish(B, rid, h, status, ARGV[5], now)
   return hgetall(rk)
 end
 redis.call('ZREM', K.leases, rid)

@@ -6,7 +6,7 @@
 -- ARGV[3] status for the released runs: queued (default) or a terminal status
 -- ARGV[4] status_reason
 -- ARGV[5] limit (1 .. 500)
--- ARGV[6] retention ms
+-- ARGV[6] retention ms (checked, unused: finished runs carry no TTL; kept so the positions stay)
 -- With status queued a run that used up max_attempts ends `failed` (dead).
 -- Returns an array of HGETALL replies, oldest lease first.
 -- Cost: O(limit * log n).
@@ -20,7 +20,7 @@ check_text('status_reason', ARGV[4], 4096)
 local limit = check_int('limit', ARGV[5], 1, 500)
 local retention = check_int('retention ms', ARGV[6], 0, 1e13)
 now = now or now_ms()
-local ids = recover_expired(B, now, limit, status, ARGV[4], retention)
+local ids = recover_expired(B, now, limit, status, ARGV[4])
 local out = {}
 for _, rid in ipairs(ids) do
   out[#out + 1] = hgetall(B .. 'run:' .. rid)

@@ -3,7 +3,7 @@
 -- KEYS[1..7]  the queue keys (see include/queue.lua)
 -- KEYS[8]     <P>:{Q}:run:<run_id>  HASH the run
 -- ARGV[1] key base   ARGV[2] run_id   ARGV[3] claim token
--- ARGV[4] lease ms (1 .. 86400000)    ARGV[5] retention ms
+-- ARGV[4] lease ms (1 .. 86400000)    ARGV[5] retention ms (checked, unused: no TTL on finished runs)
 -- Returns HGETALL of the run; its cancel_requested_at tells the holder that a
 -- cancellation was asked for. Errors: NOT_FOUND, STALE_TOKEN (the claim was
 -- lost, or its lease expired by the server's clock even if nobody claimed the
@@ -22,7 +22,7 @@ local h = load_run(rk, rid)
 local now = now_ms()
 check_holder(h, rid, token, now)
 if h.deadline_at and h.deadline_at <= now then
-  finish(B, rid, h, 'timeout', 'deadline passed', now, retention)
+  finish(B, rid, h, 'timeout', 'deadline passed', now)
   fail('DEADLINE', 'run ' .. rid .. ' passed its deadline and is now timeout')
 end
 redis.call('HSET', rk, 'claim_lease_expires_at', now + lease, 'updated_at', now)

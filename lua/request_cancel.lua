@@ -4,7 +4,7 @@
 -- KEYS[8]     <P>:{Q}:run:<run_id>  HASH the run
 -- KEYS[9]     <P>:{Q}:cancel        pub/sub channel the workers listen on
 -- ARGV[1] key base   ARGV[2] run_id   ARGV[3] status_reason ('' = none)
--- ARGV[4] retention ms
+-- ARGV[4] retention ms (checked, unused: finished runs carry no TTL; kept so the positions stay)
 -- ARGV[5] publish command: SPUBLISH on a cluster (KEYS[9] is a sharded
 --         channel in the queue's slot), PUBLISH on a single server
 -- A queued (or delayed) run becomes `cancelled` at once and leaves the queue.
@@ -30,6 +30,6 @@ if h.status ~= 'queued' then redis.call(publish, KEYS[9], rid) end
 redis.call('HSET', rk, 'cancel_requested_at', now, 'updated_at', now)
 if ARGV[3] ~= '' then redis.call('HSET', rk, 'status_reason', ARGV[3]) end
 if h.status == 'queued' then
-  finish(B, rid, h, 'cancelled', ARGV[3] ~= '' and ARGV[3] or 'cancelled while queued', now, retention)
+  finish(B, rid, h, 'cancelled', ARGV[3] ~= '' and ARGV[3] or 'cancelled while queued', now)
 end
 return hgetall(rk)

@@ -24,6 +24,10 @@ pub enum Error {
     /// An event sequence at or below the stream's last one that is not a retry.
     #[error("out of order: {0}")]
     OutOfOrder(String),
+    /// The write would pass a configured limit (events per run): nothing was
+    /// written. Not transient: the same call fails again.
+    #[error("limit reached: {0}")]
+    Limit(String),
     /// The run passed its deadline; it is now `timeout`.
     #[error("deadline passed: {0}")]
     DeadlinePassed(String),
@@ -67,6 +71,7 @@ impl Error {
             Some("FINISHED") => Error::Finished(message()),
             Some("OUT_OF_ORDER") => Error::OutOfOrder(message()),
             Some("DEADLINE") => Error::DeadlinePassed(message()),
+            Some("LIMIT") => Error::Limit(message()),
             _ if err.kind() == redis::ErrorKind::Client
                 && err.detail().is_some_and(|d| d.starts_with("WRITE_CONCERN ")) =>
             {

@@ -45,6 +45,11 @@ impl QueueKeys {
     pub fn receipt(&self, request: &str) -> String {
         self.key(&format!("receipt:{request}"))
     }
+    /// Scratch STREAM a finish copies a run's events through (and renames
+    /// back at once), which compacts them; never there between calls.
+    pub fn events_copy(&self) -> String {
+        self.key("events-copy")
+    }
     pub fn stats(&self) -> String {
         self.key("stats")
     }

@@ -69,6 +69,7 @@ pub struct Scripts {
     pub heartbeat_runtime: Lua,
     pub mark_stale_runtime: Lua,
     pub register_queue: Lua,
+    pub drop_locator: Lua,
 }
 
 impl Scripts {
@@ -91,6 +92,7 @@ impl Scripts {
             heartbeat_runtime: lua!("heartbeat_runtime"),
             mark_stale_runtime: lua!("mark_stale_runtime"),
             register_queue: lua!("register_queue"),
+            drop_locator: lua!("drop_locator"),
         }
     }
 }

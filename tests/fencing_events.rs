@@ -291,9 +291,9 @@ async fn runner_events_on_a_finished_run_are_refused_but_audit_works() {
     assert_eq!(page.items[0].data, json!({"ok": true}));
     assert_eq!(page.items[0].metadata, json!({"by": "ops"}));
     assert_eq!(page.items[1].data, json!({}));
-    // The finished run's events expire with it.
+    // No TTL: the events go with their run when it is purged (tests/retention.rs).
     let ttl: i64 = redis::cmd("PTTL").arg("rl:{q}:events:r1").query_async(&mut raw).await.expect("PTTL");
-    assert!(ttl > 0, "the events of a finished run expire (PTTL {ttl})");
+    assert_eq!(ttl, -1, "the events of a finished run stay until its purge");
 
     // Audit on a run without events starts at 1.
     create(&store, "r2").await;

@@ -5,26 +5,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use runledger::scripts::Scripts;
-use runledger::store::Conn;
 use runledger::*;
 use serde_json::json;
 
 const Q: &str = "hq";
-
-/// Every key with its DUMP: what a refused call must leave untouched.
-async fn keyspace(raw: &mut Conn) -> BTreeMap<String, Vec<u8>> {
-    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(raw).await.expect("KEYS");
-    let mut out = BTreeMap::new();
-    for key in keys {
-        let dump: Option<Vec<u8>> = redis::cmd("DUMP").arg(&key).query_async(raw).await.expect("DUMP");
-        out.insert(key, dump.unwrap_or_default());
-    }
-    out
-}
 
 /// A queue with one claimed run "h": its token.
 async fn held_run(store: &Store) -> String {
@@ -58,10 +45,10 @@ async fn a_sequence_of_1e14_lands_whole() {
     // The largest sequence there is lands too, and the host's next audit event has no number left.
     let max = runledger::store::MAX_SEQUENCE;
     store.append_events("h", Some(&token), &[event(max)]).await.expect("append the largest sequence");
-    let before = keyspace(&mut raw).await;
+    let before = common::keyspace(&mut raw).await;
     let err = store.append_audit_event("h", "note", None, None).await.expect_err("no sequence left");
     assert!(matches!(err, Error::Invalid(_)), "{err:?}");
-    assert_eq!(keyspace(&mut raw).await, before, "a refused audit event wrote something");
+    assert_eq!(common::keyspace(&mut raw).await, before, "a refused audit event wrote something");
 }
 
 #[tokio::test]
@@ -74,7 +61,7 @@ async fn refused_inputs_change_nothing() {
     // Through the library: refused before anything is sent.
     let too_many_events: Vec<NewEvent> = (2..=1002).map(event).collect();
     let too_many_runs: Vec<NewRun> = (0..10_001).map(|i| NewRun::new(format!("b{i}"), "agent").queue(Q)).collect();
-    let before = keyspace(&mut raw).await;
+    let before = common::keyspace(&mut raw).await;
     let refusals: Vec<(&str, Error)> = vec![
         ("sequence 0", store.append_event("h", Some(&token), &event(0)).await.expect_err("sequence 0")),
         ("sequence -1", store.append_event("h", Some(&token), &event(-1)).await.expect_err("sequence -1")),
@@ -88,7 +75,7 @@ async fn refused_inputs_change_nothing() {
     for (what, err) in &refusals {
         assert!(matches!(err, Error::Invalid(_)), "{what}: {err:?}");
     }
-    assert_eq!(keyspace(&mut raw).await, before, "a refused library call wrote something");
+    assert_eq!(common::keyspace(&mut raw).await, before, "a refused library call wrote something");
 
     // Straight to the script, as another client could: refused by the script itself.
     let scripts = Scripts::new();
@@ -97,7 +84,8 @@ async fn refused_inputs_change_nothing() {
     k.push(keys.run("h"));
     k.push(keys.events("h"));
     let call = |events: Vec<[String; 7]>| {
-        let mut args = vec![keys.base.clone(), "h".to_string(), token.clone(), "1048576".to_string()];
+        let mut args =
+            vec![keys.base.clone(), "h".to_string(), token.clone(), "1048576".to_string(), "100000".to_string()];
         for e in events {
             args.extend(e);
         }
@@ -114,6 +102,16 @@ async fn refused_inputs_change_nothing() {
         ("a sequence of 2^53", call(vec![one("9007199254740992")])),
         ("a good event then a bad one", call(vec![one("2"), one("1e300")])),
         ("1,001 events", call((2..=1002).map(|s| one(&s.to_string())).collect())),
+        ("a cap of 0 events per run", {
+            let mut args = call(vec![one("2")]);
+            args[4] = "0".into();
+            args
+        }),
+        ("a non-numeric cap of events per run", {
+            let mut args = call(vec![one("2")]);
+            args[4] = "many".into();
+            args
+        }),
     ];
     for (what, args) in hostile {
         let reply: redis::RedisResult<redis::Value> = redis::cmd("EVAL")
@@ -125,7 +123,7 @@ async fn refused_inputs_change_nothing() {
             .await;
         let err = reply.expect_err(what);
         assert_eq!(err.code(), Some("INVALID"), "{what}: {err:?}");
-        assert_eq!(keyspace(&mut raw).await, before, "{what}: the refused script wrote something");
+        assert_eq!(common::keyspace(&mut raw).await, before, "{what}: the refused script wrote something");
     }
 }
 
@@ -180,9 +178,9 @@ async fn a_cancel_refused_by_the_acl_writes_nothing() {
         .expect("ACL SETUSER");
     let url = redis.url.replacen("redis://", "redis://nochannels:secret@", 1);
     let limited = Store::connect(&url).await.expect("connect as the limited user");
-    let before = keyspace(&mut raw).await;
+    let before = common::keyspace(&mut raw).await;
     let err = limited.request_cancel("h", Some("operator")).await.expect_err("no channel rights");
     assert!(err.to_string().contains("publish"), "the error says what was refused: {err}");
-    assert_eq!(keyspace(&mut raw).await, before, "a refused cancel wrote something");
+    assert_eq!(common::keyspace(&mut raw).await, before, "a refused cancel wrote something");
     assert!(store.get_run("h").await.expect("get").cancel_requested_at.is_none());
 }

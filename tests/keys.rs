@@ -81,6 +81,7 @@ fn no_two_keys_collide() {
                 ("meta", q.meta()),
                 ("runners", q.runners()),
                 ("running", q.running()),
+                ("events-copy", q.events_copy()),
             ];
             for (family, key) in fixed {
                 claim(&mut seen, key, owner(family, ""));
@@ -155,6 +156,7 @@ fn scripts_derive_only_keys_the_test_knows() {
         "meta",
         "runners",
         "running",
+        "events-copy",
     ];
     let mut found = 0;
     for dir in ["lua", "lua/include"] {

@@ -226,13 +226,16 @@ async fn a_run_through_its_life_as_an_operator_sees_it() {
     let leases: Vec<String> = zrange(&mut raw, "rl:{q}:leases").await.into_iter().map(|(m, _)| m).collect();
     assert_eq!(leases, ["r2"]);
     assert!(zrange(&mut raw, "rl:{q}:deadlines").await.is_empty());
-    // A finished run and its events expire after the retention (7 days) plus a day's backstop.
-    let backstop = (7 + 1) * 86_400_000i64;
-    for key in [rk, sk] {
-        let ttl = pttl(&mut raw, key).await;
-        assert!(ttl > backstop - 60_000 && ttl <= backstop, "{key} PTTL {ttl}");
+    // No key of a run expires on its own: a purge removes a finished run with
+    // its list-index entries, which an expiry would leave behind. Its
+    // locator has the TTL (retention + 1 day), in case no purge deletes it.
+    for key in [rk, sk, "rl:{q}:run:r2"] {
+        assert_eq!(pttl(&mut raw, key).await, -1, "{key} has no TTL");
     }
-    assert_eq!(pttl(&mut raw, "rl:{q}:run:r2").await, -1, "unfinished runs do not expire");
+    let backstop = (7 + 1) * 86_400_000i64;
+    let ttl = pttl(&mut raw, "rl:locator:r1").await;
+    assert!(ttl > backstop - 60_000 && ttl <= backstop, "locator PTTL {ttl}");
+    assert_eq!(pttl(&mut raw, "rl:locator:r2").await, -1, "a live run's locator does not expire");
 
     // Counters.
     let stats = hgetall(&mut raw, "rl:{q}:stats").await;
@@ -424,8 +427,6 @@ async fn the_reaper_purges_finished_runs_after_retention() {
     store.append_event("old", None, &NewEvent::new(1, "x", json!({}))).await.expect("append");
     store.finalize_run("old", &Finish::new(RunStatus::Completed), None).await.expect("finalize");
     store.create_run(&NewRun::new("live", "agent").queue("q")).await.expect("create live");
-    let ttl = pttl(&mut raw, "rl:{q}:run:old").await;
-    assert!(ttl > 0 && ttl <= 60_000 + 86_400_000, "retention + 1 day backstop: {ttl}");
 
     let report = store.reap(&[], None).await.expect("reap now");
     assert_eq!(report.purged, 0, "not yet past the retention");

@@ -188,6 +188,7 @@ async fn audit_event_resent_is_written_once() {
         String::new(),
         "1048576".into(),
         "a1b2c3d4e5f60718293a4b5c6d7e8f90".into(),
+        "100000".into(),
     ];
     let scripts = Scripts::new();
     let first = send(&mut raw, &scripts.append_audit_event, &keys, &args).await.expect("audit");

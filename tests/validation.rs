@@ -553,13 +553,13 @@ async fn other_scripts_reject_bad_argv_before_writing() {
     }
     // append_events: bad data, bad sequence, bad shape; a good first event does not land either.
     for (args, what) in [
-        (s(&[base, "r1", tok, "1000", "1", "t", "[1]", "", "runner", "", ""]), "data array"),
-        (s(&[base, "r1", tok, "1000", "1", "t", "", "", "runner", "", ""]), "empty data"),
-        (s(&[base, "r1", tok, "1000", "x", "t", "{}", "", "runner", "", ""]), "non-numeric sequence"),
-        (s(&[base, "r1", tok, "1000", "0", "t", "{}", "", "runner", "", ""]), "sequence 0"),
-        (s(&[base, "r1", tok, "1000", "1", "t", "{}", "", "runner", "", ""][..10]), "6 values instead of 7"),
+        (s(&[base, "r1", tok, "1000", "100000", "1", "t", "[1]", "", "runner", "", ""]), "data array"),
+        (s(&[base, "r1", tok, "1000", "100000", "1", "t", "", "", "runner", "", ""]), "empty data"),
+        (s(&[base, "r1", tok, "1000", "100000", "x", "t", "{}", "", "runner", "", ""]), "non-numeric sequence"),
+        (s(&[base, "r1", tok, "1000", "100000", "0", "t", "{}", "", "runner", "", ""]), "sequence 0"),
+        (s(&[base, "r1", tok, "1000", "100000", "1", "t", "{}", "", "runner", "", ""][..11]), "6 values instead of 7"),
         (
-            s(&[base, "r1", tok, "1000", "1", "t", "{}", "", "runner", "", "", "2", "t", "{}", "", "runner", "{}", ""]),
+            s(&[base, "r1", tok, "1000", "100000", "1", "t", "{}", "", "runner", "", "", "2", "t", "{}", "", "runner", "{}", ""]),
             "artifact_refs object in the 2nd event",
         ),
     ] {

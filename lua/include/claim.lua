@@ -3,7 +3,7 @@
 -- common.lua and queue.lua.
 
 -- Reads a claim spec from ARGV[a..]: runtime_id, lease ms, new token,
--- retention ms, then the runner_ids filter (none = any runner).
+-- retention ms (checked, unused), then the runner_ids filter (none = any runner).
 local function parse_claim(a)
   local c = { runtime = ARGV[a], token = ARGV[a + 2], runners = {} }
   check_id('runtime_id', c.runtime)
@@ -42,7 +42,7 @@ local function claim(B, c, now)
   local again = claim_again(B, token, now)
   if again then return again end
   promote_delayed(B, now, '100')
-  recover_expired(B, now, '100', 'queued', 'claim lease expired', retention)
+  recover_expired(B, now, '100', 'queued', 'claim lease expired')
 
   local wanted = {}
   for _, r in ipairs(runners) do wanted[r] = true end
@@ -108,7 +108,7 @@ local function claim(B, c, now)
         end
       end
     elseif h.deadline_at and h.deadline_at <= now then
-      finish(B, rid, h, 'timeout', 'deadline passed before the run was claimed', now, retention)
+      finish(B, rid, h, 'timeout', 'deadline passed before the run was claimed', now)
     else
       lane_remove(B, rid, h)
       local attempts = h.dispatch_attempts + 1

@@ -181,18 +181,27 @@ local function clear_claim(rk)
   redis.call('HDEL', rk, 'claim_token', 'claimed_by_runtime_id', 'claim_lease_expires_at')
 end
 
+-- Events a finish compacts (see finish); runs purged by each finalize.
+local COMPACT_EVENTS = 1000
+local PURGE_PER_FINISH = 2
+
 -- Moves a run to a terminal status: it leaves every queue, lease and
--- deadline index, gets finished_at, and expires after the retention period
--- (the reaper purges it and its index entries at retention; the TTL, one day
--- later, is the backstop when no reaper runs).
+-- deadline index, gets finished_at, and enters the finished stream, whose
+-- old end purge_finished trims at the retention. No TTL: a run expiring on
+-- its own would leave its list-index entries behind for good (they are
+-- found through the hash), so runs go only with a purge that removes them all.
 -- `extra`: more field/value pairs to set in the same HSET (may be nil).
-local function finish(B, rid, h, status, reason, now, retention_ms, extra)
+local function finish(B, rid, h, status, reason, now, extra)
   local rk = B .. 'run:' .. rid
   if h.status == 'queued' then
     lane_remove(B, rid, h)
     redis.call('ZREM', K.delayed, rid)
   elseif h.status == 'claimed' then
     redis.call('ZREM', K.leases, rid)
+    -- The claim's receipt goes with the claim: its claimer has the run, or
+    -- has lost it; either way no resend of that claim may get it back.
+    local token = redis.call('HGET', rk, 'claim_token')
+    if token then redis.call('DEL', receipt_key(B, token)) end
     clear_claim(rk)
   elseif h.status == 'running' then
     redis.call('ZREM', B .. 'running', rid)
@@ -207,16 +216,54 @@ local function finish(B, rid, h, status, reason, now, retention_ms, extra)
   for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
   redis.call('HSET', rk, unpack(fields))
   -- The finished index is a stream in finish order (entry ids are the
-  -- server's clock), which the reaper trims from the old end.
+  -- server's clock), which purge_finished trims from the old end.
   redis.call('XADD', K.finished, '*', 'r', rid)
   redis.call('HINCRBY', K.stats, status, '1')
-  local ttl = fmt(retention_ms + 86400000)
-  redis.call('PEXPIRE', rk, ttl)
-  -- A finished run's stream is complete: rewriting it drops the preallocated
-  -- space of its last node (about 4 KB for a short stream down to its size).
+  -- A finished run's stream is complete: a copy drops the preallocated
+  -- space of its last node (about 4 KB for a short stream, down to its
+  -- size). COPY and RENAME, not DUMP/RESTORE: RESTORE is @dangerous, and
+  -- managed Redis services refuse it. Long streams waste little: left as is.
   local sk = B .. 'events:' .. rid
-  local blob = redis.call('DUMP', sk)
-  if blob then redis.call('RESTORE', sk, ttl, blob, 'REPLACE') end
+  local n = redis.call('XLEN', sk)
+  if n > 0 and n <= COMPACT_EVENTS then
+    local tmp = B .. 'events-copy'
+    redis.call('COPY', sk, tmp, 'REPLACE')
+    redis.call('RENAME', tmp, sk)
+  end
+end
+
+local PURGE_SCOPES = { 'conversation', 'bot', 'workspace', 'thread' }
+
+-- Purges up to `limit` runs finished longer ago than `retention` ms, oldest
+-- first: the hash, the events, the finished entry and every list-index
+-- entry. Returns the ids of the runs purged; their locators live in other
+-- slots, so the caller deletes those (only where they still name this queue).
+local function purge_finished(B, now, retention, limit)
+  local ids = {}
+  if now - retention < 0 then return ids end
+  for _, entry in ipairs(redis.call('XRANGE', K.finished, '-', fmt(now - retention), 'COUNT', limit)) do
+    local rid = entry[2][2]
+    local rk = B .. 'run:' .. rid
+    local v = redis.call('HMGET', rk, 'id', 'conversation_id', 'bot_id', 'workspace_id', 'thread_id', 'status')
+    -- A finished entry whose run is live again is impossible by the
+    -- scripts; a hand-edited one is skipped rather than destroyed.
+    if v[1] and TERMINAL[v[6] or ''] then
+      local index_entry = v[1] .. '-0'
+      redis.call('XDEL', B .. 'runs', index_entry)
+      for i = 1, 4 do
+        if v[i + 1] then
+          local idx = B .. 'idx:' .. PURGE_SCOPES[i] .. ':' .. v[i + 1]
+          redis.call('XDEL', idx, index_entry)
+          -- An empty stream stays a key; a scope value that has no runs left goes.
+          if redis.call('XLEN', idx) == 0 then redis.call('DEL', idx) end
+        end
+      end
+      redis.call('DEL', rk, B .. 'events:' .. rid)
+      ids[#ids + 1] = rid
+    end
+    redis.call('XDEL', K.finished, entry[1])
+  end
+  return ids
 end
 
 -- Puts a queued run where it belongs: the delayed set when not due, else its
@@ -237,7 +284,7 @@ end
 -- status 'queued' requeues them unless they used up max_attempts (then they
 -- end `failed`, counted as dead); a terminal status finishes them.
 -- Returns the run ids touched.
-local function recover_expired(B, now, limit, status, reason, retention_ms)
+local function recover_expired(B, now, limit, status, reason)
   local ids = redis.call('ZRANGEBYSCORE', K.leases, '-inf', fmt(now), 'LIMIT', '0', limit)
   for _, rid in ipairs(ids) do
     local rk = B .. 'run:' .. rid
@@ -245,10 +292,10 @@ local function recover_expired(B, now, limit, status, reason, retention_ms)
     redis.call('ZREM', K.leases, rid)
     if h and h.status == 'claimed' then
       if TERMINAL[status] then
-        finish(B, rid, h, status, reason, now, retention_ms)
+        finish(B, rid, h, status, reason, now)
       elseif h.max_attempts > 0 and h.dispatch_attempts >= h.max_attempts then
         finish(B, rid, h, 'failed', 'dead: lease expired after ' .. h.dispatch_attempts .. ' of ' ..
-          h.max_attempts .. ' attempts', now, retention_ms)
+          h.max_attempts .. ' attempts', now)
         redis.call('HINCRBY', K.stats, 'dead', 1)
       else
         clear_claim(rk)

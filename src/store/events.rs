@@ -62,8 +62,13 @@ impl Store {
         let max = self.max_json();
         let (keys, mut k) = self.run_keys(run_id).await?;
         k.push(keys.events(run_id));
-        let mut args =
-            vec![keys.base.clone(), run_id.to_string(), claim_token.unwrap_or_default().to_string(), max.to_string()];
+        let mut args = vec![
+            keys.base.clone(),
+            run_id.to_string(),
+            claim_token.unwrap_or_default().to_string(),
+            max.to_string(),
+            self.config().max_events_per_run.to_string(),
+        ];
         for event in events {
             args.extend(encode(event, max)?);
         }
@@ -125,6 +130,7 @@ impl Store {
             meta_text,
             max.to_string(),
             request,
+            self.config().max_events_per_run.to_string(),
         ];
         let value = self.eval(&self.scripts().append_audit_event, &k, &args).await?;
         let mut parts = reply::array(value)?.into_iter();

@@ -89,33 +89,39 @@ impl Store {
         Ok(())
     }
 
-    /// Like [`Store::expire_locators`] for one run, without holding up the
-    /// caller (the worker's hot path): a failure only leaves the locator to
-    /// the reaper, which deletes it when it purges the run.
-    pub(crate) fn expire_locator_soon(&self, run_id: &str) {
-        let store = self.clone();
-        let run_ids = vec![run_id.to_string()];
-        tokio::spawn(async move {
-            let expired = tokio::time::timeout(Duration::from_secs(10), store.expire_locators(&run_ids)).await;
-            if !matches!(expired, Ok(Ok(()))) {
-                tracing::debug!(run_id = %run_ids[0], "could not set the TTL of a finished run's locator");
-            }
-        });
-    }
-
-    /// Deletes the locators of purged runs.
-    pub(crate) async fn drop_locators(&self, run_ids: &[String]) -> Result<()> {
-        let cmds = run_ids
+    /// Deletes the locators of runs purged from `queue`, each only while it
+    /// still names that queue: a locator that expired before the purge may
+    /// since name a newer run of the same id elsewhere.
+    pub(crate) async fn drop_locators(&self, queue: &str, run_ids: &[String]) -> Result<()> {
+        if run_ids.is_empty() {
+            return Ok(());
+        }
+        let calls: Vec<(Vec<String>, Vec<String>)> = run_ids
             .iter()
             .map(|run_id| {
                 self.forget(run_id);
-                let mut cmd = redis::cmd("DEL");
-                cmd.arg(self.global().locator(run_id));
-                cmd
+                (vec![self.global().locator(run_id)], vec![queue.to_string()])
             })
             .collect();
-        let mut conn = self.conn().await?;
-        conn.query_all(cmds).await.map_err(|e| self.failed(e))?;
+        self.eval_many(&self.scripts().drop_locator, &calls).await?;
         Ok(())
+    }
+
+    /// After a finish: the finished run's locator gets its TTL, and the runs
+    /// the finish purged lose theirs, in the background (the worker's hot
+    /// path). A failure leaves a locator to its TTL.
+    pub(crate) fn settle_locators_soon(&self, queue: &str, finished: &str, purged: Vec<String>) {
+        let store = self.clone();
+        let queue = queue.to_string();
+        let finished = vec![finished.to_string()];
+        tokio::spawn(async move {
+            let settle = async {
+                store.expire_locators(&finished).await?;
+                store.drop_locators(&queue, &purged).await
+            };
+            if !matches!(tokio::time::timeout(Duration::from_secs(10), settle).await, Ok(Ok(()))) {
+                tracing::debug!(run_id = %finished[0], "could not settle the locators of a finish");
+            }
+        });
     }
 }

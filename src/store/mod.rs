@@ -24,6 +24,7 @@ pub use notices::CancelNotices;
 mod reaper;
 pub(crate) mod reply;
 mod runs;
+pub use reaper::REAP_BATCH;
 pub use runs::{ClaimOutcome, MAX_RUNS_PER_BATCH, Release};
 mod waiting;
 pub use waiting::{SAFETY_POLL, Waiter};
@@ -49,6 +50,10 @@ pub struct StoreConfig {
     pub prefix: String,
     /// Largest JSON document accepted for metadata, data, usage... (default 1 MiB).
     pub max_json_bytes: usize,
+    /// The most events one run may hold, audit events included (default
+    /// 100,000; at most 10,000,000). An append past it is [`Error::Limit`]
+    /// and writes nothing.
+    pub max_events_per_run: u32,
     /// How long finished runs and their events are kept (default 7 days).
     pub retention: Duration,
     /// How long a runtime's key outlives its heartbeat deadline, shown as `stale` (default 5 min).
@@ -86,6 +91,7 @@ impl Default for StoreConfig {
         StoreConfig {
             prefix: "rl".into(),
             max_json_bytes: 1024 * 1024,
+            max_events_per_run: 100_000,
             retention: Duration::from_secs(7 * 86_400),
             runtime_grace: Duration::from_secs(300),
             connections: 2,
@@ -177,6 +183,12 @@ impl Store {
     /// Connects and checks that the server answers.
     pub async fn connect_with(url: &str, cfg: StoreConfig) -> Result<Store> {
         crate::validate::prefix(&cfg.prefix)?;
+        if !(1..=10_000_000).contains(&cfg.max_events_per_run) {
+            return Err(Error::Invalid(format!(
+                "max_events_per_run must be in 1..=10000000, got {}",
+                cfg.max_events_per_run
+            )));
+        }
         if cfg.max_json_bytes == 0 {
             return Err(Error::Invalid("max_json_bytes must be more than 0".into()));
         }

@@ -628,16 +628,22 @@ impl Store {
             match self.eval_raw(&self.scripts().finalize_run, &k, &args).await {
                 Ok(value) => {
                     let mut parts = reply::array(value)?.into_iter();
-                    if parts.next().map(reply::int).transpose()? == Some(1) {
-                        if quiet {
-                            self.expire_locator_soon(run_id);
-                        } else {
-                            self.expire_locators(&[run_id.to_string()]).await?;
-                        }
-                    }
+                    let finished_now = parts.next().map(reply::int).transpose()? == Some(1);
                     let fields = parts.next().ok_or_else(|| Error::Protocol("finalize: short reply".into()))?;
                     let run = if quiet { None } else { Some(Run::from_fields(reply::fields(fields)?, false)?) };
-                    let claimed = parts.next().map(|v| self.claim_outcome(v, sent)).transpose()?;
+                    let claimed = match parts.next() {
+                        Some(redis::Value::Int(0)) | None => None,
+                        Some(v) => Some(self.claim_outcome(v, sent)?),
+                    };
+                    let purged = parts.map(reply::string).collect::<Result<Vec<_>>>()?;
+                    if finished_now {
+                        if quiet {
+                            self.settle_locators_soon(&queue, run_id, purged);
+                        } else {
+                            self.expire_locators(&[run_id.to_string()]).await?;
+                            self.drop_locators(&queue, &purged).await?;
+                        }
+                    }
                     return Ok((run, claimed));
                 }
                 Err(e) if Error::is_retry(&e) => continue,

@@ -211,6 +211,17 @@ pub async fn raw(redis: &TestRedis) -> Conn {
     )
 }
 
+/// Every key with its DUMP: what a refused call must leave untouched.
+pub async fn keyspace(raw: &mut Conn) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(raw).await.expect("KEYS");
+    let mut out = std::collections::BTreeMap::new();
+    for key in keys {
+        let dump: Option<Vec<u8>> = redis::cmd("DUMP").arg(&key).query_async(raw).await.expect("DUMP");
+        out.insert(key, dump.unwrap_or_default());
+    }
+    out
+}
+
 /// The seed's `_run_to_dict` keys: every run serialized to JSON has them all.
 pub const SEED_RUN_KEYS: &[&str] = &[
     "id",

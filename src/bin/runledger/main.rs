@@ -204,7 +204,7 @@ fn exit_code(err: &Error) -> i32 {
     match err {
         Error::Invalid(_) => 2,
         Error::NotFound(_) => 3,
-        Error::Conflict(_) | Error::Finished(_) | Error::OutOfOrder(_) => 4,
+        Error::Conflict(_) | Error::Finished(_) | Error::OutOfOrder(_) | Error::Limit(_) => 4,
         Error::StaleToken(_) | Error::DeadlinePassed(_) => 5,
         Error::Redis(_)
         | Error::WriteConcern(_)
