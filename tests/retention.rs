@@ -207,3 +207,32 @@ async fn events_per_run_are_capped() {
 }
 
 backend_tests!(events_per_run_are_capped);
+
+/// A purged run's locator that outlived the purge (its delete was lost)
+/// still names the queue, with the TTL of a finished run. A new run of the
+/// same id created there takes it over without that TTL, so the live run
+/// cannot lose its locator (and its id become free in another queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_run_takes_a_lingering_locator_without_its_ttl() {
+    let (redis, store) = common::store().await;
+    let mut raw = common::raw(&redis).await;
+    lifecycles(&store, "again", 1).await;
+    let later = store.server_time_ms().await.expect("time") + 8 * 86_400 * 1000;
+    assert_eq!(store.reap(&[Q.to_string()], Some(later)).await.expect("reap").purged, 1);
+    // The purge's locator delete, as if lost: the locator is back with a TTL.
+    let _: () = redis::cmd("SET")
+        .arg("rl:locator:again-0")
+        .arg(Q)
+        .arg("PX")
+        .arg(600_000)
+        .query_async(&mut raw)
+        .await
+        .expect("SET");
+
+    let run = store.create_run(&NewRun::new("again-0", "agent").queue(Q)).await.expect("create again");
+    assert_eq!(run.status, RunStatus::Queued, "a new run, not the purged one");
+    let ttl: i64 = redis::cmd("PTTL").arg("rl:locator:again-0").query_async(&mut raw).await.expect("PTTL");
+    assert_eq!(ttl, -1, "the live run's locator does not expire");
+    let existing = store.create_run(&NewRun::new("again-0", "agent").queue("elsewhere")).await;
+    assert_eq!(existing.expect("create elsewhere returns the existing run").queue_name, Q);
+}

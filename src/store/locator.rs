@@ -61,17 +61,32 @@ impl Store {
             })
             .collect();
         let values = self.write_all(cmds).await?;
-        values
+        let mut again = Vec::new();
+        let reservations = values
             .into_iter()
             .zip(runs)
-            .map(|(value, (_, queue))| match value {
+            .map(|(value, (run_id, queue))| match value {
                 redis::Value::Nil => Ok(Reservation::Ours),
                 other => {
                     let held = super::reply::string(other)?;
-                    Ok(if held == *queue { Reservation::Ours } else { Reservation::Elsewhere(held) })
+                    if held != *queue {
+                        return Ok(Reservation::Elsewhere(held));
+                    }
+                    // Ours already: a retry, or the locator of a finished run
+                    // whose TTL is running. A run about to be created here
+                    // must not lose its locator to that TTL (a purge deletes
+                    // it either way).
+                    let mut cmd = redis::cmd("PERSIST");
+                    cmd.arg(self.global().locator(run_id));
+                    again.push(cmd);
+                    Ok(Reservation::Ours)
                 }
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        if !again.is_empty() {
+            self.write_all(again).await?;
+        }
+        Ok(reservations)
     }
 
     /// Gives finished runs' locators the TTL of the runs themselves.
