@@ -72,6 +72,7 @@ impl Error {
             Some("OUT_OF_ORDER") => Error::OutOfOrder(message()),
             Some("DEADLINE") => Error::DeadlinePassed(message()),
             Some("LIMIT") => Error::Limit(message()),
+            Some("CORRUPT") => Error::Protocol(message()),
             _ if err.kind() == redis::ErrorKind::Client
                 && err.detail().is_some_and(|d| d.starts_with("WRITE_CONCERN ")) =>
             {

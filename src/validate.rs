@@ -53,7 +53,22 @@ pub fn opt_object(name: &str, value: Option<&Value>, max_bytes: usize) -> Result
     value.map_or(Ok(String::new()), |v| object(name, v, max_bytes))
 }
 
+/// How deep a JSON document may nest (the scripts check the same): deeper
+/// ones are refused before they are stored, not found unreadable later.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 pub fn sized(name: &str, value: &Value, max_bytes: usize) -> Result<String> {
+    if depth(value) > MAX_JSON_DEPTH {
+        return Err(Error::Invalid(format!("{name} nests deeper than {MAX_JSON_DEPTH} levels")));
+    }
     let text = serde_json::to_string(value).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
     if text.len() > max_bytes {
         return Err(Error::Invalid(format!("{name} is {} bytes, over the limit of {max_bytes}", text.len())));

@@ -184,3 +184,125 @@ async fn a_cancel_refused_by_the_acl_writes_nothing() {
     assert_eq!(common::keyspace(&mut raw).await, before, "a refused cancel wrote something");
     assert!(store.get_run("h").await.expect("get").cancel_requested_at.is_none());
 }
+
+/// JSON and text are checked for real by the scripts, not by their first
+/// and last byte: another client may send anything, and every reader parses
+/// what is stored. Invalid UTF-8 (as raw bytes), C1 controls, broken or
+/// too deep JSON, and 10 MiB documents are refused with nothing written.
+#[tokio::test]
+async fn json_and_text_are_parsed_for_real() {
+    let (redis, store) = common::store().await;
+    let mut raw = common::raw(&redis).await;
+    let token = held_run(&store).await;
+    let scripts = Scripts::new();
+    let keys = store.queue_keys(Q);
+    let mut k: Vec<String> = keys.fixed().to_vec();
+    k.push(keys.run("h"));
+    k.push(keys.events("h"));
+    // (what, event type, data), sent as raw bytes.
+    let nested = |n: usize| format!("{}{}", "{\"a\":".repeat(n), "1".to_string() + &"}".repeat(n)).into_bytes();
+    let cases: Vec<(&str, Vec<u8>, Vec<u8>)> = vec![
+        ("broken JSON", b"step".to_vec(), br#"{"a": broken}"#.to_vec()),
+        ("two objects", b"step".to_vec(), br#"{"a":1}{"b":2}"#.to_vec()),
+        ("an unterminated string", b"step".to_vec(), br#"{"a":"}"#.to_vec()),
+        ("JSON nested 65 deep", b"step".to_vec(), nested(65)),
+        ("JSON nested 1,000 deep", b"step".to_vec(), nested(1000)),
+        ("invalid UTF-8 in data", b"step".to_vec(), b"{\"t\":\"\xff\xfe\"}".to_vec()),
+        ("an overlong encoding in data", b"step".to_vec(), b"{\"t\":\"\xc0\xaf\"}".to_vec()),
+        ("a UTF-16 surrogate in data", b"step".to_vec(), b"{\"t\":\"\xed\xa0\x80\"}".to_vec()),
+        ("10 MiB of data", b"step".to_vec(), format!(r#"{{"t":"{}"}}"#, "x".repeat(10 << 20)).into_bytes()),
+        ("invalid UTF-8 in the type", b"st\xc3\x28ep".to_vec(), b"{}".to_vec()),
+        ("a C1 control in the type", b"st\xc2\x85ep".to_vec(), b"{}".to_vec()),
+        ("a truncated sequence in the type", b"step\xe2\x82".to_vec(), b"{}".to_vec()),
+    ];
+    let before = common::keyspace(&mut raw).await;
+    for (what, event_type, data) in cases {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(scripts.append_events.code).arg(k.len()).arg(&k);
+        cmd.arg(&keys.base).arg("h").arg(&token).arg("1048576").arg("100000");
+        cmd.arg("2").arg(event_type).arg(data).arg("").arg("runner").arg("").arg("");
+        let err = cmd.query_async::<redis::Value>(&mut raw).await.expect_err(what);
+        assert_eq!(err.code(), Some("INVALID"), "{what}: {err:?}");
+        assert_eq!(common::keyspace(&mut raw).await, before, "{what}: the refused script wrote something");
+    }
+    // Valid UTF-8 beyond ASCII, and JSON nested 64 deep, go through.
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(scripts.append_events.code).arg(k.len()).arg(&k);
+    cmd.arg(&keys.base).arg("h").arg(&token).arg("1048576").arg("100000");
+    cmd.arg("2").arg("étape-步骤-🚀").arg(nested(64)).arg("").arg("runner").arg("").arg("");
+    cmd.query_async::<redis::Value>(&mut raw).await.expect("valid UTF-8 and JSON 64 deep");
+    let events = common::all_events(&store, "h").await;
+    assert_eq!(events.last().map(|e| e.event_type.as_str()), Some("étape-步骤-🚀"));
+
+    // The library refuses the same before sending anything.
+    let mut deep = json!(1);
+    for _ in 0..65 {
+        deep = json!({ "a": deep });
+    }
+    let before = common::keyspace(&mut raw).await;
+    let err = store.create_run(&NewRun::new("deep", "agent").queue(Q).metadata(deep)).await.expect_err("65 deep");
+    assert!(matches!(err, Error::Invalid(_)) && err.to_string().contains("64"), "{err:?}");
+    let err = store.create_run(&NewRun::new("c1\u{85}", "agent").queue(Q)).await.expect_err("C1 control");
+    assert!(matches!(err, Error::Invalid(_)), "{err:?}");
+    let runs: Vec<NewRun> = (0..100_000).map(|i| NewRun::new(format!("b{i}"), "agent").queue(Q)).collect();
+    let err = store.create_runs(&runs).await.expect_err("100,000 runs");
+    assert!(matches!(err, Error::Invalid(_)), "{err:?}");
+    assert_eq!(common::keyspace(&mut raw).await, before, "a refused library call wrote something");
+}
+
+/// A run hash edited by hand into a state no script writes (an unknown
+/// status, a non-numeric priority or lease) is refused by every operation
+/// that meets it, with an error naming the key and field, and nothing is
+/// written: the scripts decide nothing from a value they cannot trust.
+#[tokio::test]
+async fn a_hand_edited_run_is_refused_with_nothing_written() {
+    let (redis, store) = common::store().await;
+    let mut raw = common::raw(&redis).await;
+    let token = held_run(&store).await;
+    store.create_run(&NewRun::new("q1", "agent").queue(Q)).await.expect("a queued run");
+    let hset = |key: &str, field: &str, value: &str| {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(key).arg(field).arg(value);
+        cmd
+    };
+    let run_h = store.queue_keys(Q).run("h");
+    let run_q1 = store.queue_keys(Q).run("q1");
+
+    // (run, field, edited value, operations that must refuse it)
+    let cases: [(&str, &str, &str, &[&str]); 4] = [
+        ("h", "status", "bogus", &["renew", "append", "finalize", "cancel"]),
+        ("h", "claim_lease_expires_at", "soon", &["renew", "append", "finalize", "cancel"]),
+        ("q1", "priority", "high", &["claim", "finalize", "cancel"]),
+        ("q1", "status", "", &["claim", "finalize", "cancel"]),
+    ];
+    for (run_id, field, value, ops) in cases {
+        let key = if run_id == "h" { &run_h } else { &run_q1 };
+        let original: String =
+            redis::cmd("HGET").arg(key.as_str()).arg(field).query_async(&mut raw).await.expect("HGET");
+        let _: i64 = hset(key, field, value).query_async(&mut raw).await.expect("edit by hand");
+        let before = common::keyspace(&mut raw).await;
+        let what = format!("{run_id}: {field} = {value:?}");
+        let fenced = (run_id == "h").then_some(token.as_str());
+        for op in ops {
+            let result = match *op {
+                "renew" => store.renew_claim(run_id, &token, Duration::from_secs(60)).await.map(|_| ()),
+                "append" => store.append_event(run_id, fenced, &event(2)).await.map(|_| ()),
+                "finalize" => store.finalize_run(run_id, &Finish::new(RunStatus::Completed), fenced).await.map(|_| ()),
+                "cancel" => store.request_cancel(run_id, None).await.map(|_| ()),
+                _ => store.claim_next_run(&ClaimRequest::new("rt2").queue(Q)).await.map(|_| ()),
+            };
+            match result {
+                Err(Error::Protocol(msg)) => {
+                    assert!(msg.contains(field) && msg.contains("by hand"), "{what}: {op}: {msg}")
+                }
+                other => panic!("{what}: {op}: expected a refusal naming {field}, got {other:?}"),
+            }
+            assert_eq!(common::keyspace(&mut raw).await, before, "{what}: the refused {op} wrote something");
+        }
+        let _: i64 = hset(key, field, &original).query_async(&mut raw).await.expect("restore");
+    }
+    // Put back, both runs work again.
+    store.finalize_run("h", &Finish::new(RunStatus::Completed), Some(&token)).await.expect("finalize h");
+    let claimed = store.claim_next_run(&ClaimRequest::new("rt2").queue(Q)).await.expect("claim").expect("q1");
+    assert_eq!(claimed.run_id, "q1");
+}

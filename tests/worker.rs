@@ -197,8 +197,9 @@ async fn lost_lease_is_reclaimed_and_the_old_token_is_fenced() {
 
     let stalled: Arc<Mutex<Stalled>> = Arc::default();
     let st = stalled.clone();
-    // Worker 1 stops claiming once its handler was stopped, so that the
-    // re-claim is worker 2's.
+    // Worker 1 claims nothing after its first run, so that the re-claim is
+    // worker 2's: its handler shuts it down at once, with a grace period
+    // longer than the test, so the run is not released but lost with its lease.
     let t1 = CancellationToken::new();
     let stop_w1 = t1.clone();
     let w1 = Worker::builder(&store)
@@ -209,18 +210,17 @@ async fn lost_lease_is_reclaimed_and_the_old_token_is_fenced() {
         .reap_every(None)
         .handle_signals(false)
         .shutdown_token(t1)
+        .grace(Duration::from_secs(600))
         .build(move |ctx| {
             let (st, stop_w1) = (st.clone(), stop_w1.clone());
             async move {
+                stop_w1.cancel();
                 let t0 = Instant::now();
                 lock(&st).token = Some(ctx.claim_token().to_string());
                 ctx.emit("w1-started", json!({})).await?;
                 // The stall has no end of its own: only the worker's stop ends it.
                 tokio::select! {
-                    _ = ctx.stopped() => {
-                        lock(&st).reason = ctx.stop_reason();
-                        stop_w1.cancel();
-                    }
+                    _ = ctx.stopped() => lock(&st).reason = ctx.stop_reason(),
                     _ = tokio::time::sleep(Duration::from_secs(600)) => {}
                 }
                 // A stalled handler carries on as if nothing happened.

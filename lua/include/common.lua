@@ -7,7 +7,8 @@
 -- uses, because every call runs their definitions again.
 --
 -- Errors are raised as `CODE message`; codes: INVALID, NOT_FOUND, STALE_TOKEN,
--- CONFLICT, FINISHED, OUT_OF_ORDER, DEADLINE, RETRY, UNREGISTERED. Every script validates
+-- CONFLICT, FINISHED, OUT_OF_ORDER, DEADLINE, RETRY, UNREGISTERED, LIMIT, CORRUPT (a run
+-- hash edited into a state no script writes). Every script validates
 -- all of its arguments before its first write.
 
 local TERMINAL = { completed = true, failed = true, cancelled = true, timeout = true }
@@ -31,12 +32,34 @@ local function fmt(n)
   return string.format('%.0f', n)
 end
 
+-- True when s is valid UTF-8 (no overlongs, no surrogates): every reader
+-- decodes these strings as text. Each well-formed sequence is replaced by
+-- an ASCII byte, in C (gsub), so no two leftovers join into a false match;
+-- any high byte left over is malformed. ASCII, the common case, costs one find.
+local function valid_utf8(s)
+  if not string.find(s, '[\128-\255]') then return true end
+  local t = string.gsub(s, '[\194-\223][\128-\191]', 'x')
+  t = string.gsub(t, '\224[\160-\191][\128-\191]', 'x')
+  t = string.gsub(t, '[\225-\236\238\239][\128-\191][\128-\191]', 'x')
+  t = string.gsub(t, '\237[\128-\159][\128-\191]', 'x')
+  t = string.gsub(t, '\240[\144-\191][\128-\191][\128-\191]', 'x')
+  t = string.gsub(t, '[\241-\243][\128-\191][\128-\191][\128-\191]', 'x')
+  t = string.gsub(t, '\244[\128-\143][\128-\191][\128-\191]', 'x')
+  return not string.find(t, '[\128-\255]')
+end
+
+local function check_utf8(name, v)
+  if not valid_utf8(v) then fail('INVALID', name .. ' is not valid UTF-8') end
+end
+
 local function check_id(name, v)
   if v == nil or v == '' then fail('INVALID', name .. ' must not be empty') end
   if #v > 200 then fail('INVALID', name .. ' is longer than 200 bytes') end
-  if string.find(v, '[%c{}]') then
+  -- ASCII controls, C1 controls (U+0080..U+009F), and the hash-tag braces.
+  if string.find(v, '[%c{}]') or string.find(v, '\194[\128-\159]') then
     fail('INVALID', name .. ' must not contain control characters, { or }')
   end
+  check_utf8(name, v)
 end
 
 local function check_opt_id(name, v)
@@ -56,15 +79,26 @@ local function check_opt_int(name, v, lo, hi)
   return check_int(name, v, lo, hi)
 end
 
--- A cheap shape check; the client has already parsed the JSON with serde.
+-- JSON documents nest at most this deep (the library checks the same).
+local MAX_JSON_DEPTH = 64
+
+-- A JSON object (open '{') or array (open '['), parsed for real: another
+-- client may send anything, and every reader parses what is stored.
 local function check_json(name, v, open, close, max_bytes)
   if v == '' then return end
   if #v > max_bytes then
     fail('INVALID', name .. ' is ' .. #v .. ' bytes, over the limit of ' .. max_bytes)
   end
+  local kind = open == '{' and 'object' or 'array'
   if string.sub(v, 1, 1) ~= open or string.sub(v, -1) ~= close then
-    fail('INVALID', name .. ' must be a JSON ' .. (open == '{' and 'object' or 'array'))
+    fail('INVALID', name .. ' must be a JSON ' .. kind)
   end
+  cjson.decode_max_depth(MAX_JSON_DEPTH)
+  local ok, err = pcall(cjson.decode, v)
+  if not ok then
+    fail('INVALID', name .. ' is not valid JSON (' .. tostring(err) .. ')')
+  end
+  check_utf8(name, v)
 end
 
 local function check_publish(v)
@@ -74,6 +108,7 @@ end
 
 local function check_text(name, v, max_bytes)
   if #v > max_bytes then fail('INVALID', name .. ' is longer than ' .. max_bytes .. ' bytes') end
+  check_utf8(name, v)
 end
 
 local function hgetall(rk)
@@ -82,9 +117,27 @@ end
 
 -- Loads only what fencing needs (status, claim_token, lease expiry) of a run
 -- that must exist: the event path reads three fields, not every routing field.
+local STATUSES = {
+  queued = true, claimed = true, running = true, completed = true, failed = true, cancelled = true, timeout = true,
+}
+
+-- A run hash edited into a state no script writes: refused, never guessed at.
+local function corrupt(rk, field, value)
+  fail('CORRUPT', rk .. ' has ' .. field .. ' = ' .. string.format('%q', tostring(value)) ..
+    ', which no runledger script writes; fix or delete the run by hand')
+end
+
+-- The fields every script decides with: a known status, a numeric lease.
+local function check_stored(rk, status, lease_expires)
+  if not STATUSES[status or ''] then corrupt(rk, 'status', status) end
+  if lease_expires and not tonumber(lease_expires) then corrupt(rk, 'claim_lease_expires_at', lease_expires) end
+  if status == 'claimed' and not lease_expires then corrupt(rk, 'claim_lease_expires_at', nil) end
+end
+
 local function load_holder(rk, rid)
   local v = redis.call('HMGET', rk, 'status', 'claim_token', 'claim_lease_expires_at')
   if not v[1] then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
+  check_stored(rk, v[1], v[3])
   return { status = v[1], claim_token = v[2] or nil, lease_expires = tonumber(v[3] or '') }
 end
 

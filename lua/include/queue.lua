@@ -162,6 +162,13 @@ local function route_fields(rk)
     'claim_token', 'dispatch_attempts', 'max_attempts', 'deadline_at', 'not_before', 'started_at',
     'claim_lease_expires_at')
   if not v[1] then return nil end
+  check_stored(rk, v[2], v[12])
+  if not string.find(v[1], '^%d+$') then corrupt(rk, 'id', v[1]) end
+  if not tonumber(v[3] or '') then corrupt(rk, 'priority', v[3]) end
+  if not v[4] then corrupt(rk, 'runner_id', v[4]) end
+  if v[7] and not string.find(v[7], '^%d+$') then corrupt(rk, 'dispatch_attempts', v[7]) end
+  if v[8] and not string.find(v[8], '^%d+$') then corrupt(rk, 'max_attempts', v[8]) end
+  if v[9] and not tonumber(v[9]) then corrupt(rk, 'deadline_at', v[9]) end
   return {
     id = v[1], status = v[2], priority = v[3], runner_id = v[4], requested_runtime_id = v[5] or nil,
     claim_token = v[6] or nil, dispatch_attempts = tonumber(v[7] or '0'), max_attempts = tonumber(v[8] or '0'),
