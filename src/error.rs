@@ -85,8 +85,23 @@ impl Error {
     /// True for failures of Redis itself (unreachable, a failover, a write
     /// concern not met) rather than of the call: the same call may succeed
     /// later.
+    ///
+    /// Not a refusal that the same call meets again: `NOPERM` (an ACL user
+    /// without the rights), a wrong password, a script error. A worker
+    /// retrying those would wait for ever.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Redis(_) | Error::WriteConcern(_) | Error::Unreachable { .. })
+        match self {
+            Error::WriteConcern(_) | Error::Unreachable { .. } => true,
+            Error::Redis(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || Error::is_cluster_transient(e)
+                    || matches!(e.code(), Some("LOADING" | "BUSY" | "READONLY" | "OOM" | "MASTERDOWN"))
+            }
+            _ => false,
+        }
     }
 
     /// True when a script asked the client to re-read and try again.

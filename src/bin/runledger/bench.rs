@@ -37,7 +37,16 @@ pub struct BenchArgs {
     /// Print each figure next to its target and say which fall short.
     #[arg(long)]
     pub check: bool,
+    /// With --redis: use --prefix as it is instead of a fresh prefix, so an ACL user limited to
+    /// its prefix (README, "Security: ACL user") can run the bench. Its runs go to the queues
+    /// bench, bench-single, bench-many, bench-idle, bench-1k and bench-deep of that prefix, which
+    /// must hold no runs; they are emptied again at the end (the queue names stay registered).
+    #[arg(long)]
+    pub shared: bool,
 }
+
+/// The queues the single-server bench fills (with `--shared`, under the given prefix).
+const QUEUES: [&str; 6] = ["bench-single", "bench", "bench-many", "bench-idle", "bench-1k", "bench-deep"];
 
 #[derive(Serialize, Default, Clone)]
 pub struct Figures {
@@ -47,8 +56,9 @@ pub struct Figures {
     pub enqueue_single_per_s: f64,
     pub enqueue_batched_per_s: f64,
     /// Redis CPU and script time per run of the batched enqueue: what bounds its rate.
-    pub enqueue_redis_cpu_us_per_run: f64,
-    pub enqueue_script_us_per_run: f64,
+    /// Figures read from INFO are null when the server refuses INFO (an ACL user).
+    pub enqueue_redis_cpu_us_per_run: Option<f64>,
+    pub enqueue_script_us_per_run: Option<f64>,
     pub lifecycle_per_s: f64,
     pub lifecycle_workers: usize,
     pub lifecycle_many_per_s: Option<f64>,
@@ -60,14 +70,14 @@ pub struct Figures {
     pub claim_us_at_depth: Option<f64>,
     pub depth: usize,
     pub claim_cost_ratio: Option<f64>,
-    pub memory_per_queued_run: f64,
-    pub memory_per_finished_run: f64,
-    pub commands_per_lifecycle: f64,
+    pub memory_per_queued_run: Option<f64>,
+    pub memory_per_finished_run: Option<f64>,
+    pub commands_per_lifecycle: Option<f64>,
     pub command_breakdown: HashMap<String, f64>,
-    pub round_trips_per_lifecycle: f64,
-    pub redis_cpu_us_per_lifecycle: f64,
+    pub round_trips_per_lifecycle: Option<f64>,
+    pub redis_cpu_us_per_lifecycle: Option<f64>,
     /// The part of it spent running the scripts (the rest is network I/O and the event loop).
-    pub script_us_per_lifecycle: f64,
+    pub script_us_per_lifecycle: Option<f64>,
 }
 
 const METADATA_PAD: &str = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore magna aliqua ut enim ad minim veniam quis nostrud exercitation";
@@ -80,45 +90,126 @@ fn bench_run(i: usize, queue: &str) -> NewRun {
         .metadata(json!({ "n": i, "user": "bench", "text": &METADATA_PAD[..150] }))
 }
 
-async fn info(store: &Store, section: &str) -> Result<HashMap<String, String>> {
-    let mut conn = store.conn().await?;
-    let text: String = redis::cmd("INFO").arg(section).query_async(&mut conn).await?;
-    Ok(text
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect())
+/// True when the server refused a command rather than failed it: an ACL
+/// user without it (NOPERM), or a command renamed away. The figures that
+/// need it are then n/a instead of the bench dying.
+fn refused(e: &redis::RedisError) -> bool {
+    matches!(e.kind(), redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm))
+        || (e.code() == Some("ERR")
+            && e.detail().is_some_and(|d| d.contains("unknown command") || d.contains("unknown subcommand")))
 }
 
-async fn used_memory(store: &Store) -> Result<f64> {
-    let mut conn = store.conn().await?;
-    // Let lazy frees settle so the figure is stable.
-    let _: () = redis::cmd("MEMORY").arg("PURGE").query_async(&mut conn).await.unwrap_or(());
-    Ok(info(store, "memory").await?.get("used_memory").and_then(|v| v.parse().ok()).unwrap_or(0.0))
+/// The server-wide commands the bench reads its figures with (INFO, CONFIG
+/// GET, MEMORY PURGE), which an ACL user limited to its prefix may lack: a
+/// refused one says so once on stderr and its figures are n/a.
+struct Probe<'a> {
+    store: &'a Store,
+    refused: Mutex<Vec<&'static str>>,
 }
 
-async fn redis_cpu(store: &Store) -> Result<f64> {
-    let cpu = info(store, "cpu").await?;
-    let get = |k: &str| cpu.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    Ok(get("used_cpu_sys") + get("used_cpu_user"))
-}
+impl<'a> Probe<'a> {
+    fn new(store: &'a Store) -> Self {
+        Probe { store, refused: Mutex::new(Vec::new()) }
+    }
 
-/// Microseconds the server has spent running scripts by SHA.
-async fn script_usec(store: &Store) -> Result<f64> {
-    Ok(command_calls(store).await?.get("evalsha").map(|(_, usec)| *usec).unwrap_or(0.0))
-}
+    fn is_refused(&self, command: &'static str) -> bool {
+        self.refused.lock().map(|r| r.contains(&command)).unwrap_or(false)
+    }
 
-/// Per command: (calls, microseconds spent running it), from INFO commandstats.
-async fn command_calls(store: &Store) -> Result<HashMap<String, (f64, f64)>> {
-    let stats = info(store, "commandstats").await?;
-    let mut out = HashMap::new();
-    for (k, v) in stats {
-        if let Some(name) = k.strip_prefix("cmdstat_") {
-            let field = |key: &str| v.split(',').find_map(|p| p.strip_prefix(key)).and_then(|c| c.parse().ok());
-            out.insert(name.to_string(), (field("calls=").unwrap_or(0.0), field("usec=").unwrap_or(0.0)));
+    /// Notes (once) that `command` was refused; the figures it feeds are n/a.
+    fn note_refused(&self, command: &'static str, e: &redis::RedisError, consequence: &str) {
+        if let Ok(mut r) = self.refused.lock()
+            && !r.contains(&command)
+        {
+            r.push(command);
+            let reason = e.detail().unwrap_or("refused");
+            eprintln!("bench: note: the server refuses {command} ({reason}): {consequence}");
         }
     }
-    Ok(out)
+
+    /// INFO `section` as key -> value; `None` when the server refuses INFO.
+    async fn info(&self, section: &str) -> Result<Option<HashMap<String, String>>> {
+        if self.is_refused("INFO") {
+            return Ok(None);
+        }
+        let mut conn = self.store.conn().await?;
+        let text: String = match redis::cmd("INFO").arg(section).query_async(&mut conn).await {
+            Ok(text) => text,
+            Err(e) if refused(&e) => {
+                self.note_refused("INFO", &e, "the Redis version and the memory, CPU and command figures are n/a");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Some(
+            text.lines()
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .collect(),
+        ))
+    }
+
+    /// CONFIG GET `name` as (name, value) pairs; `None` when refused.
+    async fn config_get(&self, name: &str) -> Result<Option<Vec<String>>> {
+        if self.is_refused("CONFIG GET") {
+            return Ok(None);
+        }
+        let mut conn = self.store.conn().await?;
+        match redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await {
+            Ok(pair) => Ok(Some(pair)),
+            Err(e) if refused(&e) => {
+                self.note_refused("CONFIG GET", &e, "the server's settings are not shown nor checked");
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn used_memory(&self) -> Result<Option<f64>> {
+        if self.is_refused("INFO") {
+            return Ok(None);
+        }
+        if !self.is_refused("MEMORY PURGE") {
+            // Let lazy frees settle so the figure is stable (optional: only steadier figures).
+            let mut conn = self.store.conn().await?;
+            if let Err(e) = redis::cmd("MEMORY").arg("PURGE").query_async::<()>(&mut conn).await
+                && refused(&e)
+            {
+                self.note_refused("MEMORY PURGE", &e, "memory figures are read without purging first");
+            }
+        }
+        Ok(self.info("memory").await?.map(|m| m.get("used_memory").and_then(|v| v.parse().ok()).unwrap_or(0.0)))
+    }
+
+    async fn redis_cpu(&self) -> Result<Option<f64>> {
+        Ok(self.info("cpu").await?.map(|cpu| {
+            let get = |k: &str| cpu.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            get("used_cpu_sys") + get("used_cpu_user")
+        }))
+    }
+
+    /// Microseconds the server has spent running scripts by SHA.
+    async fn script_usec(&self) -> Result<Option<f64>> {
+        Ok(self.command_calls().await?.map(|c| c.get("evalsha").map(|(_, usec)| *usec).unwrap_or(0.0)))
+    }
+
+    /// Per command: (calls, microseconds spent running it), from INFO commandstats.
+    async fn command_calls(&self) -> Result<Option<HashMap<String, (f64, f64)>>> {
+        let Some(stats) = self.info("commandstats").await? else { return Ok(None) };
+        let mut out = HashMap::new();
+        for (k, v) in stats {
+            if let Some(name) = k.strip_prefix("cmdstat_") {
+                let field = |key: &str| v.split(',').find_map(|p| p.strip_prefix(key)).and_then(|c| c.parse().ok());
+                out.insert(name.to_string(), (field("calls=").unwrap_or(0.0), field("usec=").unwrap_or(0.0)));
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+/// `after - before` per run, when both were read.
+fn per_run(before: Option<f64>, after: Option<f64>, scale: f64, runs: usize) -> Option<f64> {
+    Some((after? - before?) * scale / runs as f64)
 }
 
 async fn wait_finished(store: &Store, queue: &str, n: i64, timeout: Duration) -> Result<()> {
@@ -259,6 +350,9 @@ async fn claim_cost(store: &Store, queue: &str, samples: usize) -> Result<f64> {
 
 pub async fn run(target: &Target, out: &Output, a: BenchArgs) -> Result<()> {
     if target.cluster || target.url.as_deref().is_some_and(|u| u.contains("+cluster://")) {
+        if a.shared {
+            return Err(Error::Invalid("bench --cluster uses prefixes of its own; --shared is for one server".into()));
+        }
         return crate::bench_cluster::run(target, out, &a).await;
     }
     let prefix = target.prefix.as_str();
@@ -266,6 +360,7 @@ pub async fn run(target: &Target, out: &Output, a: BenchArgs) -> Result<()> {
         return Err(Error::Invalid("--runs and --workers must be at least 1".into()));
     }
     let (server, url, prefix) = match target.url.clone() {
+        Some(url) if a.shared => (None, url, prefix.to_string()),
         Some(url) => (None, url, format!("{prefix}-bench-{:08x}", rand::rng().random::<u32>())),
         None => {
             let server = PrivateRedis::start(target.cluster)?;
@@ -273,97 +368,152 @@ pub async fn run(target: &Target, out: &Output, a: BenchArgs) -> Result<()> {
             (Some(server), url, prefix.to_string())
         }
     };
+    let shared = server.is_none() && a.shared;
     let store = Store::connect_with(&url, target.config(&prefix)).await?;
-    let server_info = info(&store, "server").await?;
-    let mut conn = store.conn().await?;
+    if shared {
+        check_bench_queues_empty(&store).await?;
+    }
+    let probe = Probe::new(&store);
+    let server_info = probe.info("server").await?;
     let mut config = Vec::new();
     for name in ["appendonly", "save", "maxmemory", "hash-max-listpack-value", "stream-node-max-bytes", "io-threads"] {
-        let pair: Vec<String> = redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await?;
+        let Some(pair) = probe.config_get(name).await? else { break };
         if let [k, v] = &pair[..] {
             config.push(format!("{k}={v}"));
         }
     }
-    for a in store.config_advice().await? {
-        eprintln!(
-            "bench: note: this server has {}={}; runledger recommends {} (README, \"Redis settings\")",
-            a.name, a.actual, a.recommended
-        );
+    // config_advice reads CONFIG GET too: not worth asking again once refused.
+    if !probe.is_refused("CONFIG GET") {
+        for a in store.config_advice().await? {
+            eprintln!(
+                "bench: note: this server has {}={}; runledger recommends {} (README, \"Redis settings\")",
+                a.name, a.actual, a.recommended
+            );
+        }
     }
     let mut f = Figures {
-        redis_version: server_info.get("redis_version").cloned().unwrap_or_default(),
-        redis_config: config.join(" "),
+        redis_version: match &server_info {
+            Some(info) => info.get("redis_version").cloned().unwrap_or_default(),
+            None => "n/a".into(),
+        },
+        redis_config: if probe.is_refused("CONFIG GET") { "n/a".into() } else { config.join(" ") },
         runs: a.runs,
         lifecycle_workers: a.workers,
         lifecycle_many_workers: a.many_workers,
         depth: a.depth,
         ..Default::default()
     };
-    eprintln!("bench: Redis {} at {url} ({}), {} runs", f.redis_version, f.redis_config, a.runs);
+    eprintln!(
+        "bench: Redis {} at {} ({}), {} runs, key prefix {prefix}",
+        f.redis_version,
+        redacted(&url),
+        f.redis_config,
+        a.runs
+    );
+    let measured = phases(&store, &probe, &a, &mut f, server.is_none() && !shared).await;
+    if shared {
+        // The prefix is someone's ledger: only the bench's own queues go, even after a failure.
+        let removed = empty_bench_queues(&store).await?;
+        eprintln!("bench: removed {removed} runs of queues {} under prefix {prefix}", QUEUES.join(", "));
+    }
+    measured?;
+    if server.is_none() && !shared {
+        // A given server keeps nothing of the bench (its runs live under their own prefix).
+        // The figures are measured by now: a refused SCAN or UNLINK only leaves the keys.
+        match remove_prefix(&store, &prefix).await {
+            Ok(removed) => eprintln!("bench: removed {removed} keys under prefix {prefix}"),
+            Err(e) => eprintln!("bench: note: could not remove the keys under prefix {prefix}: {e}"),
+        }
+    }
+    drop(server);
+    if out.json {
+        out.json(&f);
+    } else {
+        print_table(&f);
+    }
+    if a.check {
+        let short = print_check(&f, out.json);
+        if short > 0 {
+            eprintln!("bench: {short} figure(s) short of target");
+        }
+    }
+    Ok(())
+}
 
+/// The measurements, into `f`. `fresh`: the bench's own fresh prefix on a
+/// given server (a refusal there means the user is limited to its prefix).
+async fn phases(store: &Store, probe: &Probe<'_>, a: &BenchArgs, f: &mut Figures, fresh: bool) -> Result<()> {
+    let store = store.clone();
+    let prefix = store.config().prefix.clone();
     // 1. Enqueue, one call at a time.
     let mut spent = Duration::ZERO;
     for i in 0..a.runs {
         let run = bench_run(i, "bench-single");
         let start = Instant::now();
-        store.create_run(&run).await?;
+        store.create_run(&run).await.map_err(|e| fresh_prefix_refused(e, fresh, &prefix))?;
         spent += start.elapsed();
     }
     f.enqueue_single_per_s = a.runs as f64 / spent.as_secs_f64();
     eprintln!("bench: enqueue one at a time {:.0}/s", f.enqueue_single_per_s);
 
     // 2. Enqueue batched; memory per queued run.
-    let before = used_memory(&store).await?;
-    let (script_before, cpu_before) = (script_usec(&store).await?, redis_cpu(&store).await?);
+    let before = probe.used_memory().await?;
+    let (script_before, cpu_before) = (probe.script_usec().await?, probe.redis_cpu().await?);
     let took = enqueue_batched(&store, "bench", a.runs).await?;
     f.enqueue_batched_per_s = a.runs as f64 / took.as_secs_f64();
-    f.enqueue_script_us_per_run = (script_usec(&store).await? - script_before) / a.runs as f64;
-    f.enqueue_redis_cpu_us_per_run = (redis_cpu(&store).await? - cpu_before) * 1e6 / a.runs as f64;
-    let queued_mem = used_memory(&store).await?;
-    f.memory_per_queued_run = (queued_mem - before) / a.runs as f64;
+    f.enqueue_script_us_per_run = per_run(script_before, probe.script_usec().await?, 1.0, a.runs);
+    f.enqueue_redis_cpu_us_per_run = per_run(cpu_before, probe.redis_cpu().await?, 1e6, a.runs);
+    f.memory_per_queued_run = per_run(before, probe.used_memory().await?, 1.0, a.runs);
     eprintln!(
-        "bench: enqueue batched {:.0}/s ({:.1} us Redis CPU per run, {:.1} us of it in scripts), {:.0} bytes per queued run",
-        f.enqueue_batched_per_s, f.enqueue_redis_cpu_us_per_run, f.enqueue_script_us_per_run, f.memory_per_queued_run
+        "bench: enqueue batched {:.0}/s ({} us Redis CPU per run, {} us of it in scripts), {} bytes per queued run",
+        f.enqueue_batched_per_s,
+        na(f.enqueue_redis_cpu_us_per_run, 1),
+        na(f.enqueue_script_us_per_run, 1),
+        na(f.memory_per_queued_run, 0)
     );
 
     // 3. Lifecycle with W workers; commands, CPU and memory per lifecycle.
-    let calls_before = command_calls(&store).await?;
-    let cpu_before = redis_cpu(&store).await?;
+    let calls_before = probe.command_calls().await?;
+    let cpu_before = probe.redis_cpu().await?;
     let took = lifecycle(&store, "bench", a.workers, a.runs).await?;
-    let cpu_after = redis_cpu(&store).await?;
-    let calls_after = command_calls(&store).await?;
+    let cpu_after = probe.redis_cpu().await?;
+    let calls_after = probe.command_calls().await?;
     f.lifecycle_per_s = a.runs as f64 / took.as_secs_f64();
-    f.redis_cpu_us_per_lifecycle = (cpu_after - cpu_before) * 1e6 / a.runs as f64;
-    let mut total = 0.0;
-    for (name, (after, usec_after)) in &calls_after {
-        if name == "info" || name == "config|get" || name == "memory|purge" || name == "xlen" {
-            continue;
+    f.redis_cpu_us_per_lifecycle = per_run(cpu_before, cpu_after, 1e6, a.runs);
+    if let (Some(calls_before), Some(calls_after)) = (calls_before, calls_after) {
+        f.script_us_per_lifecycle = Some(0.0);
+        let mut total = 0.0;
+        for (name, (after, usec_after)) in &calls_after {
+            if name == "info" || name == "config|get" || name == "memory|purge" || name == "xlen" {
+                continue;
+            }
+            let (before, usec_before) = calls_before.get(name).copied().unwrap_or_default();
+            if name == "evalsha" {
+                f.script_us_per_lifecycle = Some((usec_after - usec_before) / a.runs as f64);
+            }
+            let delta = after - before;
+            if delta > 0.0 {
+                f.command_breakdown.insert(name.clone(), delta / a.runs as f64);
+                total += delta;
+            }
         }
-        let (before, usec_before) = calls_before.get(name).copied().unwrap_or_default();
-        if name == "evalsha" {
-            f.script_us_per_lifecycle = (usec_after - usec_before) / a.runs as f64;
-        }
-        let delta = after - before;
-        if delta > 0.0 {
-            f.command_breakdown.insert(name.clone(), delta / a.runs as f64);
-            total += delta;
-        }
+        f.commands_per_lifecycle = Some(total / a.runs as f64);
+        // Round trips: the commands only a client sends (scripts, blocking
+        // waits, pool pings); commands run inside scripts are not round trips.
+        f.round_trips_per_lifecycle = Some(
+            ["evalsha", "blpop", "ping"].iter().map(|c| f.command_breakdown.get(*c).copied().unwrap_or(0.0)).sum(),
+        );
     }
-    f.commands_per_lifecycle = total / a.runs as f64;
-    // Round trips: the commands only a client sends (scripts, blocking
-    // waits, pool pings); commands run inside scripts are not round trips.
-    f.round_trips_per_lifecycle =
-        ["evalsha", "blpop", "ping"].iter().map(|c| f.command_breakdown.get(*c).copied().unwrap_or(0.0)).sum();
-    let finished_mem = used_memory(&store).await?;
-    f.memory_per_finished_run = (finished_mem - before) / a.runs as f64;
+    f.memory_per_finished_run = per_run(before, probe.used_memory().await?, 1.0, a.runs);
     eprintln!(
-        "bench: lifecycle {} workers {:.0}/s, {:.1} commands and {:.0} us Redis CPU per run ({:.0} us in scripts), \
-         {:.0} bytes per finished run",
+        "bench: lifecycle {} workers {:.0}/s, {} commands and {} us Redis CPU per run ({} us in scripts), \
+         {} bytes per finished run",
         a.workers,
         f.lifecycle_per_s,
-        f.commands_per_lifecycle,
-        f.redis_cpu_us_per_lifecycle,
-        f.script_us_per_lifecycle,
-        f.memory_per_finished_run
+        na(f.commands_per_lifecycle, 1),
+        na(f.redis_cpu_us_per_lifecycle, 0),
+        na(f.script_us_per_lifecycle, 0),
+        na(f.memory_per_finished_run, 0)
     );
 
     // 4. Lifecycle with many workers.
@@ -396,25 +546,111 @@ pub async fn run(target: &Target, out: &Output, a: BenchArgs) -> Result<()> {
         Some(deep) => eprintln!("bench: claim {:.0} us at 1k, {deep:.0} us at {}", f.claim_us_at_1k, a.depth),
         None => eprintln!("bench: claim {:.0} us at 1k", f.claim_us_at_1k),
     }
+    Ok(())
+}
 
-    if server.is_none() {
-        // A given server keeps nothing of the bench (its runs live under their own prefix).
-        let removed = remove_prefix(&store, &prefix).await?;
-        eprintln!("bench: removed {removed} keys under prefix {prefix}");
+/// The URL without its password, to print.
+pub(crate) fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    match authority.rsplit_once('@') {
+        Some((user, hosts)) if user.contains(':') => {
+            let name = user.split(':').next().unwrap_or_default();
+            format!("{scheme}://{name}:***@{hosts}/{path}")
+        }
+        Some((_, hosts)) => format!("{scheme}://***@{hosts}/{path}"),
+        None => url.to_string(),
     }
-    drop(server);
-    if out.json {
-        out.json(&f);
-    } else {
-        print_table(&f);
+}
+
+/// A figure, or `n/a` when it could not be read.
+fn na(v: Option<f64>, decimals: usize) -> String {
+    v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.decimals$}"))
+}
+
+/// A refused key on the fresh prefix of a bench on a given server: the user
+/// is limited to its own prefix, which `--shared` keeps to.
+fn fresh_prefix_refused(e: Error, fresh: bool, prefix: &str) -> Error {
+    match &e {
+        Error::Redis(r) if fresh && matches!(r.kind(), redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)) => {
+            Error::Server(format!(
+                "bench: the Redis user may not use the bench's fresh key prefix {prefix} ({e}); \
+                 for a user limited to its own prefix run the bench with --shared"
+            ))
+        }
+        _ => e,
     }
-    if a.check {
-        let short = print_check(&f, out.json);
-        if short > 0 {
-            eprintln!("bench: {short} figure(s) short of target");
+}
+
+/// With `--shared`: the bench's queues must hold no runs, since it empties them at the end.
+async fn check_bench_queues_empty(store: &Store) -> Result<()> {
+    let mut conn = store.conn().await?;
+    for queue in QUEUES {
+        let n: u64 = redis::cmd("XLEN").arg(store.queue_keys(queue).runs_index()).query_async(&mut conn).await?;
+        if n > 0 {
+            return Err(Error::Invalid(format!(
+                "bench --shared: queue {queue} under prefix {} holds {n} runs (another bench running, or a \
+                 queue of that name); the bench empties its queues when it ends, so it will not use them",
+                store.config().prefix
+            )));
         }
     }
     Ok(())
+}
+
+/// With `--shared`: deletes the runs of the bench's queues (their hashes, event
+/// streams and locators, found through each queue's `runs` stream) and the
+/// queues' own keys, key by key (no SCAN, which an ACL user may lack, and
+/// nothing else of the prefix). The queue names stay registered in
+/// `<P>:queues` (numbers are never reused); claim receipts expire on their
+/// own. Returns how many runs were removed.
+async fn empty_bench_queues(store: &Store) -> Result<u64> {
+    let global = runledger::keys::GlobalKeys { prefix: store.config().prefix.clone() };
+    let mut conn = store.conn().await?;
+    let mut removed = 0;
+    for queue in QUEUES {
+        let keys = store.queue_keys(queue);
+        let mut start = "-".to_string();
+        loop {
+            let page: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+                .arg(keys.runs_index())
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            let Some((last, _)) = page.last() else { break };
+            start = format!("({last}");
+            let run_ids: Vec<&String> = page.iter().filter_map(|(_, fields)| fields.get("r")).collect();
+            if run_ids.is_empty() {
+                continue;
+            }
+            let own: Vec<String> = run_ids.iter().flat_map(|id| [keys.run(id), keys.events(id)]).collect();
+            let locators: Vec<String> = run_ids.iter().map(|id| global.locator(id)).collect();
+            let _: () = redis::cmd("DEL").arg(&own).query_async(&mut conn).await?;
+            let _: () = redis::cmd("DEL").arg(&locators).query_async(&mut conn).await?;
+            removed += run_ids.len() as u64;
+        }
+        let own = [
+            keys.queued(),
+            keys.leases(),
+            keys.delayed(),
+            keys.deadlines(),
+            keys.finished(),
+            keys.stats(),
+            keys.wake(),
+            keys.runners(),
+            keys.running(),
+            keys.listeners(),
+            keys.pins(),
+            keys.runs_index(),
+            keys.runner_lane("bench-agent"),
+            keys.runner_wake("bench-agent"),
+        ];
+        let _: () = redis::cmd("DEL").arg(&own[..]).query_async(&mut conn).await?;
+    }
+    Ok(removed)
 }
 
 /// Deletes every key under `prefix` (SCAN + UNLINK); returns how many.
@@ -466,15 +702,17 @@ fn print_table(f: &Figures) {
         }
         _ => println!("| claim cost at 1k queued, us | {:.0} |", f.claim_us_at_1k),
     }
-    println!("| Redis memory per queued run, bytes | {:.0} |", f.memory_per_queued_run);
-    println!("| Redis memory per finished run with 3 events, bytes | {:.0} |", f.memory_per_finished_run);
+    println!("| Redis memory per queued run, bytes | {} |", na(f.memory_per_queued_run, 0));
+    println!("| Redis memory per finished run with 3 events, bytes | {} |", na(f.memory_per_finished_run, 0));
     println!(
-        "| Redis CPU per lifecycle, us | {:.0} ({:.0} running scripts) |",
-        f.redis_cpu_us_per_lifecycle, f.script_us_per_lifecycle
+        "| Redis CPU per lifecycle, us | {} ({} running scripts) |",
+        na(f.redis_cpu_us_per_lifecycle, 0),
+        na(f.script_us_per_lifecycle, 0)
     );
     println!(
-        "| Redis commands per lifecycle (round trips) | {:.2} ({:.2}) |",
-        f.commands_per_lifecycle, f.round_trips_per_lifecycle
+        "| Redis commands per lifecycle (round trips) | {} ({}) |",
+        na(f.commands_per_lifecycle, 2),
+        na(f.round_trips_per_lifecycle, 2)
     );
 }
 
@@ -482,71 +720,65 @@ fn print_table(f: &Figures) {
 fn print_check(f: &Figures, to_stderr: bool) -> usize {
     // With --json, stdout holds only the JSON document.
     let say = |line: String| if to_stderr { eprintln!("{line}") } else { println!("{line}") };
-    let mut rows: Vec<(&str, String, String, bool)> = vec![
+    // (figure, measured, target, ok); ok is None for a figure the server's refusals left n/a.
+    let optional = |v: Option<f64>, unit: &str, decimals: usize, ok: fn(f64) -> bool| match v {
+        Some(v) => (format!("{v:.decimals$}{unit}"), Some(ok(v))),
+        None => ("n/a".to_string(), None),
+    };
+    let queued = optional(f.memory_per_queued_run, " B", 0, |v| v <= 600.0);
+    let finished = optional(f.memory_per_finished_run, " B", 0, |v| v <= 1200.0);
+    let cpu = optional(f.redis_cpu_us_per_lifecycle, " us", 0, |v| v <= 90.0);
+    let trips = optional(f.round_trips_per_lifecycle, "", 2, |v| v <= 3.05);
+    let mut rows: Vec<(&str, String, String, Option<bool>)> = vec![
         (
             "enqueue, one at a time",
             format!("{:.0}/s", f.enqueue_single_per_s),
             ">= 8,360/s".into(),
-            f.enqueue_single_per_s >= 8360.0,
+            Some(f.enqueue_single_per_s >= 8360.0),
         ),
         (
             "enqueue, batched",
             format!("{:.0}/s", f.enqueue_batched_per_s),
             ">= 50,000/s".into(),
-            f.enqueue_batched_per_s >= 50_000.0,
+            Some(f.enqueue_batched_per_s >= 50_000.0),
         ),
         (
             "lifecycle, 4 workers",
             format!("{:.0}/s", f.lifecycle_per_s),
             ">= 7,466/s".into(),
-            f.lifecycle_per_s >= 7466.0,
+            Some(f.lifecycle_per_s >= 7466.0),
         ),
         (
             "idle claim p99",
             format!("{:.2} ms", f.idle_latency_ms_p99),
             "<= 2.18 ms".into(),
-            f.idle_latency_ms_p99 <= 2.18,
+            Some(f.idle_latency_ms_p99 <= 2.18),
         ),
-        (
-            "memory per queued run",
-            format!("{:.0} B", f.memory_per_queued_run),
-            "<= 600 B".into(),
-            f.memory_per_queued_run <= 600.0,
-        ),
-        (
-            "memory per finished run",
-            format!("{:.0} B", f.memory_per_finished_run),
-            "<= 1,200 B".into(),
-            f.memory_per_finished_run <= 1200.0,
-        ),
-        (
-            "Redis CPU per lifecycle",
-            format!("{:.0} us", f.redis_cpu_us_per_lifecycle),
-            "<= 90 us".into(),
-            f.redis_cpu_us_per_lifecycle <= 90.0,
-        ),
-        (
-            "round trips per lifecycle",
-            format!("{:.2}", f.round_trips_per_lifecycle),
-            "<= 3".into(),
-            f.round_trips_per_lifecycle <= 3.05,
-        ),
+        ("memory per queued run", queued.0, "<= 600 B".into(), queued.1),
+        ("memory per finished run", finished.0, "<= 1,200 B".into(), finished.1),
+        ("Redis CPU per lifecycle", cpu.0, "<= 90 us".into(), cpu.1),
+        ("round trips per lifecycle", trips.0, "<= 3".into(), trips.1),
     ];
     if let Some(v) = f.lifecycle_many_per_s {
-        rows.push(("lifecycle, 32 workers", format!("{v:.0}/s"), ">= 10,540/s".into(), v >= 10_540.0));
+        rows.push(("lifecycle, 32 workers", format!("{v:.0}/s"), ">= 10,540/s".into(), Some(v >= 10_540.0)));
     }
     if let Some(r) = f.claim_cost_ratio {
-        rows.push(("claim cost deep vs 1k", format!("{r:.2}x"), "<= 1.5x".into(), r <= 1.5));
+        rows.push(("claim cost deep vs 1k", format!("{r:.2}x"), "<= 1.5x".into(), Some(r <= 1.5)));
     }
     say(String::new());
     say("| figure | measured | target | |".into());
     say("| --- | --- | --- | --- |".into());
     let mut short = 0;
     for (name, measured, target, ok) in rows {
-        if !ok {
+        if ok == Some(false) {
             short += 1;
         }
-        say(format!("| {name} | {measured} | {target} | {} |", if ok { "ok" } else { "SHORT" }));
+        let verdict = match ok {
+            Some(true) => "ok",
+            Some(false) => "SHORT",
+            None => "n/a",
+        };
+        say(format!("| {name} | {measured} | {target} | {verdict} |"));
     }
     short
 }

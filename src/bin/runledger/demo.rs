@@ -116,15 +116,27 @@ pub async fn run(target: &Target, out: &Output, a: DemoArgs) -> Result<()> {
         }
     };
     eprintln!(
-        "demo: Redis at {url}{}, key prefix {prefix}",
+        "demo: Redis at {}{}, key prefix {prefix}",
+        crate::bench::redacted(&url),
         server.as_ref().map(PrivateRedis::describe).unwrap_or_default()
     );
     let store = Store::connect_with(&url, target.config(&prefix)).await?;
     let lease = runledger::validate::seconds("--lease", a.lease)?;
+    // A fresh prefix on a given server is refused to an ACL user limited to its own prefix.
+    let fresh = server.is_none() && !a.shared;
+    let refused = |e: Error| match &e {
+        Error::Redis(r) if fresh && matches!(r.kind(), redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)) => {
+            Error::Server(format!(
+                "demo: the Redis user may not use the demo's fresh key prefix {prefix} ({e}); \
+                 for a user limited to its own prefix run the demo with --shared"
+            ))
+        }
+        _ => e,
+    };
     // Counts before the demo, so that a shared prefix with history still adds up.
     let mut baseline = HashMap::new();
     for q in QUEUES {
-        baseline.insert(q, Tally::of(&store.queue_stats(q, 0).await?));
+        baseline.insert(q, Tally::of(&store.queue_stats(q, 0).await.map_err(refused)?));
     }
     let started = Instant::now();
 
@@ -321,7 +333,7 @@ pub async fn run(target: &Target, out: &Output, a: DemoArgs) -> Result<()> {
     };
     samples.sort_by(|x, y| x.total_cmp(y));
     let summary = Summary {
-        redis: url,
+        redis: crate::bench::redacted(&url),
         prefix,
         runs: a.runs,
         completed,

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use runledger::{Backoff, Result, Store, Worker, validate};
+use runledger::{Backoff, Error, Result, RunFilter, Store, Worker, validate};
 
 use crate::output::Output;
 use crate::simulate::{Simulation, handle};
@@ -66,8 +66,31 @@ pub fn build(store: &Store, a: &WorkerArgs, handle_signals: bool) -> Result<Work
     builder.build(move |ctx| handle(ctx, sim))
 }
 
+/// Reads the keys the worker is about to use (its queues', its runtime's):
+/// a Redis user without the rights to them (an ACL user limited to another
+/// prefix) fails here in one line, where the Worker would take the refusal
+/// for an outage and retry for ever. Any other error is left to the Worker,
+/// which waits out an outage.
+async fn check_access(store: &Store, worker: &Worker, queues: &[String]) -> Result<()> {
+    let filter = RunFilter { queues: queues.to_vec(), limit: 1, ..Default::default() };
+    let probes = [store.list_runs(&filter).await.err(), store.get_runtime(worker.runtime_id()).await.err()];
+    for e in probes.into_iter().flatten() {
+        if let Error::Redis(r) = &e
+            && matches!(r.kind(), redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm))
+        {
+            return Err(Error::Server(format!(
+                "the Redis user may not use the keys of prefix {} ({e}); its ACL needs ~{0}:* and &{0}:* \
+                 (README, \"Security: ACL user\")",
+                store.config().prefix
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(store: &Store, out: &Output, a: WorkerArgs) -> Result<()> {
     let worker = build(store, &a, true)?;
+    check_access(store, &worker, &a.queues).await?;
     eprintln!("runledger worker {} serving {:?} (Ctrl-C to stop)", worker.runtime_id(), a.queues);
     let report = worker.run().await?;
     if out.json {
