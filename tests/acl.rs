@@ -41,7 +41,7 @@ const ACL_COMMANDS: &str = "+ping +time +wait +evalsha +script|load +get +set +d
 /// What an operator user adds for the bench's server-wide figures (and the
 /// Worker's settings check). A tenant goes without them: refused, they cost
 /// only figures and advice.
-const OPERATOR_EXTRAS: &str = "+info +memory|purge +config|get";
+const OPERATOR_EXTRAS: &str = "+info +memory|purge +config|get +latency|histogram";
 
 /// Commands the client sends that the list leaves out on purpose (the
 /// Worker's settings check, `Store::config_advice`).
@@ -220,7 +220,11 @@ fn the_list_is_what_the_code_sends() {
         "runledger sends {missing:?}, which the ACL list lacks (add them to ACL_COMMANDS and the README's lines)"
     );
     // The bench (src/bin/runledger/bench.rs): the list plus the operator's extras.
-    let bench = std::fs::read_to_string(root.join("src/bin/runledger/bench.rs")).expect("bench.rs");
+    // `CONFIG RESETSTAT` only on the bench's own private server, never on a given one.
+    let bench = ["bench.rs", "bench_memory.rs"]
+        .map(|f| std::fs::read_to_string(root.join("src/bin/runledger").join(f)).expect("bench source"))
+        .join("\n")
+        .replace(r#"cmd("CONFIG").arg("RESETSTAT")"#, "");
     let extras = commands_of(OPERATOR_EXTRAS);
     let beyond: Vec<String> = literal_args(&bench, "cmd(")
         .iter()
@@ -763,7 +767,13 @@ async fn a_tenant_runs_everything_as_its_acl_user() {
     assert!(figures["memory_per_queued_run"].is_null(), "{figures}");
     assert!(stderr.contains("bench: note: the server refuses INFO"), "{stderr}");
     assert!(stderr.contains("bench: note: the server refuses CONFIG GET"), "{stderr}");
-    denials_only_of(&mut root, "tenant_a", &["config|get", "info", "memory|purge"], "after the bench").await;
+    denials_only_of(
+        &mut root,
+        "tenant_a",
+        &["config|get", "info", "memory|purge", "latency|histogram"],
+        "after the bench",
+    )
+    .await;
 
     // The operator user has the extras: every figure, and no refusal at all.
     acl_log_reset(&mut root).await;

@@ -117,6 +117,22 @@ fn check_figures(f: &Value) {
     assert!(cpu.is_finite() && cpu >= 0.0, "redis_cpu_us_per_lifecycle: {f:#}");
     let scripts = num(f, "script_us_per_lifecycle");
     assert!(scripts > 0.0 && scripts.is_finite(), "scripts take some time on the server: {f:#}");
+
+    // Retention: the reaper purged the runs it was given, and the longest script is known.
+    positive(f, "purge_per_s");
+    let longest = positive(f, "longest_script_us");
+    assert!(longest.fract() == 0.0, "a histogram bucket, in whole microseconds: {f:#}");
+}
+
+/// Figures only the private server gives: memory at Redis's defaults (the
+/// run hash is then a hash table, not a listpack: more bytes, whatever the
+/// machine), and the longest script of the purge alone.
+fn check_private_figures(f: &Value) {
+    let stock_queued = positive(f, "memory_per_queued_run_stock");
+    let stock_finished = positive(f, "memory_per_finished_run_stock");
+    assert!(stock_queued > num(f, "memory_per_queued_run"), "a queued run costs more at Redis's defaults: {f:#}");
+    assert!(stock_finished < 1_000_000.0, "memory per run in bytes: {f:#}");
+    positive(f, "longest_purge_script_us");
 }
 
 /// The URL of the server bench used, from its first stderr line.
@@ -138,6 +154,7 @@ async fn bench_json_on_private_server() {
     let figures: Value = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("stdout must be one JSON document ({e}): {}", describe(&output)));
     check_figures(&figures);
+    check_private_figures(&figures);
     eprintln!("bench (private server) took {took:?}");
 
     // Progress went to stderr, and the private server is gone afterwards.

@@ -46,7 +46,8 @@ pub struct BenchArgs {
 }
 
 /// The queues the single-server bench fills (with `--shared`, under the given prefix).
-const QUEUES: [&str; 6] = ["bench-single", "bench", "bench-many", "bench-idle", "bench-1k", "bench-deep"];
+const QUEUES: [&str; 7] =
+    ["bench-single", "bench", "bench-many", "bench-idle", "bench-1k", "bench-deep", "bench-purge"];
 
 #[derive(Serialize, Default, Clone)]
 pub struct Figures {
@@ -78,6 +79,16 @@ pub struct Figures {
     pub redis_cpu_us_per_lifecycle: Option<f64>,
     /// The part of it spent running the scripts (the rest is network I/O and the event loop).
     pub script_us_per_lifecycle: Option<f64>,
+    /// The same runs on a redis-server at Redis's defaults (`hash-max-listpack-value 64`);
+    /// measured with the private server only.
+    pub memory_per_queued_run_stock: Option<f64>,
+    pub memory_per_finished_run_stock: Option<f64>,
+    /// Finished runs past the retention one reaper pass purges per second.
+    pub purge_per_s: Option<f64>,
+    /// The longest script of the bench, and of its purge, in microseconds (the
+    /// upper bound of its LATENCY HISTOGRAM bucket); null when refused.
+    pub longest_script_us: Option<u64>,
+    pub longest_purge_script_us: Option<u64>,
 }
 
 const METADATA_PAD: &str = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore magna aliqua ut enim ad minim veniam quis nostrud exercitation";
@@ -102,13 +113,13 @@ fn refused(e: &redis::RedisError) -> bool {
 /// The server-wide commands the bench reads its figures with (INFO, CONFIG
 /// GET, MEMORY PURGE), which an ACL user limited to its prefix may lack: a
 /// refused one says so once on stderr and its figures are n/a.
-struct Probe<'a> {
+pub(crate) struct Probe<'a> {
     store: &'a Store,
     refused: Mutex<Vec<&'static str>>,
 }
 
 impl<'a> Probe<'a> {
-    fn new(store: &'a Store) -> Self {
+    pub(crate) fn new(store: &'a Store) -> Self {
         Probe { store, refused: Mutex::new(Vec::new()) }
     }
 
@@ -165,7 +176,7 @@ impl<'a> Probe<'a> {
         }
     }
 
-    async fn used_memory(&self) -> Result<Option<f64>> {
+    pub(crate) async fn used_memory(&self) -> Result<Option<f64>> {
         if self.is_refused("INFO") {
             return Ok(None);
         }
@@ -410,7 +421,19 @@ pub async fn run(target: &Target, out: &Output, a: BenchArgs) -> Result<()> {
         f.redis_config,
         a.runs
     );
-    let measured = phases(&store, &probe, &a, &mut f, server.is_none() && !shared).await;
+    let mut measured = phases(&store, &probe, &a, &mut f, server.is_none() && !shared).await;
+    if measured.is_ok() {
+        measured = housekeeping(&store, &a, &mut f, server.is_some()).await;
+    }
+    if measured.is_ok() && server.is_some() {
+        let (queued, finished) = crate::bench_memory::stock_memory(target, &prefix, a.runs).await?;
+        (f.memory_per_queued_run_stock, f.memory_per_finished_run_stock) = (queued, finished);
+        eprintln!(
+            "bench: at Redis's defaults (hash-max-listpack-value 64): {} bytes per queued run, {} per finished run",
+            na(queued, 0),
+            na(finished, 0)
+        );
+    }
     if shared {
         // The prefix is someone's ledger: only the bench's own queues go, even after a failure.
         let removed = empty_bench_queues(&store).await?;
@@ -546,6 +569,29 @@ async fn phases(store: &Store, probe: &Probe<'_>, a: &BenchArgs, f: &mut Figures
         Some(deep) => eprintln!("bench: claim {:.0} us at 1k, {deep:.0} us at {}", f.claim_us_at_1k, a.depth),
         None => eprintln!("bench: claim {:.0} us at 1k", f.claim_us_at_1k),
     }
+    Ok(())
+}
+
+/// Retention and script length: the purge rate of one reaper pass, and the
+/// longest script Redis ran. On the private server the stats are reset
+/// before the purge, so its longest script is told apart; a given server's
+/// stats are the operator's and are left alone.
+async fn housekeeping(store: &Store, a: &BenchArgs, f: &mut Figures, private: bool) -> Result<()> {
+    use crate::bench_memory::{longest_script_us, purge_rate, reset_stats};
+    f.longest_script_us = longest_script_us(store).await;
+    let reset = private && reset_stats(store).await;
+    let (rate, purged) = purge_rate(store, a.runs).await?;
+    f.purge_per_s = Some(rate);
+    if reset {
+        f.longest_purge_script_us = longest_script_us(store).await;
+    } else {
+        f.longest_script_us = longest_script_us(store).await;
+    }
+    eprintln!(
+        "bench: reaper purged {purged} runs past the retention at {rate:.0}/s; longest script {} us (purge {} us)",
+        f.longest_script_us.map_or("n/a".into(), |v| v.to_string()),
+        f.longest_purge_script_us.map_or("n/a".into(), |v| v.to_string()),
+    );
     Ok(())
 }
 
@@ -704,6 +750,16 @@ fn print_table(f: &Figures) {
     }
     println!("| Redis memory per queued run, bytes | {} |", na(f.memory_per_queued_run, 0));
     println!("| Redis memory per finished run with 3 events, bytes | {} |", na(f.memory_per_finished_run, 0));
+    if f.memory_per_queued_run_stock.is_some() || f.memory_per_finished_run_stock.is_some() {
+        println!(
+            "| the same at Redis's defaults (queued / finished), bytes | {} / {} |",
+            na(f.memory_per_queued_run_stock, 0),
+            na(f.memory_per_finished_run_stock, 0)
+        );
+    }
+    println!("| reaper purge rate, runs/s | {} |", na(f.purge_per_s, 0));
+    let us = |v: Option<u64>| v.map_or("n/a".to_string(), |v| format!("<= {v}"));
+    println!("| longest script, us (of the purge) | {} ({}) |", us(f.longest_script_us), us(f.longest_purge_script_us));
     println!(
         "| Redis CPU per lifecycle, us | {} ({} running scripts) |",
         na(f.redis_cpu_us_per_lifecycle, 0),
