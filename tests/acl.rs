@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 const ACL_COMMANDS: &str = "+ping +time +wait +evalsha +script|load +get +set +del +exists +pexpire +persist +copy \
     +rename +incr +hget +hmget +hgetall +hkeys +hlen +hset +hsetnx +hdel +hincrby +lpush +llen +blpop +sadd +srem \
     +smembers +zadd +zrem +zcard +zscore +zrange +zrangebyscore +zunionstore +xadd +xdel +xlen +xrange +xrevrange \
-    +xtrim +xinfo|stream +publish +subscribe +spublish +ssubscribe +cluster|slots";
+    +xinfo|stream +publish +subscribe +spublish +ssubscribe +cluster|slots";
 
 /// What an operator user adds for the bench's server-wide figures (and the
 /// Worker's settings check). A tenant goes without them: refused, they cost
@@ -58,10 +58,6 @@ const BENCH_FRESH_PREFIX: &[&str] = &["scan", "unlink"];
 
 /// Commands only a Redis Cluster gets (sharded pub/sub, the slot map).
 const CLUSTER_ONLY: &[&str] = &["spublish", "ssubscribe", "cluster|slots"];
-
-/// In the list ahead of their use: XTRIM for the retention trimming being
-/// added to `lua/`.
-const AHEAD_OF_USE: &[&str] = &["xtrim"];
 
 /// Hang guard of one CLI call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(180);
@@ -233,7 +229,7 @@ fn the_list_is_what_the_code_sends() {
         .collect();
     assert!(beyond.is_empty(), "the bench sends {beyond:?}, which neither the list nor OPERATOR_EXTRAS has");
     let unused: Vec<&String> =
-        list.iter().filter(|c| !sent.contains(*c) && !AHEAD_OF_USE.contains(&c.as_str())).collect();
+        list.iter().filter(|c| !sent.contains(*c)).collect();
     assert!(unused.is_empty(), "the ACL list grants {unused:?}, which nothing sends any more: take them out");
 }
 
@@ -798,7 +794,7 @@ async fn a_tenant_runs_everything_as_its_acl_user() {
         .collect();
     let idle: Vec<String> = commands_of(ACL_COMMANDS)
         .into_iter()
-        .filter(|c| !ran.contains(c) && !CLUSTER_ONLY.contains(&c.as_str()) && !AHEAD_OF_USE.contains(&c.as_str()))
+        .filter(|c| !ran.contains(c) && !CLUSTER_ONLY.contains(&c.as_str()))
         .collect();
     assert!(idle.is_empty(), "nothing this test ran used {idle:?}: exercise them, or take them out of the list");
     // The bench emptied its own queues and left the tenant's runs alone.

@@ -8,9 +8,9 @@ use crate::model::ReapReport;
 
 /// Most of each kind of work one reap script does: about a millisecond of
 /// Redis time (`runledger bench` reports the longest).
-pub const REAP_BATCH: i64 = 200;
+pub const REAP_BATCH: i64 = 100;
 /// Scripts per queue and pass at most, while a batch comes back full.
-const REAP_ROUNDS: usize = 100;
+const REAP_ROUNDS: usize = 200;
 
 impl Store {
     /// Runs the reaper script on each queue (empty = every known queue), then

@@ -577,10 +577,11 @@ async fn phases(store: &Store, probe: &Probe<'_>, a: &BenchArgs, f: &mut Figures
 /// before the purge, so its longest script is told apart; a given server's
 /// stats are the operator's and are left alone.
 async fn housekeeping(store: &Store, a: &BenchArgs, f: &mut Figures, private: bool) -> Result<()> {
-    use crate::bench_memory::{longest_script_us, purge_rate, reset_stats};
+    use crate::bench_memory::{longest_script_us, purge_backlog, purge_rate, reset_stats};
+    purge_backlog(store, a.runs).await?;
     f.longest_script_us = longest_script_us(store).await;
     let reset = private && reset_stats(store).await;
-    let (rate, purged) = purge_rate(store, a.runs).await?;
+    let (rate, purged) = purge_rate(store).await?;
     f.purge_per_s = Some(rate);
     if reset {
         f.longest_purge_script_us = longest_script_us(store).await;

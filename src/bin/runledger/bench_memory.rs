@@ -10,6 +10,9 @@ use runledger::{Result, Store};
 use crate::Target;
 use crate::bench::{Probe, enqueue_batched, lifecycle};
 
+/// The queue of the purge phase (one of the bench's queues, see `bench.rs`).
+pub const PURGE_QUEUE: &str = "bench-purge";
+
 /// Bytes per queued and per finished run (3 events) on a private
 /// redis-server started with Redis's defaults (`hash-max-listpack-value 64`).
 pub async fn stock_memory(target: &Target, prefix: &str, runs: usize) -> Result<(Option<f64>, Option<f64>)> {
@@ -25,14 +28,20 @@ pub async fn stock_memory(target: &Target, prefix: &str, runs: usize) -> Result<
     Ok((per_run(queued), per_run(finished)))
 }
 
-/// The reaper's purge rate (runs/s): `runs` finished runs, all past the
-/// retention, purged by one reaper pass (scripts of `REAP_BATCH` runs).
-pub async fn purge_rate(store: &Store, runs: usize) -> Result<(f64, i64)> {
-    enqueue_batched(store, "bench-purge", runs).await?;
-    lifecycle(store, "bench-purge", 4, runs).await?;
+/// A backlog for the reaper: `runs` runs through their lifecycle, all to be
+/// past the retention at the time [`purge_rate`] gives the reaper.
+pub async fn purge_backlog(store: &Store, runs: usize) -> Result<()> {
+    enqueue_batched(store, PURGE_QUEUE, runs).await?;
+    lifecycle(store, PURGE_QUEUE, 4, runs).await?;
+    Ok(())
+}
+
+/// The reaper's purge rate (runs/s) over the backlog: one pass, in scripts
+/// of `REAP_BATCH` runs, with a clock past the retention.
+pub async fn purge_rate(store: &Store) -> Result<(f64, i64)> {
     let past = store.server_time_ms().await? + store.config().retention.as_millis() as i64 + 60_000;
     let start = Instant::now();
-    let report = store.reap(&["bench-purge".to_string()], Some(past)).await?;
+    let report = store.reap(&[PURGE_QUEUE.to_string()], Some(past)).await?;
     Ok((report.purged as f64 / start.elapsed().as_secs_f64(), report.purged))
 }
 
