@@ -228,8 +228,7 @@ fn the_list_is_what_the_code_sends() {
         .filter(|c| !list.contains(c) && !extras.contains(c) && !BENCH_FRESH_PREFIX.contains(&c.as_str()))
         .collect();
     assert!(beyond.is_empty(), "the bench sends {beyond:?}, which neither the list nor OPERATOR_EXTRAS has");
-    let unused: Vec<&String> =
-        list.iter().filter(|c| !sent.contains(*c)).collect();
+    let unused: Vec<&String> = list.iter().filter(|c| !sent.contains(*c)).collect();
     assert!(unused.is_empty(), "the ACL list grants {unused:?}, which nothing sends any more: take them out");
 }
 
@@ -409,6 +408,28 @@ where
     })
     .await;
     assert!(done.is_ok(), "hang guard: {what} not after {limit:?}");
+}
+
+/// Waits until `queue` has `finished` runs finished, then stops the Worker and returns its report.
+async fn finish_worker(
+    store: &Store,
+    queue: &str,
+    finished: i64,
+    stop: tokio_util::sync::CancellationToken,
+    running: tokio::task::JoinHandle<runledger::Result<runledger::WorkerReport>>,
+) -> runledger::WorkerReport {
+    wait_for(&format!("the Worker finishing {finished} runs of {queue}"), Duration::from_secs(120), || {
+        let store = store.clone();
+        let queue = queue.to_string();
+        async move { store.queue_stats(&queue, 0).await.map(|s| s.finished == finished).unwrap_or(false) }
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("hang guard: the Worker did not stop")
+        .expect("worker task")
+        .expect("worker run")
 }
 
 fn sigterm(child: &tokio::process::Child) {
@@ -716,17 +737,7 @@ async fn a_tenant_runs_everything_as_its_acl_user() {
     store.request_cancel("lib-cancel", Some("test")).await.expect("cancel lib-cancel");
     let batch: Vec<NewRun> = (0..5).map(|i| NewRun::new(format!("lib-{i}"), "agent").queue("lib")).collect();
     store.create_runs(&batch).await.expect("create lib runs");
-    wait_for("the Worker finishing 6 runs", Duration::from_secs(120), || {
-        let store = store.clone();
-        async move { store.queue_stats("lib", 0).await.map(|s| s.finished == 6).unwrap_or(false) }
-    })
-    .await;
-    stop.cancel();
-    let report = tokio::time::timeout(Duration::from_secs(60), running)
-        .await
-        .expect("hang guard: the Worker did not stop")
-        .expect("worker task")
-        .expect("worker run");
+    let report = finish_worker(&store, "lib", 6, stop, running).await;
     assert_eq!(store.get_run("lib-cancel").await.expect("lib-cancel").status, RunStatus::Cancelled);
     assert_eq!((report.completed, report.cancelled), (5, 1), "{report:?}");
     // Far in the future: purges every finished run, times out run-5, releases run-4's pin, marks stale runtimes.
@@ -990,17 +1001,7 @@ async fn a_tenant_runs_on_a_cluster() {
     for i in 0..3 {
         store.create_run(&NewRun::new(format!("lib-{i}"), "agent").queue("lib")).await.expect("create");
     }
-    wait_for("the Worker finishing 4 runs on the cluster", Duration::from_secs(120), || {
-        let store = store.clone();
-        async move { store.queue_stats("lib", 0).await.map(|s| s.finished == 4).unwrap_or(false) }
-    })
-    .await;
-    stop.cancel();
-    let report = tokio::time::timeout(Duration::from_secs(60), running)
-        .await
-        .expect("hang guard: the Worker did not stop")
-        .expect("worker task")
-        .expect("worker run");
+    let report = finish_worker(&store, "lib", 4, stop, running).await;
     assert_eq!((report.completed, report.cancelled), (3, 1), "{report:?}");
 
     let mut ran = BTreeSet::new();

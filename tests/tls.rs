@@ -172,6 +172,21 @@ async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("{what}: no answer within {CALL_TIMEOUT:?}"))
 }
 
+/// Pub/sub and a dedicated connection over TLS: the worker's cancel feed
+/// hears `request_cancel` of the claimed `run_id` (SUBSCRIBE, or SSUBSCRIBE
+/// on a cluster), and a BLPOP connection answers.
+async fn cancel_and_blpop(store: &Store, run_id: &str) {
+    let mut notices = within("cancel_notices", store.cancel_notices(&["q".to_string()])).await.expect("subscribe");
+    within("request_cancel", store.request_cancel(run_id, Some("test"))).await.expect("request_cancel");
+    assert_eq!(within("cancel notice", notices.next()).await.as_deref(), Some(run_id));
+    let mut blocking = within("dedicated_conn", store.dedicated_conn()).await.expect("dedicated connection");
+    let popped: Option<(String, String)> =
+        within("BLPOP", redis::cmd("BLPOP").arg("tls-test-list").arg(0.2).query_async(&mut blocking))
+            .await
+            .expect("BLPOP over TLS");
+    assert_eq!(popped, None);
+}
+
 fn with_ca(ca: &Path) -> StoreConfig {
     StoreConfig { tls_ca_file: Some(ca.to_path_buf()), ..Default::default() }
 }
@@ -209,18 +224,7 @@ async fn store_works_over_tls_with_a_private_ca() {
     .expect("append_events");
     assert_eq!(events.len(), 2);
 
-    // Pub/sub over TLS: the worker's cancel feed hears request_cancel.
-    let mut notices = within("cancel_notices", store.cancel_notices(&["q".to_string()])).await.expect("subscribe");
-    within("request_cancel", store.request_cancel("tls-1", Some("test"))).await.expect("request_cancel");
-    assert_eq!(within("cancel notice", notices.next()).await.as_deref(), Some("tls-1"));
-
-    // A dedicated connection (for BLPOP) is TLS too.
-    let mut blocking = within("dedicated_conn", store.dedicated_conn()).await.expect("dedicated connection");
-    let popped: Option<(String, String)> =
-        within("BLPOP", redis::cmd("BLPOP").arg("tls-test-list").arg(0.2).query_async(&mut blocking))
-            .await
-            .expect("BLPOP over TLS");
-    assert_eq!(popped, None);
+    cancel_and_blpop(&store, "tls-1").await;
 
     let done = within(
         "finalize_run",
@@ -341,15 +345,7 @@ async fn cluster_over_tls_with_a_private_ca() {
             .expect("claim")
             .expect("a run to claim");
     let token = claimed.claim_token.clone().expect("token");
-    let mut notices = within("cancel_notices", store.cancel_notices(&["q".to_string()])).await.expect("ssubscribe");
-    within("request_cancel", store.request_cancel("c-1", None)).await.expect("request_cancel");
-    assert_eq!(within("cancel notice", notices.next()).await.as_deref(), Some("c-1"));
-    let mut blocking = within("dedicated_conn", store.dedicated_conn()).await.expect("dedicated connection");
-    let popped: Option<(String, String)> =
-        within("BLPOP", redis::cmd("BLPOP").arg("tls-test-list").arg(0.2).query_async(&mut blocking))
-            .await
-            .expect("BLPOP over TLS");
-    assert_eq!(popped, None);
+    cancel_and_blpop(&store, "c-1").await;
     let done = within("finalize_run", store.finalize_run("c-1", &Finish::new(RunStatus::Cancelled), Some(&token)))
         .await
         .expect("finalize_run");

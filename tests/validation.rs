@@ -559,7 +559,10 @@ async fn other_scripts_reject_bad_argv_before_writing() {
         (s(&[base, "r1", tok, "1000", "100000", "0", "t", "{}", "", "runner", "", ""]), "sequence 0"),
         (s(&[base, "r1", tok, "1000", "100000", "1", "t", "{}", "", "runner", "", ""][..11]), "6 values instead of 7"),
         (
-            s(&[base, "r1", tok, "1000", "100000", "1", "t", "{}", "", "runner", "", "", "2", "t", "{}", "", "runner", "{}", ""]),
+            s(&[
+                base, "r1", tok, "1000", "100000", "1", "t", "{}", "", "runner", "", "", "2", "t", "{}", "", "runner",
+                "{}", "",
+            ]),
             "artifact_refs object in the 2nd event",
         ),
     ] {
