@@ -7,6 +7,7 @@
 -- ARGV[5] status_reason ('' = none)
 -- ARGV[6] retry delay ms (0 = claimable at once; only with status queued)
 -- ARGV[7] retention ms (checked, unused: finished runs carry no TTL; kept so the positions stay)
+-- ARGV[8] runtime id ('' or absent = any): the claim must be held by that runtime too
 -- Returns HGETALL of the run. Errors: NOT_FOUND, STALE_TOKEN (also when the
 -- lease expired by the server's clock).
 -- A release leaves a receipt (<P>:{Q}:receipt:<token> = '{released}' and a
@@ -26,6 +27,8 @@ check_text('status_reason', ARGV[5], 4096)
 local delay = check_int('retry delay ms', ARGV[6], 0, 1e12)
 if delay > 0 and status ~= 'queued' then fail('INVALID', 'a retry delay needs status queued') end
 local retention = check_int('retention ms', ARGV[7], 0, 1e13)
+local runtime = ARGV[8] or ''
+check_opt_id('runtime_id', runtime)
 
 local rk = KEYS[8]
 local h = load_run(rk, rid)
@@ -33,7 +36,7 @@ local receipt = receipt_key(B, token)
 local request = '{released}' .. redis.sha1hex(status .. '\0' .. ARGV[5] .. '\0' .. ARGV[6])
 if redis.call('GET', receipt) == request then return hgetall(rk) end
 local now = now_ms()
-check_holder(h, rid, token, now)
+check_holder(h, rid, token, now, runtime)
 redis.call('SET', receipt, request, 'PX', RECEIPT_MS)
 if TERMINAL[status] then
   finish(B, rid, h, status, ARGV[5], now)

@@ -4,6 +4,7 @@
 -- KEYS[8]     <P>:{Q}:run:<run_id>  HASH the run
 -- ARGV[1] key base   ARGV[2] run_id   ARGV[3] claim token
 -- ARGV[4] lease ms (1 .. 86400000)    ARGV[5] retention ms (checked, unused: no TTL on finished runs)
+-- ARGV[6] runtime id ('' or absent = any): the claim must be held by that runtime too
 -- Returns HGETALL of the run; its cancel_requested_at tells the holder that a
 -- cancellation was asked for. Errors: NOT_FOUND, STALE_TOKEN (the claim was
 -- lost, or its lease expired by the server's clock even if nobody claimed the
@@ -16,11 +17,13 @@ local token = ARGV[3]
 if token == '' then fail('INVALID', 'claim token must not be empty') end
 local lease = check_int('lease ms', ARGV[4], 1, 86400000)
 local retention = check_int('retention ms', ARGV[5], 0, 1e13)
+local runtime = ARGV[6] or ''
+check_opt_id('runtime_id', runtime)
 
 local rk = KEYS[8]
 local h = load_run(rk, rid)
 local now = now_ms()
-check_holder(h, rid, token, now)
+check_holder(h, rid, token, now, runtime)
 if h.deadline_at and h.deadline_at <= now then
   finish(B, rid, h, 'timeout', 'deadline passed', now)
   fail('DEADLINE', 'run ' .. rid .. ' passed its deadline and is now timeout')

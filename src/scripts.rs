@@ -70,6 +70,7 @@ pub struct Scripts {
     pub mark_stale_runtime: Lua,
     pub register_queue: Lua,
     pub drop_locator: Lua,
+    pub validate_active_claim: Lua,
 }
 
 impl Scripts {
@@ -93,6 +94,7 @@ impl Scripts {
             mark_stale_runtime: lua!("mark_stale_runtime"),
             register_queue: lua!("register_queue"),
             drop_locator: lua!("drop_locator"),
+            validate_active_claim: lua!("validate_active_claim").read_only(),
         }
     }
 }

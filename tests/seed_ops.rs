@@ -308,7 +308,7 @@ async fn release_claim_to_a_terminal_status() {
         .release_claim(
             "r1",
             &token_of(&c),
-            &Release { status: RunStatus::Failed, status_reason: Some("crashed".into()), retry_in: None },
+            &Release { status: RunStatus::Failed, status_reason: Some("crashed".into()), ..Default::default() },
         )
         .await
         .expect("release to failed");
@@ -328,7 +328,7 @@ async fn release_claim_to_a_terminal_status() {
         .release_claim(
             "r2",
             &token_of(&c2),
-            &Release { status: RunStatus::Failed, status_reason: None, retry_in: Some(Duration::from_secs(1)) },
+            &Release { status: RunStatus::Failed, retry_in: Some(Duration::from_secs(1)), ..Default::default() },
         )
         .await
         .expect_err("retry_in with a terminal status is refused");

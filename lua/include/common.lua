@@ -135,20 +135,24 @@ local function check_stored(rk, status, lease_expires)
 end
 
 local function load_holder(rk, rid)
-  local v = redis.call('HMGET', rk, 'status', 'claim_token', 'claim_lease_expires_at')
+  local v = redis.call('HMGET', rk, 'status', 'claim_token', 'claim_lease_expires_at', 'claimed_by_runtime_id')
   if not v[1] then fail('NOT_FOUND', 'run ' .. rid .. ' does not exist') end
   check_stored(rk, v[1], v[3])
-  return { status = v[1], claim_token = v[2] or nil, lease_expires = tonumber(v[3] or '') }
+  return { status = v[1], claim_token = v[2] or nil, lease_expires = tonumber(v[3] or ''), holder = v[4] or nil }
 end
 
 -- Fencing: with a token ('' = host call), the run must still be held with it
 -- under a lease that has not expired by the server's clock `now` (an active
 -- claim): an expired lease can neither be renewed nor written to, even when
 -- nobody has claimed the run again yet.
-local function check_holder(h, rid, token, now)
+-- With `runtime` (optional, '' or nil = any), the holder must be that runtime too.
+local function check_holder(h, rid, token, now, runtime)
   if token == '' then return end
   if h.status ~= 'claimed' or h.claim_token ~= token then
     fail('STALE_TOKEN', 'run ' .. rid .. ' is no longer held with this claim token (status ' .. h.status .. ')')
+  end
+  if runtime and runtime ~= '' and h.holder ~= runtime then
+    fail('STALE_TOKEN', 'run ' .. rid .. ' is held by runtime ' .. tostring(h.holder) .. ', not ' .. runtime)
   end
   if not h.lease_expires or h.lease_expires <= now then
     fail('STALE_TOKEN', 'the lease on run ' .. rid .. ' expired at ' .. fmt(h.lease_expires or 0) ..

@@ -160,7 +160,7 @@ end
 local function route_fields(rk)
   local v = redis.call('HMGET', rk, 'id', 'status', 'priority', 'runner_id', 'requested_runtime_id',
     'claim_token', 'dispatch_attempts', 'max_attempts', 'deadline_at', 'not_before', 'started_at',
-    'claim_lease_expires_at')
+    'claim_lease_expires_at', 'claimed_by_runtime_id')
   if not v[1] then return nil end
   check_stored(rk, v[2], v[12])
   if not string.find(v[1], '^%d+$') then corrupt(rk, 'id', v[1]) end
@@ -173,7 +173,7 @@ local function route_fields(rk)
     id = v[1], status = v[2], priority = v[3], runner_id = v[4], requested_runtime_id = v[5] or nil,
     claim_token = v[6] or nil, dispatch_attempts = tonumber(v[7] or '0'), max_attempts = tonumber(v[8] or '0'),
     deadline_at = tonumber(v[9] or ''), not_before = v[10] or nil, started_at = v[11] or nil,
-    lease_expires = tonumber(v[12] or ''),
+    lease_expires = tonumber(v[12] or ''), holder = v[13] or nil,
   }
 end
 

@@ -48,11 +48,14 @@ pub struct Release {
     pub status_reason: Option<String>,
     /// With `Queued`: claimable again only after this delay.
     pub retry_in: Option<Duration>,
+    /// When given, the claim must be held by this runtime too (LangBot's
+    /// `runtime_id` argument); else [`Error::StaleToken`].
+    pub runtime_id: Option<String>,
 }
 
 impl Default for Release {
     fn default() -> Self {
-        Release { status: RunStatus::Queued, status_reason: None, retry_in: None }
+        Release { status: RunStatus::Queued, status_reason: None, retry_in: None, runtime_id: None }
     }
 }
 
@@ -458,7 +461,20 @@ impl Store {
     /// Extends the lease of a claim still held with `claim_token`. The result's
     /// `cancel_requested_at` tells the holder a cancellation was asked for.
     pub async fn renew_claim(&self, run_id: &str, claim_token: &str, lease: Duration) -> Result<Run> {
+        self.renew_claim_by(run_id, claim_token, None, lease).await
+    }
+
+    /// Like [`Store::renew_claim`]; with `runtime_id` the claim must also be
+    /// held by that runtime (an active claim in LangBot's sense).
+    pub async fn renew_claim_by(
+        &self,
+        run_id: &str,
+        claim_token: &str,
+        runtime_id: Option<&str>,
+        lease: Duration,
+    ) -> Result<Run> {
         let lease = validate::lease_ms("lease", lease)?;
+        validate::opt_id("runtime_id", runtime_id)?;
         let (keys, k) = self.run_keys(run_id).await?;
         let args = vec![
             keys.base.clone(),
@@ -466,6 +482,7 @@ impl Store {
             claim_token.to_string(),
             lease.to_string(),
             self.retention_ms(),
+            runtime_id.unwrap_or_default().to_string(),
         ];
         let value = self.eval(&self.scripts().renew_claim, &k, &args).await?;
         Run::from_fields(reply::fields(value)?, true)
@@ -480,6 +497,7 @@ impl Store {
         if release.status != RunStatus::Queued && !release.status.is_terminal() {
             return Err(Error::Invalid(format!("release status must be queued or terminal, got {}", release.status)));
         }
+        validate::opt_id("runtime_id", release.runtime_id.as_deref())?;
         let delay = release.retry_in.map(|d| d.as_millis() as u64).unwrap_or(0);
         let (keys, k) = self.run_keys(run_id).await?;
         let args = vec![
@@ -490,6 +508,7 @@ impl Store {
             opt(&release.status_reason),
             delay.to_string(),
             self.retention_ms(),
+            opt(&release.runtime_id),
         ];
         let value = self.eval(&self.scripts().release_claim, &k, &args).await?;
         let run = Run::from_fields(reply::fields(value)?, false)?;
@@ -497,6 +516,31 @@ impl Store {
             self.expire_locators(std::slice::from_ref(&run.run_id)).await?;
         }
         Ok(run)
+    }
+
+    /// True when the run is held with `claim_token` (by `runtime_id`, when
+    /// given) under a lease that has not expired by the server's clock: the
+    /// active claim that renew, release, events and a fenced finish require.
+    /// False for a run that does not exist. LangBot's `validate_active_claim`.
+    pub async fn validate_active_claim(
+        &self,
+        run_id: &str,
+        runtime_id: Option<&str>,
+        claim_token: &str,
+    ) -> Result<bool> {
+        validate::id("run_id", run_id)?;
+        validate::opt_id("runtime_id", runtime_id)?;
+        if claim_token.is_empty() {
+            return Err(Error::Invalid("claim token must not be empty".into()));
+        }
+        let k = match self.run_keys(run_id).await {
+            Ok((_, k)) => k,
+            Err(Error::NotFound(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let args = vec![run_id.to_string(), claim_token.to_string(), runtime_id.unwrap_or_default().to_string()];
+        let value = self.eval(&self.scripts().validate_active_claim, &k[7..8], &args).await?;
+        Ok(reply::int(value)? == 1)
     }
 
     /// Takes back claims whose lease expired (the seed's release_expired_claims),

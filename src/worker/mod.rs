@@ -641,6 +641,7 @@ async fn execute_one(
                 status: RunStatus::Queued,
                 status_reason: Some(format!("retrying after: {}", failure.message)),
                 retry_in: Some(inner.backoff.delay(attempts)),
+                runtime_id: Some(inner.runtime_id.clone()),
             };
             (Ended::Retried, settle(&ctx, || store.release_claim(&run_id, &token, &release)).await.map(|_| ()))
         }
@@ -673,6 +674,7 @@ async fn execute_one(
                     status: RunStatus::Queued,
                     status_reason: Some("worker shut down".into()),
                     retry_in: None,
+                    runtime_id: Some(inner.runtime_id.clone()),
                 };
                 (Ended::Released, settle(&ctx, || store.release_claim(&run_id, &token, &release)).await.map(|_| ()))
             }

@@ -208,10 +208,14 @@ pub struct RenewArgs {
     token: String,
     #[arg(long, default_value_t = 60.0)]
     lease: f64,
+    /// The claim must be held by this runtime too.
+    #[arg(long)]
+    runtime: Option<String>,
 }
 
 pub async fn renew(store: &Store, out: &Output, a: RenewArgs) -> Result<()> {
-    let run = store.renew_claim(&a.run_id, &a.token, validate::seconds("--lease", a.lease)?).await?;
+    let lease = validate::seconds("--lease", a.lease)?;
+    let run = store.renew_claim_by(&a.run_id, &a.token, a.runtime.as_deref(), lease).await?;
     out.run(&run);
     Ok(())
 }
@@ -228,6 +232,9 @@ pub struct ReleaseArgs {
     /// Claimable again only after this many seconds.
     #[arg(long)]
     retry_in: Option<f64>,
+    /// The claim must be held by this runtime too.
+    #[arg(long)]
+    runtime: Option<String>,
 }
 
 pub async fn release(store: &Store, out: &Output, a: ReleaseArgs) -> Result<()> {
@@ -235,6 +242,7 @@ pub async fn release(store: &Store, out: &Output, a: ReleaseArgs) -> Result<()> 
         status: status_arg(&a.status)?,
         status_reason: a.reason,
         retry_in: a.retry_in.map(|s| validate::seconds("--retry-in", s)).transpose()?,
+        runtime_id: a.runtime,
     };
     out.run(&store.release_claim(&a.run_id, &a.token, &release).await?);
     Ok(())
