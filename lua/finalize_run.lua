@@ -55,12 +55,26 @@ if TERMINAL[h.status] then
     fail('STALE_TOKEN', 'run ' .. rid .. ' is no longer held with this claim token (status ' .. h.status .. ')')
   end
   if h.status == status then
+    -- Finalized again with its status (LangBot's host does): metadata is
+    -- merged, usage and cost replaced, a reason written, when given;
+    -- finished_at stays. A resend of the same call writes the same values.
+    if with_meta then
+      local current = redis.call('HGET', rk, 'metadata') or ''
+      if current ~= ARGV[8] then fail('RETRY', 'metadata of run ' .. rid .. ' changed meanwhile') end
+    end
+    local again_now = now_ms()
+    local fields = { 'updated_at', fmt(again_now) }
+    if with_meta then fields[#fields + 1] = 'metadata'; fields[#fields + 1] = ARGV[9] end
+    if ARGV[5] ~= '' then fields[#fields + 1] = 'usage'; fields[#fields + 1] = ARGV[5] end
+    if ARGV[6] ~= '' then fields[#fields + 1] = 'cost'; fields[#fields + 1] = ARGV[6] end
+    if ARGV[4] ~= '' then fields[#fields + 1] = 'status_reason'; fields[#fields + 1] = ARGV[4] end
+    if #fields > 2 then redis.call('HSET', rk, unpack(fields)) end
     -- A resend after a lost reply answers as the first call did, with the run
     -- that call claimed (its receipt); a new request claims nothing here.
-    local again = next_claim and claim_again(B, next_claim.token, now_ms())
+    local again = next_claim and claim_again(B, next_claim.token, again_now)
     return { 0, quiet and {} or hgetall(rk), again or 0 }
   end
-  fail('CONFLICT', 'run ' .. rid .. ' is already ' .. h.status .. '; it cannot become ' .. status)
+  fail('CONFLICT', 'Cannot transition terminal run ' .. rid .. ' from ' .. h.status .. ' to ' .. status)
 end
 local now = now_ms()
 check_holder(h, rid, token, now)

@@ -4,7 +4,7 @@
 -- KEYS[8]     <P>:{Q}:run:<run_id>  HASH the run
 -- ARGV[1] key base   ARGV[2] run_id   ARGV[3] claim token
 -- ARGV[4] status: queued | completed | failed | cancelled | timeout
--- ARGV[5] status_reason ('' = none)
+-- ARGV[5] status_reason ('' = none: the old reason is cleared, as in the seed)
 -- ARGV[6] retry delay ms (0 = claimable at once; only with status queued)
 -- ARGV[7] retention ms (checked, unused: finished runs carry no TTL; kept so the positions stay)
 -- ARGV[8] runtime id ('' or absent = any): the claim must be held by that runtime too
@@ -38,6 +38,10 @@ if redis.call('GET', receipt) == request then return hgetall(rk) end
 local now = now_ms()
 check_holder(h, rid, token, now, runtime)
 redis.call('SET', receipt, request, 'PX', RECEIPT_MS)
+-- The release's reason replaces the old one, and none clears it (as the
+-- seed does): a run released back to the queue should not keep saying
+-- "user cancelled".
+if ARGV[5] == '' then redis.call('HDEL', rk, 'status_reason') end
 if TERMINAL[status] then
   finish(B, rid, h, status, ARGV[5], now)
   return hgetall(rk)

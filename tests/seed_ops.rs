@@ -283,6 +283,7 @@ async fn release_claim_back_to_queue_and_with_retry_delay() {
         .await
         .expect("release with retry_in");
     assert_eq!(delayed.status, RunStatus::Queued);
+    assert_eq!(delayed.status_reason, None, "a release without a reason clears the old one, as the seed does");
     assert!(delayed.not_before.is_some(), "the retry time is recorded");
     assert!(zscore(&mut raw, "rl:{q}:delayed", "r1").await.is_some(), "the run waits in the delayed set");
     assert_eq!(zscore(&mut raw, "rl:{q}:queued", "r1").await, None);
@@ -544,11 +545,31 @@ async fn finalize_terminal_stays_terminal() {
             .finalize_run("r1", &Finish::new(status).reason("late"), None)
             .await
             .expect_err("a terminal run cannot change status");
-        assert!(matches!(err, Error::Conflict(_)), "{status}: got {err:?}");
+        assert!(
+            matches!(err, Error::Conflict(ref m) if m.starts_with("Cannot transition terminal run")),
+            "{status}: got {err:?}"
+        );
     }
     let now = store.get_run("r1").await.expect("get");
     assert_eq!(now.status, RunStatus::Completed);
     assert_eq!(now.status_reason.as_deref(), Some("ok"));
+
+    // Same status with more to say (LangBot's host does this): metadata is
+    // merged, usage replaced, finished_at kept, the reason kept when none is given.
+    let more = Finish::new(RunStatus::Completed).metadata(json!({"review": "done"})).usage(json!({"tokens": 7}));
+    let merged = store.finalize_run("r1", &more, None).await.expect("same status with metadata");
+    assert_eq!(merged.status, RunStatus::Completed);
+    assert_eq!(merged.metadata["review"], json!("done"));
+    assert_eq!(merged.usage, Some(json!({"tokens": 7})));
+    assert_eq!(merged.finished_at, Some(finished_at));
+    assert_eq!(merged.status_reason.as_deref(), Some("ok"));
+    let replaced = store
+        .finalize_run("r1", &Finish::new(RunStatus::Completed).usage(json!({"tokens": 9})).reason("rechecked"), None)
+        .await
+        .expect("usage replaced");
+    assert_eq!(replaced.usage, Some(json!({"tokens": 9})));
+    assert_eq!(replaced.metadata["review"], json!("done"), "metadata stays merged");
+    assert_eq!(replaced.status_reason.as_deref(), Some("rechecked"));
     // Non-terminal statuses are not finalize statuses.
     let err = store.finalize_run("r1", &Finish::new(RunStatus::Queued), None).await.expect_err("queued");
     assert!(matches!(err, Error::Invalid(_)), "got {err:?}");
