@@ -64,7 +64,7 @@ impl FromStr for RunStatus {
     fn from_str(s: &str) -> Result<Self> {
         RunStatus::ALL.into_iter().find(|status| status.as_str() == s).ok_or_else(|| {
             Error::Invalid(format!(
-                "unknown run status '{s}' (expected queued, running, claimed, completed, failed, cancelled or timeout)"
+                "Unknown run status: '{s}' (expected queued, running, claimed, completed, failed, cancelled or timeout)"
             ))
         })
     }

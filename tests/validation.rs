@@ -241,7 +241,12 @@ async fn bad_status_strings_and_statuses_are_refused() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
     for text in ["bogus", "", "Completed", "QUEUED", " queued", "done", "dead"] {
-        assert_invalid(text.parse::<RunStatus>(), &format!("status {text:?}"));
+        let parsed = text.parse::<RunStatus>();
+        // LangBot's hosts match the message's start (its ValueError text).
+        assert!(
+            matches!(&parsed, Err(Error::Invalid(m)) if m.starts_with("Unknown run status")),
+            "status {text:?}: {parsed:?}"
+        );
     }
     for s in RunStatus::ALL {
         assert_eq!(s.as_str().parse::<RunStatus>().expect("round trip"), s);
