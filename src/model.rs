@@ -542,6 +542,14 @@ impl Default for Heartbeat {
     }
 }
 
+/// A page of runtimes (LangBot's `(items, total)`).
+#[derive(Clone, Debug, Serialize)]
+pub struct RuntimePage {
+    pub items: Vec<Runtime>,
+    /// Every runtime matching the filters, however many the page holds.
+    pub total: usize,
+}
+
 /// One page of runs, newest first (the seed's `(items, next_cursor, has_more)`).
 #[derive(Clone, Debug, Serialize)]
 pub struct RunPage {

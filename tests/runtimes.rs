@@ -299,7 +299,39 @@ async fn reap_marks_stale_runtimes_and_deregister_removes_one() {
 }
 
 // Every case above, on a server of its own and on the test cluster.
+/// LangBot's `list_runtimes(statuses, labels, limit)`: runtimes whose labels
+/// hold every pair asked for, in id order, and a total of all that match.
+async fn list_runtimes_filters_by_labels_with_a_total() {
+    let (_redis, store) = common::store().await;
+    for (id, labels) in [
+        ("rt-a", json!({"zone": "eu", "gpu": true})),
+        ("rt-b", json!({"zone": "eu"})),
+        ("rt-c", json!({"zone": "us", "gpu": true})),
+        ("rt-d", json!({})),
+    ] {
+        let mut reg = RegisterRuntime::new(id);
+        reg.labels = Some(labels);
+        store.register_runtime(&reg).await.expect("register");
+    }
+    let eu = json!({"zone": "eu"});
+    let page = store.page_runtimes(&[], eu.as_object(), 100).await.expect("zone eu");
+    assert_eq!(page.items.iter().map(|r| r.runtime_id.as_str()).collect::<Vec<_>>(), ["rt-a", "rt-b"]);
+    assert_eq!(page.total, 2);
+    let both = json!({"zone": "eu", "gpu": true});
+    let page = store.page_runtimes(&[], both.as_object(), 100).await.expect("zone eu with a gpu");
+    assert_eq!(page.items.iter().map(|r| r.runtime_id.as_str()).collect::<Vec<_>>(), ["rt-a"]);
+    // The total counts every match, beyond the page.
+    let gpu = json!({"gpu": true});
+    let page = store.page_runtimes(&[], gpu.as_object(), 1).await.expect("a page of one");
+    assert_eq!((page.items.len(), page.total), (1, 2));
+    let all = store.page_runtimes(&[], None, 2).await.expect("all");
+    assert_eq!((all.items.len(), all.total), (2, 4));
+    let none = store.page_runtimes(&["stale".to_string()], None, 100).await.expect("stale");
+    assert_eq!(none.total, 0);
+}
+
 backend_tests!(
+    list_runtimes_filters_by_labels_with_a_total,
     register_records_fields_and_a_heartbeat,
     heartbeat_refreshes_and_merges_metadata,
     heartbeat_of_an_unknown_runtime_is_not_found,
@@ -309,3 +341,26 @@ backend_tests!(
     runtime_key_expires_after_deadline_plus_grace,
     reap_marks_stale_runtimes_and_deregister_removes_one,
 );
+
+/// `runledger runtimes --label KEY=VALUE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_runtimes_filter_by_label() {
+    let (redis, store) = common::store().await;
+    for (id, zone) in [("rt-eu", "eu"), ("rt-us", "us")] {
+        let mut reg = RegisterRuntime::new(id);
+        reg.labels = Some(json!({ "zone": zone, "slots": 4 }));
+        store.register_runtime(&reg).await.expect("register");
+    }
+    let cli = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_runledger"));
+        cmd.arg("--redis").arg(&redis.url).args(args).env_remove("REDIS_URL");
+        tokio::task::block_in_place(move || cmd.output().expect("run the CLI"))
+    };
+    let out = cli(&["--json", "runtimes", "--label", "zone=eu", "--label", "slots=4"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let ids: Vec<&str> = listed.as_array().expect("a list").iter().filter_map(|r| r["runtime_id"].as_str()).collect();
+    assert_eq!(ids, ["rt-eu"]);
+    let out = cli(&["runtimes", "--label", "zone"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -8,7 +8,7 @@ use futures_util::future::join_all;
 
 use super::{Store, reply};
 use crate::error::{Error, Result};
-use crate::model::{Heartbeat, RegisterRuntime, Runtime};
+use crate::model::{Heartbeat, RegisterRuntime, Runtime, RuntimePage};
 use crate::validate;
 
 fn deadline_ms(deadline: Duration) -> Result<String> {
@@ -149,6 +149,18 @@ impl Store {
     /// Runtimes ordered by id (the seed's list_runtimes), read from the index
     /// `<P>:runtimes`; `limit` capped to 1..=500.
     pub async fn list_runtimes(&self, statuses: &[String], limit: usize) -> Result<Vec<Runtime>> {
+        Ok(self.page_runtimes(statuses, None, limit).await?.items)
+    }
+
+    /// LangBot's `list_runtimes`: runtimes in id order, with the given
+    /// statuses (none = all) whose labels hold every pair of `labels`, at most
+    /// `limit` (clamped to 1..=500), and the `total` that match.
+    pub async fn page_runtimes(
+        &self,
+        statuses: &[String],
+        labels: Option<&serde_json::Map<String, serde_json::Value>>,
+        limit: usize,
+    ) -> Result<RuntimePage> {
         let limit = limit.clamp(1, 500);
         let g = self.global();
         let mut conn = self.conn().await?;
@@ -160,7 +172,7 @@ impl Store {
             .await
             .map_err(|e| self.failed(e))?;
         if ids.is_empty() {
-            return Ok(Vec::new());
+            return Ok(RuntimePage { items: Vec::new(), total: 0 });
         }
         let mut cmds: Vec<redis::Cmd> = ids
             .iter()
@@ -180,13 +192,16 @@ impl Store {
                 continue;
             }
             let runtime = Runtime::from_fields(fields, now_ms)?;
-            if statuses.is_empty() || statuses.contains(&runtime.status) {
+            let labelled = labels
+                .is_none_or(|wanted| wanted.iter().all(|(k, v)| runtime.labels.get(k).is_some_and(|have| have == v)));
+            if labelled && (statuses.is_empty() || statuses.contains(&runtime.status)) {
                 out.push(runtime);
             }
         }
         out.sort_by_key(|r| r.id);
+        let total = out.len();
         out.truncate(limit);
-        Ok(out)
+        Ok(RuntimePage { items: out, total })
     }
 
     /// Sets `stale_status` on runtimes whose heartbeat deadline passed, or whose

@@ -443,12 +443,26 @@ pub async fn events(store: &Store, out: &Output, a: EventsArgs) -> Result<()> {
 pub struct RuntimesArgs {
     #[arg(long = "status")]
     statuses: Vec<String>,
+    /// Only runtimes whose labels hold KEY=VALUE (repeat; the value is JSON, or text).
+    #[arg(long = "label")]
+    labels: Vec<String>,
     #[arg(long, default_value_t = 100)]
     limit: usize,
 }
 
 pub async fn runtimes(store: &Store, out: &Output, a: RuntimesArgs) -> Result<()> {
-    out.runtimes(&store.list_runtimes(&a.statuses, a.limit).await?);
+    let mut labels = serde_json::Map::new();
+    for pair in &a.labels {
+        let (key, value) =
+            pair.split_once('=').ok_or_else(|| Error::Invalid(format!("--label must be KEY=VALUE, got {pair:?}")))?;
+        let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
+        labels.insert(key.to_string(), value);
+    }
+    let page = store.page_runtimes(&a.statuses, (!labels.is_empty()).then_some(&labels), a.limit).await?;
+    out.runtimes(&page.items);
+    if !out.json && page.total > page.items.len() {
+        println!("({} of {} runtimes; --limit shows more)", page.items.len(), page.total);
+    }
     Ok(())
 }
 
