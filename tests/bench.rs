@@ -164,7 +164,7 @@ async fn bench_json_on_private_server() {
     let addr = url.trim_start_matches("redis://").trim_end_matches('/').to_string();
     let deadline = Instant::now() + Duration::from_secs(5);
     while std::net::TcpStream::connect(&addr).is_ok() {
-        assert!(Instant::now() < deadline, "bench left its redis-server running at {addr}");
+        assert!(Instant::now() < deadline, "hang guard: bench left its redis-server running at {addr}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -85,7 +85,7 @@ async fn queues_spread_over_every_master_and_a_worker_drains_them() {
         if done == 240 {
             break;
         }
-        assert!(Instant::now() < deadline, "only {done} of 240 runs completed after 60 s");
+        assert!(Instant::now() < deadline, "hang guard: only {done} of 240 runs completed after 60 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     token.cancel();

@@ -65,7 +65,10 @@ async fn killing_a_master_mid_workload_loses_nothing_acknowledged() {
                         }
                         Err(e) => {
                             failures += 1;
-                            assert!(Instant::now() < deadline, "batch {batch} not acknowledged within 60 s: {e}");
+                            assert!(
+                                Instant::now() < deadline,
+                                "hang guard: batch {batch} not acknowledged within 60 s: {e}"
+                            );
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                     }
@@ -108,7 +111,7 @@ async fn killing_a_master_mid_workload_loses_nothing_acknowledged() {
     // Kill the master of the first queue once a quarter of the runs are done.
     let deadline = Instant::now() + Duration::from_secs(120);
     while completed(&host).await < (RUNS / 4) as i64 {
-        assert!(Instant::now() < deadline, "workers did not get going");
+        assert!(Instant::now() < deadline, "hang guard: workers did not get going");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let victim = cluster.master_of_slot(key_slot(QUEUES[0])).expect("master of the queue's slot");

@@ -21,6 +21,14 @@ async fn held_run(store: &Store) -> String {
     run.claim_token.expect("token")
 }
 
+/// KEYS of append_events for one run: the queue's keys, its hash, its stream.
+fn append_keys(keys: &runledger::keys::QueueKeys, run_id: &str) -> Vec<String> {
+    let mut k = keys.fixed().to_vec();
+    k.push(keys.run(run_id));
+    k.push(keys.events(run_id));
+    k
+}
+
 fn event(sequence: i64) -> NewEvent {
     NewEvent::new(sequence, "step", json!({ "n": sequence }))
 }
@@ -80,9 +88,7 @@ async fn refused_inputs_change_nothing() {
     // Straight to the script, as another client could: refused by the script itself.
     let scripts = Scripts::new();
     let keys = store.queue_keys(Q);
-    let mut k: Vec<String> = keys.fixed().to_vec();
-    k.push(keys.run("h"));
-    k.push(keys.events("h"));
+    let k = append_keys(&keys, "h");
     let call = |events: Vec<[String; 7]>| {
         let mut args =
             vec![keys.base.clone(), "h".to_string(), token.clone(), "1048576".to_string(), "100000".to_string()];
@@ -196,9 +202,7 @@ async fn json_and_text_are_parsed_for_real() {
     let token = held_run(&store).await;
     let scripts = Scripts::new();
     let keys = store.queue_keys(Q);
-    let mut k: Vec<String> = keys.fixed().to_vec();
-    k.push(keys.run("h"));
-    k.push(keys.events("h"));
+    let k = append_keys(&keys, "h");
     // (what, event type, data), sent as raw bytes.
     let nested = |n: usize| format!("{}{}", "{\"a\":".repeat(n), "1".to_string() + &"}".repeat(n)).into_bytes();
     let cases: Vec<(&str, Vec<u8>, Vec<u8>)> = vec![

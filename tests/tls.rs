@@ -329,7 +329,7 @@ async fn cluster_over_tls_with_a_private_ca() {
         if info.contains("cluster_state:ok") {
             break;
         }
-        assert!(start.elapsed() < START_TIMEOUT, "the one-node cluster never got to state ok:\n{info}");
+        assert!(start.elapsed() < START_TIMEOUT, "hang guard: the one-node cluster never got to state ok:\n{info}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 

@@ -207,8 +207,7 @@ local function finish(B, rid, h, status, reason, now, extra)
     redis.call('ZREM', K.leases, rid)
     -- The claim's receipt goes with the claim: its claimer has the run, or
     -- has lost it; either way no resend of that claim may get it back.
-    local token = redis.call('HGET', rk, 'claim_token')
-    if token then redis.call('DEL', receipt_key(B, token)) end
+    if h.claim_token then redis.call('DEL', receipt_key(B, h.claim_token)) end
     clear_claim(rk)
   elseif h.status == 'running' then
     redis.call('ZREM', B .. 'running', rid)

@@ -109,7 +109,7 @@ impl Monitor {
                 break;
             }
             assert!(!self.task.is_finished(), "monitor: the MONITOR connection ended before the end marker");
-            assert!(tokio::time::Instant::now() < deadline, "monitor: end marker not seen within 120 s");
+            assert!(tokio::time::Instant::now() < deadline, "hang guard: monitor end marker not seen within 120 s");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.task.abort();

@@ -219,7 +219,7 @@ impl<'a> Probe<'a> {
 }
 
 /// `after - before` per run, when both were read.
-fn per_run(before: Option<f64>, after: Option<f64>, scale: f64, runs: usize) -> Option<f64> {
+pub(crate) fn per_run(before: Option<f64>, after: Option<f64>, scale: f64, runs: usize) -> Option<f64> {
     Some((after? - before?) * scale / runs as f64)
 }
 

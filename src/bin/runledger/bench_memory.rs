@@ -8,7 +8,7 @@ use runledger::embedded::RedisServer;
 use runledger::{Result, Store};
 
 use crate::Target;
-use crate::bench::{Probe, enqueue_batched, lifecycle};
+use crate::bench::{Probe, enqueue_batched, lifecycle, per_run};
 
 /// The queue of the purge phase (one of the bench's queues, see `bench.rs`).
 pub const PURGE_QUEUE: &str = "bench-purge";
@@ -24,8 +24,7 @@ pub async fn stock_memory(target: &Target, prefix: &str, runs: usize) -> Result<
     let queued = probe.used_memory().await?;
     lifecycle(&store, "bench-stock", 4, runs).await?;
     let finished = probe.used_memory().await?;
-    let per_run = |after: Option<f64>| Some((after? - before?) / runs as f64);
-    Ok((per_run(queued), per_run(finished)))
+    Ok((per_run(before, queued, 1.0, runs), per_run(before, finished, 1.0, runs)))
 }
 
 /// A backlog for the reaper: `runs` runs through their lifecycle, all to be
