@@ -1,0 +1,52 @@
+"""runledger: a Redis-backed run ledger and work queue.
+
+``RunLedgerStore`` is a drop-in for LangBot's SQL ``RunLedgerStore``: the same
+async methods, keyword arguments and result dicts, over Redis. ``Worker``
+turns an ``async def handler(ctx)`` into a worker with leases, renewals,
+cancellation and graceful shutdown. Both run on the runledger Rust library;
+nothing here implements an operation of its own.
+"""
+
+from runledger._native import RunContext, RunLedgerStore, Worker, __version__
+from runledger.errors import (
+    Conflict,
+    DeadlinePassed,
+    Error,
+    InvalidInput,
+    LimitExceeded,
+    NotFound,
+    OutOfOrder,
+    ProtocolError,
+    RedisError,
+    Retry,
+    RunFinished,
+    StaleToken,
+    Unavailable,
+    WriteConcernError,
+)
+
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timeout"})
+RUN_STATUSES = frozenset({"created", "queued", "claimed", "running"}) | TERMINAL_STATUSES
+
+__all__ = [
+    "RunLedgerStore",
+    "Worker",
+    "RunContext",
+    "TERMINAL_STATUSES",
+    "RUN_STATUSES",
+    "Error",
+    "InvalidInput",
+    "NotFound",
+    "StaleToken",
+    "Conflict",
+    "OutOfOrder",
+    "RunFinished",
+    "DeadlinePassed",
+    "LimitExceeded",
+    "RedisError",
+    "Unavailable",
+    "WriteConcernError",
+    "ProtocolError",
+    "Retry",
+    "__version__",
+]
