@@ -7,7 +7,9 @@ cancellation and graceful shutdown. Both run on the runledger Rust library;
 nothing here implements an operation of its own.
 """
 
-from runledger._native import RunContext, RunLedgerStore, Worker, __version__
+from runledger._native import __version__
+from runledger.store import RunLedgerStore
+from runledger.worker import RunContext, Worker
 from runledger.errors import (
     Conflict,
     DeadlinePassed,

@@ -6,6 +6,6 @@ server the Rust tests and ``runledger demo`` use). Use it as a context
 manager, or call ``stop()``; it is stopped by its PID, never another.
 """
 
-from runledger._native import RedisServer
+from runledger._native import RedisCluster, RedisServer
 
-__all__ = ["RedisServer"]
+__all__ = ["RedisServer", "RedisCluster"]

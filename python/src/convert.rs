@@ -2,7 +2,6 @@
 //! serde values shaped like the seed's dicts; this turns them into Python
 //! dicts, lists and numbers, and turns the caller's dicts into JSON.
 
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use serde_json::{Map, Number, Value};
@@ -40,7 +39,8 @@ pub fn to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>>
 
 /// Anything serde can serialize (a run, a page...) as a Python object.
 pub fn serialize<'py, T: serde::Serialize>(py: Python<'py>, value: &T) -> PyResult<Bound<'py, PyAny>> {
-    let value = serde_json::to_value(value).map_err(|e| PyValueError::new_err(format!("cannot encode result: {e}")))?;
+    let value =
+        serde_json::to_value(value).map_err(|e| crate::errors::invalid(format!("cannot encode result: {e}")))?;
     to_py(py, &value)
 }
 
@@ -52,7 +52,7 @@ pub fn from_py(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Value> {
 
 fn from_py_at(obj: &Bound<'_, PyAny>, what: &str, depth: usize) -> PyResult<Value> {
     if depth > MAX_DEPTH {
-        return Err(PyValueError::new_err(format!("{what} is nested deeper than {MAX_DEPTH} levels")));
+        return Err(crate::errors::invalid(format!("{what} is nested deeper than {MAX_DEPTH} levels")));
     }
     if obj.is_none() {
         return Ok(Value::Null);
@@ -68,13 +68,13 @@ fn from_py_at(obj: &Bound<'_, PyAny>, what: &str, depth: usize) -> PyResult<Valu
         if let Ok(u) = obj.extract::<u64>() {
             return Ok(Value::from(u));
         }
-        return Err(PyValueError::new_err(format!("{what} holds an integer too large for JSON: {obj}")));
+        return Err(crate::errors::invalid(format!("{what} holds an integer too large for JSON: {obj}")));
     }
     if let Ok(f) = obj.cast::<PyFloat>() {
         let f = f.value();
         return Number::from_f64(f)
             .map(Value::Number)
-            .ok_or_else(|| PyValueError::new_err(format!("{what} holds {f}, which JSON cannot represent")));
+            .ok_or_else(|| crate::errors::invalid(format!("{what} holds {f}, which JSON cannot represent")));
     }
     if let Ok(s) = obj.cast::<PyString>() {
         return Ok(Value::String(s.to_str()?.to_owned()));
@@ -83,7 +83,7 @@ fn from_py_at(obj: &Bound<'_, PyAny>, what: &str, depth: usize) -> PyResult<Valu
         let mut map = Map::new();
         for (k, v) in dict.iter() {
             let key = k.cast::<PyString>().map_err(|_| {
-                PyValueError::new_err(format!(
+                crate::errors::invalid(format!(
                     "{what} has a key that is not a string: {}",
                     k.repr().map_or_else(|_| "?".into(), |r| r.to_string())
                 ))
@@ -100,7 +100,7 @@ fn from_py_at(obj: &Bound<'_, PyAny>, what: &str, depth: usize) -> PyResult<Valu
         return Ok(Value::Array(items));
     }
     let type_name = obj.get_type().name().map_or_else(|_| "?".to_string(), |n| n.to_string());
-    Err(PyValueError::new_err(format!(
+    Err(crate::errors::invalid(format!(
         "{what} holds a {type_name}, which is not JSON (dict, list, str, int, float, bool or None)"
     )))
 }
@@ -131,10 +131,10 @@ pub fn epoch_ms(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<i
         aware.call_method0("timestamp")?.extract()?
     } else {
         obj.extract()
-            .map_err(|_| PyValueError::new_err(format!("{what} must be epoch seconds or a datetime, got {obj}")))?
+            .map_err(|_| crate::errors::invalid(format!("{what} must be epoch seconds or a datetime, got {obj}")))?
     };
     if !seconds.is_finite() {
-        return Err(PyValueError::new_err(format!("{what} must be a finite number of seconds, got {seconds}")));
+        return Err(crate::errors::invalid(format!("{what} must be a finite number of seconds, got {seconds}")));
     }
     Ok(Some((seconds * 1000.0).round() as i64))
 }

@@ -66,3 +66,8 @@ impl<T> IntoPy<T> for runledger::Result<T> {
 pub fn internal(message: impl Into<String>) -> PyErr {
     PyRuntimeError::new_err(message.into())
 }
+
+/// `runledger.InvalidInput` (a `ValueError`) with this message.
+pub fn invalid(message: impl Into<String>) -> PyErr {
+    to_py_err(Error::Invalid(message.into()))
+}

@@ -71,3 +71,49 @@ impl RedisServer {
         format!("RedisServer(url={:?}, pid={})", self.url, self.pid)
     }
 }
+
+/// A private local Redis Cluster (3 masters, 3 replicas by default), started
+/// like [`RedisServer`] and stopped by the PIDs of its nodes.
+#[pyclass(module = "runledger._native", name = "RedisCluster", frozen)]
+pub struct RedisCluster {
+    cluster: Mutex<Option<runledger::embedded_cluster::RedisCluster>>,
+    url: String,
+}
+
+#[pymethods]
+impl RedisCluster {
+    #[new]
+    #[pyo3(signature = (masters=3, replicas_per_master=1))]
+    fn new(py: Python<'_>, masters: usize, replicas_per_master: usize) -> PyResult<Self> {
+        let cluster = py
+            .detach(|| runledger::embedded_cluster::RedisCluster::start_with(masters, replicas_per_master))
+            .py_err()?;
+        Ok(RedisCluster { url: cluster.url(), cluster: Mutex::new(Some(cluster)) })
+    }
+
+    /// `redis+cluster://` naming every node.
+    #[getter]
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    fn stop(&self) -> PyResult<()> {
+        let mut cluster = self.cluster.lock().map_err(|_| internal("cluster lock poisoned"))?;
+        drop(cluster.take());
+        Ok(())
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, _exc: Vec<Py<PyAny>>) -> PyResult<bool> {
+        self.stop()?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("RedisCluster(url={:?})", self.url)
+    }
+}
