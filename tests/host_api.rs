@@ -333,7 +333,65 @@ async fn a_bad_claim_filter_is_refused_with_nothing_written() {
     assert_eq!(common::keyspace(&mut raw).await, before);
 }
 
+/// The CLI's new flags: `enqueue --status created`, `claim --conversation
+/// --bot --workspace --thread --strict-thread` (also with `--wait`), `runs
+/// --runner --binding` with the total in JSON and text.
+async fn the_cli_flags() {
+    let (redis, store) = common::store().await;
+    let cli = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_runledger"));
+        cmd.arg("--redis").arg(&redis.url).args(args).env_remove("REDIS_URL").env_remove("RUNLEDGER_PREFIX");
+        tokio::task::block_in_place(move || cmd.output().expect("run the CLI"))
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = cli(args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e})"))
+    };
+    let created = json(&["--json", "enqueue", "--queue", Q, "--runner", "agent", "--run-id", "c1", "--status", "created"]);
+    assert_eq!(created["status"], "created");
+    let out = cli(&["enqueue", "--queue", Q, "--runner", "agent", "--status", "paused"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Unknown run status") && stderr.contains("created"), "{stderr}");
+    for (id, extra) in [
+        ("s1", vec!["--conversation", "c1", "--bot", "b1", "--workspace", "w1", "--thread", "t1", "--binding", "bd"]),
+        ("s2", vec!["--conversation", "c1", "--bot", "b1", "--workspace", "w1"]),
+        ("s3", vec!["--conversation", "c2", "--priority", "9"]),
+    ] {
+        let mut args = vec!["--json", "enqueue", "--queue", Q, "--runner", "agent", "--run-id", id];
+        args.extend(extra);
+        json(&args);
+    }
+    let claim = |extra: &[&str]| {
+        let mut args = vec!["--json", "claim", "--runtime", "rt", "--queue", Q];
+        args.extend_from_slice(extra);
+        json(&args)
+    };
+    assert!(claim(&["--conversation", "nobody"]).is_null(), "nothing matches: null");
+    let got = claim(&["--conversation", "c1", "--bot", "b1", "--workspace", "w1", "--strict-thread"]);
+    assert_eq!(got["run_id"], "s2", "strict thread without --thread: runs without a thread");
+    let got = claim(&["--conversation", "c1", "--thread", "t1", "--strict-thread", "--wait", "1"]);
+    assert_eq!(got["run_id"], "s1");
+    assert_eq!(store.get_run("s3").await.expect("get").status, RunStatus::Queued, "s3 was left queued");
+    // runs --runner / --binding, with the total.
+    let page = json(&["--json", "runs", "--runner", "agent", "--limit", "2"]);
+    assert_eq!(page["total"], 4);
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(2));
+    let page = json(&["--json", "runs", "--binding", "bd"]);
+    assert_eq!(page["total"], 1);
+    assert_eq!(page["items"][0]["run_id"], "s1");
+    assert_eq!(json(&["--json", "runs", "--runner", "nobody"])["total"], 0);
+    // --thread alone is ignored (the seed), with --strict-thread it filters.
+    assert_eq!(json(&["--json", "runs", "--thread", "t1"])["total"], 4);
+    assert_eq!(json(&["--json", "runs", "--thread", "t1", "--strict-thread"])["total"], 1);
+    let out = cli(&["runs", "--runner", "agent", "--limit", "3"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("3 of 4 matching runs"), "{text}");
+}
+
 backend_tests!(
+    the_cli_flags,
     a_created_run_is_stored_but_never_claimed,
     an_unknown_status_lists_created,
     claim_scope_filters_pick_the_first_matching_run_in_claim_order,
