@@ -203,8 +203,11 @@ async fn list_runs_filters_by_runner_and_binding_with_a_total_on_every_page() {
     let (_redis, store) = common::store().await;
     let mut batch = Vec::new();
     for i in 0..25 {
-        let mut r = NewRun::new(format!("r{i}"), if i % 2 == 0 { "even" } else { "odd" })
-            .queue(if i % 3 == 0 { "q-a" } else { "q-b" });
+        let mut r = NewRun::new(format!("r{i}"), if i % 2 == 0 { "even" } else { "odd" }).queue(if i % 3 == 0 {
+            "q-a"
+        } else {
+            "q-b"
+        });
         r.binding_id = Some(if i % 5 == 0 { "b5" } else { "b-other" }.into());
         batch.push(r);
     }
@@ -241,7 +244,8 @@ async fn list_runs_filters_by_runner_and_binding_with_a_total_on_every_page() {
     assert_eq!(ids, expect(&|_| true));
     assert!(totals.iter().all(|t| *t == 25), "{totals:?}");
     assert_eq!(totals.len(), 7);
-    let (ids, totals) = page_through(RunFilter { runner_id: Some("even".into()), limit: 3, ..Default::default() }).await;
+    let (ids, totals) =
+        page_through(RunFilter { runner_id: Some("even".into()), limit: 3, ..Default::default() }).await;
     assert_eq!(ids, expect(&|i| i % 2 == 0));
     assert!(totals.iter().all(|t| *t == 13), "{totals:?}");
     let (ids, totals) = page_through(RunFilter { binding_id: Some("b5".into()), limit: 2, ..Default::default() }).await;
@@ -348,7 +352,8 @@ async fn the_cli_flags() {
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e})"))
     };
-    let created = json(&["--json", "enqueue", "--queue", Q, "--runner", "agent", "--run-id", "c1", "--status", "created"]);
+    let created =
+        json(&["--json", "enqueue", "--queue", Q, "--runner", "agent", "--run-id", "c1", "--status", "created"]);
     assert_eq!(created["status"], "created");
     let out = cli(&["enqueue", "--queue", Q, "--runner", "agent", "--status", "paused"]);
     assert_eq!(out.status.code(), Some(2));

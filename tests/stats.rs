@@ -166,8 +166,7 @@ async fn run_stats_match_the_runs_own_times() {
     assert_eq!(stats.p50_duration_seconds, nearest_rank(&d, 50));
     assert_eq!(stats.p95_duration_seconds, nearest_rank(&d, 95));
     assert_eq!(stats.p99_duration_seconds, nearest_rank(&d, 99));
-    let waits: Vec<f64> =
-        all.iter().filter_map(|t| t.started.map(|s| (s - t.created) as f64 / 1000.0)).collect();
+    let waits: Vec<f64> = all.iter().filter_map(|t| t.started.map(|s| (s - t.created) as f64 / 1000.0)).collect();
     assert_eq!(waits.len(), 7, "a1 a2 a3 b1 b2 b3 g1 started");
     assert_eq!(stats.avg_queue_wait_seconds, avg(&waits));
 
@@ -190,7 +189,9 @@ async fn run_stats_match_the_runs_own_times() {
     let empty = store.get_run_stats(start - 100, first - 1, None).await.expect("empty");
     assert_eq!(empty.total_count, 0);
     let json = serde_json::to_value(&empty).expect("json");
-    for key in ["success_rate", "failure_rate", "avg_duration_seconds", "p50_duration_seconds", "avg_queue_wait_seconds"] {
+    for key in
+        ["success_rate", "failure_rate", "avg_duration_seconds", "p50_duration_seconds", "avg_queue_wait_seconds"]
+    {
         assert!(json[key].is_null(), "{key} in {json}");
     }
     assert_eq!(json["throughput_per_hour"], 0.0);
@@ -215,10 +216,7 @@ async fn runner_stats_order_rates_and_durations() {
     assert_eq!(order, ["alpha", "beta", "gamma"], "most runs first");
     let by = |id: &str| items.iter().find(|r| r.runner_id == id).expect("runner").clone();
     let alpha = by("alpha");
-    assert_eq!(
-        (alpha.total_runs, alpha.active_runs, alpha.completed_runs, alpha.failed_runs),
-        (5, 1, 2, 1)
-    );
+    assert_eq!((alpha.total_runs, alpha.active_runs, alpha.completed_runs, alpha.failed_runs), (5, 1, 2, 1));
     assert_eq!(alpha.success_rate, 0.4);
     assert_eq!(alpha.avg_duration_seconds, avg(&durations(&all)));
     let beta = by("beta");

@@ -159,9 +159,7 @@ impl Store {
         validate::priority(run.priority)?;
         let status = run.status.unwrap_or(RunStatus::Queued);
         if !matches!(status, RunStatus::Queued | RunStatus::Running | RunStatus::Created) {
-            return Err(Error::Invalid(format!(
-                "a new run's status must be queued, running or created, got {status}"
-            )));
+            return Err(Error::Invalid(format!("a new run's status must be queued, running or created, got {status}")));
         }
         let max = self.max_json();
         let authorization = validate::opt_object("authorization", run.authorization.as_ref(), max)?;
