@@ -395,7 +395,56 @@ async fn the_cli_flags() {
     assert!(out.status.success() && text.contains("3 of 4 matching runs"), "{text}");
 }
 
+/// The scripts check their new arguments themselves (another client may
+/// call them): a bad scope filter or cursor is INVALID, with nothing written.
+async fn the_scripts_refuse_bad_new_arguments() {
+    let (redis, store) = common::store().await;
+    let mut raw = common::raw(&redis).await;
+    create(&store, run("a").conversation("c1")).await;
+    let scripts = runledger::scripts::Scripts::new();
+    let keys = store.queue_keys(Q);
+    let before = common::keyspace(&mut raw).await;
+    let claim = |scope: [&str; 4]| {
+        let mut args: Vec<String> = [keys.base.as_str(), "rt", "30000", "0123456789abcdef0123456789abcdef", "0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(scope.iter().map(|s| s.to_string()));
+        args
+    };
+    for scope in [["", "", "", "t1"], ["c{1}", "", "", ""], ["", "", "w\n", ""], ["", "", "", "=t\u{1}"]] {
+        let args = claim(scope);
+        let err = eval(&mut raw, scripts.claim_next_run.code, &keys.fixed(), &args).await.expect_err("bad scope");
+        assert!(err.to_string().contains("INVALID"), "{scope:?}: {err}");
+    }
+    // A spec without the scope filters (the old layout) is refused too.
+    let mut short = claim(["", "", "", ""]);
+    short.truncate(5);
+    let err = eval(&mut raw, scripts.claim_next_run.code, &keys.fixed(), &short).await.expect_err("short spec");
+    assert!(err.to_string().contains("INVALID"), "{err}");
+    assert_eq!(common::keyspace(&mut raw).await, before, "a refused claim wrote something");
+    // The read-only scripts refuse bad cursors and windows.
+    let index = [keys.runs_index()];
+    let count = [&keys.base, "1", "not-a-cursor", "100", "", "", "", "", "", "", ""].map(|s| s.to_string());
+    let err = eval(&mut raw, scripts.count_runs.code, &index, &count).await.expect_err("bad cursor");
+    assert!(err.to_string().contains("INVALID"), "{err}");
+    let stats = [&keys.base, "x", "10", "", "100", ""].map(|s| s.to_string());
+    let err = eval(&mut raw, scripts.run_stats.code, &index, &stats).await.expect_err("bad window");
+    assert!(err.to_string().contains("INVALID"), "{err}");
+    assert_eq!(common::keyspace(&mut raw).await, before);
+}
+
+async fn eval(
+    raw: &mut runledger::store::Conn,
+    code: &str,
+    keys: &[String],
+    args: &[String],
+) -> redis::RedisResult<redis::Value> {
+    redis::cmd("EVAL").arg(code).arg(keys.len()).arg(keys).arg(args).query_async(raw).await
+}
+
 backend_tests!(
+    the_scripts_refuse_bad_new_arguments,
     the_cli_flags,
     a_created_run_is_stored_but_never_claimed,
     an_unknown_status_lists_created,
