@@ -6,7 +6,10 @@
 -- ARGV[3]  lease length in ms (1 .. 86400000)
 -- ARGV[4]  new claim token (chosen by the client, 32 hex chars)
 -- ARGV[5]  retention ms (checked, unused: finished runs carry no TTL; kept so the positions stay)
--- ARGV[6..] runner_ids filter (none = any runner)
+-- ARGV[6]  conversation_id filter ('' = any)   ARGV[7] bot_id ('' = any)
+-- ARGV[8]  workspace_id ('' = any)
+-- ARGV[9]  thread filter: '' = any, '-' = runs without a thread, '=' .. id = that thread
+-- ARGV[10..] runner_ids filter (none = any runner)
 -- The work is done by claim() in include/claim.lua.
 -- A claim records a receipt (<P>:{Q}:receipt:<token> = run_id, for the lease's
 -- length), so that a resend after a lost reply hands out the same run, not a
@@ -21,4 +24,9 @@
 -- sorted sets: the queue (or one lane per runner in the filter) and this
 -- runtime's pinned lane, so the cost is O(log n) in the queue depth, times the
 -- number of runner ids in the filter.
+-- With a scope filter (ARGV[6..9]) each of those lanes is walked from its
+-- head, in claim order, to its first run in scope, SCOPE_BUDGET (500)
+-- entries at most in all per call (one HMGET each): the best run in scope
+-- among them is claimed, and a run in scope behind 500 runs of other scopes
+-- is not found by this call. Without a scope filter nothing extra is read.
 return claim(ARGV[1], parse_claim(2))

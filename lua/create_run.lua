@@ -11,7 +11,7 @@
 -- ARGV[6..] 17 values per run:
 --   run_id, event_id, binding_id, runner_id, conversation_id, thread_id,
 --   workspace_id, bot_id, agent_id, deadline_at ms, authorization (JSON object),
---   metadata (JSON object), status (queued | running), priority [-1000, 1000],
+--   metadata (JSON object), status (queued | running | created), priority [-1000, 1000],
 --   requested_runtime_id, not_before ms, max_attempts (0 = unlimited)
 --   '' means "not set" for every optional value.
 -- Every run is checked before the first one is written.
@@ -70,8 +70,9 @@ for i = 0, n - 1 do
   r.deadline = check_opt_int('deadline_at', r.deadline_at, 0, 1e15)
   check_json('authorization', r.authorization, '{', '}', max_bytes)
   check_json('metadata', r.metadata, '{', '}', max_bytes)
-  if r.status ~= 'queued' and r.status ~= 'running' then
-    fail('INVALID', "status must be 'queued' or 'running', got '" .. r.status .. "'")
+  -- `created` is stored and listed but enters no lane: nothing claims it.
+  if r.status ~= 'queued' and r.status ~= 'running' and r.status ~= 'created' then
+    fail('INVALID', "status must be 'queued', 'running' or 'created', got '" .. r.status .. "'")
   end
   r.priority = check_int('priority', ARGV[a + 13], -1000, 1000)
   check_opt_int('not_before', r.not_before, 0, 1e15)

@@ -15,7 +15,7 @@
 -- ARGV[13] '1' = reply without the run (workers do not read it back)
 -- ARGV[14..] optional: claim the next run of this queue in the same call,
 --   with the claim spec of claim_next_run (runtime_id, lease ms, new token,
---   retention ms, runner_ids...). Saves a worker one round trip per run.
+--   retention ms, the four scope filters, runner_ids...). Saves a worker one round trip per run.
 -- A fenced finish records its token as `finish_token`, so that the same
 -- holder's retry is an idempotent no-op while any other token is STALE_TOKEN.
 -- A fenced finish needs an active claim: a lease that expired by the server's

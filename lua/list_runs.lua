@@ -9,6 +9,7 @@
 -- ARGV[5] statuses, comma separated ('' = any)
 -- ARGV[6] conversation_id   ARGV[7] bot_id   ARGV[8] workspace_id ('' = any)
 -- ARGV[9] thread filter: '' = none, '=' .. id = that thread, '-' = runs without a thread
+-- ARGV[10] runner_id   ARGV[11] binding_id ('' = any)
 -- Returns {exhausted 1|0, lowest id looked at ('' if none), HGETALL...}.
 -- Filters other than the index's own are checked on each run it yields; the
 -- walk stops after ARGV[4] entries so one call is bounded even when few match.
@@ -19,6 +20,7 @@ local budget = check_int('scan limit', ARGV[4], 1, 100000)
 local statuses = {}
 local any_status = ARGV[5] == ''
 for s in string.gmatch(ARGV[5], '[^,]+') do statuses[s] = true end
+local runner, binding = ARGV[10] or '', ARGV[11] or ''
 
 local out = { 0, '' }
 local found = 0
@@ -38,11 +40,13 @@ while found < want and seen < budget do
     out[2] = id
     max = '(' .. entry[1]
     local rk = B .. 'run:' .. entry[2][2]
-    local v = redis.call('HMGET', rk, 'status', 'conversation_id', 'bot_id', 'workspace_id', 'thread_id')
+    local v = redis.call('HMGET', rk, 'status', 'conversation_id', 'bot_id', 'workspace_id', 'thread_id',
+      'runner_id', 'binding_id')
     local ok = v[1] and (any_status or statuses[v[1]])
       and (ARGV[6] == '' or v[2] == ARGV[6]) and (ARGV[7] == '' or v[3] == ARGV[7])
       and (ARGV[8] == '' or v[4] == ARGV[8])
       and (ARGV[9] == '' or (ARGV[9] == '-' and not v[5]) or (v[5] and ARGV[9] == '=' .. v[5]))
+      and (runner == '' or v[6] == runner) and (binding == '' or v[7] == binding)
     if ok then
       out[#out + 1] = hgetall(rk)
       found = found + 1

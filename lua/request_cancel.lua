@@ -7,7 +7,8 @@
 -- ARGV[4] retention ms (checked, unused: finished runs carry no TTL; kept so the positions stay)
 -- ARGV[5] publish command: SPUBLISH on a cluster (KEYS[9] is a sharded
 --         channel in the queue's slot), PUBLISH on a single server
--- A queued (or delayed) run becomes `cancelled` at once and leaves the queue.
+-- A queued (or delayed) or created run becomes `cancelled` at once and leaves the queue
+-- (nobody holds it, so nobody needs a notice).
 -- A claimed or running run gets cancel_requested_at, and its run_id is
 -- published on the cancel channel so the worker holding it stops at once.
 -- A finished run is returned unchanged.
@@ -26,10 +27,11 @@ local now = now_ms()
 -- The notice goes out before the first write: a user without rights on the
 -- channel is refused with nothing written (the holder reads nothing from
 -- the hash when notified, so the order does not matter to it).
-if h.status ~= 'queued' then redis.call(publish, KEYS[9], rid) end
+local unheld = h.status == 'queued' or h.status == 'created'
+if not unheld then redis.call(publish, KEYS[9], rid) end
 redis.call('HSET', rk, 'cancel_requested_at', now, 'updated_at', now)
 if ARGV[3] ~= '' then redis.call('HSET', rk, 'status_reason', ARGV[3]) end
-if h.status == 'queued' then
-  finish(B, rid, h, 'cancelled', ARGV[3] ~= '' and ARGV[3] or 'cancelled while queued', now)
+if unheld then
+  finish(B, rid, h, 'cancelled', ARGV[3] ~= '' and ARGV[3] or ('cancelled while ' .. h.status), now)
 end
 return hgetall(rk)

@@ -17,6 +17,6 @@ pub mod worker;
 
 pub use error::{Error, Result};
 pub use model::*;
-pub use store::{ClaimOutcome, ConfigAdvice, Release, Waiter};
+pub use store::{ClaimOutcome, ConfigAdvice, Release, RunStats, RunnerStats, RuntimeStats, Waiter};
 pub use store::{Store, StoreConfig};
 pub use worker::{Backoff, Done, Failure, HandlerResult, RunContext, StopReason, Worker, WorkerReport};

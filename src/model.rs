@@ -15,6 +15,8 @@ use crate::error::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RunStatus {
+    /// Stored but not queued: no claim takes it; it only ends (finalize, cancel).
+    Created,
     Queued,
     Running,
     Claimed,
@@ -25,7 +27,8 @@ pub enum RunStatus {
 }
 
 impl RunStatus {
-    pub const ALL: [RunStatus; 7] = [
+    pub const ALL: [RunStatus; 8] = [
+        RunStatus::Created,
         RunStatus::Queued,
         RunStatus::Running,
         RunStatus::Claimed,
@@ -37,6 +40,7 @@ impl RunStatus {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            RunStatus::Created => "created",
             RunStatus::Queued => "queued",
             RunStatus::Running => "running",
             RunStatus::Claimed => "claimed",
@@ -64,7 +68,7 @@ impl FromStr for RunStatus {
     fn from_str(s: &str) -> Result<Self> {
         RunStatus::ALL.into_iter().find(|status| status.as_str() == s).ok_or_else(|| {
             Error::Invalid(format!(
-                "Unknown run status: '{s}' (expected queued, running, claimed, completed, failed, cancelled or timeout)"
+                "Unknown run status: '{s}' (expected created, queued, running, claimed, completed, failed, cancelled or timeout)"
             ))
         })
     }
@@ -227,7 +231,8 @@ pub struct NewRun {
     pub deadline_at: Option<f64>,
     pub authorization: Option<Value>,
     pub metadata: Option<Value>,
-    /// `Queued` (default: enters the queue) or `Running` (executed directly).
+    /// `Queued` (default: enters the queue), `Running` (executed directly) or
+    /// `Created` (stored, not claimable).
     pub status: Option<RunStatus>,
     /// Higher first; within a priority, oldest first. Range -1000..=1000.
     pub priority: i64,
@@ -315,6 +320,13 @@ pub struct ClaimRequest {
     /// Only runs of these runners; empty = any runner.
     pub runner_ids: Vec<String>,
     pub lease: Duration,
+    /// Scope filters (LangBot's claim arguments): only runs with these values.
+    pub conversation_id: Option<String>,
+    pub bot_id: Option<String>,
+    pub workspace_id: Option<String>,
+    /// Applies only with `strict_thread`; then `None` means runs without a thread.
+    pub thread_id: Option<String>,
+    pub strict_thread: bool,
 }
 
 impl ClaimRequest {
@@ -324,7 +336,39 @@ impl ClaimRequest {
             queues: Vec::new(),
             runner_ids: Vec::new(),
             lease: Duration::from_secs(60),
+            conversation_id: None,
+            bot_id: None,
+            workspace_id: None,
+            thread_id: None,
+            strict_thread: false,
         }
+    }
+    pub fn conversation(mut self, id: impl Into<String>) -> Self {
+        self.conversation_id = Some(id.into());
+        self
+    }
+    pub fn bot(mut self, id: impl Into<String>) -> Self {
+        self.bot_id = Some(id.into());
+        self
+    }
+    pub fn workspace(mut self, id: impl Into<String>) -> Self {
+        self.workspace_id = Some(id.into());
+        self
+    }
+    /// Only runs of this thread, or (`None`) only runs without a thread:
+    /// sets `strict_thread` too, since a thread filter means nothing without it.
+    pub fn thread(mut self, id: Option<impl Into<String>>) -> Self {
+        self.thread_id = id.map(Into::into);
+        self.strict_thread = true;
+        self
+    }
+    pub fn strict_thread(mut self, strict: bool) -> Self {
+        self.strict_thread = strict;
+        self
+    }
+    /// True when a scope filter narrows the claim (the claim then walks its lanes).
+    pub fn scoped(&self) -> bool {
+        self.conversation_id.is_some() || self.bot_id.is_some() || self.workspace_id.is_some() || self.strict_thread
     }
     pub fn queue(mut self, queue: impl Into<String>) -> Self {
         self.queues.push(queue.into());
@@ -550,12 +594,14 @@ pub struct RuntimePage {
     pub total: usize,
 }
 
-/// One page of runs, newest first (the seed's `(items, next_cursor, has_more)`).
+/// One page of runs, newest first (LangBot's `(items, next_cursor, has_more, total)`).
 #[derive(Clone, Debug, Serialize)]
 pub struct RunPage {
     pub items: Vec<Run>,
     pub next_cursor: Option<i64>,
     pub has_more: bool,
+    /// Every run matching the filters without `before_id`: the same on every page.
+    pub total: u64,
 }
 
 /// Filters of `list_runs`; the seed's arguments.
@@ -571,6 +617,8 @@ pub struct RunFilter {
     pub workspace_id: Option<String>,
     pub thread_id: Option<String>,
     pub strict_thread: bool,
+    pub runner_id: Option<String>,
+    pub binding_id: Option<String>,
 }
 
 /// One page of events (the seed's `(items, next_cursor, prev_cursor, has_more)`).

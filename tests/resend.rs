@@ -39,7 +39,10 @@ fn run_keys(store: &Store, run_id: &str) -> Vec<String> {
 /// A claim call's arguments with a fixed token.
 fn claim_args(store: &Store, token: &str) -> Vec<String> {
     let base = store.queue_keys(Q).base;
-    vec![base, "rt".into(), LEASE_MS.into(), token.into(), RETENTION_MS.into()]
+    // Then the four scope filters (none) of claim_next_run.lua.
+    let mut args = vec![base, "rt".into(), LEASE_MS.into(), token.into(), RETENTION_MS.into()];
+    args.extend(std::iter::repeat_n(String::new(), 4));
+    args
 }
 
 /// The run id and token of a claim reply {1, HGETALL..., last}, or None for {0, ...}.

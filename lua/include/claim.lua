@@ -3,18 +3,48 @@
 -- common.lua and queue.lua.
 
 -- Reads a claim spec from ARGV[a..]: runtime_id, lease ms, new token,
--- retention ms (checked, unused), then the runner_ids filter (none = any runner).
+-- retention ms (checked, unused), the scope filters conversation_id, bot_id,
+-- workspace_id ('' = any) and thread ('' = any, '-' = runs without a thread,
+-- '=' .. id = that thread), then the runner_ids filter (none = any runner).
 local function parse_claim(a)
   local c = { runtime = ARGV[a], token = ARGV[a + 2], runners = {} }
   check_id('runtime_id', c.runtime)
   c.lease = check_int('lease ms', ARGV[a + 1], 1, 86400000)
   if #c.token < 16 or #c.token > 64 then fail('INVALID', 'claim token must be 16..64 bytes') end
   c.retention = check_int('retention ms', ARGV[a + 3], 0, 1e13)
-  for i = a + 4, #ARGV do
+  local conversation, bot, workspace, thread = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+  if conversation == nil or bot == nil or workspace == nil or thread == nil then
+    fail('INVALID', 'a claim spec needs the four scope filters (empty for none)')
+  end
+  check_opt_id('conversation_id', conversation)
+  check_opt_id('bot_id', bot)
+  check_opt_id('workspace_id', workspace)
+  if thread ~= '' and thread ~= '-' then
+    if string.sub(thread, 1, 1) ~= '=' then fail('INVALID', "thread filter must be '', '-' or '=' .. thread_id") end
+    check_id('thread_id', string.sub(thread, 2))
+  end
+  if conversation ~= '' or bot ~= '' or workspace ~= '' or thread ~= '' then
+    c.scope = { conversation = conversation, bot = bot, workspace = workspace, thread = thread }
+  end
+  for i = a + 8, #ARGV do
     check_id('runner_id', ARGV[i])
     c.runners[#c.runners + 1] = ARGV[i]
   end
   return c
+end
+
+-- A filtered claim looks at no more than this many lane entries per call
+-- (over all the lanes it reads): a matching run further down is not found
+-- by that call. Keeps a filtered claim bounded however many runs of other
+-- scopes wait ahead of it.
+local SCOPE_BUDGET = 500
+
+-- True when run rk has the scope values of filter s.
+local function in_scope(rk, s)
+  local v = redis.call('HMGET', rk, 'conversation_id', 'bot_id', 'workspace_id', 'thread_id')
+  return (s.conversation == '' or v[1] == s.conversation) and (s.bot == '' or v[2] == s.bot)
+    and (s.workspace == '' or v[3] == s.workspace)
+    and (s.thread == '' or (s.thread == '-' and not v[4]) or (v[4] and s.thread == '=' .. v[4]))
 end
 
 -- The answer to a claim whose token already has a receipt: the claim was
@@ -51,6 +81,29 @@ local function claim(B, c, now)
   -- How many runs `queued` held at the last unfiltered pick, up to 2: then
   -- no ZCARD is needed to know whether one remains after the claim.
   local queued_seen
+  -- A scope filter walks each lane from its head to its first run in scope,
+  -- SCOPE_BUDGET entries in all per call (see SCOPE_BUDGET).
+  local scope = c.scope
+  local scanned = 0
+  -- The first entry of `lane` in scope (and, with `runner_check`, of a
+  -- wanted runner): {rid, score} or nil.
+  local function scoped_head(lane, runner_check)
+    local at = 0
+    while scanned < SCOPE_BUDGET do
+      local n = math.min(50, SCOPE_BUDGET - scanned)
+      local entries = redis.call('ZRANGE', lane, fmt(at), fmt(at + n - 1), 'WITHSCORES')
+      for i = 1, #entries, 2 do
+        scanned = scanned + 1
+        local rk = B .. 'run:' .. entries[i]
+        if (not runner_check or wanted[redis.call('HGET', rk, 'runner_id')]) and in_scope(rk, scope) then
+          return { entries[i], entries[i + 1] }
+        end
+      end
+      if #entries < 2 * n then return nil end
+      at = at + n
+    end
+    return nil
+  end
   -- Returns the best candidate {rid, score, from_queued}.
   local function pick()
     local best
@@ -58,7 +111,14 @@ local function claim(B, c, now)
       score = tonumber(score)
       if not best or score < best[2] then best = { rid, score, from_queued } end
     end
-    if #runners == 0 then
+    local function consider_scoped(lane, runner_check)
+      local head = scoped_head(lane, runner_check)
+      if head then consider(head[1], head[2]) end
+    end
+    if #runners == 0 and scope then
+      consider_scoped(K.queued)
+      consider_scoped(pinned)
+    elseif #runners == 0 then
       local head = redis.call('ZRANGE', K.queued, '0', '1', 'WITHSCORES')
       queued_seen = #head / 2
       if head[1] then consider(head[1], head[2], true) end
@@ -67,21 +127,35 @@ local function claim(B, c, now)
     else
       local laned = false
       for _, r in ipairs(runners) do
-        local head = redis.call('ZRANGE', runner_lane(B, r), '0', '0', 'WITHSCORES')
-        if head[1] then consider(head[1], head[2]); laned = true end
+        local lane = runner_lane(B, r)
+        if scope then
+          if redis.call('EXISTS', lane) == 1 then laned = true end
+          consider_scoped(lane)
+        else
+          local head = redis.call('ZRANGE', lane, '0', '0', 'WITHSCORES')
+          if head[1] then consider(head[1], head[2]); laned = true end
+        end
       end
       local names = not laned and redis.call('HKEYS', B .. 'runners') or {}
       if #names == 1 and wanted[names[1]] and redis.call('EXISTS', runner_lane(B, names[1])) == 0 then
         -- One runner and no lanes: `queued` is that runner's lane.
-        local head = redis.call('ZRANGE', K.queued, '0', '0', 'WITHSCORES')
-        if head[1] then consider(head[1], head[2]) end
+        if scope then
+          consider_scoped(K.queued)
+        else
+          local head = redis.call('ZRANGE', K.queued, '0', '0', 'WITHSCORES')
+          if head[1] then consider(head[1], head[2]) end
+        end
       end
-      -- Pinned runs of other runners are skipped; bounded so a claim stays cheap.
-      local heads = redis.call('ZRANGE', pinned, '0', '49', 'WITHSCORES')
-      for i = 1, #heads, 2 do
-        if wanted[redis.call('HGET', B .. 'run:' .. heads[i], 'runner_id')] then
-          consider(heads[i], heads[i + 1])
-          break
+      if scope then
+        consider_scoped(pinned, true)
+      else
+        -- Pinned runs of other runners are skipped; bounded so a claim stays cheap.
+        local heads = redis.call('ZRANGE', pinned, '0', '49', 'WITHSCORES')
+        for i = 1, #heads, 2 do
+          if wanted[redis.call('HGET', B .. 'run:' .. heads[i], 'runner_id')] then
+            consider(heads[i], heads[i + 1])
+            break
+          end
         end
       end
     end

@@ -118,7 +118,7 @@ end
 -- Loads only what fencing needs (status, claim_token, lease expiry) of a run
 -- that must exist: the event path reads three fields, not every routing field.
 local STATUSES = {
-  queued = true, claimed = true, running = true, completed = true, failed = true, cancelled = true, timeout = true,
+  created = true, queued = true, claimed = true, running = true, completed = true, failed = true, cancelled = true, timeout = true,
 }
 
 -- A run hash edited into a state no script writes: refused, never guessed at.

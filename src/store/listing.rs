@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use super::runs::thread_filter;
 use super::{Store, reply};
 use crate::error::{Error, Result};
 use crate::model::{LeaseHolder, QueueStats, Run, RunFilter, RunPage};
@@ -10,11 +11,18 @@ use crate::validate;
 /// Index entries one script call looks at, at most.
 const SCAN_BUDGET: usize = 2000;
 
+/// Index entries one count_runs call looks at, at most: a total over a long
+/// index takes several short scripts rather than one long one.
+const COUNT_BUDGET: usize = 5000;
+
 impl Store {
-    /// Pages runs newest id first (the seed's list_runs). Each queue is walked
-    /// through the most selective index the filter allows (thread, then
-    /// conversation, bot, workspace, else all runs); the other filters and the
-    /// statuses are checked on the runs that index yields. `limit` capped to 1..=100.
+    /// Pages runs newest id first (the seed's list_runs, with LangBot's
+    /// runner_id, binding_id and total). Each queue is walked through the most
+    /// selective index the filter allows (thread, then conversation, bot,
+    /// workspace, else all runs); the other filters and the statuses are
+    /// checked on the runs that index yields. `limit` capped to 1..=100.
+    /// `total` counts every match without `before_id`: O(1) per queue when the
+    /// index's own filter is the only one, else one look per entry of the index.
     pub async fn list_runs(&self, filter: &RunFilter) -> Result<RunPage> {
         let limit = filter.limit.clamp(1, 100);
         for (name, value) in [
@@ -22,6 +30,8 @@ impl Store {
             ("bot_id", &filter.bot_id),
             ("workspace_id", &filter.workspace_id),
             ("thread_id", &filter.thread_id),
+            ("runner_id", &filter.runner_id),
+            ("binding_id", &filter.binding_id),
         ] {
             validate::opt_id(name, value.as_deref())?;
         }
@@ -31,12 +41,37 @@ impl Store {
             self.physical_queues(&filter.queues).await?
         };
         let statuses = filter.statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",");
-        let thread = match (filter.strict_thread, &filter.thread_id) {
-            (false, _) => String::new(),
-            (true, None) => "-".into(),
-            (true, Some(t)) => format!("={t}"),
-        };
+        // The seed ignores thread_id unless strict_thread is set.
+        let thread = thread_filter(filter.strict_thread, filter.thread_id.as_deref());
+        let by_scope = thread.starts_with('=')
+            || filter.conversation_id.is_some()
+            || filter.bot_id.is_some()
+            || filter.workspace_id.is_some();
+        let filters = [
+            !thread.is_empty(),
+            filter.conversation_id.is_some(),
+            filter.bot_id.is_some(),
+            filter.workspace_id.is_some(),
+            filter.runner_id.is_some(),
+            filter.binding_id.is_some(),
+            !filter.statuses.is_empty(),
+        ]
+        .iter()
+        .filter(|set| **set)
+        .count();
+        // Filters the index does not answer by itself: each run must be read.
+        let residual = filters > usize::from(by_scope);
+        let checks = [
+            statuses.clone(),
+            filter.conversation_id.clone().unwrap_or_default(),
+            filter.bot_id.clone().unwrap_or_default(),
+            filter.workspace_id.clone().unwrap_or_default(),
+            thread.clone(),
+            filter.runner_id.clone().unwrap_or_default(),
+            filter.binding_id.clone().unwrap_or_default(),
+        ];
         let mut all: Vec<Run> = Vec::new();
+        let mut total: u64 = 0;
         for queue in &queues {
             validate::id("queue_name", queue)?;
             let keys = self.queue_keys(queue);
@@ -51,17 +86,13 @@ impl Store {
             let mut before = filter.before_id;
             let mut found = 0;
             loop {
-                let args = vec![
+                let mut args = vec![
                     keys.base.clone(),
                     before.map(|b| b.to_string()).unwrap_or_default(),
                     (limit + 1 - found).to_string(),
                     SCAN_BUDGET.to_string(),
-                    statuses.clone(),
-                    filter.conversation_id.clone().unwrap_or_default(),
-                    filter.bot_id.clone().unwrap_or_default(),
-                    filter.workspace_id.clone().unwrap_or_default(),
-                    thread.clone(),
                 ];
+                args.extend(checks.iter().cloned());
                 let value = self.eval(&self.scripts().list_runs, std::slice::from_ref(&index), &args).await?;
                 let mut parts = reply::array(value)?.into_iter();
                 let exhausted = parts.next().map(reply::int).transpose()?.unwrap_or(1) == 1;
@@ -78,12 +109,40 @@ impl Store {
                     None => break,
                 }
             }
+            total += self.count_runs(&keys.base, &index, residual, &checks).await?;
         }
         all.sort_by_key(|r| std::cmp::Reverse(r.id));
         let has_more = all.len() > limit;
         all.truncate(limit);
         let next_cursor = if has_more { all.last().map(|r| r.id) } else { None };
-        Ok(RunPage { items: all, next_cursor, has_more })
+        Ok(RunPage { items: all, next_cursor, has_more, total })
+    }
+
+    /// The runs of one index matching `checks` (list_runs.lua's filters), in
+    /// count_runs calls of COUNT_BUDGET entries each; XLEN when `residual` is
+    /// false (the index is the whole filter).
+    async fn count_runs(&self, base: &str, index: &str, residual: bool, checks: &[String]) -> Result<u64> {
+        let mut total: u64 = 0;
+        let mut cursor = String::new();
+        loop {
+            let mut args = vec![
+                base.to_string(),
+                if residual { "1" } else { "0" }.to_string(),
+                cursor.clone(),
+                COUNT_BUDGET.to_string(),
+            ];
+            args.extend(checks.iter().cloned());
+            let value = self.eval(&self.scripts().count_runs, &[index.to_string()], &args).await?;
+            let mut parts = reply::array(value)?.into_iter();
+            let count = parts.next().map(reply::int).transpose()?.unwrap_or(0);
+            let exhausted = parts.next().map(reply::int).transpose()?.unwrap_or(1) == 1;
+            let last = parts.next().map(reply::string).transpose()?.unwrap_or_default();
+            total += count.max(0) as u64;
+            if exhausted || last.is_empty() {
+                return Ok(total);
+            }
+            cursor = last;
+        }
     }
 
     /// Depths, oldest claimable run, lease holders and counters of one queue.

@@ -29,6 +29,8 @@ pub use runs::{ClaimOutcome, MAX_RUNS_PER_BATCH, Release};
 mod waiting;
 pub use waiting::{SAFETY_POLL, Waiter};
 mod runtimes;
+mod stats;
+pub use stats::{RunStats, RunnerStats, RuntimeStats};
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -65,6 +65,14 @@ fn check_claim(request: &ClaimRequest) -> Result<u64> {
     for runner in &request.runner_ids {
         validate::id("runner_id", runner)?;
     }
+    for (name, value) in [
+        ("conversation_id", &request.conversation_id),
+        ("bot_id", &request.bot_id),
+        ("workspace_id", &request.workspace_id),
+        ("thread_id", &request.thread_id),
+    ] {
+        validate::opt_id(name, value.as_deref())?;
+    }
     validate::lease_ms("lease", request.lease)
 }
 
@@ -120,6 +128,16 @@ fn opt(value: &Option<String>) -> String {
     value.clone().unwrap_or_default()
 }
 
+/// The scripts' thread filter: '' = any thread (no strict_thread, as in the
+/// seed), '-' = runs without a thread, '=' + id = that thread.
+pub(crate) fn thread_filter(strict: bool, thread_id: Option<&str>) -> String {
+    match (strict, thread_id) {
+        (false, _) => String::new(),
+        (true, None) => "-".into(),
+        (true, Some(t)) => format!("={t}"),
+    }
+}
+
 impl Store {
     /// Checks one run and returns its 17 script values (see lua/create_run.lua).
     fn create_values(&self, run: &NewRun) -> Result<[String; 17]> {
@@ -140,8 +158,8 @@ impl Store {
         }
         validate::priority(run.priority)?;
         let status = run.status.unwrap_or(RunStatus::Queued);
-        if !matches!(status, RunStatus::Queued | RunStatus::Running) {
-            return Err(Error::Invalid(format!("a new run's status must be queued or running, got {status}")));
+        if !matches!(status, RunStatus::Queued | RunStatus::Running | RunStatus::Created) {
+            return Err(Error::Invalid(format!("a new run's status must be queued, running or created, got {status}")));
         }
         let max = self.max_json();
         let authorization = validate::opt_object("authorization", run.authorization.as_ref(), max)?;
@@ -427,7 +445,7 @@ impl Store {
     }
 
     /// The claim spec of the scripts: runtime_id, lease ms, a new token,
-    /// retention ms, runner ids.
+    /// retention ms, the scope filters, runner ids (see lua/claim_next_run.lua).
     fn claim_spec(&self, request: &ClaimRequest) -> Result<Vec<String>> {
         let lease = check_claim(request)?;
         let mut spec = vec![
@@ -435,6 +453,10 @@ impl Store {
             lease.to_string(),
             uuid::Uuid::new_v4().simple().to_string(),
             self.retention_ms(),
+            opt(&request.conversation_id),
+            opt(&request.bot_id),
+            opt(&request.workspace_id),
+            thread_filter(request.strict_thread, request.thread_id.as_deref()),
         ];
         spec.extend(request.runner_ids.iter().cloned());
         Ok(spec)

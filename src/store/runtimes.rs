@@ -162,6 +162,19 @@ impl Store {
         limit: usize,
     ) -> Result<RuntimePage> {
         let limit = limit.clamp(1, 500);
+        let mut out = self.runtimes_matching(statuses, labels).await?;
+        let total = out.len();
+        out.truncate(limit);
+        Ok(RuntimePage { items: out, total })
+    }
+
+    /// Every runtime with one of `statuses` (none = all) whose labels hold
+    /// every pair of `labels`, in id order.
+    pub(crate) async fn runtimes_matching(
+        &self,
+        statuses: &[String],
+        labels: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<Vec<Runtime>> {
         let g = self.global();
         let mut conn = self.conn().await?;
         let ids: Vec<String> = redis::cmd("ZRANGE")
@@ -172,7 +185,7 @@ impl Store {
             .await
             .map_err(|e| self.failed(e))?;
         if ids.is_empty() {
-            return Ok(RuntimePage { items: Vec::new(), total: 0 });
+            return Ok(Vec::new());
         }
         let mut cmds: Vec<redis::Cmd> = ids
             .iter()
@@ -199,9 +212,7 @@ impl Store {
             }
         }
         out.sort_by_key(|r| r.id);
-        let total = out.len();
-        out.truncate(limit);
-        Ok(RuntimePage { items: out, total })
+        Ok(out)
     }
 
     /// Sets `stale_status` on runtimes whose heartbeat deadline passed, or whose

@@ -472,6 +472,7 @@ async fn claim_loop(
             queues: queue_order(&inner),
             runner_ids: inner.runner_ids.clone(),
             lease: inner.lease,
+            ..ClaimRequest::new("")
         };
         // Shutdown cuts the wait short but never a claim in flight, whose run
         // would otherwise sit claimed until its lease expired.
@@ -622,6 +623,7 @@ async fn execute_one(
                     queues: vec![queue.clone()],
                     runner_ids: inner.runner_ids.clone(),
                     lease: inner.lease,
+                    ..ClaimRequest::new("")
                 };
                 match settle(&ctx, || store.finish_and_claim(&run_id, &finish, Some(&token), &request)).await {
                     Ok(claimed) => {

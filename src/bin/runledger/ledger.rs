@@ -127,7 +127,7 @@ pub struct EnqueueArgs {
     /// A JSON object, handed only to the claimer.
     #[arg(long)]
     authorization: Option<String>,
-    /// queued (enters the queue) or running (executed directly).
+    /// queued (enters the queue), running (executed directly) or created (stored, not claimable).
     #[arg(long, default_value = "queued")]
     status: String,
     /// For a partitioned queue: runs with the same key share a partition (default: the run id).
@@ -177,6 +177,21 @@ pub struct ClaimArgs {
     /// Wait up to this many seconds for a run (blocking, no polling).
     #[arg(long)]
     wait: Option<f64>,
+    /// Only runs of this conversation.
+    #[arg(long)]
+    conversation: Option<String>,
+    /// Only runs of this bot.
+    #[arg(long)]
+    bot: Option<String>,
+    /// Only runs of this workspace.
+    #[arg(long)]
+    workspace: Option<String>,
+    /// With --strict-thread: only runs of this thread (without --thread: runs without a thread).
+    #[arg(long)]
+    thread: Option<String>,
+    /// Apply the thread filter (as in LangBot, --thread alone is ignored).
+    #[arg(long)]
+    strict_thread: bool,
 }
 
 pub async fn claim(store: &Store, out: &Output, a: ClaimArgs) -> Result<()> {
@@ -185,6 +200,11 @@ pub async fn claim(store: &Store, out: &Output, a: ClaimArgs) -> Result<()> {
         queues: a.queues,
         runner_ids: a.runners,
         lease: validate::seconds("--lease", a.lease)?,
+        conversation_id: a.conversation,
+        bot_id: a.bot,
+        workspace_id: a.workspace,
+        thread_id: a.thread,
+        strict_thread: a.strict_thread,
     };
     let run = match a.wait {
         Some(wait) => {
@@ -367,11 +387,18 @@ pub struct RunsArgs {
     bot: Option<String>,
     #[arg(long)]
     workspace: Option<String>,
+    /// With --strict-thread: only runs of this thread (as in the seed, --thread alone is ignored).
     #[arg(long)]
     thread: Option<String>,
-    /// Only runs of exactly this thread (or without a thread when --thread is absent).
+    /// Apply the thread filter: runs of exactly --thread, or without a thread when --thread is absent.
     #[arg(long)]
     strict_thread: bool,
+    /// Only runs of this runner.
+    #[arg(long)]
+    runner: Option<String>,
+    /// Only runs of this binding.
+    #[arg(long)]
+    binding: Option<String>,
     #[arg(long, default_value_t = 50)]
     limit: usize,
     /// Only runs with a smaller id (the previous page's next_cursor).
@@ -388,8 +415,10 @@ pub async fn runs(store: &Store, out: &Output, a: RunsArgs) -> Result<()> {
         limit: a.limit,
         bot_id: a.bot,
         workspace_id: a.workspace,
-        strict_thread: a.strict_thread || a.thread.is_some(),
+        strict_thread: a.strict_thread,
         thread_id: a.thread,
+        runner_id: a.runner,
+        binding_id: a.binding,
     };
     out.runs(&store.list_runs(&filter).await?);
     Ok(())
@@ -519,6 +548,116 @@ pub async fn reap(store: &Store, out: &Output) -> Result<()> {
             "promoted {}  reclaimed {}  timed out {}  purged {}  stale runtimes {}",
             report.promoted, report.reclaimed, report.timed_out, report.purged, report.stale_runtimes
         );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct StatsArgs {
+    /// Run stats over the window (the default).
+    #[arg(long, conflicts_with_all = ["runtimes", "runners"])]
+    runs: bool,
+    /// Runtime stats (no window).
+    #[arg(long, conflicts_with = "runners")]
+    runtimes: bool,
+    /// Stats per runner over the window, most runs first.
+    #[arg(long)]
+    runners: bool,
+    /// Window start, epoch seconds, inclusive [default: --to minus 24 h].
+    #[arg(long)]
+    from: Option<i64>,
+    /// Window end, epoch seconds, inclusive [default: now].
+    #[arg(long)]
+    to: Option<i64>,
+    /// With --runs: only runs of this runner.
+    #[arg(long)]
+    runner: Option<String>,
+    /// With --runners: at most this many runners (1..=500).
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+}
+
+/// Seconds with three decimals, or `-`.
+fn secs(value: Option<f64>) -> String {
+    value.map(|v| format!("{v:.3} s")).unwrap_or_else(|| "-".into())
+}
+
+fn percent(value: Option<f64>) -> String {
+    value.map(|v| format!("{:.2}%", v * 100.0)).unwrap_or_else(|| "-".into())
+}
+
+pub async fn stats(store: &Store, out: &Output, a: StatsArgs) -> Result<()> {
+    if a.runtimes {
+        let s = store.get_runtime_stats().await?;
+        if out.json {
+            out.json(&s);
+        } else {
+            println!("runtimes {}  online {}  stale {}", s.total_count, s.online_count, s.stale_count);
+            println!(
+                "heartbeat age: avg {}  max {}",
+                secs(s.avg_heartbeat_age_seconds),
+                secs(s.max_heartbeat_age_seconds)
+            );
+            println!("active runs {} (claimed {})", s.active_runs, s.claimed_runs);
+        }
+        return Ok(());
+    }
+    let to = match a.to {
+        Some(to) => to,
+        None => store.server_time_ms().await?.div_euclid(1000),
+    };
+    let from = a.from.unwrap_or(to - 24 * 3600);
+    if a.runners {
+        let items = store.get_runner_stats(from, to, a.limit).await?;
+        if out.json {
+            out.json(&items);
+        } else {
+            println!("runs created {} .. {}", crate::output::time(Some(from)), crate::output::time(Some(to)));
+            println!(
+                "{:<24}  {:>7}  {:>7}  {:>9}  {:>7}  {:>8}  {:>12}",
+                "RUNNER", "TOTAL", "ACTIVE", "COMPLETED", "FAILED", "SUCCESS", "AVG DURATION"
+            );
+            for r in &items {
+                println!(
+                    "{:<24}  {:>7}  {:>7}  {:>9}  {:>7}  {:>8}  {:>12}",
+                    r.runner_id,
+                    r.total_runs,
+                    r.active_runs,
+                    r.completed_runs,
+                    r.failed_runs,
+                    percent(Some(r.success_rate)),
+                    secs(r.avg_duration_seconds)
+                );
+            }
+        }
+        return Ok(());
+    }
+    let s = store.get_run_stats(from, to, a.runner.as_deref()).await?;
+    if out.json {
+        out.json(&s);
+    } else {
+        println!("runs created {} .. {}", crate::output::time(Some(from)), crate::output::time(Some(to)));
+        println!("total {}  throughput {:.4} per hour", s.total_count, s.throughput_per_hour);
+        println!(
+            "created {}  queued {}  claimed {}  running {}  completed {}  failed {}  cancelled {}  timeout {}",
+            s.created_count,
+            s.queued_count,
+            s.claimed_count,
+            s.running_count,
+            s.completed_count,
+            s.failed_count,
+            s.cancelled_count,
+            s.timeout_count
+        );
+        println!("success rate {}  failure rate {}", percent(s.success_rate), percent(s.failure_rate));
+        println!(
+            "duration: avg {}  p50 {}  p95 {}  p99 {}",
+            secs(s.avg_duration_seconds),
+            secs(s.p50_duration_seconds),
+            secs(s.p95_duration_seconds),
+            secs(s.p99_duration_seconds)
+        );
+        println!("queue wait: avg {}", secs(s.avg_queue_wait_seconds));
     }
     Ok(())
 }

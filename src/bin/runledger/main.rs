@@ -77,6 +77,8 @@ enum Command {
     Runtimes(ledger::RuntimesArgs),
     /// Depth per status, oldest queued age and lease holders of every queue.
     Queues,
+    /// LangBot's stats: runs (default) or runners over a creation window, or runtimes.
+    Stats(ledger::StatsArgs),
     /// Spread a logical queue over N physical queues (QUEUE#0..), e.g. over a cluster's shards.
     Partition(ledger::PartitionArgs),
     /// One pass of lease expiry, deadlines, delayed runs, stale runtimes, retention.
@@ -190,6 +192,7 @@ async fn run(cli: Cli) -> runledger::Result<()> {
         Command::Events(a) => ledger::events(&store().await?, &out, a).await,
         Command::Runtimes(a) => ledger::runtimes(&store().await?, &out, a).await,
         Command::Queues => ledger::queues(&store().await?, &out).await,
+        Command::Stats(a) => ledger::stats(&store().await?, &out, a).await,
         Command::Partition(a) => ledger::partition(&store().await?, &out, a).await,
         Command::Reap => ledger::reap(&store().await?, &out).await,
         Command::Worker(a) => match ledger::connect_waiting(&url, &target).await? {

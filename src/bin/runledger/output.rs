@@ -90,6 +90,7 @@ impl Output {
                 time(Some(run.created_at))
             );
         }
+        println!("{} of {} matching runs", page.items.len(), page.total);
         if let Some(next) = page.next_cursor {
             println!("more: --before {next}");
         }
