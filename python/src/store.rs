@@ -221,7 +221,8 @@ impl RunLedgerStore {
         awaitable(py, async move { shared.store().await?.create_run(&run).await.py_err() }, dict)
     }
 
-    #[pyo3(signature = (*, runtime_id, queue_name=None, lease_seconds=None, runner_ids=None))]
+    #[pyo3(signature = (*, runtime_id, queue_name=None, lease_seconds=None, runner_ids=None, conversation_id=None, bot_id=None, workspace_id=None, thread_id=None, strict_thread=false))]
+    #[allow(clippy::too_many_arguments)]
     fn claim_next_run<'py>(
         &self,
         py: Python<'py>,
@@ -229,8 +230,18 @@ impl RunLedgerStore {
         queue_name: Option<String>,
         lease_seconds: Option<Bound<'py, PyAny>>,
         runner_ids: Option<Vec<String>>,
+        conversation_id: Option<String>,
+        bot_id: Option<String>,
+        workspace_id: Option<String>,
+        thread_id: Option<String>,
+        strict_thread: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let mut request = ClaimRequest::new(runtime_id);
+        request.conversation_id = conversation_id;
+        request.bot_id = bot_id;
+        request.workspace_id = workspace_id;
+        request.thread_id = thread_id;
+        request.strict_thread = strict_thread;
         request.queues.extend(queue_name);
         request.runner_ids = runner_ids.unwrap_or_default();
         request.lease = lease(lease_seconds.as_ref())?;
@@ -440,7 +451,7 @@ impl RunLedgerStore {
         awaitable(py, async move { unless_missing(shared.store().await?.get_run(&run_id).await) }, opt_dict)
     }
 
-    #[pyo3(signature = (*, conversation_id=None, statuses=None, before_id=None, limit=50, bot_id=None, workspace_id=None, thread_id=None, strict_thread=false))]
+    #[pyo3(signature = (*, conversation_id=None, statuses=None, before_id=None, limit=50, bot_id=None, workspace_id=None, thread_id=None, strict_thread=false, runner_id=None, binding_id=None))]
     #[allow(clippy::too_many_arguments)]
     fn list_runs<'py>(
         &self,
@@ -453,8 +464,12 @@ impl RunLedgerStore {
         workspace_id: Option<String>,
         thread_id: Option<String>,
         strict_thread: bool,
+        runner_id: Option<String>,
+        binding_id: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let filter = RunFilter {
+            runner_id,
+            binding_id,
             conversation_id,
             statuses: self::statuses(statuses)?,
             before_id,
@@ -468,7 +483,7 @@ impl RunLedgerStore {
         let shared = self.shared.clone();
         awaitable(py, async move { shared.store().await?.list_runs(&filter).await.py_err() }, |py, page| {
             let items = serialize(py, &page.items)?;
-            (items, page.next_cursor, page.has_more).into_pyobject(py).map(Bound::into_any)
+            (items, page.next_cursor, page.has_more, page.total).into_pyobject(py).map(Bound::into_any)
         })
     }
 
@@ -610,6 +625,42 @@ impl RunLedgerStore {
         )
     }
 
+    #[pyo3(signature = (*, start_time, end_time, runner_id=None))]
+    fn get_run_stats<'py>(
+        &self,
+        py: Python<'py>,
+        start_time: Bound<'py, PyAny>,
+        end_time: Bound<'py, PyAny>,
+        runner_id: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (start, end) = (window_end(&start_time, "start_time")?, window_end(&end_time, "end_time")?);
+        let shared = self.shared.clone();
+        awaitable(
+            py,
+            async move { shared.store().await?.get_run_stats(start, end, runner_id.as_deref()).await.py_err() },
+            dict,
+        )
+    }
+
+    fn get_runtime_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let shared = self.shared.clone();
+        awaitable(py, async move { shared.store().await?.get_runtime_stats().await.py_err() }, dict)
+    }
+
+    #[pyo3(signature = (*, start_time, end_time, limit=50))]
+    fn get_runner_stats<'py>(
+        &self,
+        py: Python<'py>,
+        start_time: Bound<'py, PyAny>,
+        end_time: Bound<'py, PyAny>,
+        limit: i64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (start, end) = (window_end(&start_time, "start_time")?, window_end(&end_time, "end_time")?);
+        let limit = limit.clamp(1, 500) as usize;
+        let shared = self.shared.clone();
+        awaitable(py, async move { shared.store().await?.get_runner_stats(start, end, limit).await.py_err() }, dict)
+    }
+
     /// Queue depths and counters of one queue (beyond the SQL store).
     #[pyo3(signature = (queue_name="default"))]
     fn queue_stats<'py>(&self, py: Python<'py>, queue_name: &str) -> PyResult<Bound<'py, PyAny>> {
@@ -644,6 +695,12 @@ fn heartbeat_deadline(value: Option<&Bound<'_, PyAny>>) -> PyResult<Duration> {
         None => Ok(Duration::from_secs(60)),
         Some(v) => Ok(seconds(v, "heartbeat_deadline_seconds")?.max(Duration::from_secs(1))),
     }
+}
+
+/// A stats window's end in whole epoch seconds (a datetime or a number).
+fn window_end(value: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
+    let ms = epoch_ms(Some(value), what)?.ok_or_else(|| to_py_err(Error::Invalid(format!("{what} is required"))))?;
+    Ok(ms.div_euclid(1000))
 }
 
 /// The URL without its password, for reprs and messages.

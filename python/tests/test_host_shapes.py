@@ -39,7 +39,7 @@ async def test_host_shaped_chat_run(store):
     assert (await store.finalize_run(run_id=other, status="cancelled"))["status"] == "cancelled"
 
 
-async def test_python_runtimes_and_a_rust_worker_share_one_queue(redis_url, prefix, backend):
+async def test_python_runtimes_and_a_rust_worker_share_one_queue(redis_url, prefix):
     """A runtime-shaped Python loop (register, claim with lease_seconds=60,
     renew, finalize) and `runledger worker` drain one queue together: every
     run ends completed, claimed once, by one of them."""
@@ -50,9 +50,7 @@ async def test_python_runtimes_and_a_rust_worker_share_one_queue(redis_url, pref
         await store.create_run(run_id=run_id, event_id=None, binding_id=None, runner_id="demo",
                                status="queued", queue_name=queue)
     env = dict(os.environ, REDIS_URL=redis_url, RUST_LOG="warn")
-    args = [runledger_binary(), "--prefix", prefix]
-    if backend == "cluster":
-        args.append("--cluster")
+    args = [runledger_binary(), "--prefix", prefix]  # a redis+cluster:// URL says "cluster" itself
     worker = subprocess.Popen(
         args + ["worker", "--queue", queue, "--runtime-id", "rust-worker", "--concurrency", "2",
                 "--work-ms", "30", "--steps", "2", "--fail-rate", "0"],
@@ -79,6 +77,8 @@ async def test_python_runtimes_and_a_rust_worker_share_one_queue(redis_url, pref
             await store.finalize_run(run_id=run["run_id"], status="completed", claim_token=run["claim_token"])
         else:
             pytest.fail("hang guard: the queue was not drained in 60 s")
+        _, total = await store.list_runtimes()
+        assert total == 2  # the Python runtime and the Rust worker, side by side
     finally:
         worker.terminate()
         try:
@@ -92,5 +92,3 @@ async def test_python_runtimes_and_a_rust_worker_share_one_queue(redis_url, pref
     rust_took = [r["run_id"] for r in finished if r["run_id"] not in python_took]
     assert len(python_took) + len(rust_took) == len(runs) and rust_took, "the Rust worker took no run"
     assert len(set(python_took)) == len(python_took)
-    _, total = await store.list_runtimes()
-    assert total == 2
