@@ -10,22 +10,8 @@ nothing here implements an operation of its own.
 from runledger._native import __version__
 from runledger.store import RunLedgerStore
 from runledger.worker import RunContext, Worker
-from runledger.errors import (
-    Conflict,
-    DeadlinePassed,
-    Error,
-    InvalidInput,
-    LimitExceeded,
-    NotFound,
-    OutOfOrder,
-    ProtocolError,
-    RedisError,
-    Retry,
-    RunFinished,
-    StaleToken,
-    Unavailable,
-    WriteConcernError,
-)
+from runledger import errors
+from runledger.errors import *  # noqa: F401,F403 (the exception hierarchy)
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timeout"})
 RUN_STATUSES = frozenset({"created", "queued", "claimed", "running"}) | TERMINAL_STATUSES
@@ -36,19 +22,6 @@ __all__ = [
     "RunContext",
     "TERMINAL_STATUSES",
     "RUN_STATUSES",
-    "Error",
-    "InvalidInput",
-    "NotFound",
-    "StaleToken",
-    "Conflict",
-    "OutOfOrder",
-    "RunFinished",
-    "DeadlinePassed",
-    "LimitExceeded",
-    "RedisError",
-    "Unavailable",
-    "WriteConcernError",
-    "ProtocolError",
-    "Retry",
     "__version__",
+    *errors.__all__,
 ]
