@@ -43,6 +43,21 @@ pub struct BenchArgs {
     /// must hold no runs; they are emptied again at the end (the queue names stay registered).
     #[arg(long)]
     pub shared: bool,
+    /// Only the binding's overhead: the host's workload (create_run as running, append_event x3,
+    /// finalize_run) from --tasks concurrent tasks, with this library and with the Python
+    /// package (`python -m runledger.bench`) on the same Redis, in --rounds alternating rounds.
+    #[arg(long)]
+    pub host_shape: bool,
+    /// Concurrent tasks of --host-shape (tokio tasks; asyncio tasks on one loop in Python).
+    #[arg(long, default_value_t = 32)]
+    pub tasks: usize,
+    /// Rounds of --host-shape; the figures are their medians.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// The Python interpreter of --host-shape, with the runledger package installed
+    /// (pip install ./python) [default: python3].
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<std::path::PathBuf>,
 }
 
 /// The queues the single-server bench fills (with `--shared`, under the given prefix).
@@ -91,7 +106,7 @@ pub struct Figures {
     pub longest_purge_script_us: Option<u64>,
 }
 
-const METADATA_PAD: &str = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore magna aliqua ut enim ad minim veniam quis nostrud exercitation";
+pub(crate) const METADATA_PAD: &str = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore magna aliqua ut enim ad minim veniam quis nostrud exercitation";
 
 fn bench_run(i: usize, queue: &str) -> NewRun {
     // ~200 bytes of metadata, as in the peers' workload.
@@ -139,7 +154,7 @@ impl<'a> Probe<'a> {
     }
 
     /// INFO `section` as key -> value; `None` when the server refuses INFO.
-    async fn info(&self, section: &str) -> Result<Option<HashMap<String, String>>> {
+    pub(crate) async fn info(&self, section: &str) -> Result<Option<HashMap<String, String>>> {
         if self.is_refused("INFO") {
             return Ok(None);
         }
@@ -360,6 +375,9 @@ async fn claim_cost(store: &Store, queue: &str, samples: usize) -> Result<f64> {
 }
 
 pub async fn run(target: &Target, out: &Output, a: BenchArgs) -> Result<()> {
+    if a.host_shape {
+        return crate::bench_host::run(target, out, &a).await;
+    }
     if target.cluster || target.url.as_deref().is_some_and(|u| u.contains("+cluster://")) {
         if a.shared {
             return Err(Error::Invalid("bench --cluster uses prefixes of its own; --shared is for one server".into()));
@@ -701,7 +719,7 @@ async fn empty_bench_queues(store: &Store) -> Result<u64> {
 }
 
 /// Deletes every key under `prefix` (SCAN + UNLINK); returns how many.
-async fn remove_prefix(store: &Store, prefix: &str) -> Result<u64> {
+pub(crate) async fn remove_prefix(store: &Store, prefix: &str) -> Result<u64> {
     let mut pattern: String = prefix
         .chars()
         .flat_map(|c| if matches!(c, '*' | '?' | '[' | ']' | '\\') { vec!['\\', c] } else { vec![c] })

@@ -7,6 +7,7 @@
 
 mod bench;
 mod bench_cluster;
+mod bench_host;
 mod bench_memory;
 mod demo;
 mod ledger;
