@@ -3,6 +3,7 @@
 //! converts its arguments, calls the Rust `Store` or `Worker`, and converts
 //! the answer. The Python package (`runledger/`) re-exports it.
 
+mod completion;
 mod convert;
 mod errors;
 mod server;

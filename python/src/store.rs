@@ -19,6 +19,7 @@ use runledger::{
 };
 use serde_json::Value;
 
+use crate::completion::awaitable;
 use crate::convert::{epoch_ms, opt_json, serialize};
 use crate::errors::{IntoPy, internal, to_py_err};
 
@@ -40,20 +41,6 @@ impl Shared {
             .cloned()
             .map_err(to_py_err)
     }
-}
-
-/// Awaits `fut` on the tokio runtime and turns its value into a Python
-/// object with `out` (under the GIL, once it is ready).
-pub fn awaitable<'py, T, F, O>(py: Python<'py>, fut: F, out: O) -> PyResult<Bound<'py, PyAny>>
-where
-    T: Send + 'static,
-    F: Future<Output = PyResult<T>> + Send + 'static,
-    O: for<'a> FnOnce(Python<'a>, T) -> PyResult<Bound<'a, PyAny>> + Send + 'static,
-{
-    pyo3_async_runtimes::tokio::future_into_py(py, async move {
-        let value = fut.await?;
-        Python::attach(|py| out(py, value).map(Bound::unbind))
-    })
 }
 
 fn dict<T: serde::Serialize>(py: Python<'_>, value: T) -> PyResult<Bound<'_, PyAny>> {

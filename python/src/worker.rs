@@ -16,9 +16,10 @@ use pyo3::types::{PyCFunction, PyDict, PyTuple};
 use runledger::{Backoff, Done, Failure, HandlerResult, StopReason};
 use tokio_util::sync::CancellationToken;
 
+use crate::completion::{awaitable, cancellable};
 use crate::convert::{from_py, opt_json, serialize};
 use crate::errors::{IntoPy, internal};
-use crate::store::{RunLedgerStore, awaitable};
+use crate::store::RunLedgerStore;
 
 /// What every handler call needs: the handler and the loop it runs on.
 struct Handler {
@@ -111,7 +112,7 @@ impl Worker {
         let store = self.store.get().shared_store();
         let settings = self.settings.clone();
         let shutdown = self.shutdown.clone();
-        awaitable(
+        cancellable(
             py,
             async move {
                 let store = store.await?;
@@ -333,7 +334,7 @@ impl RunContext {
     /// Resolves when the handler is asked to stop (see `stop_reason`).
     fn wait_stopped<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let ctx = self.inner.clone();
-        awaitable(
+        cancellable(
             py,
             async move {
                 ctx.stopped().await;
