@@ -250,3 +250,26 @@ async fn bench_on_given_server() {
     assert_eq!(stderr.lines().count(), 1, "{}", describe(&output));
     assert!(stderr.starts_with("runledger: "), "{}", describe(&output));
 }
+
+// 4. --host-shape needs a Python with the package (the figures themselves are
+// checked by python/tests/test_bench.py, which has one): without it, or with
+// --shared, one clear line and nothing runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_host_shape_refuses_what_it_cannot_run() {
+    let host_shape = |extra: &[&str]| {
+        ["bench", "--host-shape", "--runs", "10"].iter().chain(extra).map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let cases: [(&[&str], &str); 3] = [
+        (&["--python", "/nonexistent/python"], "could not start /nonexistent/python"),
+        (&["--python", "/bin/false"], "cannot import runledger"),
+        (&["--shared"], "drop --shared"),
+    ];
+    for (extra, says) in cases {
+        let (output, _) = runledger(host_shape(extra)).await;
+        assert_eq!(output.status.code(), Some(2), "{extra:?}: {}", describe(&output));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{extra:?}: one line: {}", describe(&output));
+        assert!(stderr.starts_with("runledger: ") && stderr.contains(says), "{extra:?}: {}", describe(&output));
+        assert!(output.stdout.is_empty(), "{extra:?}: nothing ran: {}", describe(&output));
+    }
+}
