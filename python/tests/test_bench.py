@@ -12,13 +12,13 @@ import sys
 from conftest import redis_cli, runledger_binary
 
 
-def bench(*global_args):
+def bench(*global_args, cwd=None):
     """The bench's JSON figures and its stderr; `global_args` go before `bench`."""
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "RUNLEDGER_PREFIX", "RUST_LOG")}
     done = subprocess.run(
         [runledger_binary(), *global_args, "--json", "bench", "--host-shape", "--runs", "200", "--rounds", "2",
          "--tasks", "8", "--python", sys.executable],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True, text=True, timeout=120, env=env, cwd=cwd,
     )
     assert done.returncode == 0, f"bench failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
     return json.loads(done.stdout), done.stderr
@@ -40,8 +40,13 @@ def check(figures):
     assert figures["python"] == sys.executable, figures
 
 
-def test_host_shape_on_a_private_server():
-    figures, stderr = bench()
+def test_host_shape_on_a_private_server(tmp_path):
+    # Run from a directory whose `runledger` is not the package (as the
+    # source tree without its compiled module is, in `python/`): the Python
+    # side must still import the installed one.
+    (tmp_path / "runledger").mkdir()
+    (tmp_path / "runledger" / "__init__.py").write_text("raise ImportError('not the installed package')\n")
+    figures, stderr = bench(cwd=tmp_path)
     check(figures)
     assert "private redis-server" in stderr, stderr
 

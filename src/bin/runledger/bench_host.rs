@@ -83,8 +83,8 @@ pub async fn run(target: &Target, out: &Output, a: &BenchArgs) -> Result<()> {
     if a.runs == 0 || a.tasks == 0 || a.rounds == 0 {
         return Err(Error::Invalid("--runs, --tasks and --rounds must be at least 1".into()));
     }
-    let python = a.python.clone().unwrap_or_else(|| PathBuf::from("python3"));
-    check_python(&python)?;
+    let python = Python::new(a.python.clone().unwrap_or_else(|| PathBuf::from("python3")))?;
+    python.check()?;
     let (server, url, prefix) = match target.url.clone() {
         Some(url) => {
             (None, url, format!("{}-bench-{}", target.prefix, &uuid::Uuid::new_v4().simple().to_string()[..8]))
@@ -129,7 +129,7 @@ pub async fn run(target: &Target, out: &Output, a: &BenchArgs) -> Result<()> {
         python_over_rust: median(&ratios),
         rust_per_s,
         python_per_s,
-        python: python.display().to_string(),
+        python: python.exe.display().to_string(),
     };
     if out.json {
         out.json(&f);
@@ -146,7 +146,7 @@ async fn rounds(
     url: &str,
     prefix: &str,
     target: &Target,
-    python: &PathBuf,
+    python: &Python,
     workload: &Workload,
     a: &BenchArgs,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
@@ -209,7 +209,7 @@ async fn rust_lifecycles(store: &Store, w: &Workload, n: usize, tasks: usize) ->
 /// One round of the Python side: its rate, as the child measured it (from
 /// its first call to its last, after a warm-up like ours).
 async fn python_round(
-    python: &PathBuf,
+    python: &Python,
     url: &str,
     prefix: &str,
     target: &Target,
@@ -217,7 +217,7 @@ async fn python_round(
     a: &BenchArgs,
 ) -> Result<f64> {
     let workload = serde_json::to_string(w).map_err(|e| Error::Protocol(e.to_string()))?;
-    let mut command = Command::new(python);
+    let mut command = python.command();
     command
         .args(["-m", "runledger.bench", "--redis", url, "--prefix", prefix])
         .args(["--runs", &a.runs.to_string(), "--tasks", &a.tasks.to_string(), "--workload", &workload])
@@ -225,24 +225,24 @@ async fn python_round(
     if target.cluster {
         command.arg("--cluster");
     }
-    let shown = python.display().to_string();
+    let shown = python.exe.display().to_string();
     let output = tokio::task::spawn_blocking(move || command.output())
         .await
         .map_err(|e| Error::Protocol(format!("bench: waiting for {shown}: {e}")))?
-        .map_err(|e| Error::Invalid(format!("bench: could not start {}: {e}", python.display())))?;
+        .map_err(|e| Error::Invalid(format!("bench: could not start {}: {e}", python.exe.display())))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
         return Err(Error::Protocol(format!(
             "bench: `{} -m runledger.bench` failed ({}): {last}",
-            python.display(),
+            python.exe.display(),
             output.status
         )));
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
     let round: PythonRound =
         stdout.lines().rev().find_map(|line| serde_json::from_str(line).ok()).ok_or_else(|| {
-            Error::Protocol(format!("bench: no figures from `{} -m runledger.bench`: {stdout}", python.display()))
+            Error::Protocol(format!("bench: no figures from `{} -m runledger.bench`: {stdout}", python.exe.display()))
         })?;
     if round.runs != a.runs {
         return Err(Error::Protocol(format!("bench: the Python side ran {} runs, not {}", round.runs, a.runs)));
@@ -250,18 +250,43 @@ async fn python_round(
     Ok(round.per_s)
 }
 
-/// Fails early, with what to do, when `python` cannot import the package.
-fn check_python(python: &PathBuf) -> Result<()> {
-    let output = Command::new(python).args(["-c", "import runledger.bench"]).output().map_err(|e| {
-        Error::Invalid(format!("bench --host-shape: could not start {}: {e} (pass --python PATH)", python.display()))
-    })?;
-    if output.status.success() {
-        return Ok(());
+/// The interpreter of the Python side. It runs in an empty directory of its
+/// own: Python puts the working directory first on `sys.path`, and run from
+/// the repository's `python/` the source tree (without its compiled module)
+/// would shadow the installed package.
+struct Python {
+    exe: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Python {
+    fn new(exe: PathBuf) -> Result<Python> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Protocol(format!("bench: a scratch directory: {e}")))?;
+        Ok(Python { exe, dir })
     }
-    Err(Error::Invalid(format!(
-        "bench --host-shape: {} cannot import runledger (pip install ./python into it, or pass --python PATH to one that can)",
-        python.display()
-    )))
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(&self.exe);
+        command.current_dir(self.dir.path());
+        command
+    }
+
+    /// Fails early, with what to do, when the interpreter cannot import the package.
+    fn check(&self) -> Result<()> {
+        let output = self.command().args(["-c", "import runledger.bench"]).output().map_err(|e| {
+            Error::Invalid(format!(
+                "bench --host-shape: could not start {}: {e} (pass --python PATH)",
+                self.exe.display()
+            ))
+        })?;
+        if output.status.success() {
+            return Ok(());
+        }
+        Err(Error::Invalid(format!(
+            "bench --host-shape: {} cannot import runledger (pip install ./python into it, or pass --python PATH to one that can)",
+            self.exe.display()
+        )))
+    }
 }
 
 fn median(values: &[f64]) -> f64 {
