@@ -72,7 +72,7 @@ def runledger_binary():
     """The CLI built by cargo (release first), for tests that run a Rust worker."""
     explicit = os.environ.get("RUNLEDGER_BIN")
     if explicit:
-        return explicit
+        return os.path.abspath(explicit)
     root = os.path.join(os.path.dirname(__file__), "..", "..", "target")
     for profile in ("release", "debug"):
         path = os.path.abspath(os.path.join(root, profile, "runledger"))
