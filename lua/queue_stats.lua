@@ -7,7 +7,7 @@
 -- Returns {queued, pinned, delayed, claimed, finished, oldest queued created_at ms
 -- ('' if none), {run_id, runtime_id, lease_expires_at_ms}..., stats HGETALL, server time ms,
 -- queued runs by runner HGETALL, running (directly executed, unfinished),
--- oldest running start ms ('' if none)}.
+-- oldest running start ms ('' if none), dead (retained runs that died of expired leases)}.
 -- The oldest queued run is the head of the lowest-id priority band; the walk
 -- visits one entry per distinct priority, not every queued run.
 local B = ARGV[1]
@@ -45,4 +45,4 @@ local running = B .. 'running'
 local first_running = redis.call('ZRANGE', running, '0', '0', 'WITHSCORES')
 return { redis.call('ZCARD', K.queued), pinned, redis.call('ZCARD', K.delayed), redis.call('ZCARD', K.leases),
   redis.call('XLEN', K.finished), oldest, holders, redis.call('HGETALL', K.stats), now_ms(),
-  redis.call('HGETALL', B .. 'runners'), redis.call('ZCARD', running), first_running[2] or '' }
+  redis.call('HGETALL', B .. 'runners'), redis.call('ZCARD', running), first_running[2] or '', redis.call('ZCARD', B .. 'dead') }

@@ -53,6 +53,11 @@ impl QueueKeys {
     pub fn stats(&self) -> String {
         self.key("stats")
     }
+    /// ZSET of retained runs that died (lease expired on their last attempt),
+    /// score = when (ms); a purge removes a run from it.
+    pub fn dead(&self) -> String {
+        self.key("dead")
+    }
     pub fn wake(&self) -> String {
         self.key("wake")
     }

@@ -655,6 +655,9 @@ pub struct QueueStats {
     pub delayed: i64,
     pub claimed: i64,
     pub finished: i64,
+    /// Retained runs that died: failed after their lease expired on the last
+    /// of `max_attempts` (a subset of `finished`).
+    pub dead: i64,
     /// Age in seconds of the oldest claimable run, if any.
     pub oldest_queued_age: Option<f64>,
     /// Runs created `running` (direct execution) and not finished yet; the
@@ -683,6 +686,7 @@ impl QueueStats {
             delayed: 0,
             claimed: 0,
             finished: 0,
+            dead: 0,
             oldest_queued_age: None,
             running: 0,
             oldest_running_age: None,
@@ -697,6 +701,7 @@ impl QueueStats {
             out.delayed += p.delayed;
             out.claimed += p.claimed;
             out.finished += p.finished;
+            out.dead += p.dead;
             out.oldest_queued_age = oldest(out.oldest_queued_age, p.oldest_queued_age);
             out.running += p.running;
             out.oldest_running_age = oldest(out.oldest_running_age, p.oldest_running_age);

@@ -73,6 +73,7 @@ fn no_two_keys_collide() {
                 ("deadlines", q.deadlines()),
                 ("finished", q.finished()),
                 ("stats", q.stats()),
+                ("dead", q.dead()),
                 ("wake", q.wake()),
                 ("listeners", q.listeners()),
                 ("cancel", q.cancel_channel()),

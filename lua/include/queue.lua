@@ -264,6 +264,7 @@ local function purge_finished(B, now, retention, limit)
           if redis.call('XLEN', idx) == 0 then redis.call('DEL', idx) end
         end
       end
+      redis.call('ZREM', B .. 'dead', rid)
       redis.call('DEL', rk, B .. 'events:' .. rid)
       ids[#ids + 1] = rid
     end
@@ -303,6 +304,9 @@ local function recover_expired(B, now, limit, status, reason)
         finish(B, rid, h, 'failed', 'dead: lease expired after ' .. h.dispatch_attempts .. ' of ' ..
           h.max_attempts .. ' attempts', now)
         redis.call('HINCRBY', K.stats, 'dead', 1)
+        -- The dead set lists them for operators (a dashboard's "dead" tab,
+        -- a requeue); purge_finished takes them out with the run.
+        redis.call('ZADD', B .. 'dead', now, rid)
       else
         clear_claim(rk)
         redis.call('HSET', rk, 'status', 'queued', 'status_reason', reason, 'updated_at', now)

@@ -1,8 +1,10 @@
 //! Run events: append (fenced, idempotent, batched), audit, paging.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
-use super::{Store, reply};
+use super::{Conn, Store, reply};
 use crate::error::{Error, Result};
 use crate::model::{Direction, EventPage, NewEvent, RunEvent};
 use crate::validate;
@@ -179,22 +181,70 @@ impl Store {
             }
         };
         let value: redis::Value = cmd.query_async(&mut conn).await.map_err(|e| self.failed(e))?;
-        let mut items = Vec::new();
-        for entry in reply::array(value)? {
-            let mut parts = reply::array(entry)?.into_iter();
-            let id = parts.next().map(reply::string).transpose()?.unwrap_or_default();
-            let sequence = id
-                .split('-')
-                .next()
-                .and_then(|s| s.parse::<i64>().ok())
-                .ok_or_else(|| Error::Protocol(format!("stream entry id {id} is not <sequence>-0")))?;
-            let fields = parts.next().ok_or_else(|| Error::Protocol("stream entry without fields".into()))?;
-            items.push(RunEvent::from_entry(run_id, sequence, reply::fields(fields)?)?);
-        }
+        let mut items = stream_events(run_id, value)?;
         let has_more = items.len() > limit;
         items.truncate(limit);
         let next_cursor = if has_more { items.last().map(|e| e.sequence) } else { None };
         let prev_cursor = items.first().map(|e| e.sequence);
         Ok(EventPage { items, next_cursor, prev_cursor, has_more })
     }
+}
+
+impl Store {
+    /// The events after sequence `after`, waiting up to `timeout` for the
+    /// first one when there is none yet (XREAD BLOCK), at most 100. `conn`
+    /// must be a [`Store::dedicated_conn`]: a blocked read would hold up
+    /// every call sharing a connection. Empty after the timeout.
+    pub async fn wait_run_events(
+        &self,
+        conn: &mut Conn,
+        run_id: &str,
+        after: i64,
+        timeout: Duration,
+    ) -> Result<Vec<RunEvent>> {
+        let queue = self.locate(run_id).await?;
+        let key = self.queue_keys(&queue).events(run_id);
+        let value: redis::Value = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(100)
+            .arg("BLOCK")
+            .arg(timeout.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(&key)
+            .arg(format!("{}-0", after.max(0)))
+            .query_async(conn)
+            .await
+            .map_err(|e| self.failed(e))?;
+        // [[key, entries]] (RESP2) or {key: entries} (RESP3); nil on timeout.
+        let entries = match value {
+            redis::Value::Nil => return Ok(Vec::new()),
+            redis::Value::Map(mut pairs) => pairs.pop().map(|(_, v)| v),
+            other => reply::array(other)?
+                .pop()
+                .map(reply::array)
+                .transpose()?
+                .and_then(|mut stream| stream.pop()),
+        };
+        match entries {
+            Some(entries) => stream_events(run_id, entries),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+/// Stream entries (`<sequence>-0`, fields) as the run's events.
+fn stream_events(run_id: &str, value: redis::Value) -> Result<Vec<RunEvent>> {
+    let mut items = Vec::new();
+    for entry in reply::array(value)? {
+        let mut parts = reply::array(entry)?.into_iter();
+        let id = parts.next().map(reply::string).transpose()?.unwrap_or_default();
+        let sequence = id
+            .split('-')
+            .next()
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or_else(|| Error::Protocol(format!("stream entry id {id} is not <sequence>-0")))?;
+        let fields = parts.next().ok_or_else(|| Error::Protocol("stream entry without fields".into()))?;
+        items.push(RunEvent::from_entry(run_id, sequence, reply::fields(fields)?)?);
+    }
+    Ok(items)
 }

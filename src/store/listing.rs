@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use futures_util::future::try_join_all;
+
 use super::runs::thread_filter;
 use super::{Store, reply};
 use crate::error::{Error, Result};
@@ -145,6 +147,56 @@ impl Store {
         }
     }
 
+    /// The stats of every known queue, up to `holders` lease holders each; a
+    /// declared partitioned queue as one merged row followed by its
+    /// partitions (`Q#0`, ...), then the other queues in name order.
+    pub async fn queue_overview(&self, holders: usize) -> Result<Vec<QueueStats>> {
+        let partitioned = self.partition_counts().await?;
+        let queues = self.known_queues().await?;
+        // Side by side, a few at a time: one round trip each would add up at 1,000 queues.
+        let mut stats: Vec<QueueStats> = Vec::with_capacity(queues.len());
+        for chunk in queues.chunks(16) {
+            stats.extend(try_join_all(chunk.iter().map(|q| self.queue_stats(q, holders))).await?);
+        }
+        for s in &mut stats {
+            // Only partitions of a declared queue count as such (a `#` alone does not).
+            if s.partition_of.as_ref().is_none_or(|q| !partitioned.contains_key(q)) {
+                s.partition_of = None;
+            }
+        }
+        let mut rows = Vec::new();
+        let mut logical: Vec<&String> = partitioned.keys().collect();
+        logical.sort();
+        for q in logical {
+            let parts: Vec<QueueStats> =
+                stats.iter().filter(|s| s.partition_of.as_ref() == Some(q)).cloned().collect();
+            rows.push(QueueStats::merged(q, &parts));
+            rows.extend(parts);
+        }
+        rows.extend(
+            stats.into_iter().filter(|s| s.partition_of.is_none() && !partitioned.contains_key(&s.queue_name)),
+        );
+        Ok(rows)
+    }
+
+    /// The newest `limit` (1..=1000) retained dead runs of one physical queue,
+    /// with when they died (epoch ms), newest first.
+    pub async fn dead_runs(&self, queue: &str, limit: usize) -> Result<Vec<(String, i64)>> {
+        validate::id("queue_name", queue)?;
+        let mut conn = self.conn().await?;
+        let stop = limit.clamp(1, 1000) as i64 - 1;
+        let pairs: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(self.queue_keys(queue).dead())
+            .arg(0)
+            .arg(stop)
+            .arg("REV")
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(pairs.into_iter().map(|(rid, at)| (rid, at as i64)).collect())
+    }
+
     /// Depths, oldest claimable run, lease holders and counters of one queue.
     pub async fn queue_stats(&self, queue: &str, holders: usize) -> Result<QueueStats> {
         validate::id("queue_name", queue)?;
@@ -176,6 +228,7 @@ impl Store {
         let queued_by_runner = counts(parts.next())?;
         let running = parts.next().map(reply::int).transpose()?.unwrap_or(0);
         let oldest_running = parts.next().map(reply::opt_int).transpose()?.flatten();
+        let dead = parts.next().map(reply::int).transpose()?.unwrap_or(0);
         let age = |ms: i64| ((now_ms - ms).max(0)) as f64 / 1000.0;
         Ok(QueueStats {
             queue_name: queue.to_string(),
@@ -184,6 +237,7 @@ impl Store {
             delayed,
             claimed,
             finished,
+            dead,
             oldest_queued_age: oldest.map(age),
             running,
             oldest_running_age: oldest_running.map(age),

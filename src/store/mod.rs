@@ -19,6 +19,8 @@ pub use events::{MAX_EVENTS_PER_CALL, MAX_SEQUENCE};
 mod listing;
 mod locator;
 mod notices;
+mod operator;
+pub use operator::requeued_run_id;
 pub mod partitions;
 pub use notices::CancelNotices;
 mod reaper;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::Args;
 use runledger::{
-    ClaimRequest, Direction, Error, Finish, NewEvent, NewRun, QueueStats, Release, Result, RunFilter, RunStatus, Store,
+    ClaimRequest, Direction, Error, Finish, NewEvent, NewRun, Release, Result, RunFilter, RunStatus, Store,
     Waiter, validate,
 };
 use serde_json::Value;
@@ -243,8 +243,13 @@ pub async fn renew(store: &Store, out: &Output, a: RenewArgs) -> Result<()> {
 #[derive(Args)]
 pub struct ReleaseArgs {
     run_id: String,
-    #[arg(long)]
-    token: String,
+    /// The claim's token (a worker giving its run back).
+    #[arg(long, required_unless_present = "attempt", conflicts_with = "attempt")]
+    token: Option<String>,
+    /// Operator release of a stuck claim, without its token: the dispatch_attempts
+    /// of the claim to take away (`runledger get` shows it); records an audit event.
+    #[arg(long, conflicts_with_all = ["status", "retry_in", "runtime"])]
+    attempt: Option<i64>,
     #[arg(long, default_value = "queued")]
     status: String,
     #[arg(long)]
@@ -258,13 +263,21 @@ pub struct ReleaseArgs {
 }
 
 pub async fn release(store: &Store, out: &Output, a: ReleaseArgs) -> Result<()> {
+    let token = match (a.token, a.attempt) {
+        (Some(token), _) => token,
+        (None, Some(attempt)) => {
+            out.run(&store.release_stuck_claim(&a.run_id, attempt, a.reason.as_deref(), "cli").await?);
+            return Ok(());
+        }
+        (None, None) => return Err(Error::Invalid("release needs --token or --attempt".into())),
+    };
     let release = Release {
         status: status_arg(&a.status)?,
         status_reason: a.reason,
         retry_in: a.retry_in.map(|s| validate::seconds("--retry-in", s)).transpose()?,
         runtime_id: a.runtime,
     };
-    out.run(&store.release_claim(&a.run_id, &a.token, &release).await?);
+    out.run(&store.release_claim(&a.run_id, &token, &release).await?);
     Ok(())
 }
 
@@ -362,6 +375,19 @@ pub struct CancelArgs {
 
 pub async fn cancel(store: &Store, out: &Output, a: CancelArgs) -> Result<()> {
     out.run(&store.request_cancel(&a.run_id, a.reason.as_deref()).await?);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct RequeueArgs {
+    /// A run that ended failed (dead included), timeout or cancelled.
+    run_id: String,
+}
+
+/// A new run copied from one that ended badly (`<id>~r1`, ...); the old one
+/// stays as it ended and gets an audit event.
+pub async fn requeue(store: &Store, out: &Output, a: RequeueArgs) -> Result<()> {
+    out.run(&store.requeue_run(&a.run_id, "cli").await?);
     Ok(())
 }
 
@@ -497,26 +523,7 @@ pub async fn runtimes(store: &Store, out: &Output, a: RuntimesArgs) -> Result<()
 
 /// Every queue; a partitioned queue as one row with its partitions below it.
 pub async fn queues(store: &Store, out: &Output) -> Result<()> {
-    let partitioned = store.partition_counts().await?;
-    let mut stats = Vec::new();
-    for queue in store.known_queues().await? {
-        let mut s = store.queue_stats(&queue, 10).await?;
-        // Only partitions of a declared queue count as such (a `#` alone does not).
-        if s.partition_of.as_ref().is_none_or(|q| !partitioned.contains_key(q)) {
-            s.partition_of = None;
-        }
-        stats.push(s);
-    }
-    let mut rows = Vec::new();
-    let mut logical: Vec<&String> = partitioned.keys().collect();
-    logical.sort();
-    for q in logical {
-        let parts: Vec<QueueStats> = stats.iter().filter(|s| s.partition_of.as_ref() == Some(q)).cloned().collect();
-        rows.push(QueueStats::merged(q, &parts));
-        rows.extend(parts);
-    }
-    rows.extend(stats.into_iter().filter(|s| s.partition_of.is_none() && !partitioned.contains_key(&s.queue_name)));
-    out.queues(&rows);
+    out.queues(&store.queue_overview(10).await?);
     Ok(())
 }
 

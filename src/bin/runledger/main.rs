@@ -14,6 +14,7 @@ mod ledger;
 mod output;
 mod private;
 mod simulate;
+mod ui;
 mod worker_cmd;
 
 use clap::{Parser, Subcommand};
@@ -68,6 +69,8 @@ enum Command {
     Finalize(ledger::FinalizeArgs),
     /// Cancel a queued run, or ask the worker holding it to stop.
     Cancel(ledger::CancelArgs),
+    /// Copy a failed, dead, timed-out or cancelled run into a new queued run (RUN_ID~r1).
+    Requeue(ledger::RequeueArgs),
     /// Show one run.
     Get(ledger::GetArgs),
     /// List runs, newest first.
@@ -90,6 +93,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure enqueue and lifecycle rates, idle claim latency, claim cost, memory.
     Bench(bench::BenchArgs),
+    /// Web dashboard (queues, runs with live events, runtimes, actions) and /metrics.
+    Ui(ui::UiArgs),
 }
 
 #[tokio::main]
@@ -188,6 +193,7 @@ async fn run(cli: Cli) -> runledger::Result<()> {
         Command::Audit(a) => ledger::audit(&store().await?, &out, a).await,
         Command::Finalize(a) => ledger::finalize(&store().await?, &out, a).await,
         Command::Cancel(a) => ledger::cancel(&store().await?, &out, a).await,
+        Command::Requeue(a) => ledger::requeue(&store().await?, &out, a).await,
         Command::Get(a) => ledger::get(&store().await?, &out, a).await,
         Command::Runs(a) => ledger::runs(&store().await?, &out, a).await,
         Command::Events(a) => ledger::events(&store().await?, &out, a).await,
@@ -202,6 +208,7 @@ async fn run(cli: Cli) -> runledger::Result<()> {
         },
         Command::Demo(a) => demo::run(&target, &out, a).await,
         Command::Bench(a) => bench::run(&target, &out, a).await,
+        Command::Ui(a) => ui::run(&store().await?, a).await,
     }
 }
 

@@ -144,13 +144,13 @@ impl Output {
             return self.json(&stats);
         }
         println!(
-            "{:<16}  {:>8}  {:>7}  {:>7}  {:>7}  {:>7}  {:>8}  {:>10}",
-            "QUEUE", "QUEUED", "PINNED", "DELAYED", "CLAIMED", "RUNNING", "FINISHED", "OLDEST(s)"
+            "{:<16}  {:>8}  {:>7}  {:>7}  {:>7}  {:>7}  {:>8}  {:>6}  {:>10}",
+            "QUEUE", "QUEUED", "PINNED", "DELAYED", "CLAIMED", "RUNNING", "FINISHED", "DEAD", "OLDEST(s)"
         );
         for s in stats {
             let name = if s.partition_of.is_some() { format!("  {}", s.queue_name) } else { s.queue_name.clone() };
             println!(
-                "{:<16}  {:>8}  {:>7}  {:>7}  {:>7}  {:>7}  {:>8}  {:>10}",
+                "{:<16}  {:>8}  {:>7}  {:>7}  {:>7}  {:>7}  {:>8}  {:>6}  {:>10}",
                 name,
                 s.queued,
                 s.pinned,
@@ -158,6 +158,7 @@ impl Output {
                 s.claimed,
                 s.running,
                 s.finished,
+                s.dead,
                 s.oldest_queued_age.map(|a| format!("{a:.1}")).unwrap_or_else(|| "-".into())
             );
             if let Some(age) = s.oldest_running_age {

@@ -1,0 +1,160 @@
+//! The dashboard's actions: cancel a run, requeue one that ended badly,
+//! release a stuck claim. Each is the `Store` operator call the CLI makes
+//! (`cancel_by_operator`, `requeue_run`, `release_stuck_claim`), which
+//! records an audit event on the run, with actor `ui`.
+//!
+//! Guards, in order: `--read-only` refuses every action (403); a request
+//! from another site (`Sec-Fetch-Site: cross-site`, or an `Origin` that is
+//! not this host) is refused (403), so a page elsewhere cannot post to a
+//! dashboard on loopback; with `--token`, the form field `token` or an
+//! `Authorization: Bearer` header must carry it (401).
+
+use axum::Form;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use runledger::{Run, RunStatus};
+use serde::Deserialize;
+
+use super::html::{enc, error_page, esc, message};
+use super::{Shared, Ui};
+
+const ACTOR: &str = "ui";
+
+#[derive(Deserialize, Default)]
+pub struct ActionForm {
+    token: Option<String>,
+    reason: Option<String>,
+    /// For a release: the claim attempt the operator saw.
+    attempt: Option<i64>,
+}
+
+impl ActionForm {
+    fn reason(&self) -> Option<&str> {
+        self.reason.as_deref().map(str::trim).filter(|r| !r.is_empty())
+    }
+}
+
+pub async fn cancel(
+    State(ui): State<Shared>,
+    Path(run_id): Path<String>,
+    headers: HeaderMap,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    if let Err(refused) = guard(&ui, &headers, &form) {
+        return refused;
+    }
+    match ui.store.cancel_by_operator(&run_id, form.reason(), ACTOR).await {
+        Ok(run) => to_run(&run.run_id),
+        Err(e) => error_page(&e),
+    }
+}
+
+pub async fn requeue(
+    State(ui): State<Shared>,
+    Path(run_id): Path<String>,
+    headers: HeaderMap,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    if let Err(refused) = guard(&ui, &headers, &form) {
+        return refused;
+    }
+    match ui.store.requeue_run(&run_id, ACTOR).await {
+        Ok(new) => to_run(&new.run_id),
+        Err(e) => error_page(&e),
+    }
+}
+
+pub async fn release(
+    State(ui): State<Shared>,
+    Path(run_id): Path<String>,
+    headers: HeaderMap,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    if let Err(refused) = guard(&ui, &headers, &form) {
+        return refused;
+    }
+    let Some(attempt) = form.attempt else {
+        return message(StatusCode::BAD_REQUEST, "a release needs the claim's attempt (form field attempt)");
+    };
+    match ui.store.release_stuck_claim(&run_id, attempt, form.reason(), ACTOR).await {
+        Ok(run) => to_run(&run.run_id),
+        Err(e) => error_page(&e),
+    }
+}
+
+fn to_run(run_id: &str) -> Response {
+    Redirect::to(&format!("/runs/{}", enc(run_id))).into_response()
+}
+
+fn guard(ui: &Ui, headers: &HeaderMap, form: &ActionForm) -> Result<(), Response> {
+    if ui.read_only {
+        return Err(message(StatusCode::FORBIDDEN, "this dashboard is read-only (--read-only)"));
+    }
+    let header = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    if headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) == Some("cross-site") {
+        return Err(message(StatusCode::FORBIDDEN, "actions from another site are refused"));
+    }
+    if let Some(origin) = header(header::ORIGIN) {
+        let origin_host = origin.split_once("://").map(|(_, rest)| rest).unwrap_or(origin);
+        if Some(origin_host) != header(header::HOST) {
+            return Err(message(StatusCode::FORBIDDEN, &format!("actions from origin {origin} are refused")));
+        }
+    }
+    if let Some(expected) = &ui.token {
+        let bearer = header(header::AUTHORIZATION).and_then(|v| v.strip_prefix("Bearer "));
+        let given = form.token.as_deref().filter(|t| !t.is_empty()).or(bearer).unwrap_or("");
+        if !same(given.as_bytes(), expected.as_bytes()) {
+            return Err(message(StatusCode::UNAUTHORIZED, "this action needs the dashboard's token (--token)"));
+        }
+    }
+    Ok(())
+}
+
+/// Compares without stopping at the first difference.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The action forms a run's status allows (none on a read-only dashboard).
+pub fn forms(ui: &Ui, run: &Run) -> String {
+    if ui.read_only {
+        return r#"<p class="muted">read-only dashboard: no actions</p>"#.into();
+    }
+    let token = if ui.token.is_some() {
+        r#"<input type="password" name="token" placeholder="token" required size="10">"#
+    } else {
+        ""
+    };
+    let id = enc(&run.run_id);
+    let mut out = String::from(r#"<div class="actions">"#);
+    if !run.status.is_terminal() {
+        out.push_str(&format!(
+            r#"<form method="post" action="/runs/{id}/cancel" id="cancel"><input name="reason" placeholder="reason" size="16">{token}<button>Cancel run</button></form>"#
+        ));
+    }
+    if run.status == RunStatus::Claimed {
+        out.push_str(&format!(
+            r#"<form method="post" action="/runs/{id}/release" id="release"><input type="hidden" name="attempt" value="{}"><input name="reason" placeholder="reason" size="16">{token}<button>Release claim</button></form>"#,
+            run.dispatch_attempts
+        ));
+    }
+    if matches!(run.status, RunStatus::Failed | RunStatus::Timeout | RunStatus::Cancelled) {
+        out.push_str(&format!(
+            r#"<form method="post" action="/runs/{id}/requeue" id="requeue">{token}<button>Requeue as {}</button></form>"#,
+            esc(&runledger::store::requeued_run_id(&run.run_id))
+        ));
+    }
+    out.push_str("</div>");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(super::same(b"abc", b"abc"));
+        assert!(!super::same(b"abc", b"abd"));
+        assert!(!super::same(b"abc", b"abcd"));
+    }
+}
