@@ -16,6 +16,7 @@
 //! backend it runs on is a task-local the macro sets.
 #![allow(dead_code)]
 
+pub mod dashboard;
 pub mod monitor;
 pub mod proxy;
 

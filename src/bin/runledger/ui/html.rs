@@ -3,7 +3,7 @@
 
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use runledger::Error;
 
 /// Text for HTML content and attribute values.
@@ -22,9 +22,12 @@ pub fn esc(text: &str) -> String {
     out
 }
 
+/// Everything but RFC 3986's unreserved characters.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
 /// One path segment or query value (run ids may hold `/`, `?`, `#`, spaces).
 pub fn enc(text: &str) -> String {
-    utf8_percent_encode(text, NON_ALPHANUMERIC).to_string()
+    utf8_percent_encode(text, SEGMENT).to_string()
 }
 
 /// Epoch seconds as `2026-12-03 12:00:01Z`, or `-`.

@@ -297,7 +297,6 @@ pub async fn run(State(ui): State<Shared>, Path(run_id): Path<String>) -> Respon
     );
     body.push_str(&lease_section(&run, now_ms));
     body.push_str(&super::actions::forms(&ui, &run));
-    body.push_str(&fields_table(&run));
     let _ = write!(
         body,
         r#"<h2>Events</h2><p class="muted" id="live-state">{}</p><table id="events" data-live="/runs/{}/live?after={last}"><thead><tr><th>seq</th><th>type</th><th>source</th><th>at</th><th>data</th></tr></thead><tbody>"#,
@@ -317,6 +316,7 @@ pub async fn run(State(ui): State<Shared>, Path(run_id): Path<String>) -> Respon
         );
     }
     body.push_str("</tbody></table>");
+    body.push_str(&fields_table(&run));
     page(&format!("Run {run_id}"), &body, false).into_response()
 }
 
@@ -341,6 +341,7 @@ fn fields_table(run: &Run) -> String {
                 (Value::Number(n), true) => format!("{} <span class=\"muted\">{n}</span>", when(n.as_i64())),
                 (Value::String(s), _) => esc(s),
                 (Value::Null, _) => "<span class=\"muted\">null</span>".into(),
+                (Value::Number(n), false) => n.to_string(),
                 (other, _) => format!("<code>{}</code>", esc(&short_json(other))),
             };
             let _ = write!(out, r#"<tr data-field="{}"><th>{}</th><td>{shown}</td></tr>"#, esc(&name), esc(&name));
