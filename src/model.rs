@@ -676,6 +676,13 @@ pub struct QueueStats {
 }
 
 impl QueueStats {
+    /// The physical queues of a `queue_overview`: without the merged row of
+    /// a partitioned queue, which would count its partitions' runs twice.
+    pub fn physical(rows: &[QueueStats]) -> Vec<&QueueStats> {
+        let merged: std::collections::HashSet<&str> = rows.iter().filter_map(|s| s.partition_of.as_deref()).collect();
+        rows.iter().filter(|s| !merged.contains(s.queue_name.as_str())).collect()
+    }
+
     /// The stats of a logical queue: the sums of its partitions' stats
     /// (oldest age the largest, lease holders and counters merged).
     pub fn merged(queue_name: &str, parts: &[QueueStats]) -> QueueStats {

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::{Store, reply};
 use crate::error::{Error, Result};
-use crate::model::RunStatus;
+use crate::model::{QueueStats, RunStatus};
 use crate::validate;
 
 /// Index entries one run_stats call looks at, at most.
@@ -258,17 +258,22 @@ impl Store {
     /// heartbeat ages by the server's clock) and the runs claimed or running
     /// over every queue (one queue_stats script per queue).
     pub async fn get_runtime_stats(&self) -> Result<RuntimeStats> {
+        let mut queues = Vec::new();
+        for queue in self.known_queues().await? {
+            queues.push(self.queue_stats(&queue, 0).await?);
+        }
+        self.runtime_stats_with(&queues).await
+    }
+
+    /// `get_runtime_stats` with the stats of every physical queue already
+    /// read (a dashboard or a scrape that has them saves a second pass).
+    pub async fn runtime_stats_with(&self, queues: &[QueueStats]) -> Result<RuntimeStats> {
         let everyone = self.runtimes_matching(&[], None).await?;
         let now_s = self.server_time_ms().await? as f64 / 1000.0;
         let ages: Vec<f64> =
             everyone.iter().filter_map(|r| r.last_heartbeat_at.map(|hb| (now_s - hb as f64).max(0.0))).collect();
-        let mut claimed = 0u64;
-        let mut running = 0u64;
-        for queue in self.known_queues().await? {
-            let stats = self.queue_stats(&queue, 0).await?;
-            claimed += stats.claimed.max(0) as u64;
-            running += stats.running.max(0) as u64;
-        }
+        let claimed: u64 = queues.iter().map(|s| s.claimed.max(0) as u64).sum();
+        let running: u64 = queues.iter().map(|s| s.running.max(0) as u64).sum();
         Ok(RuntimeStats {
             total_count: everyone.len() as u64,
             online_count: everyone.iter().filter(|r| r.status == "online").count() as u64,

@@ -58,6 +58,10 @@ pub struct BenchArgs {
     /// (pip install ./python) [default: python3].
     #[arg(long, value_name = "PATH")]
     pub python: Option<std::path::PathBuf>,
+    /// Only the dashboard's cost: Redis commands and time of one /metrics scrape and of each
+    /// page of `runledger ui`, at 10 and at 1,000 queues (a private redis-server).
+    #[arg(long)]
+    pub dashboard: bool,
 }
 
 /// The queues the single-server bench fills (with `--shared`, under the given prefix).
@@ -220,7 +224,7 @@ impl<'a> Probe<'a> {
     }
 
     /// Per command: (calls, microseconds spent running it), from INFO commandstats.
-    async fn command_calls(&self) -> Result<Option<HashMap<String, (f64, f64)>>> {
+    pub(crate) async fn command_calls(&self) -> Result<Option<HashMap<String, (f64, f64)>>> {
         let Some(stats) = self.info("commandstats").await? else { return Ok(None) };
         let mut out = HashMap::new();
         for (k, v) in stats {
@@ -377,6 +381,9 @@ async fn claim_cost(store: &Store, queue: &str, samples: usize) -> Result<f64> {
 pub async fn run(target: &Target, out: &Output, a: BenchArgs) -> Result<()> {
     if a.host_shape {
         return crate::bench_host::run(target, out, &a).await;
+    }
+    if a.dashboard {
+        return crate::bench_ui::run(target, out).await;
     }
     if target.cluster || target.url.as_deref().is_some_and(|u| u.contains("+cluster://")) {
         if a.shared {

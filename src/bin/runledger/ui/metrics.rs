@@ -28,8 +28,12 @@ pub const RUNTIMES: &str = "runledger_runtimes";
 pub const QUEUES: &str = "runledger_queues";
 
 pub async fn scrape(State(ui): State<Shared>) -> Response {
-    let read = tokio::try_join!(ui.store.queue_overview(0), ui.store.get_runtime_stats());
-    match read {
+    let read = async {
+        let rows = ui.store.queue_overview(0).await?;
+        let runtimes = ui.store.runtime_stats_with(&QueueStats::physical(&rows).into_iter().cloned().collect::<Vec<_>>()).await?;
+        Ok::<_, runledger::Error>((rows, runtimes))
+    };
+    match read.await {
         Ok((rows, runtimes)) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
             render(&rows, &runtimes),
@@ -54,9 +58,8 @@ pub fn render(rows: &[QueueStats], runtimes: &RuntimeStats) -> String {
         );
         describe_gauge!(RUNTIMES, "Registered runtimes by status.");
         describe_gauge!(QUEUES, "Logical queues.");
-        let merged: std::collections::HashSet<&str> = rows.iter().filter_map(|s| s.partition_of.as_deref()).collect();
         gauge!(QUEUES).set(rows.iter().filter(|s| s.partition_of.is_none()).count() as f64);
-        for s in rows.iter().filter(|s| !merged.contains(s.queue_name.as_str())) {
+        for s in QueueStats::physical(rows) {
             let queue = s.partition_of.clone().unwrap_or_else(|| s.queue_name.clone());
             let partition = s.queue_name.clone();
             for (status, n) in [

@@ -88,6 +88,29 @@ pub async fn run(store: &Store, a: UiArgs) -> Result<()> {
     served.map_err(|e| Error::Server(format!("dashboard server: {e}")))
 }
 
+/// A read-only dashboard on a free loopback port, without the throughput
+/// sampler, for `bench --dashboard` to measure one page at a time. It serves
+/// until `stop` is cancelled.
+pub async fn serve_for_bench(store: &Store, stop: CancellationToken) -> Result<SocketAddr> {
+    let listener =
+        TcpListener::bind("127.0.0.1:0").await.map_err(|e| Error::Server(format!("cannot listen on loopback: {e}")))?;
+    let addr = listener.local_addr().map_err(|e| Error::Server(format!("listening socket: {e}")))?;
+    let ui = Arc::new(Ui {
+        store: store.clone(),
+        read_only: true,
+        token: None,
+        throughput: throughput::Throughput::default(),
+        stop: stop.clone(),
+    });
+    let served = axum::serve(listener, router(ui)).with_graceful_shutdown(stop.cancelled_owned());
+    tokio::spawn(async move {
+        if let Err(e) = served.await {
+            tracing::warn!(error = %e, "bench dashboard server");
+        }
+    });
+    Ok(addr)
+}
+
 fn router(ui: Shared) -> Router {
     Router::new()
         .route("/", get(pages::queues))

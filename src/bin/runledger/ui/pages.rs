@@ -1,7 +1,7 @@
 //! The dashboard's pages: queues (all, and one), runs (filtered, paged by
 //! cursor), one run (fields, lease, events that keep coming), runtimes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use axum::extract::{Path, Query, State};
@@ -39,8 +39,13 @@ fn counter(s: &QueueStats, name: &str) -> i64 {
 
 /// `/`: every queue, a partitioned queue as one row with its partitions under it.
 pub async fn queues(State(ui): State<Shared>) -> Response {
-    let (rows, runtimes) = match tokio::try_join!(ui.store.queue_overview(0), ui.store.get_runtime_stats()) {
-        Ok(both) => both,
+    let rows = match ui.store.queue_overview(0).await {
+        Ok(rows) => rows,
+        Err(e) => return error_page(&e),
+    };
+    let physical: Vec<QueueStats> = QueueStats::physical(&rows).into_iter().cloned().collect();
+    let runtimes = match ui.store.runtime_stats_with(&physical).await {
+        Ok(r) => r,
         Err(e) => return error_page(&e),
     };
     let mut body = format!(
@@ -371,9 +376,8 @@ pub async fn runtimes(State(ui): State<Shared>) -> Response {
         Err(e) => return error_page(&e),
     };
     // A merged row repeats its partitions' holders: count physical queues only.
-    let merged: BTreeSet<&str> = rows.iter().filter_map(|s| s.partition_of.as_deref()).collect();
     let mut held: BTreeMap<&str, usize> = BTreeMap::new();
-    for s in rows.iter().filter(|s| !merged.contains(s.queue_name.as_str())) {
+    for s in QueueStats::physical(&rows) {
         for h in &s.lease_holders {
             *held.entry(h.runtime_id.as_str()).or_default() += 1;
         }
