@@ -247,6 +247,22 @@ async fn actions_do_what_the_cli_does_and_are_audited() {
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(store.get_run("c1~r1").await.unwrap().status, RunStatus::Queued);
+        store.create_run(&NewRun::new("s2", "agent").queue("cli")).await.unwrap();
+        claim(&store, "cli", "rt-stuck", Duration::from_secs(600)).await;
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_runledger"))
+            .args(["--redis", &redis.url, "release", "s2", "--attempt", "1", "--reason", "stuck"])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(store.get_run("s2").await.unwrap().status, RunStatus::Queued);
+        assert_eq!(audit_types(&store, "s2").await, ["operator.release"]);
+        let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_runledger"))
+            .args(["--redis", &redis.url, "release", "s2"])
+            .output()
+            .await
+            .unwrap();
+        assert!(!refused.status.success(), "release needs --token or --attempt");
     })
     .await;
 }
