@@ -206,7 +206,27 @@ async fn events_per_run_are_capped() {
     assert!(matches!(bad, Err(Error::Invalid(_))), "a cap of 0 is refused at connect");
 }
 
-backend_tests!(events_per_run_are_capped);
+/// A finish that purges older runs drops their locators, which live in
+/// other slots than the queue (and than each other) on a cluster: each goes
+/// in a call of its own, never in one pipeline across slots (CROSSSLOT).
+async fn purged_runs_lose_their_locators() {
+    let redis = common::redis().await;
+    let keep = Store::connect_with(&redis.url, short(Duration::from_secs(7 * 86_400))).await.expect("connect");
+    lifecycles(&keep, "old", 6).await;
+    let drain = Store::connect_with(&redis.url, short(Duration::ZERO)).await.expect("connect");
+    // Each of these finishes purges two old runs.
+    lifecycles(&drain, "new", 3).await;
+    let mut raw = common::raw(&redis).await;
+    for i in 0..6 {
+        let locator = format!("rl:locator:old-{i}");
+        let exists: i64 = redis::cmd("EXISTS").arg(&locator).query_async(&mut raw).await.expect("EXISTS");
+        assert_eq!(exists, 0, "{locator} outlived its run");
+        let err = drain.get_run(&format!("old-{i}")).await.expect_err("purged");
+        assert!(matches!(err, Error::NotFound(_)), "{err:?}");
+    }
+}
+
+backend_tests!(events_per_run_are_capped, purged_runs_lose_their_locators);
 
 /// A purged run's locator that outlived the purge (its delete was lost)
 /// still names the queue, with the TTL of a finished run. A new run of the

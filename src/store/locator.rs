@@ -16,6 +16,8 @@
 
 use std::time::Duration;
 
+use futures_util::future::try_join_all;
+
 use super::Store;
 use crate::error::{Error, Result};
 
@@ -111,14 +113,17 @@ impl Store {
         if run_ids.is_empty() {
             return Ok(());
         }
-        let calls: Vec<(Vec<String>, Vec<String>)> = run_ids
-            .iter()
-            .map(|run_id| {
-                self.forget(run_id);
-                (vec![self.global().locator(run_id)], vec![queue.to_string()])
-            })
-            .collect();
-        self.eval_many(&self.scripts().drop_locator, &calls).await?;
+        // One call per locator, side by side: locators live in slots of their
+        // own, and a pipeline across slots fails on a cluster (CROSSSLOT).
+        let lua = &self.scripts().drop_locator;
+        let args = [queue.to_string()];
+        try_join_all(run_ids.iter().map(|run_id| {
+            self.forget(run_id);
+            let keys = vec![self.global().locator(run_id)];
+            let args = &args;
+            async move { self.eval(lua, &keys, args).await }
+        }))
+        .await?;
         Ok(())
     }
 
