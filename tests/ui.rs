@@ -52,7 +52,12 @@ async fn dead_run(store: &Store, queue: &str, run_id: &str) {
 }
 
 async fn audit_types(store: &Store, run_id: &str) -> Vec<String> {
-    common::all_events(store, run_id).await.into_iter().map(|e| e.event_type).filter(|t| t.starts_with("operator.")).collect()
+    common::all_events(store, run_id)
+        .await
+        .into_iter()
+        .map(|e| e.event_type)
+        .filter(|t| t.starts_with("operator."))
+        .collect()
 }
 
 #[tokio::test]
@@ -109,7 +114,14 @@ async fn every_page_shows_what_redis_holds() {
         let (_, by_conversation) = get(&ui.url("/runs?conversation=c1&limit=1")).await;
         assert!(by_conversation.contains("3 runs match"));
         assert!(by_conversation.contains(r#"id="next""#), "a next-page cursor link");
-        let next = by_conversation.split(r#"id="next" href=""#).nth(1).unwrap().split('"').next().unwrap().replace("&amp;", "&");
+        let next = by_conversation
+            .split(r#"id="next" href=""#)
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .replace("&amp;", "&");
         let (status, second) = get(&ui.url(&next)).await;
         assert_eq!(status, 200);
         assert!(second.contains("3 runs match"));
@@ -155,9 +167,15 @@ async fn the_live_view_streams_events_appended_after_it_opened() {
             let store = store.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(300)).await;
-                store.append_events("live", Some(&token), &[NewEvent::new(2, "progress", json!({"n": 2}))]).await.unwrap();
+                store
+                    .append_events("live", Some(&token), &[NewEvent::new(2, "progress", json!({"n": 2}))])
+                    .await
+                    .unwrap();
                 tokio::time::sleep(Duration::from_millis(300)).await;
-                store.append_events("live", Some(&token), &[NewEvent::new(3, "progress", json!({"n": 3}))]).await.unwrap();
+                store
+                    .append_events("live", Some(&token), &[NewEvent::new(3, "progress", json!({"n": 3}))])
+                    .await
+                    .unwrap();
                 store.finalize_run("live", &Finish::new(RunStatus::Completed), Some(&token)).await.unwrap();
             })
         };
@@ -324,7 +342,10 @@ async fn metrics_parse_as_prometheus_text_with_the_values_set_up() {
         let held = claim(&store, "alpha", "rt-1", Duration::from_secs(60)).await;
         store.register_runtime(&RegisterRuntime::new("rt-1")).await.unwrap();
         let done = claim(&store, "alpha", "rt-1", Duration::from_secs(60)).await;
-        store.finalize_run(&done.run_id, &Finish::new(RunStatus::Completed), done.claim_token.as_deref()).await.unwrap();
+        store
+            .finalize_run(&done.run_id, &Finish::new(RunStatus::Completed), done.claim_token.as_deref())
+            .await
+            .unwrap();
         dead_run(&store, "beta", "gone").await;
         store.declare_partitions("wide", 2).await.unwrap();
         for i in 0..5 {
@@ -371,17 +392,17 @@ async fn metrics_parse_as_prometheus_text_with_the_values_set_up() {
         assert_eq!(value("runledger_runs_total", &[("queue", "beta"), ("status", "failed")]), 1.0);
         // A partitioned queue: one series per partition, adding up to the queue.
         assert_eq!(value("runledger_queue_runs", &[("queue", "wide"), ("status", "queued")]), 5.0);
-        assert_eq!(value("runledger_queue_runs", &[("queue", "wide"), ("partition", "wide#0"), ("status", "queued")])
-            + value("runledger_queue_runs", &[("queue", "wide"), ("partition", "wide#1"), ("status", "queued")]), 5.0);
+        assert_eq!(
+            value("runledger_queue_runs", &[("queue", "wide"), ("partition", "wide#0"), ("status", "queued")])
+                + value("runledger_queue_runs", &[("queue", "wide"), ("partition", "wide#1"), ("status", "queued")]),
+            5.0
+        );
         assert!(!text.contains(r#"partition="wide""#), "no merged row counted twice");
         assert_eq!(value("runledger_runtimes", &[("status", "online")]), 1.0);
         assert_eq!(value("runledger_runtimes", &[("status", "stale")]), 0.0);
         assert_eq!(value("runledger_queues", &[]), 3.0);
-        let types: HashMap<&str, &str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE "))
-            .filter_map(|l| l.split_once(' '))
-            .collect();
+        let types: HashMap<&str, &str> =
+            text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split_once(' ')).collect();
         assert_eq!(types.get("runledger_runs_total"), Some(&"counter"));
         assert_eq!(types.get("runledger_queue_runs"), Some(&"gauge"));
     })

@@ -190,11 +190,14 @@ async fn the_dashboard_in_chromium_shows_depths_and_live_events() {
             Duration::from_secs(20),
         )
         .await;
-        assert!(client.execute(r#"return document.querySelector('#events tr[data-seq="2"]') === null;"#, vec![])
-            .await
-            .unwrap()
-            .as_bool()
-            .unwrap());
+        assert!(
+            client
+                .execute(r#"return document.querySelector('#events tr[data-seq="2"]') === null;"#, vec![])
+                .await
+                .unwrap()
+                .as_bool()
+                .unwrap()
+        );
         // Written after the page loaded: only the live view can show it.
         store
             .append_events(
@@ -214,10 +217,8 @@ async fn the_dashboard_in_chromium_shows_depths_and_live_events() {
         .await;
         assert_eq!(row[1], "tool_call", "{row}");
         assert!(row[4].as_str().unwrap().contains("redis streams"), "{row}");
-        let countdown = client
-            .execute("return document.querySelector('#lease .countdown').textContent;", vec![])
-            .await
-            .unwrap();
+        let countdown =
+            client.execute("return document.querySelector('#lease .countdown').textContent;", vec![]).await.unwrap();
         assert!(countdown.as_str().unwrap().ends_with(" s"), "lease countdown: {countdown}");
         save(&client, "run.png").await;
 

@@ -219,11 +219,7 @@ impl Store {
         let entries = match value {
             redis::Value::Nil => return Ok(Vec::new()),
             redis::Value::Map(mut pairs) => pairs.pop().map(|(_, v)| v),
-            other => reply::array(other)?
-                .pop()
-                .map(reply::array)
-                .transpose()?
-                .and_then(|mut stream| stream.pop()),
+            other => reply::array(other)?.pop().map(reply::array).transpose()?.and_then(|mut stream| stream.pop()),
         };
         match entries {
             Some(entries) => stream_events(run_id, entries),

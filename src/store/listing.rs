@@ -168,14 +168,11 @@ impl Store {
         let mut logical: Vec<&String> = partitioned.keys().collect();
         logical.sort();
         for q in logical {
-            let parts: Vec<QueueStats> =
-                stats.iter().filter(|s| s.partition_of.as_ref() == Some(q)).cloned().collect();
+            let parts: Vec<QueueStats> = stats.iter().filter(|s| s.partition_of.as_ref() == Some(q)).cloned().collect();
             rows.push(QueueStats::merged(q, &parts));
             rows.extend(parts);
         }
-        rows.extend(
-            stats.into_iter().filter(|s| s.partition_of.is_none() && !partitioned.contains_key(&s.queue_name)),
-        );
+        rows.extend(stats.into_iter().filter(|s| s.partition_of.is_none() && !partitioned.contains_key(&s.queue_name)));
         Ok(rows)
     }
 

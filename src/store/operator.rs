@@ -126,8 +126,7 @@ impl Store {
             ..Default::default()
         };
         let run = self.release_claim(run_id, &token, &release).await?;
-        self.audit(run_id, "operator.release", json!({ "actor": actor, "reason": reason, "attempt": attempt }))
-            .await?;
+        self.audit(run_id, "operator.release", json!({ "actor": actor, "reason": reason, "attempt": attempt })).await?;
         Ok(run)
     }
 

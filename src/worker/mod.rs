@@ -6,8 +6,12 @@
 //! handlers at once, renews each lease every lease/3, delivers cancellation
 //! within a pub/sub round trip, catches panics, retries with backoff, and on
 //! shutdown releases what it still holds back to the queue.
+//!
+//! It records claim waits, handler durations, renewals and outcomes through
+//! the `metrics` facade (see [`metrics`]): free until a recorder is installed.
 
 mod context;
+pub mod metrics;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -293,6 +297,7 @@ impl Worker {
             }
         }
         info!(runtime = %inner.runtime_id, queues = ?inner.queues, "worker started");
+        metrics::init_queues(&inner.queues);
         for a in store.config_advice().await.unwrap_or_default() {
             warn!(
                 "Redis has {} {}; runledger recommends {} (README, \"Redis settings\")",
@@ -476,10 +481,12 @@ async fn claim_loop(
         };
         // Shutdown cuts the wait short but never a claim in flight, whose run
         // would otherwise sit claimed until its lease expired.
+        let claim_started = Instant::now();
         let claimed = waiter.claim_unless(&request, crate::store::SAFETY_POLL, &shutdown).await;
         match claimed {
             Ok(Some(run)) => {
                 failures = 0;
+                metrics::claimed(&run.queue_name, claim_started.elapsed());
                 lock(&report).claimed += 1;
                 running.spawn(execute(inner.clone(), run, shutdown.clone(), report.clone(), permit));
             }
@@ -561,6 +568,7 @@ async fn execute_one(
 ) -> Option<Run> {
     let store = inner.store.clone();
     let queue = run.queue_name.clone();
+    let _in_progress = metrics::InProgress::new(&queue);
     let run_id = run.run_id.clone();
     let token = run.claim_token.clone().unwrap_or_default();
     let attempts = run.dispatch_attempts;
@@ -581,6 +589,7 @@ async fn execute_one(
     // as far as Redis can tell) must neither renew nor write any more.
     // The handler is spawned first, so that tokio starts the renewer first on
     // this thread: a handler that blocks the thread then blocks nothing else.
+    let handler_started = Instant::now();
     let mut handler = AbortOnDrop(tokio::spawn((inner.handler)(ctx.clone())));
     let renewer = AbortOnDrop(tokio::spawn(renew_lease(inner.clone(), ctx.clone())));
     let mut joined = tokio::select! {
@@ -598,6 +607,7 @@ async fn execute_one(
             _ = ctx.lease_gone() => handler.0.abort(),
         }
     }
+    let handler_took = handler_started.elapsed();
     // Once the run was stopped, only a success stands; a failure (typically
     // the handler giving up because it was told to stop) is put down to the
     // stop, whose reason decides: cancelled, released, or abandoned.
@@ -625,8 +635,12 @@ async fn execute_one(
                     lease: inner.lease,
                     ..ClaimRequest::new("")
                 };
+                let claim_started = Instant::now();
                 match settle(&ctx, || store.finish_and_claim(&run_id, &finish, Some(&token), &request)).await {
                     Ok(claimed) => {
+                        if let Some(run) = &claimed {
+                            metrics::claimed(&run.queue_name, claim_started.elapsed());
+                        }
                         next = claimed;
                         (Ended::Completed, Ok(()))
                     }
@@ -690,6 +704,18 @@ async fn execute_one(
     // Renewed until the outcome is written: a write retried through an
     // outage must not lose the lease meanwhile.
     drop(renewer);
+    // Lost once per run: by the renewer (the stop says so) or by the write.
+    let lease_lost = match &result {
+        Ok(()) => matches!(ended, Ended::LeaseLost),
+        Err(e) => {
+            matches!(e, Error::StaleToken(_) | Error::DeadlinePassed(_) | Error::Conflict(_) | Error::NotFound(_))
+        }
+    };
+    if lease_lost {
+        metrics::lease_lost(&queue);
+    }
+    let outcome = if result.is_ok() { ended.outcome() } else { metrics::OUTCOME_LOST };
+    metrics::run_ended(&queue, outcome, handler_took);
     match result {
         Ok(()) => {
             *ended.counter(&mut lock(report)) += 1;
@@ -755,6 +781,18 @@ impl Ended {
         }
     }
 
+    /// The `outcome` label of the worker's metrics.
+    fn outcome(self) -> &'static str {
+        match self {
+            Ended::Completed => metrics::OUTCOME_COMPLETED,
+            Ended::Failed => metrics::OUTCOME_FAILED,
+            Ended::Retried => metrics::OUTCOME_RETRIED,
+            Ended::Cancelled => metrics::OUTCOME_CANCELLED,
+            Ended::Released => metrics::OUTCOME_RELEASED,
+            Ended::LeaseLost => metrics::OUTCOME_LOST,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Ended::Completed => "completed",
@@ -794,7 +832,9 @@ async fn renew_lease(inner: Arc<Inner>, ctx: RunContext) {
             return;
         }
         let renewal = inner.store.renew_claim(&ctx.run.run_id, ctx.claim_token(), inner.lease);
-        match tokio::time::timeout_at(lease_end.into(), renewal).await {
+        let answer = tokio::time::timeout_at(lease_end.into(), renewal).await;
+        metrics::renewal(&ctx.run.queue_name, matches!(answer, Ok(Ok(_))));
+        match answer {
             Err(_) => {
                 ctx.lease_lost("the lease ran out while a renewal was on its way".into());
                 return;

@@ -32,7 +32,8 @@ pub struct PageCost {
 pub async fn run(target: &Target, out: &Output) -> Result<()> {
     if target.url.is_some() || target.cluster {
         return Err(Error::Invalid(
-            "bench --dashboard starts a private redis-server of its own (it counts every command the server runs)".into(),
+            "bench --dashboard starts a private redis-server of its own (it counts every command the server runs)"
+                .into(),
         ));
     }
     let mut rows = Vec::new();
@@ -91,7 +92,9 @@ async fn fill(store: &Store, queues: usize) -> Result<String> {
                     .collect();
                 store.append_events(&run.run_id, run.claim_token.as_deref(), &events).await?;
                 if n < 2 {
-                    store.finalize_run(&run.run_id, &Finish::new(RunStatus::Completed), run.claim_token.as_deref()).await?;
+                    store
+                        .finalize_run(&run.run_id, &Finish::new(RunStatus::Completed), run.claim_token.as_deref())
+                        .await?;
                 }
                 sample = run.run_id.clone();
             }
@@ -100,7 +103,13 @@ async fn fill(store: &Store, queues: usize) -> Result<String> {
     Ok(sample)
 }
 
-async fn measure(store: &Store, addr: std::net::SocketAddr, path: &str, queues: usize, requests: usize) -> Result<PageCost> {
+async fn measure(
+    store: &Store,
+    addr: std::net::SocketAddr,
+    path: &str,
+    queues: usize,
+    requests: usize,
+) -> Result<PageCost> {
     let probe = Probe::new(store);
     // One fetch first: connections, script loads and the locator cache are warm.
     get(addr, path).await?;

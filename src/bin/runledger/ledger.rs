@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use clap::Args;
 use runledger::{
-    ClaimRequest, Direction, Error, Finish, NewEvent, NewRun, Release, Result, RunFilter, RunStatus, Store,
-    Waiter, validate,
+    ClaimRequest, Direction, Error, Finish, NewEvent, NewRun, Release, Result, RunFilter, RunStatus, Store, Waiter,
+    validate,
 };
 use serde_json::Value;
 

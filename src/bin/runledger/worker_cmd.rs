@@ -1,9 +1,14 @@
-//! `runledger worker`: a demo worker anyone can run to watch the system work.
+//! `runledger worker`: a demo worker anyone can run to watch the system work,
+//! optionally serving its metrics to Prometheus (`--metrics-listen`).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use runledger::{Backoff, Error, Result, RunFilter, Store, Worker, validate};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::output::Output;
 use crate::simulate::{Simulation, handle};
@@ -42,6 +47,10 @@ pub struct WorkerArgs {
     /// Seconds in-flight runs may finish after SIGTERM before they are released.
     #[arg(long, default_value_t = 10.0)]
     pub grace: f64,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9464;
+    /// port 0 picks a free one, printed on stderr).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 pub fn build(store: &Store, a: &WorkerArgs, handle_signals: bool) -> Result<Worker> {
@@ -88,11 +97,91 @@ async fn check_access(store: &Store, worker: &Worker, queues: &[String]) -> Resu
     Ok(())
 }
 
+/// Histogram buckets of the worker's `_seconds` metrics: from a quick claim
+/// (milliseconds) to a long handler (a minute).
+const BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0];
+
+/// How often the recorder's histograms are compacted between scrapes.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// How long in-flight scrapes may take to end once the worker has stopped.
+const SERVER_GRACE: Duration = Duration::from_secs(2);
+
+/// The Prometheus endpoint of `--metrics-listen`: serves until `stop`.
+struct MetricsServer {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MetricsServer {
+    /// Installs the Prometheus recorder (for the whole process) and serves
+    /// `GET /metrics` on `addr`; returns the server and the bound address.
+    async fn start(addr: &str) -> Result<(MetricsServer, SocketAddr)> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::Invalid(format!("--metrics-listen {addr}: cannot listen there: {e}")))?;
+        let bound = listener.local_addr().map_err(|e| Error::Invalid(format!("--metrics-listen {addr}: {e}")))?;
+        let handle = PrometheusBuilder::new()
+            .set_buckets(BUCKETS)
+            .and_then(PrometheusBuilder::install_recorder)
+            .map_err(|e| Error::Invalid(format!("--metrics-listen: cannot install the metrics recorder: {e}")))?;
+        runledger::worker::metrics::describe_metrics();
+
+        let stop = CancellationToken::new();
+        let upkeep = {
+            let (handle, stop) = (handle.clone(), stop.clone());
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(UPKEEP_EVERY) => handle.run_upkeep(),
+                    }
+                }
+            }
+        };
+        let app = axum::Router::new().route("/metrics", axum::routing::get(move || scrape(handle.clone())));
+        let serve = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
+        let task = tokio::spawn(async move {
+            let (served, ()) = tokio::join!(serve, upkeep);
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "the metrics endpoint stopped");
+            }
+        });
+        Ok((MetricsServer { stop, task }, bound))
+    }
+
+    /// Stops serving: lets scrapes in flight end, briefly.
+    async fn shutdown(self) {
+        self.stop.cancel();
+        let mut task = self.task;
+        if tokio::time::timeout(SERVER_GRACE, &mut task).await.is_err() {
+            task.abort();
+        }
+    }
+}
+
+/// `GET /metrics`: the Prometheus text exposition format.
+async fn scrape(handle: PrometheusHandle) -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render())
+}
+
 pub async fn run(store: &Store, out: &Output, a: WorkerArgs) -> Result<()> {
     let worker = build(store, &a, true)?;
     check_access(store, &worker, &a.queues).await?;
+    let metrics = match &a.metrics_listen {
+        Some(addr) => {
+            let (server, bound) = MetricsServer::start(addr).await?;
+            eprintln!("metrics on http://{bound}/metrics");
+            Some(server)
+        }
+        None => None,
+    };
     eprintln!("runledger worker {} serving {:?} (Ctrl-C to stop)", worker.runtime_id(), a.queues);
-    let report = worker.run().await?;
+    let report = worker.run().await;
+    if let Some(server) = metrics {
+        server.shutdown().await;
+    }
+    let report = report?;
     if out.json {
         out.json(&serde_json::json!({
             "claimed": report.claimed, "completed": report.completed, "failed": report.failed,

@@ -41,8 +41,8 @@ pub async fn cancel(
     headers: HeaderMap,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    if let Err(refused) = guard(&ui, &headers, &form) {
-        return refused;
+    if let Err((status, why)) = guard(&ui, &headers, &form) {
+        return message(status, &why);
     }
     match ui.store.cancel_by_operator(&run_id, form.reason(), ACTOR).await {
         Ok(run) => to_run(&run.run_id),
@@ -56,8 +56,8 @@ pub async fn requeue(
     headers: HeaderMap,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    if let Err(refused) = guard(&ui, &headers, &form) {
-        return refused;
+    if let Err((status, why)) = guard(&ui, &headers, &form) {
+        return message(status, &why);
     }
     match ui.store.requeue_run(&run_id, ACTOR).await {
         Ok(new) => to_run(&new.run_id),
@@ -71,8 +71,8 @@ pub async fn release(
     headers: HeaderMap,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    if let Err(refused) = guard(&ui, &headers, &form) {
-        return refused;
+    if let Err((status, why)) = guard(&ui, &headers, &form) {
+        return message(status, &why);
     }
     let Some(attempt) = form.attempt else {
         return message(StatusCode::BAD_REQUEST, "a release needs the claim's attempt (form field attempt)");
@@ -87,25 +87,28 @@ fn to_run(run_id: &str) -> Response {
     Redirect::to(&format!("/runs/{}", enc(run_id))).into_response()
 }
 
-fn guard(ui: &Ui, headers: &HeaderMap, form: &ActionForm) -> Result<(), Response> {
+/// Why an action is refused: its status code and a line for the page.
+type Refusal = (StatusCode, String);
+
+fn guard(ui: &Ui, headers: &HeaderMap, form: &ActionForm) -> Result<(), Refusal> {
     if ui.read_only {
-        return Err(message(StatusCode::FORBIDDEN, "this dashboard is read-only (--read-only)"));
+        return Err((StatusCode::FORBIDDEN, "this dashboard is read-only (--read-only)".into()));
     }
     let header = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     if headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) == Some("cross-site") {
-        return Err(message(StatusCode::FORBIDDEN, "actions from another site are refused"));
+        return Err((StatusCode::FORBIDDEN, "actions from another site are refused".into()));
     }
     if let Some(origin) = header(header::ORIGIN) {
         let origin_host = origin.split_once("://").map(|(_, rest)| rest).unwrap_or(origin);
         if Some(origin_host) != header(header::HOST) {
-            return Err(message(StatusCode::FORBIDDEN, &format!("actions from origin {origin} are refused")));
+            return Err((StatusCode::FORBIDDEN, format!("actions from origin {origin} are refused")));
         }
     }
     if let Some(expected) = &ui.token {
         let bearer = header(header::AUTHORIZATION).and_then(|v| v.strip_prefix("Bearer "));
         let given = form.token.as_deref().filter(|t| !t.is_empty()).or(bearer).unwrap_or("");
         if !same(given.as_bytes(), expected.as_bytes()) {
-            return Err(message(StatusCode::UNAUTHORIZED, "this action needs the dashboard's token (--token)"));
+            return Err((StatusCode::UNAUTHORIZED, "this action needs the dashboard's token (--token)".into()));
         }
     }
     Ok(())

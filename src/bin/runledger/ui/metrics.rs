@@ -30,15 +30,15 @@ pub const QUEUES: &str = "runledger_queues";
 pub async fn scrape(State(ui): State<Shared>) -> Response {
     let read = async {
         let rows = ui.store.queue_overview(0).await?;
-        let runtimes = ui.store.runtime_stats_with(&QueueStats::physical(&rows).into_iter().cloned().collect::<Vec<_>>()).await?;
+        let runtimes =
+            ui.store.runtime_stats_with(&QueueStats::physical(&rows).into_iter().cloned().collect::<Vec<_>>()).await?;
         Ok::<_, runledger::Error>((rows, runtimes))
     };
     match read.await {
-        Ok((rows, runtimes)) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-            render(&rows, &runtimes),
-        )
-            .into_response(),
+        Ok((rows, runtimes)) => {
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], render(&rows, &runtimes))
+                .into_response()
+        }
         Err(e) => (StatusCode::BAD_GATEWAY, format!("# reading Redis failed: {e}\n")).into_response(),
     }
 }

@@ -100,15 +100,14 @@ pub async fn queue(State(ui): State<Shared>, Path(queue): Path<String>) -> Respo
             Err(e) => return error_page(&e),
         }
     }
-    dead.sort_by(|a, b| b.1.cmp(&a.1));
+    dead.sort_by_key(|d| std::cmp::Reverse(d.1));
     dead.truncate(20);
 
     let mut body = format!(r#"<table id="depths"><thead><tr><th>queue</th>{DEPTH_HEAD}</tr></thead><tbody>"#);
     let _ = write!(body, r#"<tr data-queue="{}"><td>{}</td>{}</tr>"#, esc(&queue), esc(&queue), depth_cells(&merged));
     if parts.len() > 1 {
         for p in &parts {
-            let _ =
-                write!(body, r#"<tr class="partition"><td>{}</td>{}</tr>"#, esc(&p.queue_name), depth_cells(p));
+            let _ = write!(body, r#"<tr class="partition"><td>{}</td>{}</tr>"#, esc(&p.queue_name), depth_cells(p));
         }
     }
     body.push_str("</tbody></table>");
@@ -305,7 +304,11 @@ pub async fn run(State(ui): State<Shared>, Path(run_id): Path<String>) -> Respon
     let _ = write!(
         body,
         r#"<h2>Events</h2><p class="muted" id="live-state">{}</p><table id="events" data-live="/runs/{}/live?after={last}"><thead><tr><th>seq</th><th>type</th><th>source</th><th>at</th><th>data</th></tr></thead><tbody>"#,
-        if events.has_more { format!("the last {FIRST_EVENTS} events; older ones: runledger events") } else { String::new() },
+        if events.has_more {
+            format!("the last {FIRST_EVENTS} events; older ones: runledger events")
+        } else {
+            String::new()
+        },
         enc(&run_id)
     );
     for e in &items {

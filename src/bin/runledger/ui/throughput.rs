@@ -61,7 +61,10 @@ impl Throughput {
                 svg.push_str(&format!(r#"<rect x="{x}" y="{}" width="{bar}" height="{hd}" class="ok"/>"#, h - hd));
             }
             if hf > 0 {
-                svg.push_str(&format!(r#"<rect x="{x}" y="{}" width="{bar}" height="{hf}" class="bad"/>"#, h - hd - hf));
+                svg.push_str(&format!(
+                    r#"<rect x="{x}" y="{}" width="{bar}" height="{hf}" class="bad"/>"#,
+                    h - hd - hf
+                ));
             }
         }
         svg.push_str("</svg>");
