@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 const ACL_COMMANDS: &str = "+ping +time +wait +evalsha +script|load +get +set +del +exists +pexpire +persist +copy \
     +rename +incr +hget +hmget +hgetall +hkeys +hlen +hset +hsetnx +hdel +hincrby +lpush +llen +blpop +sadd +srem \
     +smembers +zadd +zrem +zcard +zscore +zrange +zrangebyscore +zunionstore +xadd +xdel +xlen +xrange +xrevrange \
-    +xinfo|stream +publish +subscribe +spublish +ssubscribe +cluster|slots";
+    +xread +xinfo|stream +publish +subscribe +spublish +ssubscribe +cluster|slots";
 
 /// What an operator user adds for the bench's server-wide figures (and the
 /// Worker's settings check). A tenant goes without them: refused, they cost
@@ -686,6 +686,19 @@ async fn a_tenant_runs_everything_as_its_acl_user() {
     sigterm(&worker);
     let stopped = finish("worker".into(), worker).await.ok();
     assert!(stopped.stdout.contains("completed 6"), "{}", stopped.describe());
+
+    // 2b. `runledger ui`: every page, /metrics, a run's live events (XREAD) and an action.
+    let ui = common::dashboard::Dashboard::start(&url, &["--prefix", "a"]).await;
+    let http = common::dashboard::client();
+    for path in ["/", "/metrics", "/queues/w", "/runs?queue=w", "/runs/w-0", "/runtimes"] {
+        let response = http.get(ui.url(path)).send().await.expect("dashboard GET");
+        assert_eq!(response.status().as_u16(), 200, "GET {path} as tenant_a");
+    }
+    let live = http.get(ui.url("/runs/w-0/live")).send().await.expect("live view").text().await.expect("body");
+    assert!(live.contains("event: run-event") && live.contains("event: end"), "{live}");
+    let requeue = http.post(ui.url("/runs/run-7/requeue")).form(&[("token", "")]).send().await.expect("requeue");
+    assert_eq!(requeue.status().as_u16(), 303, "requeue as tenant_a");
+    drop(ui);
 
     // 3. The demo, in the tenant's prefix.
     let demo = a(&[

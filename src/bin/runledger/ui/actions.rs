@@ -35,49 +35,30 @@ impl ActionForm {
     }
 }
 
-pub async fn cancel(
+/// `POST /runs/{run_id}/{action}`: `cancel` (optional `reason`), `requeue`,
+/// `release` (`attempt`, optional `reason`); a redirect to the run's page
+/// (the new run's, for a requeue) when done.
+pub async fn act(
     State(ui): State<Shared>,
-    Path(run_id): Path<String>,
+    Path((run_id, action)): Path<(String, String)>,
     headers: HeaderMap,
     Form(form): Form<ActionForm>,
 ) -> Response {
     if let Err((status, why)) = guard(&ui, &headers, &form) {
         return message(status, &why);
     }
-    match ui.store.cancel_by_operator(&run_id, form.reason(), ACTOR).await {
-        Ok(run) => to_run(&run.run_id),
-        Err(e) => error_page(&e),
-    }
-}
-
-pub async fn requeue(
-    State(ui): State<Shared>,
-    Path(run_id): Path<String>,
-    headers: HeaderMap,
-    Form(form): Form<ActionForm>,
-) -> Response {
-    if let Err((status, why)) = guard(&ui, &headers, &form) {
-        return message(status, &why);
-    }
-    match ui.store.requeue_run(&run_id, ACTOR).await {
-        Ok(new) => to_run(&new.run_id),
-        Err(e) => error_page(&e),
-    }
-}
-
-pub async fn release(
-    State(ui): State<Shared>,
-    Path(run_id): Path<String>,
-    headers: HeaderMap,
-    Form(form): Form<ActionForm>,
-) -> Response {
-    if let Err((status, why)) = guard(&ui, &headers, &form) {
-        return message(status, &why);
-    }
-    let Some(attempt) = form.attempt else {
-        return message(StatusCode::BAD_REQUEST, "a release needs the claim's attempt (form field attempt)");
+    let done = match action.as_str() {
+        "cancel" => ui.store.cancel_by_operator(&run_id, form.reason(), ACTOR).await,
+        "requeue" => ui.store.requeue_run(&run_id, ACTOR).await,
+        "release" => match form.attempt {
+            Some(attempt) => ui.store.release_stuck_claim(&run_id, attempt, form.reason(), ACTOR).await,
+            None => {
+                return message(StatusCode::BAD_REQUEST, "a release needs the claim's attempt (form field attempt)");
+            }
+        },
+        other => return message(StatusCode::NOT_FOUND, &format!("no action {other:?}: cancel, requeue or release")),
     };
-    match ui.store.release_stuck_claim(&run_id, attempt, form.reason(), ACTOR).await {
+    match done {
         Ok(run) => to_run(&run.run_id),
         Err(e) => error_page(&e),
     }
