@@ -273,3 +273,91 @@ async fn bench_host_shape_refuses_what_it_cannot_run() {
         assert!(output.stdout.is_empty(), "{extra:?}: nothing ran: {}", describe(&output));
     }
 }
+
+/// The repository's BullMQ side of `bench --peer bullmq` (`.ci/run` runs `npm ci` in it).
+fn bullmq_dir() -> String {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/bullmq");
+    if !std::path::Path::new(dir).join("node_modules/bullmq/package.json").is_file() {
+        panic!(
+            "bench --peer bullmq needs BullMQ installed: run `npm ci` in {dir} (Node.js and npm from Debian's nodejs, npm)"
+        );
+    }
+    dir.to_string()
+}
+
+// runledger beside BullMQ on the same workload, each round on fresh stock
+// servers: both sides' figures, every ratio, and the peer's version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_peer_bullmq_measures_both_sides() {
+    let dir = bullmq_dir();
+    let (output, _) =
+        runledger(args(&["--json", "bench", "--peer", "bullmq", "--peer-dir", &dir, "--rounds", "2"], &[])).await;
+    assert!(output.status.success(), "{}", describe(&output));
+    let report: Value =
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("JSON: {e}: {}", describe(&output)));
+    assert_eq!(report["peer"], "BullMQ 6.7.0", "{report:#}");
+    assert_eq!(report["rounds"].as_array().map(Vec::len), Some(2), "{report:#}");
+    let keys = [
+        "enqueue_single_per_s",
+        "enqueue_batched_per_s",
+        "lifecycle_per_s",
+        "lifecycle_many_per_s",
+        "idle_latency_ms_p50",
+        "idle_latency_ms_p99",
+        "redis_cpu_us_per_lifecycle",
+        "commands_per_lifecycle",
+        "memory_per_queued_run",
+        "memory_per_finished_run",
+    ];
+    for side in [&report["median"][0], &report["median"][1], &report["rounds"][1][1]] {
+        for key in keys {
+            positive(side, key);
+        }
+    }
+    for key in keys {
+        positive(&report["ratio"], key);
+    }
+    // Each side ran its own workload: the commands per lifecycle differ by side.
+    assert_ne!(
+        num(&report["median"][0], "commands_per_lifecycle"),
+        num(&report["median"][1], "commands_per_lifecycle")
+    );
+}
+
+// Without what it needs, `bench --peer` says so in one line and runs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_peer_refuses_what_it_cannot_run() {
+    let empty = tempfile::tempdir().expect("temp dir");
+    std::fs::write(empty.path().join("peer.mjs"), "").expect("write peer.mjs");
+    let empty = empty.path().to_string_lossy().to_string();
+    let dir = bullmq_dir();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--peer", "sidekiq", "--peer-dir", &dir], "unknown peer"),
+        (vec!["--peer", "bullmq"], "needs --peer-dir"),
+        (vec!["--peer", "bullmq", "--peer-dir", "/nonexistent"], "has no peer.mjs"),
+        (vec!["--peer", "bullmq", "--peer-dir", &empty], "BullMQ is not installed"),
+        (vec!["--peer", "bullmq", "--peer-dir", &dir, "--node", "/nonexistent/node"], "cannot run Node.js"),
+        (vec!["--peer", "bullmq", "--peer-dir", &dir, "--rounds", "0"], "at least 1"),
+    ];
+    for (extra, says) in cases {
+        let argv: Vec<String> = ["bench"].iter().chain(&extra).map(|s| s.to_string()).collect();
+        let (output, _) = runledger(argv).await;
+        assert_eq!(output.status.code(), Some(2), "{extra:?}: {}", describe(&output));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{extra:?}: one line: {}", describe(&output));
+        assert!(stderr.starts_with("runledger: ") && stderr.contains(says), "{extra:?}: {}", describe(&output));
+        assert!(output.stdout.is_empty(), "{extra:?}: nothing ran: {}", describe(&output));
+    }
+    let (output, _) = runledger(vec![
+        "--redis".into(),
+        "redis://127.0.0.1:1/".into(),
+        "bench".into(),
+        "--peer".into(),
+        "bullmq".into(),
+        "--peer-dir".into(),
+        dir,
+    ])
+    .await;
+    assert_eq!(output.status.code(), Some(2), "--redis: {}", describe(&output));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("leave out --redis"), "{}", describe(&output));
+}

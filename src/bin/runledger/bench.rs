@@ -51,13 +51,24 @@ pub struct BenchArgs {
     /// Concurrent tasks of --host-shape (tokio tasks; asyncio tasks on one loop in Python).
     #[arg(long, default_value_t = 32)]
     pub tasks: usize,
-    /// Rounds of --host-shape; the figures are their medians.
+    /// Rounds of --host-shape and --peer; the figures are their medians.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// The Python interpreter of --host-shape, with the runledger package installed
     /// (pip install ./python) [default: python3].
     #[arg(long, value_name = "PATH")]
     pub python: Option<std::path::PathBuf>,
+    /// Only runledger beside a peer queue, side by side in --rounds alternating rounds, each
+    /// side on a fresh private redis-server at Redis's stock settings, with the same workload:
+    /// `bullmq` (BullMQ's Queue and Worker, run by Node.js from --peer-dir).
+    #[arg(long, value_name = "PEER")]
+    pub peer: Option<String>,
+    /// The folder of --peer's side: the repository's `bench/bullmq`, after `npm ci` in it.
+    #[arg(long, value_name = "DIR")]
+    pub peer_dir: Option<std::path::PathBuf>,
+    /// The Node.js of --peer bullmq [default: node].
+    #[arg(long, value_name = "PATH")]
+    pub node: Option<std::path::PathBuf>,
     /// Only the dashboard's cost: Redis commands and time of one /metrics scrape and of each
     /// page of `runledger ui`, at 10 and at 1,000 queues (a private redis-server).
     #[arg(long)]
@@ -211,7 +222,7 @@ impl<'a> Probe<'a> {
         Ok(self.info("memory").await?.map(|m| m.get("used_memory").and_then(|v| v.parse().ok()).unwrap_or(0.0)))
     }
 
-    async fn redis_cpu(&self) -> Result<Option<f64>> {
+    pub(crate) async fn redis_cpu(&self) -> Result<Option<f64>> {
         Ok(self.info("cpu").await?.map(|cpu| {
             let get = |k: &str| cpu.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
             get("used_cpu_sys") + get("used_cpu_user")
@@ -261,6 +272,44 @@ async fn wait_finished(store: &Store, queue: &str, n: i64, timeout: Duration) ->
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Enqueues n runs one call at a time; returns the time spent in the calls.
+pub(crate) async fn enqueue_single(store: &Store, queue: &str, n: usize) -> Result<Duration> {
+    let mut spent = Duration::ZERO;
+    for i in 0..n {
+        let run = bench_run(i, queue);
+        let start = Instant::now();
+        store.create_run(&run).await?;
+        spent += start.elapsed();
+    }
+    Ok(spent)
+}
+
+/// The commands the server ran between two INFO commandstats readings, per
+/// run: (total, by command, microseconds running scripts). The bench's own
+/// probes (INFO, CONFIG GET, MEMORY PURGE, its XLEN progress polls) are left out.
+pub(crate) fn commands_between(
+    before: &HashMap<String, (f64, f64)>,
+    after: &HashMap<String, (f64, f64)>,
+    runs: usize,
+) -> (f64, HashMap<String, f64>, f64) {
+    let (mut total, mut breakdown, mut script_us) = (0.0, HashMap::new(), 0.0);
+    for (name, (calls_after, usec_after)) in after {
+        if name == "info" || name == "config|get" || name == "memory|purge" || name == "xlen" {
+            continue;
+        }
+        let (calls_before, usec_before) = before.get(name).copied().unwrap_or_default();
+        if name == "evalsha" {
+            script_us = (usec_after - usec_before) / runs as f64;
+        }
+        let delta = calls_after - calls_before;
+        if delta > 0.0 {
+            breakdown.insert(name.clone(), delta / runs as f64);
+            total += delta;
+        }
+    }
+    (total / runs as f64, breakdown, script_us)
 }
 
 /// Enqueues n runs in batches of 1000; returns the time spent in the enqueue
@@ -315,7 +364,7 @@ pub(crate) async fn lifecycle(store: &Store, queue: &str, workers: usize, n: usi
     Ok(elapsed)
 }
 
-async fn idle_latency(store: &Store, queue: &str, samples: usize, workers: usize) -> Result<Vec<f64>> {
+pub(crate) async fn idle_latency(store: &Store, queue: &str, samples: usize, workers: usize) -> Result<Vec<f64>> {
     let entered: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
     let mut tokens = Vec::new();
     let mut handles = Vec::new();
@@ -384,6 +433,9 @@ pub async fn run(target: &Target, out: &Output, a: BenchArgs) -> Result<()> {
     }
     if a.dashboard {
         return crate::bench_ui::run(target, out).await;
+    }
+    if a.peer.is_some() {
+        return crate::bench_peer::run(target, out, &a).await;
     }
     if target.cluster || target.url.as_deref().is_some_and(|u| u.contains("+cluster://")) {
         if a.shared {
@@ -494,13 +546,8 @@ async fn phases(store: &Store, probe: &Probe<'_>, a: &BenchArgs, f: &mut Figures
     let store = store.clone();
     let prefix = store.config().prefix.clone();
     // 1. Enqueue, one call at a time.
-    let mut spent = Duration::ZERO;
-    for i in 0..a.runs {
-        let run = bench_run(i, "bench-single");
-        let start = Instant::now();
-        store.create_run(&run).await.map_err(|e| fresh_prefix_refused(e, fresh, &prefix))?;
-        spent += start.elapsed();
-    }
+    let spent =
+        enqueue_single(&store, "bench-single", a.runs).await.map_err(|e| fresh_prefix_refused(e, fresh, &prefix))?;
     f.enqueue_single_per_s = a.runs as f64 / spent.as_secs_f64();
     eprintln!("bench: enqueue one at a time {:.0}/s", f.enqueue_single_per_s);
 
@@ -529,23 +576,10 @@ async fn phases(store: &Store, probe: &Probe<'_>, a: &BenchArgs, f: &mut Figures
     f.lifecycle_per_s = a.runs as f64 / took.as_secs_f64();
     f.redis_cpu_us_per_lifecycle = per_run(cpu_before, cpu_after, 1e6, a.runs);
     if let (Some(calls_before), Some(calls_after)) = (calls_before, calls_after) {
-        f.script_us_per_lifecycle = Some(0.0);
-        let mut total = 0.0;
-        for (name, (after, usec_after)) in &calls_after {
-            if name == "info" || name == "config|get" || name == "memory|purge" || name == "xlen" {
-                continue;
-            }
-            let (before, usec_before) = calls_before.get(name).copied().unwrap_or_default();
-            if name == "evalsha" {
-                f.script_us_per_lifecycle = Some((usec_after - usec_before) / a.runs as f64);
-            }
-            let delta = after - before;
-            if delta > 0.0 {
-                f.command_breakdown.insert(name.clone(), delta / a.runs as f64);
-                total += delta;
-            }
-        }
-        f.commands_per_lifecycle = Some(total / a.runs as f64);
+        let (total, breakdown, script_us) = commands_between(&calls_before, &calls_after, a.runs);
+        f.command_breakdown = breakdown;
+        f.script_us_per_lifecycle = Some(script_us);
+        f.commands_per_lifecycle = Some(total);
         // Round trips: the commands only a client sends (scripts, blocking
         // waits, pool pings); commands run inside scripts are not round trips.
         f.round_trips_per_lifecycle = Some(

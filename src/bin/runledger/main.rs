@@ -9,6 +9,7 @@ mod bench;
 mod bench_cluster;
 mod bench_host;
 mod bench_memory;
+mod bench_peer;
 mod bench_ui;
 mod demo;
 mod ledger;
