@@ -88,7 +88,9 @@ local new = 0
 for i = 1, #events do
   if not out[i] then new = new + 1 end
 end
-if new > 0 then
+-- Sequences are distinct and at least 1, so the stream holds at most `high`
+-- events after the append: only a run that may pass the cap is counted.
+if new > 0 and high > max_events then
   local held = redis.call('XLEN', sk)
   if held + new > max_events then
     fail('LIMIT', 'run ' .. rid .. ' holds ' .. held .. ' events; ' .. new .. ' more would pass the limit of ' ..

@@ -91,6 +91,8 @@ finish(B, rid, h, status, ARGV[4], now, token ~= '' and { 'finish_token', token 
 -- The run is read back first: with a short retention it can be among those purged.
 local fields = quiet and {} or hgetall(rk)
 local purged = purge_finished(B, now, retention, PURGE_PER_FINISH)
-local reply = { 1, fields, next_claim and claim(B, next_claim, now) or 0 }
+-- The finish lands now for the first time, so its chained claim's token is new:
+-- a resend of this call takes the terminal path above, to claim_again.
+local reply = { 1, fields, next_claim and claim(B, next_claim, now, true) or 0 }
 for _, id in ipairs(purged) do reply[#reply + 1] = id end
 return reply

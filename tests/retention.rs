@@ -147,7 +147,10 @@ async fn memory_stops_growing_without_a_reaper() {
                 assert!(one_run, "round {round}: new key {key}");
                 continue;
             };
-            assert!(len <= warm_len, "round {round}: {key} holds {len} entries, {warm_len} after warm-up");
+            // The indexes of runs (finished, runs, idx:*) may name that last run too.
+            let indexes_runs = key.ends_with(":finished") || key.ends_with(":runs") || key.contains(":idx:");
+            let slack = if indexes_runs { 1 } else { 0 };
+            assert!(*len <= warm_len + slack, "round {round}: {key} holds {len} entries, {warm_len} after warm-up");
             // A stream keeps a node of deleted entries until the node is empty: one node of slack.
             assert!(
                 *bytes <= warm_bytes + 8192,

@@ -763,3 +763,45 @@ backend_tests!(
     shutdown_releases_in_flight_runs_to_the_next_worker,
     killed_worker_process_runs_are_reclaimed,
 );
+
+// A worker reads the server's settings at start (one CONFIG GET per
+// recommended setting) unless told not to: a user whose ACL lacks CONFIG GET,
+// or many workers in one process, turn it off with check_settings(false).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_checks_the_servers_settings_unless_told_not_to() {
+    let (redis, store) = common::store().await;
+    let mut raw = common::raw(&redis).await;
+    for check in [false, true] {
+        let queue = format!("settings-{check}");
+        let before = commandstats(&mut raw).await;
+        let worker = Worker::builder(&store)
+            .runtime_id(format!("settings-w-{check}"))
+            .queue(&queue)
+            .reap_every(None)
+            .handle_signals(false)
+            .check_settings(check)
+            .build(|_ctx| async move { Ok(Done::default()) })
+            .expect("build");
+        let (t, h) = start(worker);
+        store.create_run(&NewRun::new(format!("settings-run-{check}"), "agent").queue(&queue)).await.expect("create");
+        eventually!(
+            Duration::from_secs(5),
+            "the run completed",
+            counter(&stats(&store, &queue).await, "completed") == 1
+        );
+        let report = stop(t, h).await;
+        assert_eq!(report.completed, 1, "{report:?}");
+        let after = commandstats(&mut raw).await;
+        let config_gets =
+            after.get("config|get").copied().unwrap_or(0) - before.get("config|get").copied().unwrap_or(0);
+        if check {
+            assert_eq!(
+                config_gets,
+                runledger::embedded::RECOMMENDED_CONFIG.len() as u64,
+                "one CONFIG GET per recommended setting"
+            );
+        } else {
+            assert_eq!(config_gets, 0, "check_settings(false) reads no settings: {after:?}");
+        }
+    }
+}

@@ -66,11 +66,15 @@ end
 -- order and the cost). Returns {1, HGETALL..., last event sequence} or
 -- {0, next_due_ms or '', now_ms}. `now` (ms) is the caller's clock reading, if it has one.
 -- A resend with the same token gives the first call's run (see claim_again).
-local function claim(B, c, now)
+-- `first_send`: the caller knows this is the token's first use (a finish
+-- applied now for the first time, chaining its claim), so no receipt can exist.
+local function claim(B, c, now, first_send)
   local runtime, lease, token, retention, runners = c.runtime, c.lease, c.token, c.retention, c.runners
   now = now or now_ms()
-  local again = claim_again(B, token, now)
-  if again then return again end
+  if not first_send then
+    local again = claim_again(B, token, now)
+    if again then return again end
+  end
   promote_delayed(B, now, '100')
   recover_expired(B, now, '100', 'queued', 'claim lease expired')
 

@@ -84,6 +84,7 @@ pub struct WorkerBuilder {
     reap_every: Option<Duration>,
     shutdown: CancellationToken,
     handle_signals: bool,
+    check_settings: bool,
 }
 
 impl WorkerBuilder {
@@ -149,6 +150,14 @@ impl WorkerBuilder {
         self.handle_signals = on;
         self
     }
+    /// At start, read the server's settings (CONFIG GET) and warn about each one
+    /// short of what runledger recommends (default on). Off for a user whose ACL
+    /// has no CONFIG GET (each refusal is an ACL LOG entry), or for many workers
+    /// in one process that would each say the same.
+    pub fn check_settings(mut self, on: bool) -> Self {
+        self.check_settings = on;
+        self
+    }
 
     /// The worker, with `handler` run once per claimed run.
     pub fn build<F, Fut>(self, handler: F) -> Result<Worker>
@@ -190,6 +199,7 @@ impl WorkerBuilder {
             }),
             shutdown: self.shutdown,
             handle_signals: self.handle_signals,
+            check_settings: self.check_settings,
         })
     }
 }
@@ -206,6 +216,7 @@ pub struct Worker {
     inner: Arc<Inner>,
     shutdown: CancellationToken,
     handle_signals: bool,
+    check_settings: bool,
 }
 
 struct Inner {
@@ -257,6 +268,7 @@ impl Worker {
             reap_every: Some(Duration::from_secs(5)),
             shutdown: CancellationToken::new(),
             handle_signals: true,
+            check_settings: true,
         }
     }
 
@@ -298,7 +310,8 @@ impl Worker {
         }
         info!(runtime = %inner.runtime_id, queues = ?inner.queues, "worker started");
         metrics::init_queues(&inner.queues);
-        for a in store.config_advice().await.unwrap_or_default() {
+        let advice = if self.check_settings { store.config_advice().await.unwrap_or_default() } else { Vec::new() };
+        for a in advice {
             warn!(
                 "Redis has {} {}; runledger recommends {} (README, \"Redis settings\")",
                 a.name, a.actual, a.recommended
