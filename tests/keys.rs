@@ -149,6 +149,7 @@ fn scripts_derive_only_keys_the_test_knows() {
         "deadlines",
         "finished",
         "stats",
+        "dead",
         "wake",
         "listeners",
         "cancel",
