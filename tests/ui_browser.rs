@@ -67,7 +67,7 @@ async fn start_driver() -> Driver {
         .expect("start chromedriver");
     let deadline = Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(Instant::now() < deadline, "chromedriver did not listen on port {port} in 20 s");
+        assert!(Instant::now() < deadline, "hang guard: chromedriver did not listen on port {port} in 20 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Driver { url: format!("http://127.0.0.1:{port}"), _child: child }
@@ -108,7 +108,7 @@ async fn until(client: &Client, what: &str, script: &str, within: Duration) -> V
         if truthy {
             return value;
         }
-        assert!(Instant::now() < deadline, "{what}: not seen in {within:?}");
+        assert!(Instant::now() < deadline, "hang guard: {what}: not seen in {within:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
