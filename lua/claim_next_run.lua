@@ -20,7 +20,9 @@
 --
 -- Order is the seed's: priority descending, then creation order. Before
 -- choosing, it promotes due delayed runs and takes back expired leases (at most
--- 100 each, so the work per call is bounded). Candidates are the heads of a few
+-- 100 each, so the work per call is bounded), when the queue's hints
+-- (<P>:{Q}:hints, see include/queue.lua) say that one may be due; most
+-- claims read only the hints. Candidates are the heads of a few
 -- sorted sets: the queue (or one lane per runner in the filter) and this
 -- runtime's pinned lane, so the cost is O(log n) in the queue depth, times the
 -- number of runner ids in the filter.

@@ -38,6 +38,7 @@ for _, rid in ipairs(redis.call('ZRANGE', lane, '0', fmt(limit - 1))) do
 end
 if redis.call('EXISTS', lane) == 0 then
   redis.call('SREM', B .. 'pins', runtime)
+  pins_left(B)
   redis.call('DEL', B .. 'wake:pin:' .. runtime)
 end
 return released

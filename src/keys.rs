@@ -79,6 +79,10 @@ impl QueueKeys {
     pub fn pins(&self) -> String {
         self.key("pins")
     }
+    /// HASH `next_due`, `pinned`: what lets a claim skip probes that would find nothing.
+    pub fn hints(&self) -> String {
+        self.key("hints")
+    }
     pub fn runs_index(&self) -> String {
         self.key("runs")
     }

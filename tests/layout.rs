@@ -316,6 +316,7 @@ fn assert_layout(keys: &[String], q: &str) {
             "wake",
             "runs",
             "pins",
+            "hints",
             "runners",
             "meta",
             "running",

@@ -209,6 +209,10 @@ async fn expire_lease(raw: &mut Conn, store: &Store, run_id: &str) {
         redis::cmd("HSET").arg(&key).arg("claim_lease_expires_at").arg("1").query_async(raw).await.expect("HSET");
     let leases = store.queue_keys(Q).fixed()[1].clone();
     let _: () = redis::cmd("ZADD").arg(&leases).arg("1").arg(run_id).query_async(raw).await.expect("ZADD");
+    // The queue's hints cached the lease's real end, which this edit moved
+    // into the past; deleting them is safe (the next claim probes again).
+    let hints = store.queue_keys(Q).hints();
+    let _: () = redis::cmd("DEL").arg(&hints).query_async(raw).await.expect("DEL hints");
 }
 
 async fn an_expired_lease_is_no_longer_an_active_claim() {

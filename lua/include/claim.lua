@@ -62,6 +62,32 @@ local function claim_again(B, token, now)
   return { 0, '', fmt(now) }
 end
 
+-- Promotes due delayed runs and takes back expired leases (at most 100
+-- each) when the hints say some may be due, and rebuilds the hints then.
+-- Returns whether a pinned lane may hold runs. Most claims read one hash here.
+local function due_work(B, now)
+  local hints = B .. 'hints'
+  local v = redis.call('HMGET', hints, 'next_due', 'pinned')
+  local due = tonumber(v[1] or '')
+  if due and due > now and v[2] then
+    hinted_due = due
+    return v[2] ~= '0'
+  end
+  promote_delayed(B, now, '100')
+  recover_expired(B, now, '100', 'queued', 'claim lease expired')
+  -- What is left is exact now; past the limit of 100 the head is due still,
+  -- and the next claim probes again.
+  due = now + HINT_MS
+  for _, key in ipairs({ K.delayed, K.leases }) do
+    local head = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
+    if head[2] and tonumber(head[2]) < due then due = tonumber(head[2]) end
+  end
+  local pins = redis.call('EXISTS', B .. 'pins') == 1
+  redis.call('HSET', hints, 'next_due', fmt(due), 'pinned', pins and '1' or '0')
+  hinted_due = due
+  return pins
+end
+
 -- Claims the next run of the queue for c (see claim_next_run.lua for the
 -- order and the cost). Returns {1, HGETALL..., last event sequence} or
 -- {0, next_due_ms or '', now_ms}. `now` (ms) is the caller's clock reading, if it has one.
@@ -75,8 +101,7 @@ local function claim(B, c, now, first_send)
     local again = claim_again(B, token, now)
     if again then return again end
   end
-  promote_delayed(B, now, '100')
-  recover_expired(B, now, '100', 'queued', 'claim lease expired')
+  local pins_maybe = due_work(B, now)
 
   local wanted = {}
   for _, r in ipairs(runners) do wanted[r] = true end
@@ -121,13 +146,15 @@ local function claim(B, c, now, first_send)
     end
     if #runners == 0 and scope then
       consider_scoped(K.queued)
-      consider_scoped(pinned)
+      if pins_maybe then consider_scoped(pinned) end
     elseif #runners == 0 then
       local head = redis.call('ZRANGE', K.queued, '0', '1', 'WITHSCORES')
       queued_seen = #head / 2
       if head[1] then consider(head[1], head[2], true) end
-      head = redis.call('ZRANGE', pinned, '0', '0', 'WITHSCORES')
-      if head[1] then consider(head[1], head[2]) end
+      if pins_maybe then
+        head = redis.call('ZRANGE', pinned, '0', '0', 'WITHSCORES')
+        if head[1] then consider(head[1], head[2]) end
+      end
     else
       local laned = false
       for _, r in ipairs(runners) do
@@ -150,7 +177,9 @@ local function claim(B, c, now, first_send)
           if head[1] then consider(head[1], head[2]) end
         end
       end
-      if scope then
+      if not pins_maybe then
+        -- No pinned lane holds runs.
+      elseif scope then
         consider_scoped(pinned, true)
       else
         -- Pinned runs of other runners are skipped; bounded so a claim stays cheap.
@@ -189,7 +218,7 @@ local function claim(B, c, now, first_send)
       finish(B, rid, h, 'timeout', 'deadline passed before the run was claimed', now)
     else
       lane_remove(B, rid, h)
-      local attempts = h.dispatch_attempts + 1
+      local attempts = fmt(h.dispatch_attempts + 1)
       local now_s, expires = fmt(now), fmt(now + lease)
       local fields = { 'status', 'claimed', 'claimed_by_runtime_id', runtime, 'claim_token', token,
         'claim_lease_expires_at', expires, 'dispatch_attempts', attempts, 'last_claimed_at', now_s,
@@ -200,6 +229,7 @@ local function claim(B, c, now, first_send)
       end
       redis.call('HSET', rk, unpack(fields))
       redis.call('ZADD', K.leases, expires, rid)
+      lower_next_due(B, now + lease)
       redis.call('SET', receipt_key(B, token), rid, 'PX', fmt(lease))
       -- Chain the wake-up: another idle worker can take the next run.
       local left

@@ -45,6 +45,35 @@ local function runner_lane(B, r)
   return B .. 'runner:' .. r
 end
 
+-- Hints: `<P>:{Q}:hints` HASH, a cache that lets a claim skip reads that
+-- would find nothing (its fields are lower bounds, never promises):
+--   next_due  ms: no delayed run falls due and no lease expires before it;
+--             every ZADD to `delayed` or `leases` keeps it so (lower_next_due)
+--   pinned    '0' while no pinned lane holds runs ('1': one may)
+-- A missing hash or field means unknown: the next claim probes and rebuilds
+-- it. A claim looks at most HINT_MS ahead, so even an entry added by hand
+-- waits no longer than that.
+local HINT_MS = 1000
+
+-- next_due as this call last read or wrote it (nil: not read yet, false: unknown).
+local hinted_due
+
+-- Keeps next_due at or below t (a run delayed until t, a lease ending at t).
+local function lower_next_due(B, t)
+  if hinted_due == nil then
+    hinted_due = tonumber(redis.call('HGET', B .. 'hints', 'next_due') or '') or false
+  end
+  if hinted_due and t < hinted_due then
+    redis.call('HSET', B .. 'hints', 'next_due', fmt(t))
+    hinted_due = t
+  end
+end
+
+-- After a runtime left `pins`: the pinned hint drops when no lane is left.
+local function pins_left(B)
+  if redis.call('EXISTS', B .. 'pins') == 0 then redis.call('HSET', B .. 'hints', 'pinned', '0') end
+end
+
 -- ZADD of {score, member, ...} entries, at most 500 pairs per call (unpack
 -- has a limit).
 local function zadd_entries(key, entries)
@@ -83,7 +112,9 @@ local function lane_add(B, rid, h)
   local score = lane_score(tonumber(h.priority), tonumber(h.id))
   if h.requested_runtime_id then
     redis.call('ZADD', B .. 'pinned:' .. h.requested_runtime_id, score, rid)
-    redis.call('SADD', B .. 'pins', h.requested_runtime_id)
+    if redis.call('SADD', B .. 'pins', h.requested_runtime_id) == 1 then
+      redis.call('HSET', B .. 'hints', 'pinned', '1')
+    end
   else
     queue_runs(B, h.runner_id, { score, rid })
   end
@@ -101,6 +132,7 @@ local function lane_remove(B, rid, h)
     -- `pins` names only lanes that hold runs (the claim's wake-up test reads it).
     if redis.call('ZREM', lane, rid) == 1 and redis.call('EXISTS', lane) == 0 then
       redis.call('SREM', B .. 'pins', h.requested_runtime_id)
+      pins_left(B)
     end
   elseif redis.call('ZREM', K.queued, rid) == 1 then
     runner_left(B, h.runner_id, rid)
@@ -156,11 +188,14 @@ local function wake_for(B, h, now)
   end
 end
 
--- Reads the fields the scripts route on; nil when the run does not exist.
-local function route_fields(rk)
-  local v = redis.call('HMGET', rk, 'id', 'status', 'priority', 'runner_id', 'requested_runtime_id',
-    'claim_token', 'dispatch_attempts', 'max_attempts', 'deadline_at', 'not_before', 'started_at',
-    'claim_lease_expires_at', 'claimed_by_runtime_id')
+-- The fields the scripts route on.
+local ROUTE = { 'id', 'status', 'priority', 'runner_id', 'requested_runtime_id', 'claim_token',
+  'dispatch_attempts', 'max_attempts', 'deadline_at', 'not_before', 'started_at', 'claim_lease_expires_at',
+  'claimed_by_runtime_id' }
+
+-- The route fields of run rk from v (its values in ROUTE's order), checked;
+-- nil when the run does not exist.
+local function route_of(rk, v)
   if not v[1] then return nil end
   check_stored(rk, v[2], v[12])
   if not string.find(v[1], '^%d+$') then corrupt(rk, 'id', v[1]) end
@@ -175,6 +210,11 @@ local function route_fields(rk)
     deadline_at = tonumber(v[9] or ''), not_before = v[10] or nil, started_at = v[11] or nil,
     lease_expires = tonumber(v[12] or ''), holder = v[13] or nil,
   }
+end
+
+-- Reads the fields the scripts route on; nil when the run does not exist.
+local function route_fields(rk)
+  return route_of(rk, redis.call('HMGET', rk, unpack(ROUTE)))
 end
 
 -- Loads a run that must exist.
@@ -280,6 +320,7 @@ local function requeue(B, rid, h, now, no_wake)
   local due = tonumber(h.not_before or '')
   if due and due > now then
     redis.call('ZADD', K.delayed, due, rid)
+    lower_next_due(B, due)
     return false
   end
   lane_add(B, rid, h)

@@ -776,6 +776,7 @@ async fn empty_bench_queues(store: &Store) -> Result<u64> {
             keys.running(),
             keys.listeners(),
             keys.pins(),
+            keys.hints(),
             keys.runs_index(),
             keys.runner_lane("bench-agent"),
             keys.runner_wake("bench-agent"),
