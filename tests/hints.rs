@@ -44,11 +44,8 @@ async fn a_short_lease_lowers_the_hint_and_is_taken_back_when_it_ends() {
     let mut raw = common::raw(&redis).await;
     let hinted = settle_on_empty(&mut raw, &store).await;
     store.create_run(&NewRun::new("a", "agent").queue(Q)).await.expect("create");
-    let held = store
-        .claim_next_run(&request("first").lease(Duration::from_millis(200)))
-        .await
-        .expect("claim")
-        .expect("a run");
+    let held =
+        store.claim_next_run(&request("first").lease(Duration::from_millis(200))).await.expect("claim").expect("a run");
     let lease_end = held.claim_lease_expires_at_ms.expect("lease end");
     let (due, _) = hints(&mut raw, &store).await;
     let due = due.expect("next_due");
