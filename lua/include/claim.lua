@@ -218,7 +218,7 @@ local function claim(B, c, now, first_send)
       finish(B, rid, h, 'timeout', 'deadline passed before the run was claimed', now)
     else
       lane_remove(B, rid, h)
-      local attempts = fmt(h.dispatch_attempts + 1)
+      local attempts = h.dispatch_attempts + 1
       local now_s, expires = fmt(now), fmt(now + lease)
       local fields = { 'status', 'claimed', 'claimed_by_runtime_id', runtime, 'claim_token', token,
         'claim_lease_expires_at', expires, 'dispatch_attempts', attempts, 'last_claimed_at', now_s,

@@ -188,14 +188,11 @@ local function wake_for(B, h, now)
   end
 end
 
--- The fields the scripts route on.
-local ROUTE = { 'id', 'status', 'priority', 'runner_id', 'requested_runtime_id', 'claim_token',
-  'dispatch_attempts', 'max_attempts', 'deadline_at', 'not_before', 'started_at', 'claim_lease_expires_at',
-  'claimed_by_runtime_id' }
-
--- The route fields of run rk from v (its values in ROUTE's order), checked;
--- nil when the run does not exist.
-local function route_of(rk, v)
+-- Reads the fields the scripts route on; nil when the run does not exist.
+local function route_fields(rk)
+  local v = redis.call('HMGET', rk, 'id', 'status', 'priority', 'runner_id', 'requested_runtime_id',
+    'claim_token', 'dispatch_attempts', 'max_attempts', 'deadline_at', 'not_before', 'started_at',
+    'claim_lease_expires_at', 'claimed_by_runtime_id')
   if not v[1] then return nil end
   check_stored(rk, v[2], v[12])
   if not string.find(v[1], '^%d+$') then corrupt(rk, 'id', v[1]) end
@@ -210,11 +207,6 @@ local function route_of(rk, v)
     deadline_at = tonumber(v[9] or ''), not_before = v[10] or nil, started_at = v[11] or nil,
     lease_expires = tonumber(v[12] or ''), holder = v[13] or nil,
   }
-end
-
--- Reads the fields the scripts route on; nil when the run does not exist.
-local function route_fields(rk)
-  return route_of(rk, redis.call('HMGET', rk, unpack(ROUTE)))
 end
 
 -- Loads a run that must exist.
