@@ -217,7 +217,7 @@ fn the_list_is_what_the_code_sends() {
     );
     // The bench (src/bin/runledger/bench.rs): the list plus the operator's extras.
     // `CONFIG RESETSTAT` only on the bench's own private server, never on a given one.
-    let bench = ["bench.rs", "bench_memory.rs"]
+    let bench = ["bench.rs", "bench_memory.rs", "bench_limit.rs", "bench_steps.rs"]
         .map(|f| std::fs::read_to_string(root.join("src/bin/runledger").join(f)).expect("bench source"))
         .join("\n")
         .replace(r#"cmd("CONFIG").arg("RESETSTAT")"#, "");

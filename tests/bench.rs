@@ -118,6 +118,39 @@ fn check_figures(f: &Value) {
     let scripts = num(f, "script_us_per_lifecycle");
     assert!(scripts > 0.0 && scripts.is_finite(), "scripts take some time on the server: {f:#}");
 
+    // The lifecycle step by step: each step runs commands and costs Redis CPU,
+    // and the claim and the finish are scripts with commands inside.
+    for step in ["claim", "event_batch", "finish"] {
+        let s = &f["steps"][step];
+        let commands = num(s, "commands");
+        assert!(commands >= 1.0, "a {step} runs at least its script: {f:#}");
+        let cpu = num(s, "redis_cpu_us");
+        assert!(cpu.is_finite() && cpu >= 0.0, "{step} Redis CPU: {f:#}");
+        assert!(num(s, "script_us") > 0.0, "a {step} runs a script: {f:#}");
+    }
+    for step in ["claim", "finish"] {
+        assert!(num(&f["steps"][step], "commands") > 2.0, "a {step} script runs commands inside: {f:#}");
+    }
+
+    // The yardsticks of the same run: a round trip, the minimal commands.
+    let l = &f["limit"];
+    let (rtt50, rtt99) = (positive(l, "round_trip_us_p50"), positive(l, "round_trip_us_p99"));
+    assert!(rtt50 <= rtt99, "round trip p50 <= p99: {f:#}");
+    for key in
+        ["enqueue_one_per_s", "enqueue_per_s", "lifecycle_per_s", "memory_per_queued_run", "memory_per_finished_run"]
+    {
+        positive(l, key);
+    }
+    assert_eq!(num(l, "lifecycle_commands"), 10.0, "the minimal lifecycle is 10 commands: {f:#}");
+    assert!(num(l, "lifecycle_redis_cpu_us") >= 0.0 && num(l, "enqueue_redis_cpu_us_per_run") >= 0.0, "{f:#}");
+    let two_trips =
+        l["two_trip_lifecycle_per_s"].as_array().unwrap_or_else(|| panic!("two_trip_lifecycle_per_s: {f:#}"));
+    let workers: Vec<u64> = two_trips.iter().map(|p| p[0].as_u64().unwrap_or_else(|| panic!("workers: {p}"))).collect();
+    assert_eq!(workers, vec![2, 4], "one two-trip figure per lifecycle phase's workers: {f:#}");
+    for p in two_trips {
+        assert!(p[1].as_f64().is_some_and(|r| r > 0.0), "a two-trip rate: {p}");
+    }
+
     // Retention: the reaper purged the runs it was given, and the longest script is known.
     positive(f, "purge_per_s");
     let longest = positive(f, "longest_script_us");
@@ -177,7 +210,16 @@ async fn bench_check_prints_target_table() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("| figure | value |"), "the figures table: {}", describe(&output));
     assert!(stdout.contains("| figure | measured | target |"), "the check table header: {}", describe(&output));
-    for row in ["enqueue, one at a time", "idle claim p99", "round trips per lifecycle", "claim cost deep vs 1k"] {
+    for row in [
+        "enqueue, one at a time",
+        "idle claim p99",
+        "round trips per lifecycle",
+        "claim cost deep vs 1k",
+        "Redis commands per lifecycle",
+        "Redis CPU per lifecycle",
+        "lifecycle, 2 workers",
+        "lifecycle, 4 workers",
+    ] {
         assert!(stdout.contains(&format!("| {row} |")), "check row `{row}`: {}", describe(&output));
     }
     // Every check row ends with its verdict.
@@ -189,6 +231,17 @@ async fn bench_check_prints_target_table() {
         .inspect(|l| assert!(l.ends_with("| ok |") || l.ends_with("| SHORT |"), "a verdict per row: {l}"))
         .count();
     assert!(verdicts >= 8, "at least 8 checked figures: {}", describe(&output));
+    // The speed targets are ratios to this run's yardsticks, which the table shows.
+    assert!(
+        stdout.contains("2x the minimal commands'"),
+        "CPU target against the minimal commands: {}",
+        describe(&output)
+    );
+    assert!(
+        stdout.contains("| yardstick: round trip (PING)"),
+        "the yardsticks in the figures table: {}",
+        describe(&output)
+    );
 
     // With --json, the check table goes to stderr and stdout stays one JSON document.
     let (output, _) = runledger(args(&["--json", "bench"], &["--check"])).await;

@@ -76,8 +76,17 @@ pub struct BenchArgs {
 }
 
 /// The queues the single-server bench fills (with `--shared`, under the given prefix).
-const QUEUES: [&str; 7] =
-    ["bench-single", "bench", "bench-many", "bench-idle", "bench-1k", "bench-deep", "bench-purge"];
+const QUEUES: [&str; 9] = [
+    "bench-single",
+    "bench",
+    "bench-many",
+    "bench-idle",
+    "bench-1k",
+    "bench-deep",
+    "bench-purge",
+    crate::bench_steps::STEPS_QUEUE,
+    crate::bench_limit::LIMIT_QUEUE,
+];
 
 #[derive(Serialize, Default, Clone)]
 pub struct Figures {
@@ -119,6 +128,11 @@ pub struct Figures {
     /// upper bound of its LATENCY HISTOGRAM bucket); null when refused.
     pub longest_script_us: Option<u64>,
     pub longest_purge_script_us: Option<u64>,
+    /// Commands and Redis CPU of each step of a lifecycle, called on its own.
+    pub steps: Option<crate::bench_steps::Steps>,
+    /// The yardsticks of this run (round trip, minimal commands), which the
+    /// `--check` targets are ratios to.
+    pub limit: Option<crate::bench_limit::Limit>,
 }
 
 pub(crate) const METADATA_PAD: &str = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore magna aliqua ut enim ad minim veniam quis nostrud exercitation";
@@ -571,6 +585,36 @@ pub async fn run(target: &Target, out: &Output, a: BenchArgs) -> Result<()> {
 async fn phases(store: &Store, probe: &Probe<'_>, a: &BenchArgs, f: &mut Figures, fresh: bool) -> Result<()> {
     let store = store.clone();
     let prefix = store.config().prefix.clone();
+    // 0. The yardsticks: a round trip, and the minimal commands sent raw.
+    let limit = crate::bench_limit::limit(
+        &store,
+        probe,
+        a.runs,
+        &[a.workers, a.many_workers].into_iter().filter(|w| *w > 0).collect::<Vec<_>>(),
+    )
+    .await
+    .map_err(|e| fresh_prefix_refused(e, fresh, &prefix))?;
+    eprintln!(
+        "bench: yardsticks: round trip p50 {:.0} us p99 {:.0} us; minimal commands: enqueue one at a time {:.0}/s, \
+         pipelined {:.0}/s ({} us Redis CPU per run), lifecycle pipelined {:.0}/s ({} commands, {} us Redis CPU \
+         per run), in two round trips {}",
+        limit.round_trip_us_p50,
+        limit.round_trip_us_p99,
+        limit.enqueue_one_per_s,
+        limit.enqueue_per_s,
+        na(limit.enqueue_redis_cpu_us_per_run, 1),
+        limit.lifecycle_per_s,
+        limit.lifecycle_commands,
+        na(limit.lifecycle_redis_cpu_us, 1),
+        limit
+            .two_trip_lifecycle_per_s
+            .iter()
+            .map(|(w, r)| format!("{r:.0}/s at {w} workers"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    f.limit = Some(limit);
+
     // 1. Enqueue, one call at a time.
     let spent =
         enqueue_single(&store, "bench-single", a.runs).await.map_err(|e| fresh_prefix_refused(e, fresh, &prefix))?;
@@ -623,6 +667,19 @@ async fn phases(store: &Store, probe: &Probe<'_>, a: &BenchArgs, f: &mut Figures
         na(f.script_us_per_lifecycle, 0),
         na(f.memory_per_finished_run, 0)
     );
+
+    // 3b. The same lifecycle step by step.
+    let steps = crate::bench_steps::steps(&store, probe, a.runs).await?;
+    let step = |name: &str, s: &crate::bench_steps::StepCost| {
+        format!("{name} {} commands, {} us Redis CPU", na(s.commands, 1), na(s.redis_cpu_us, 0))
+    };
+    eprintln!(
+        "bench: per step: {}; {}; {}",
+        step("claim", &steps.claim),
+        step("3 events", &steps.event_batch),
+        step("finish", &steps.finish)
+    );
+    f.steps = Some(steps);
 
     // 4. Lifecycle with many workers.
     if a.many_workers > 0 {
@@ -857,56 +914,124 @@ fn print_table(f: &Figures) {
         na(f.commands_per_lifecycle, 2),
         na(f.round_trips_per_lifecycle, 2)
     );
+    if let Some(steps) = &f.steps {
+        for (name, s) in [("claim", &steps.claim), ("batch of 3 events", &steps.event_batch), ("finish", &steps.finish)]
+        {
+            println!("| per {name}: commands / Redis CPU us | {} / {} |", na(s.commands, 1), na(s.redis_cpu_us, 0));
+        }
+    }
+    if let Some(l) = &f.limit {
+        println!(
+            "| yardstick: round trip (PING) p50 / p99, us | {:.0} / {:.0} |",
+            l.round_trip_us_p50, l.round_trip_us_p99
+        );
+        println!("| yardstick: minimal enqueue one round trip each, runs/s | {:.0} |", l.enqueue_one_per_s);
+        println!(
+            "| yardstick: minimal enqueue pipelined, runs/s (Redis CPU us, bytes per run) | {:.0} ({}, {}) |",
+            l.enqueue_per_s,
+            na(l.enqueue_redis_cpu_us_per_run, 1),
+            na(l.memory_per_queued_run, 0)
+        );
+        println!(
+            "| yardstick: minimal lifecycle pipelined, runs/s ({} commands, Redis CPU us, bytes per run) | {:.0} ({}, {}) |",
+            l.lifecycle_commands,
+            l.lifecycle_per_s,
+            na(l.lifecycle_redis_cpu_us, 1),
+            na(l.memory_per_finished_run, 0)
+        );
+        for (w, r) in &l.two_trip_lifecycle_per_s {
+            println!("| yardstick: minimal lifecycle in 2 round trips per run, {w} workers, runs/s | {r:.0} |");
+        }
+    }
 }
 
-/// Prints figure vs target; returns how many fall short.
+/// The minimal lifecycle's rate in two round trips per run from `workers` callers.
+fn two_trip_rate(l: &crate::bench_limit::Limit, workers: usize) -> Option<f64> {
+    l.two_trip_lifecycle_per_s.iter().find(|(w, _)| *w == workers).map(|(_, r)| *r)
+}
+
+/// Prints figure vs target; returns how many fall short. Every speed target is
+/// a ratio to a yardstick measured in this run (see `bench_limit.rs`), never a
+/// number from another machine or day.
 fn print_check(f: &Figures, to_stderr: bool) -> usize {
     // With --json, stdout holds only the JSON document.
     let say = |line: String| if to_stderr { eprintln!("{line}") } else { println!("{line}") };
-    // (figure, measured, target, ok); ok is None for a figure the server's refusals left n/a.
-    let optional = |v: Option<f64>, unit: &str, decimals: usize, ok: fn(f64) -> bool| match v {
-        Some(v) => (format!("{v:.decimals$}{unit}"), Some(ok(v))),
-        None => ("n/a".to_string(), None),
+    // (figure, measured, target, ok); ok is None when a figure or its yardstick is n/a
+    // (a server that refuses INFO).
+    type Row = (String, String, String, Option<bool>);
+    let mut rows: Vec<Row> = Vec::new();
+    let at_most = |name: &str, v: Option<f64>, unit: &str, limit: Option<f64>, what: &str| -> Row {
+        let measured = v.map_or("n/a".to_string(), |v| format!("{v:.1}{unit}"));
+        let target = limit.map_or(format!("<= {what}: n/a"), |t| format!("<= {t:.1}{unit} ({what})"));
+        (name.to_string(), measured, target, v.zip(limit).map(|(v, t)| v <= t))
     };
-    let queued = optional(f.memory_per_queued_run, " B", 0, |v| v <= 600.0);
-    let finished = optional(f.memory_per_finished_run, " B", 0, |v| v <= 1200.0);
-    let cpu = optional(f.redis_cpu_us_per_lifecycle, " us", 0, |v| v <= 90.0);
-    let trips = optional(f.round_trips_per_lifecycle, "", 2, |v| v <= 3.05);
-    let mut rows: Vec<(&str, String, String, Option<bool>)> = vec![
-        (
-            "enqueue, one at a time",
-            format!("{:.0}/s", f.enqueue_single_per_s),
-            ">= 8,360/s".into(),
-            Some(f.enqueue_single_per_s >= 8360.0),
-        ),
-        (
-            "enqueue, batched",
-            format!("{:.0}/s", f.enqueue_batched_per_s),
-            ">= 50,000/s".into(),
-            Some(f.enqueue_batched_per_s >= 50_000.0),
-        ),
-        (
-            "lifecycle, 4 workers",
-            format!("{:.0}/s", f.lifecycle_per_s),
-            ">= 7,466/s".into(),
-            Some(f.lifecycle_per_s >= 7466.0),
-        ),
-        (
-            "idle claim p99",
-            format!("{:.2} ms", f.idle_latency_ms_p99),
-            "<= 2.18 ms".into(),
-            Some(f.idle_latency_ms_p99 <= 2.18),
-        ),
-        ("memory per queued run", queued.0, "<= 600 B".into(), queued.1),
-        ("memory per finished run", finished.0, "<= 1,200 B".into(), finished.1),
-        ("Redis CPU per lifecycle", cpu.0, "<= 90 us".into(), cpu.1),
-        ("round trips per lifecycle", trips.0, "<= 3".into(), trips.1),
-    ];
+    let at_least = |name: &str, v: f64, unit: &str, limit: Option<f64>, what: &str| -> Row {
+        let target = limit.map_or(format!(">= {what}: n/a"), |t| format!(">= {t:.0}{unit} ({what})"));
+        (name.to_string(), format!("{v:.0}{unit}"), target, limit.map(|t| v >= t))
+    };
+    let l = f.limit.as_ref();
+    rows.push(at_most("Redis commands per lifecycle", f.commands_per_lifecycle, "", Some(14.0), "14"));
+    rows.push(at_most("round trips per lifecycle", f.round_trips_per_lifecycle, "", Some(3.05), "3"));
+    rows.push(at_most(
+        "Redis CPU per lifecycle",
+        f.redis_cpu_us_per_lifecycle,
+        " us",
+        l.and_then(|l| l.lifecycle_redis_cpu_us).map(|c| 2.0 * c),
+        "2x the minimal commands'",
+    ));
+    rows.push(at_most(
+        "Redis CPU per batched enqueue",
+        f.enqueue_redis_cpu_us_per_run,
+        " us",
+        l.and_then(|l| l.enqueue_redis_cpu_us_per_run).map(|c| 2.0 * c),
+        "2x the minimal commands'",
+    ));
+    rows.push(at_least(
+        "enqueue, one at a time",
+        f.enqueue_single_per_s,
+        "/s",
+        l.map(|l| 0.5 * l.enqueue_one_per_s),
+        "half the minimal commands' in one round trip each",
+    ));
+    rows.push(at_least(
+        &format!("lifecycle, {} workers", f.lifecycle_workers),
+        f.lifecycle_per_s,
+        "/s",
+        l.and_then(|l| two_trip_rate(l, f.lifecycle_workers)).map(|r| 0.5 * r),
+        "half the minimal commands' in 2 round trips per run",
+    ));
     if let Some(v) = f.lifecycle_many_per_s {
-        rows.push(("lifecycle, 32 workers", format!("{v:.0}/s"), ">= 10,540/s".into(), Some(v >= 10_540.0)));
+        rows.push(at_least(
+            &format!("lifecycle, {} workers", f.lifecycle_many_workers),
+            v,
+            "/s",
+            l.and_then(|l| two_trip_rate(l, f.lifecycle_many_workers)).map(|r| 0.5 * r),
+            "half the minimal commands' in 2 round trips per run",
+        ));
     }
+    rows.push(at_most(
+        "idle claim p99",
+        Some(f.idle_latency_ms_p99 * 1000.0),
+        " us",
+        l.map(|l| 4.0 * l.round_trip_us_p99),
+        "4 round trips at p99",
+    ));
+    rows.push(at_most(
+        "memory per queued run",
+        f.memory_per_queued_run,
+        " B",
+        l.and_then(|l| l.memory_per_queued_run).map(|m| 1.5 * m),
+        "1.5x the minimal commands'",
+    ));
+    rows.push(at_most(
+        "memory per finished run",
+        f.memory_per_finished_run,
+        " B",
+        l.and_then(|l| l.memory_per_finished_run).map(|m| 1.5 * m),
+        "1.5x the minimal commands'",
+    ));
     if let Some(r) = f.claim_cost_ratio {
-        rows.push(("claim cost deep vs 1k", format!("{r:.2}x"), "<= 1.5x".into(), Some(r <= 1.5)));
+        rows.push(at_most("claim cost deep vs 1k", Some(r), "x", Some(1.5), "1.5x"));
     }
     say(String::new());
     say("| figure | measured | target | |".into());

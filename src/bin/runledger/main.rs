@@ -8,8 +8,10 @@
 mod bench;
 mod bench_cluster;
 mod bench_host;
+mod bench_limit;
 mod bench_memory;
 mod bench_peer;
+mod bench_steps;
 mod bench_ui;
 mod demo;
 mod ledger;
