@@ -2,7 +2,8 @@
 -- One call creates one run or a whole batch.
 --
 -- KEYS[1..7]  the queue keys (see include/queue.lua)
--- KEYS[8]     <P>:{Q}:meta  HASH number (the queue's number), clock (of the last id)
+-- KEYS[8]     <P>:{Q}:meta  HASH number (the queue's number), clock (of the last id),
+--             lanes ('1': runner lanes are kept for every runner, see include/queue.lua)
 -- KEYS[9..]   <P>:{Q}:run:<run_id>  HASH of each run, in the order of ARGV
 -- ARGV[1] key base <P>:{Q}:   ARGV[2] queue name   ARGV[3] max JSON bytes
 -- ARGV[4] queue number (0 .. 4095, from register_queue.lua; checked against KEYS[8])
@@ -185,7 +186,12 @@ if claimable then
   for _, runner in ipairs(runner_order) do wake_runner(B, runner, now) end
 end
 if fresh > 0 then
-  redis.call('HSET', KEYS[8], 'number', ARGV[4], 'clock', fmt(clock))
+  if meta[1] then
+    redis.call('HSET', KEYS[8], 'number', ARGV[4], 'clock', fmt(clock))
+  else
+    -- A new queue starts with lanes for every runner (see upgrade_lanes).
+    redis.call('HSET', KEYS[8], 'number', ARGV[4], 'clock', fmt(clock), 'lanes', '1')
+  end
   redis.call('HINCRBY', K.stats, 'created', fresh)
 end
 return out

@@ -21,7 +21,7 @@
 -- A fenced finish needs an active claim: a lease that expired by the server's
 -- clock is STALE_TOKEN even when nobody has claimed the run again.
 -- Resent with the same claim spec (same new token), it hands out the run the
--- first call claimed (see claim_again in claim.lua).
+-- first call claimed (see claim_again in claim_next_run.lua).
 -- Returns {1 = finished now | 0 = already had this status, HGETALL... or {} when
 -- quiet, the claim's reply when a claim was asked for (else 0), then the ids
 -- of the runs this call purged (up to PURGE_PER_FINISH, past the retention):

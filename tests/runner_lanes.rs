@@ -1,8 +1,10 @@
-//! Runner lanes are kept only while a queue's queued runs have two or more
-//! runners. A random mix of creates, filtered claims, releases (some delayed),
-//! cancels and finishes checks after every step that `runners` counts exactly
-//! what `queued` holds, that lanes exist and match `queued` whenever they are
-//! needed, and that every claim takes the best run its filter allows.
+//! Every run of `queued` is also in its runner's lane, always. A random mix of
+//! creates, filtered claims, releases (some delayed), cancels and finishes
+//! checks after every step that `runners` counts exactly what `queued` holds,
+//! that every lane matches `queued`, that every claim takes the best run its
+//! filter allows, and that no call ever copies a whole queue (ZUNIONSTORE).
+//! A queue written by an earlier build (no lane while it had one runner) gets
+//! its lane from its next claim.
 
 mod common;
 
@@ -64,9 +66,7 @@ async fn check_lanes(store: &Store, raw: &mut Conn, step: usize) {
         }
         let mut lane = zrange(raw, &format!("rl:{{q}}:runner:{runner}")).await;
         lane.sort_by(|a, b| a.0.cmp(&b.0));
-        if counts.len() >= 2 || !lane.is_empty() {
-            assert_eq!(lane, expected, "step {step}: lane of {runner} with runners {counts:?}");
-        }
+        assert_eq!(lane, expected, "step {step}: lane of {runner} with runners {counts:?}");
     }
 }
 
@@ -103,7 +103,7 @@ async fn runner_lanes_follow_the_runners_of_queued_runs() {
                 let mut batch = Vec::new();
                 for _ in 0..(if rng.below(3) == 0 { 1 + rng.below(4) } else { 1 }) {
                     next += 1;
-                    // Mostly one runner, so the queue moves in and out of needing lanes.
+                    // Mostly one runner, so the queue moves between one runner and several.
                     let runner = if rng.below(3) == 0 { RUNNERS[rng.below(3)] } else { "alpha" };
                     batch.push(NewRun::new(format!("r{next}"), runner).queue("q").priority(rng.below(4) as i64));
                 }
@@ -148,6 +148,10 @@ async fn runner_lanes_follow_the_runners_of_queued_runs() {
         check_lanes(&store, &mut raw, step).await;
     }
     assert!(claims > 50, "the history should claim often, claimed {claims}");
+    // Runners came and went, and no call copied a queue into a lane.
+    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut raw).await.expect("INFO");
+    assert!(stats.contains("cmdstat_zadd:"), "the history ran: {stats}");
+    assert!(!stats.contains("cmdstat_zunionstore:"), "no whole-queue copy: {stats}");
 
     // Drained, the queue keeps no runner bookkeeping at all.
     tokio::time::sleep(Duration::from_millis(30)).await;
@@ -183,4 +187,46 @@ async fn a_deleted_run_hash_leaves_the_counts_exact() {
     let counts: HashMap<String, i64> =
         redis::cmd("HGETALL").arg("rl:{q}:runners").query_async(&mut raw).await.expect("HGETALL");
     assert_eq!(counts, HashMap::from([("beta".to_string(), 1)]));
+}
+
+/// A queue as an earlier build left it: one runner's runs in `queued`, no
+/// lane for them, no `lanes` mark. A run added since (by create or release)
+/// has a lane of its own; the next claim upgrades the queue, once, and a
+/// filtered claim then takes the best run of all.
+#[tokio::test]
+async fn a_queue_of_an_earlier_build_gets_its_lane_from_the_next_claim() {
+    let (redis, store) = common::store().await;
+    let mut raw = common::raw(&redis).await;
+    for (rid, priority) in [("old1", 1), ("old-best", 9), ("old2", 3)] {
+        store.create_run(&NewRun::new(rid, "alpha").queue("q").priority(priority)).await.expect("create");
+    }
+    // Back to the earlier layout: no lane, no mark (meta and its copy in the hints).
+    let _: () = redis::cmd("DEL").arg("rl:{q}:runner:alpha").query_async(&mut raw).await.expect("DEL");
+    let _: () = redis::cmd("HDEL").arg("rl:{q}:meta").arg("lanes").query_async(&mut raw).await.expect("HDEL");
+    let _: () = redis::cmd("HDEL").arg("rl:{q}:hints").arg("lanes").query_async(&mut raw).await.expect("HDEL");
+    // A run created now lands in a new lane of its own.
+    store.create_run(&NewRun::new("new", "alpha").queue("q").priority(5)).await.expect("create");
+    let lane = zrange(&mut raw, "rl:{q}:runner:alpha").await;
+    assert_eq!(lane.len(), 1, "before the upgrade the lane holds the new run only: {lane:?}");
+
+    let request = ClaimRequest::new("rt").queue("q").runner("alpha");
+    let ClaimOutcome::Claimed(run) = store.claim_from("q", &request).await.expect("claim") else {
+        panic!("four runs of alpha wait");
+    };
+    assert_eq!(run.run_id, "old-best", "the filtered claim sees the runs of the earlier build");
+    check_lanes(&store, &mut raw, 0).await;
+    let mark: Option<String> =
+        redis::cmd("HGET").arg("rl:{q}:meta").arg("lanes").query_async(&mut raw).await.expect("HGET");
+    assert_eq!(mark.as_deref(), Some("1"), "the queue is marked as upgraded");
+
+    // The rest come in order, each claim from the lane.
+    let mut order = Vec::new();
+    while let ClaimOutcome::Claimed(run) = store.claim_from("q", &request).await.expect("claim") {
+        order.push(run.run_id.clone());
+        check_lanes(&store, &mut raw, order.len()).await;
+    }
+    assert_eq!(order, ["new", "old2", "old1"]);
+    // Upgraded once: one copy, by the first claim.
+    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut raw).await.expect("INFO");
+    assert!(stats.contains("cmdstat_zunionstore:calls=1,"), "one copy in all: {stats}");
 }

@@ -2,7 +2,7 @@
 -- the server clock and fencing.
 --
 -- The Rust side prepends it to each script in lua/ (queue scripts also get
--- include/queue.lua, the two that claim include/claim.lua), so each operation
+-- include/queue.lua; finalize_run also the claim of claim_next_run.lua), so each operation
 -- is still one self-contained EVALSHA. A script gets only the includes it
 -- uses, because every call runs their definitions again.
 --

@@ -35,12 +35,10 @@ local function lane_score(priority, id)
   return (1000 - priority) * BAND + math.floor(id / QUEUES)
 end
 
--- Runner lanes: a claim with a runner filter reads `runner:<r>` lanes, which
--- copy `queued` split by runner. They cost a sorted-set entry per queued run,
--- so a queue keeps them only while its queued runs have two or more runners
--- (then every runner with queued runs has a lane) and drops them when it
--- empties. `runners` (HASH runner_id -> runs in `queued`) tells which case
--- holds: one field and no lane for it = one runner, `queued` is its lane.
+-- Runner lanes: every run of `queued` is also in its runner's lane
+-- `runner:<r>` (same score), always, and `runners` (HASH runner_id -> runs in
+-- `queued`) counts them. A claim with a runner filter reads the heads of the
+-- lanes it names; the unfiltered claim reads `queued`. Both leave together.
 local function runner_lane(B, r)
   return B .. 'runner:' .. r
 end
@@ -50,6 +48,8 @@ end
 --   next_due  ms: no delayed run falls due and no lease expires before it;
 --             every ZADD to `delayed` or `leases` keeps it so (lower_next_due)
 --   pinned    '0' while no pinned lane holds runs ('1': one may)
+--   lanes     '1': `meta` says the queue keeps a lane for every runner
+--             (checked, and upgrade_lanes run, when it is missing)
 -- A missing hash or field means unknown: the next claim probes and rebuilds
 -- it. A claim looks at most HINT_MS ahead, so even an entry added by hand
 -- waits no longer than that.
@@ -82,29 +82,24 @@ local function zadd_entries(key, entries)
   end
 end
 
--- Puts unpinned, due runs of runner r into `queued` (and its lane when the
--- queue keeps lanes). entries: {lane score, run_id, ...}.
+-- Puts unpinned, due runs of runner r into `queued` and r's lane.
+-- entries: {lane score, run_id, ...}.
 local function queue_runs(B, r, entries)
-  local n = #entries / 2
-  local runners = B .. 'runners'
-  local lane = runner_lane(B, r)
-  local laned
-  if redis.call('HINCRBY', runners, r, n) == n then
-    local names = redis.call('HKEYS', runners)
-    laned = #names > 1
-    if #names == 2 then
-      -- The second runner arrives: the first one's runs are all of `queued`
-      -- (an empty `queued` stores nothing). Done once until the queue empties.
-      local first = names[1] == r and names[2] or names[1]
-      if redis.call('EXISTS', runner_lane(B, first)) == 0 then
-        redis.call('ZUNIONSTORE', runner_lane(B, first), '1', K.queued)
-      end
-    end
-  else
-    laned = redis.call('EXISTS', lane) == 1
-  end
-  if laned then zadd_entries(lane, entries) end
+  redis.call('HINCRBY', B .. 'runners', r, #entries / 2)
+  zadd_entries(runner_lane(B, r), entries)
   zadd_entries(K.queued, entries)
+end
+
+-- A queue written by a build before lanes were kept always (meta field
+-- `lanes` unset) had no lane while its queued runs had one runner: `queued`
+-- was that runner's lane. Copies it into the lane once, and marks the queue.
+local function upgrade_lanes(B)
+  local names = redis.call('HKEYS', B .. 'runners')
+  if #names == 1 then
+    local lane = runner_lane(B, names[1])
+    redis.call('ZUNIONSTORE', lane, '2', lane, K.queued, 'AGGREGATE', 'MIN')
+  end
+  redis.call('HSET', B .. 'meta', 'lanes', '1')
 end
 
 -- Puts a queued run into the lane it is claimed from.

@@ -31,7 +31,7 @@ pub const MAX_RUNS_PER_BATCH: usize = 10_000;
 /// A claim that was sent but never answered (the connection broke or the
 /// reply timed out): it may have claimed a run that nobody knows of. The
 /// store's next claim sends it again with the same token, and the script's
-/// receipt (see lua/include/claim.lua) hands back that run.
+/// receipt (see lua/claim_next_run.lua) hands back that run.
 pub(crate) struct Unanswered {
     queue: String,
     spec: Vec<String>,

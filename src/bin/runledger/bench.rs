@@ -3,6 +3,7 @@
 //! queue depth, memory per run and Redis commands / CPU per lifecycle.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -69,6 +70,12 @@ pub struct BenchArgs {
     /// The Node.js of --peer bullmq [default: node].
     #[arg(long, value_name = "PATH")]
     pub node: Option<std::path::PathBuf>,
+    /// Runner ids the runs spread over (`bench-agent-0` ..), to measure the claim with several.
+    #[arg(long, default_value_t = 1)]
+    pub runners: usize,
+    /// The lifecycle workers claim with a runner filter naming every runner of --runners.
+    #[arg(long)]
+    pub runner_filter: bool,
     /// Only the dashboard's cost: Redis commands and time of one /metrics scrape and of each
     /// page of `runledger ui`, at 10 and at 1,000 queues (a private redis-server).
     #[arg(long)]
@@ -137,9 +144,24 @@ pub struct Figures {
 
 pub(crate) const METADATA_PAD: &str = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore magna aliqua ut enim ad minim veniam quis nostrud exercitation";
 
+/// How many runner ids the bench's runs spread over (`--runners`), and
+/// whether its lifecycle workers claim with a filter naming them all
+/// (`--runner-filter`). Set once, before the first phase.
+static RUNNERS: AtomicUsize = AtomicUsize::new(1);
+static RUNNER_FILTER: AtomicBool = AtomicBool::new(false);
+
+/// The runner id of run number i: `bench-agent`, or with `--runners N`
+/// `bench-agent-<i mod N>`.
+fn bench_runner(i: usize) -> String {
+    match RUNNERS.load(Ordering::Relaxed) {
+        0 | 1 => "bench-agent".to_string(),
+        n => format!("bench-agent-{}", i % n),
+    }
+}
+
 fn bench_run(i: usize, queue: &str) -> NewRun {
     // ~200 bytes of metadata, as in the peers' workload.
-    NewRun::new(uuid::Uuid::new_v4().to_string(), "bench-agent")
+    NewRun::new(uuid::Uuid::new_v4().to_string(), bench_runner(i))
         .queue(queue)
         .priority(rand::rng().random_range(0..10))
         .metadata(json!({ "n": i, "user": "bench", "text": &METADATA_PAD[..150] }))
@@ -371,7 +393,13 @@ pub(crate) async fn lifecycle(store: &Store, queue: &str, workers: usize, n: usi
     let mut handles = Vec::new();
     let start = Instant::now();
     for w in 0..workers {
-        let worker = Worker::builder(store)
+        let mut builder = Worker::builder(store);
+        if RUNNER_FILTER.load(Ordering::Relaxed) {
+            for i in 0..RUNNERS.load(Ordering::Relaxed).max(1) {
+                builder = builder.runner(bench_runner(i));
+            }
+        }
+        let worker = builder
             .runtime_id(format!("bench-{w}-{}", std::process::id()))
             .queue(queue)
             .concurrency(1)
@@ -484,6 +512,8 @@ pub async fn run(target: &Target, out: &Output, a: BenchArgs) -> Result<()> {
         return crate::bench_cluster::run(target, out, &a).await;
     }
     let prefix = target.prefix.as_str();
+    RUNNERS.store(a.runners.max(1), Ordering::Relaxed);
+    RUNNER_FILTER.store(a.runner_filter, Ordering::Relaxed);
     if a.runs == 0 || a.workers == 0 {
         return Err(Error::Invalid("--runs and --workers must be at least 1".into()));
     }
@@ -821,7 +851,7 @@ async fn empty_bench_queues(store: &Store) -> Result<u64> {
             let _: () = redis::cmd("DEL").arg(&locators).query_async(&mut conn).await?;
             removed += run_ids.len() as u64;
         }
-        let own = [
+        let mut own = vec![
             keys.queued(),
             keys.leases(),
             keys.delayed(),
@@ -835,9 +865,11 @@ async fn empty_bench_queues(store: &Store) -> Result<u64> {
             keys.pins(),
             keys.hints(),
             keys.runs_index(),
-            keys.runner_lane("bench-agent"),
-            keys.runner_wake("bench-agent"),
         ];
+        for i in 0..RUNNERS.load(Ordering::Relaxed).max(1) {
+            own.push(keys.runner_lane(&bench_runner(i)));
+            own.push(keys.runner_wake(&bench_runner(i)));
+        }
         let _: () = redis::cmd("DEL").arg(&own[..]).query_async(&mut conn).await?;
     }
     Ok(removed)
