@@ -79,7 +79,7 @@ impl QueueKeys {
     pub fn pins(&self) -> String {
         self.key("pins")
     }
-    /// HASH `next_due`, `pinned`: what lets a claim skip probes that would find nothing.
+    /// HASH `next_due`, `pinned`, `lanes`: what lets a claim skip probes that would find nothing.
     pub fn hints(&self) -> String {
         self.key("hints")
     }
@@ -97,10 +97,11 @@ impl QueueKeys {
     pub fn events(&self, run_id: &str) -> String {
         self.key(&format!("events:{run_id}"))
     }
-    /// Queue settings: its number and id clock (HASH).
+    /// Queue settings: its number, id clock and lane layout mark (HASH).
     pub fn meta(&self) -> String {
         self.key("meta")
     }
+    /// ZSET: the runs of `queued` of one runner (every one, always).
     pub fn runner_lane(&self, runner_id: &str) -> String {
         self.key(&format!("runner:{runner_id}"))
     }
