@@ -641,6 +641,15 @@ async fn a_tenant_runs_everything_as_its_acl_user() {
     })
     .await;
     let _: () = redis::cmd("PING").query_async(&mut replica_conn).await.expect("replica up");
+    // A queue as an earlier build left it (one runner's runs and no lane, no
+    // `lanes` mark): its next claim, as the tenant, copies it into the lane.
+    rl(&url, "a", &["enqueue", "--queue", "legacy", "--runner", "lr", "--run-id", "old-1"]).await.ok();
+    let _: () = redis::cmd("DEL").arg("a:{legacy}:runner:lr").query_async(&mut root).await.expect("DEL");
+    for key in ["a:{legacy}:meta", "a:{legacy}:hints"] {
+        let _: () = redis::cmd("HDEL").arg(key).arg("lanes").query_async(&mut root).await.expect("HDEL");
+    }
+    let old = a(&["--json", "claim", "--runtime", "box-1", "--queue", "legacy", "--runner", "lr"]).await.json();
+    assert_eq!(old["run_id"], "old-1", "the upgraded queue hands out its run to a filtered claim: {old}");
     // None of that asked for anything outside the list.
     denials_only_of(&mut root, "tenant_a", &[], "after the ledger commands").await;
 
