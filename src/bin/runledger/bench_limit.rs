@@ -100,19 +100,30 @@ fn finish_commands(pipe: &mut redis::Pipeline, keys: &runledger::keys::QueueKeys
     pipe.cmd("XADD").arg(keys.finished()).arg("*").arg("r").arg(id).ignore();
 }
 
+/// The minimal enqueue of `ids` (numbered in order), PIPELINE_RUNS runs per pipeline.
+async fn enqueue_pipelined(
+    conn: &mut runledger::store::Conn,
+    keys: &runledger::keys::QueueKeys,
+    ids: &[String],
+    now: i64,
+) -> Result<()> {
+    for (chunk_no, chunk) in ids.chunks(PIPELINE_RUNS).enumerate() {
+        let mut pipe = redis::pipe();
+        for (i, id) in chunk.iter().enumerate() {
+            enqueue_commands(&mut pipe, keys, id, (chunk_no * PIPELINE_RUNS + i) as i64, now);
+        }
+        let _: () = pipe.query_async(conn).await?;
+    }
+    Ok(())
+}
+
 /// The minimal lifecycle from `workers` concurrent callers, each run in two
 /// round trips as runledger's Worker makes it (claim; events and finish):
 /// runs per second. Runs are enqueued (unmeasured) first.
 async fn two_trip_lifecycle(store: &Store, ids: &[String], workers: usize, now: i64) -> Result<f64> {
     let keys = store.queue_keys(LIMIT_QUEUE);
     let mut conn = store.conn().await?;
-    for (chunk_no, chunk) in ids.chunks(PIPELINE_RUNS).enumerate() {
-        let mut pipe = redis::pipe();
-        for (i, id) in chunk.iter().enumerate() {
-            enqueue_commands(&mut pipe, &keys, id, (chunk_no * PIPELINE_RUNS + i) as i64, now);
-        }
-        let _: () = pipe.query_async(&mut conn).await?;
-    }
+    enqueue_pipelined(&mut conn, &keys, ids, now).await?;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..workers {
@@ -171,13 +182,7 @@ pub async fn limit(store: &Store, probe: &Probe<'_>, runs: usize, workers: &[usi
         let before = probe.used_memory().await?;
         let cpu_before = probe.redis_cpu().await?;
         let start = Instant::now();
-        for (chunk_no, chunk) in ids.chunks(PIPELINE_RUNS).enumerate() {
-            let mut pipe = redis::pipe();
-            for (i, id) in chunk.iter().enumerate() {
-                enqueue_commands(&mut pipe, &keys, id, (chunk_no * PIPELINE_RUNS + i) as i64, now);
-            }
-            let _: () = pipe.query_async(&mut conn).await?;
-        }
+        enqueue_pipelined(&mut conn, &keys, &ids, now).await?;
         let enqueue_per_s = runs as f64 / start.elapsed().as_secs_f64();
         let enqueue_cpu = per_run(cpu_before, probe.redis_cpu().await?, 1e6, runs);
         let queued_memory = per_run(before, probe.used_memory().await?, 1.0, runs);
