@@ -6,7 +6,7 @@
 //
 //   node peer.mjs '{"port": 6379, "phase": "lifecycle", "queue": "bench", "runs": 20000, "workers": 4}'
 //
-// Phases (the same as runledger's, see src/bin/runledger/bench_peer.rs):
+// Phases (the same as runledger's, see src/bin/runledger/bench/peer.rs):
 //   enqueue-single  `runs` jobs, one Queue.add at a time       -> {"elapsed_s"}
 //   enqueue-batched `runs` jobs, Queue.addBulk of 1000 at a time -> {"elapsed_s"}
 //   lifecycle       `workers` Workers (concurrency 1 each) take the queue's

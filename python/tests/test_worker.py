@@ -94,10 +94,12 @@ async def test_retry_backs_off_then_fails_and_other_errors_fail_at_once(store):
     await store.create_run(run_id="flaky", runner_id="x", status="queued")
     await store.create_run(run_id="broken", runner_id="x", status="queued")
     attempts = []
+    flaky_started = []
 
     async def handler(ctx):
         attempts.append(ctx.run_id)
         if ctx.run_id == "flaky":
+            flaky_started.append(asyncio.get_running_loop().time())
             raise runledger.Retry("try again")
         raise KeyError("no such thing")
 
@@ -113,6 +115,10 @@ async def test_retry_backs_off_then_fails_and_other_errors_fail_at_once(store):
     broken = await store.get_run("broken")
     assert "KeyError" in broken["status_reason"] and broken["dispatch_attempts"] == 1
     assert (await store.get_run("flaky"))["dispatch_attempts"] == 2
+    # It backed off: the second attempt started no sooner than the base delay
+    # after the first (a lower bound, so a slow machine cannot fail it).
+    assert len(flaky_started) == 2
+    assert flaky_started[1] - flaky_started[0] >= 0.05, flaky_started
 
 
 async def test_stopping_gives_back_what_is_held(store):

@@ -586,7 +586,7 @@ async fn execute_one(
     let token = run.claim_token.clone().unwrap_or_default();
     let attempts = run.dispatch_attempts;
     let max_attempts = run.max_attempts.filter(|&m| m > 0).unwrap_or(inner.backoff.max_attempts);
-    // Parsed by the chaos test (tests/chaos.rs): every claim a worker knows of.
+    // Parsed by the chaos test (tests/it/chaos.rs): every claim a worker knows of.
     debug!(run_id = %run_id, attempt = attempts, token = %token, "run claimed");
     let stop = CancellationToken::new();
     // The lease counts from the claim's send, by this process's clock: it

@@ -14,7 +14,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::Target;
-use crate::output::Output;
+use crate::measure::percentile;
+use crate::output::{Output, redacted};
 use crate::private::PrivateRedis;
 use crate::simulate::{Simulation, handle};
 
@@ -91,14 +92,6 @@ impl Tally {
     }
 }
 
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
 pub async fn run(target: &Target, out: &Output, a: DemoArgs) -> Result<()> {
     let prefix = target.prefix.as_str();
     if a.runs == 0 || a.workers == 0 || a.concurrency == 0 {
@@ -117,7 +110,7 @@ pub async fn run(target: &Target, out: &Output, a: DemoArgs) -> Result<()> {
     };
     eprintln!(
         "demo: Redis at {}{}, key prefix {prefix}",
-        crate::bench::redacted(&url),
+        redacted(&url),
         server.as_ref().map(PrivateRedis::describe).unwrap_or_default()
     );
     let store = Store::connect_with(&url, target.config(&prefix)).await?;
@@ -333,7 +326,7 @@ pub async fn run(target: &Target, out: &Output, a: DemoArgs) -> Result<()> {
     };
     samples.sort_by(|x, y| x.total_cmp(y));
     let summary = Summary {
-        redis: crate::bench::redacted(&url),
+        redis: redacted(&url),
         prefix,
         runs: a.runs,
         completed,

@@ -6,15 +6,9 @@
 //! 5 claim lost (stale token or deadline passed).
 
 mod bench;
-mod bench_cluster;
-mod bench_host;
-mod bench_limit;
-mod bench_memory;
-mod bench_peer;
-mod bench_steps;
-mod bench_ui;
 mod demo;
 mod ledger;
+mod measure;
 mod output;
 mod private;
 mod simulate;
@@ -131,7 +125,7 @@ async fn main() {
     // other CLIs do. Not for the long-running commands: with SIGPIPE at its
     // default, a write into a socket that Redis (or the network) closed kills
     // the process silently instead of failing one call, which the library
-    // retries (found by tests/chaos.rs).
+    // retries (found by tests/it/chaos.rs).
     #[cfg(unix)]
     if !matches!(cli.command, Command::Worker(_) | Command::Demo(_) | Command::Bench(_)) {
         // SAFETY: signal(2) only changes how this process takes SIGPIPE.
@@ -211,9 +205,29 @@ async fn run(cli: Cli) -> runledger::Result<()> {
             None => Ok(()),
         },
         Command::Demo(a) => demo::run(&target, &out, a).await,
-        Command::Bench(a) => bench::run(&target, &out, a).await,
+        Command::Bench(a) => run_bench(&target, &out, a).await,
         Command::Ui(a) => ui::run(&store().await?, a).await,
     }
+}
+
+/// `runledger bench`: the part of the bench its flags name, else the standard one.
+async fn run_bench(target: &Target, out: &output::Output, a: bench::BenchArgs) -> runledger::Result<()> {
+    if a.host_shape {
+        return bench::host::run(target, out, &a).await;
+    }
+    if a.dashboard {
+        return bench::ui::run(target, out).await;
+    }
+    if a.peer.is_some() {
+        return bench::peer::run(target, out, &a).await;
+    }
+    if target.cluster || target.url.as_deref().is_some_and(|u| u.contains("+cluster://")) {
+        if a.shared {
+            return Err(Error::Invalid("bench --cluster uses prefixes of its own; --shared is for one server".into()));
+        }
+        return bench::cluster::run(target, out, &a).await;
+    }
+    bench::standard::run(target, out, a).await
 }
 
 fn exit_code(err: &Error) -> i32 {
