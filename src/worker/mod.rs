@@ -604,7 +604,8 @@ async fn execute_one(
     // this thread: a handler that blocks the thread then blocks nothing else.
     let handler_started = Instant::now();
     let mut handler = AbortOnDrop(tokio::spawn((inner.handler)(ctx.clone())));
-    let renewer = AbortOnDrop(tokio::spawn(renew_lease(inner.clone(), ctx.clone())));
+    let handler_done = CancellationToken::new();
+    let mut renewer = AbortOnDrop(tokio::spawn(renew_lease(inner.clone(), ctx.clone(), handler_done.clone())));
     let mut joined = tokio::select! {
         joined = &mut handler.0 => Some(joined),
         _ = stop.cancelled() => None,
@@ -621,6 +622,12 @@ async fn execute_one(
         }
     }
     let handler_took = handler_started.elapsed();
+    // No renewal races the outcome's write: the renewer stops at its next
+    // sleep, and one already sent is waited for (its reply is due before the
+    // write's on the same connection, and it is bounded by the lease), so
+    // every renewal Redis ran is one the metrics count.
+    handler_done.cancel();
+    let _ = (&mut renewer.0).await;
     // Once the run was stopped, only a success stands; a failure (typically
     // the handler giving up because it was told to stop) is put down to the
     // stop, whose reason decides: cancelled, released, or abandoned.
@@ -833,12 +840,16 @@ impl<T> Drop for AbortOnDrop<T> {
 /// Renews the lease every `renew_every`, each renewal counted from its own
 /// send. Stops the handler at once when the lease is lost, or when this
 /// process's clock reaches the lease's end without a renewal, whatever Redis
-/// does meanwhile (a renewal still on its way is given up then).
-async fn renew_lease(inner: Arc<Inner>, ctx: RunContext) {
+/// does meanwhile (a renewal still on its way is given up then). Returns
+/// between renewals once `handler_done` is cancelled.
+async fn renew_lease(inner: Arc<Inner>, ctx: RunContext, handler_done: CancellationToken) {
     let mut due = ctx.run.claim_sent_at.unwrap_or_else(Instant::now) + inner.renew_every;
     loop {
         let lease_end = ctx.lease_end();
-        tokio::time::sleep_until(due.min(lease_end).into()).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(due.min(lease_end).into()) => {}
+            _ = handler_done.cancelled() => return,
+        }
         let sent = Instant::now();
         if sent >= lease_end {
             ctx.lease_lost("the lease ran out before it could be renewed".into());

@@ -1039,9 +1039,18 @@ async fn argument_errors_are_one_line_and_exit_2() {
 async fn claim_wait_without_queue_notices_a_new_queue() {
     let redis = common::redis().await;
     let url = redis.url.clone();
-    // No queue exists yet; the waiter serves "every known queue".
+    // No queue exists yet; the waiter serves "every known queue", so it
+    // blocks in no command: it reads the queue registry again and again.
+    let port = url.trim_end_matches('/').rsplit(':').next().expect("port in the url").to_string();
+    let recorder = common::monitor::Monitor::start(&format!("127.0.0.1:{port}")).await;
     let (child, args, started) = spawn(&url, &["--json", "claim", "--runtime", "rt", "--wait", "8"]);
-    common::until_blocked(&url, 1).await;
+    // Two reads: it found no queue, and is waiting for one.
+    recorder
+        .until_seen(2, "reads of the queue registry", |c| {
+            c.name_is("HGETALL") && c.args.get(1).is_some_and(|k| k.ends_with(":queues"))
+        })
+        .await;
+    drop(recorder.stop().await);
     rl(&url, &["enqueue", "--queue", "brand-new", "--runner", "a", "--run-id", "fresh"]).await.ok();
     // The wait ends with the new queue's run, not `null` (how soon is for `runledger bench`).
     let out = finish(child, args, started, Duration::from_secs(30)).await;

@@ -169,6 +169,11 @@ async fn the_worker_serves_prometheus_metrics_of_its_runs() {
     // Every command Redis runs, to count the renewals the worker really sent.
     let port = redis.url.trim_end_matches('/').rsplit(':').next().expect("port in the url").to_string();
     let recorder = monitor::Monitor::start(&format!("127.0.0.1:{port}")).await;
+    // Loaded up front, so that MONITOR shows one EVALSHA per renewal: a
+    // first EVALSHA refused with NOSCRIPT is sent again once loaded.
+    let renew = runledger::scripts::Scripts::new().renew_claim;
+    let mut conn = common::raw(&redis).await;
+    let _: String = redis::cmd("SCRIPT").arg("LOAD").arg(renew.code).query_async(&mut conn).await.expect("SCRIPT LOAD");
     let (mut worker, addr) = start_worker(&redis.url, &prefix).await;
 
     // Served before any run: the endpoint is up, with the exposition content type.
@@ -218,7 +223,7 @@ async fn the_worker_serves_prometheus_metrics_of_its_runs() {
     // Every run worked for at least 1.5 s with a renewal due each second:
     // Redis ran a renewal of every run, and the counter counts each one.
     let commands = monitor::commands(&recorder.stop().await);
-    let renew_sha = runledger::scripts::Scripts::new().renew_claim.script.get_hash().to_string();
+    let renew_sha = renew.script.get_hash().to_string();
     let mut renewals: HashMap<String, usize> = HashMap::new();
     for cmd in &commands {
         if let Some((sha, _keys, argv)) = cmd.script_parts()

@@ -95,6 +95,21 @@ impl Monitor {
         lock(&self.lines).len()
     }
 
+    /// Waits until at least `n` recorded commands match `what` (a hang
+    /// guard of 30 s, not a speed limit): proof that a client got that far.
+    pub async fn until_seen(&self, n: usize, label: &str, what: impl Fn(&Command) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let lines = lock(&self.lines).clone();
+            let seen = lines.iter().filter_map(|l| parse_line(l)).filter(|c| what(c)).count();
+            if seen >= n {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "hang guard: {seen} of {n} {label} after 30 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Stops recording and returns every line, complete up to now: a marker
     /// command is sent on a fresh connection and the recorder runs until it
     /// has seen it, so nothing executed before this call is missing.
