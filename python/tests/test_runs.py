@@ -96,12 +96,15 @@ async def test_claim_order_filters_pins_and_the_token_only_for_the_claimer(store
     await store.create_run(run_id="pinned", runner_id="a", status="queued", priority=9, requested_runtime_id="rt-2")
     await store.create_run(run_id="elsewhere", runner_id="a", status="queued", queue_name="other", priority=100)
 
+    before = time.time()
     claimed = await store.claim_next_run(runtime_id="rt-1", queue_name="default", lease_seconds=60)
+    after = time.time()
     assert claimed["run_id"] == "high" and claimed["status"] == "claimed"
     assert set(claimed) == RUN_KEYS
     assert len(claimed["claim_token"]) >= 32 and claimed["claimed_by_runtime_id"] == "rt-1"
     assert claimed["dispatch_attempts"] == 1 and claimed["started_at"] is not None
-    assert abs(claimed["claim_lease_expires_at"] - (time.time() + 60)) <= 3
+    # Whole seconds, 60 s after the claim (Redis here runs on this machine's clock).
+    assert int(before) + 60 <= claimed["claim_lease_expires_at"] <= after + 60
     assert (await store.get_run("high"))["claim_token"] is None
 
     assert (await store.claim_next_run(runtime_id="rt-1", queue_name="default", runner_ids=["b"]))["run_id"] == "old-low"
@@ -130,10 +133,10 @@ async def test_claim_scope_filters(store):
 
 async def test_renew_checks_token_holder_and_expiry(store):
     await store.create_run(run_id="r", runner_id="a", status="queued")
-    c = await store.claim_next_run(runtime_id="rt", lease_seconds=1)
+    c = await store.claim_next_run(runtime_id="rt", lease_seconds=60)
     token = c["claim_token"]
-    renewed = await store.renew_claim(run_id="r", claim_token=token, lease_seconds=30)
-    assert renewed["claim_lease_expires_at"] >= c["claim_lease_expires_at"] + 25
+    renewed = await store.renew_claim(run_id="r", claim_token=token, lease_seconds=120)
+    assert renewed["claim_lease_expires_at"] >= c["claim_lease_expires_at"] + 60
     assert renewed["claim_token"] == token
     assert (await store.renew_claim(run_id="r", claim_token=token, runtime_id="rt"))["run_id"] == "r"
     assert await store.renew_claim(run_id="r", claim_token=token, runtime_id="someone-else") is None
@@ -168,10 +171,15 @@ async def test_release_claim_back_to_the_queue_or_to_an_end(store):
 async def test_release_with_a_retry_delay(store):
     await store.create_run(run_id="r", runner_id="a", status="queued")
     c = await store.claim_next_run(runtime_id="rt")
-    await store.release_claim(run_id="r", claim_token=c["claim_token"], retry_in_seconds=1)
+    await store.release_claim(run_id="r", claim_token=c["claim_token"], retry_in_seconds=60)
     assert await store.claim_next_run(runtime_id="rt") is None
-    await asyncio.sleep(1.2)
-    assert (await store.claim_next_run(runtime_id="rt"))["run_id"] == "r"
+    # Claimable once due: a second run released for 0.3 s, then waited out.
+    await store.create_run(run_id="s", runner_id="a", status="queued")
+    d = await store.claim_next_run(runtime_id="rt")
+    assert d["run_id"] == "s"
+    await store.release_claim(run_id="s", claim_token=d["claim_token"], retry_in_seconds=0.3)
+    await asyncio.sleep(0.5)
+    assert (await store.claim_next_run(runtime_id="rt"))["run_id"] == "s"
 
 
 async def test_validate_active_claim(store):

@@ -13,17 +13,18 @@ RUNTIME_KEYS = set(
 
 
 async def test_register_then_read(store):
-    now = time.time()
+    before = time.time()
     rt = await store.register_runtime(
         runtime_id="rt-1", display_name="Runtime one", endpoint="http://127.0.0.1:9", version="1.2",
         capabilities={"gpu": False}, labels={"zone": "a", "tier": "1"}, metadata={"m": 1},
         heartbeat_deadline_seconds=30,
     )
+    after = time.time()
     assert set(rt) == RUNTIME_KEYS
     assert (rt["runtime_id"], rt["status"], rt["display_name"], rt["endpoint"], rt["version"]) == (
         "rt-1", "online", "Runtime one", "http://127.0.0.1:9", "1.2")
     assert rt["capabilities"] == {"gpu": False} and rt["labels"] == {"zone": "a", "tier": "1"}
-    assert abs(rt["heartbeat_deadline_at"] - (now + 30)) <= 2
+    assert int(before) + 30 <= rt["heartbeat_deadline_at"] <= after + 30
     assert await store.get_runtime("rt-1") == rt
     assert await store.get_runtime("nobody") is None
 
@@ -55,10 +56,10 @@ async def test_list_runtimes_statuses_labels_limit_and_total(store):
 
 
 async def test_mark_stale_runtimes(store):
-    await store.register_runtime(runtime_id="old", heartbeat_deadline_seconds=1)
+    await store.register_runtime(runtime_id="old", heartbeat_deadline_seconds=60)
     await store.register_runtime(runtime_id="fresh", heartbeat_deadline_seconds=600)
     assert await store.mark_stale_runtimes() == []
-    marked = await store.mark_stale_runtimes(now=time.time() + 5)
+    marked = await store.mark_stale_runtimes(now=time.time() + 120)
     assert [r["runtime_id"] for r in marked] == ["old"] and marked[0]["status"] == "stale"
     await asyncio.sleep(1.1)
     marked = await store.mark_stale_runtimes(stale_status="gone", stale_after_seconds=0.5)

@@ -59,13 +59,18 @@ async fn a_delayed_run_lowers_the_hint_and_is_claimed_when_due() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
     let hinted = settle_on_empty(&mut raw, &store).await;
-    store.create_run(&NewRun::new("later", "agent").queue(Q).not_before(now_s() + 0.2)).await.expect("create");
+    let now_ms = store.server_time_ms().await.expect("server time");
+    store.create_run(&NewRun::new("later", "agent").queue(Q).not_before(now_s() + 3600.0)).await.expect("create");
+    assert!(store.claim_next_run(&request("w")).await.expect("claim").is_none(), "not due yet");
+    // Due shortly by the server's clock: it lowers the hint, and is claimed
+    // once the server's clock reaches it.
+    let soon_ms = now_ms + 300;
+    store.create_run(&NewRun::new("soon", "agent").queue(Q).not_before(soon_ms as f64 / 1000.0)).await.expect("create");
     let (due, _) = hints(&mut raw, &store).await;
     assert!(due.expect("next_due") < hinted, "a run due sooner than the hint lowers it");
-    assert!(store.claim_next_run(&request("w")).await.expect("claim").is_none(), "not due yet");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    common::until_server_passes(&store, soon_ms).await;
     let run = store.claim_next_run(&request("w")).await.expect("claim").expect("the delayed run, now due");
-    assert_eq!(run.run_id, "later");
+    assert_eq!(run.run_id, "soon");
 }
 
 async fn a_pinned_run_raises_the_pinned_hint_and_its_runtime_claims_it() {

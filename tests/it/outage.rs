@@ -96,7 +96,9 @@ async fn start_workload(url: &str) -> Workload {
             .runtime_id(format!("w{k}"))
             .queue("q")
             .concurrency(4)
-            .lease(Duration::from_secs(10))
+            // Renewed every 10 s: a lease renewed just before the outage
+            // still has 20 s left, so a slow restart cannot outlast it.
+            .lease(Duration::from_secs(30))
             .heartbeat(Duration::from_secs(1))
             .handle_signals(false)
             .build(move |ctx| {
@@ -197,7 +199,7 @@ async fn an_outage_shorter_than_the_lease_runs_nothing_twice() {
 
     tokio::task::block_in_place(|| server.stop());
     workload.disrupted.store(true, Ordering::SeqCst);
-    // Half the lease: renewals and emits fail meanwhile, the leases do not run out.
+    // A sixth of the lease: renewals and emits fail meanwhile, the leases do not run out.
     tokio::time::sleep(Duration::from_secs(5)).await;
     tokio::task::block_in_place(|| server.start_again()).expect("start redis-server again on its AOF");
 

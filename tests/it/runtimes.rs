@@ -38,6 +38,7 @@ async fn register_records_fields_and_a_heartbeat() {
     reg.labels = Some(json!({"zone": "eu"}));
     reg.metadata = Some(json!({"pid": 42}));
     let rt = store.register_runtime(&reg).await.expect("register");
+    let after = now_ms(&store).await;
     assert_eq!(rt.id, 1);
     assert_eq!(rt.runtime_id, "rt-1");
     assert_eq!(rt.status, "online");
@@ -48,7 +49,7 @@ async fn register_records_fields_and_a_heartbeat() {
     assert_eq!(rt.labels, json!({"zone": "eu"}));
     assert_eq!(rt.metadata, json!({"pid": 42}));
     let hb = rt.last_heartbeat_at.expect("last_heartbeat_at");
-    assert!(hb >= before / 1000 && hb <= before / 1000 + 5);
+    assert!(hb >= before / 1000 && hb <= after / 1000, "last_heartbeat_at {hb} is the registration's time");
     let hb_ms = hami(&mut raw, "last_heartbeat_at").await;
     let deadline_ms = hami(&mut raw, "heartbeat_deadline_at").await;
     assert_eq!(deadline_ms - hb_ms, 60_000, "the default deadline is 60 s after the heartbeat");
@@ -147,7 +148,7 @@ async fn runtime_reads_stale_after_its_deadline_and_list_filters_by_status() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
     // Ids in registration order: rt-c 1, rt-a 2, rt-b 3.
-    store.register_runtime(&runtime("rt-c", Duration::from_secs(1))).await.expect("register rt-c");
+    store.register_runtime(&runtime("rt-c", Duration::from_secs(60))).await.expect("register rt-c");
     store.register_runtime(&runtime("rt-a", Duration::from_secs(60))).await.expect("register rt-a");
     let mut busy = runtime("rt-b", Duration::from_secs(60));
     busy.status = "busy".into();
@@ -162,7 +163,11 @@ async fn runtime_reads_stale_after_its_deadline_and_list_filters_by_status() {
     assert_eq!(all.iter().map(|r| r.id).collect::<Vec<_>>(), [1, 2, 3]);
     assert_eq!(store.get_runtime("rt-c").await.expect("get").status, "online");
 
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // A heartbeat with a short deadline, then the server's clock past it.
+    let short = Heartbeat { heartbeat_deadline: Duration::from_millis(300), ..Heartbeat::default() };
+    store.heartbeat_runtime("rt-c", &short).await.expect("heartbeat rt-c");
+    let deadline_ms = hget_i64(&mut raw, "rl:runtime:rt-c", "heartbeat_deadline_at").await;
+    common::until_server_passes(&store, deadline_ms).await;
     let c = store.get_runtime("rt-c").await.expect("get rt-c after its deadline");
     assert_eq!(c.status, "stale", "a runtime past its heartbeat deadline reads stale");
     let stored: String =
@@ -246,22 +251,24 @@ async fn mark_stale_runtimes_with_stale_after() {
 
 async fn runtime_key_expires_after_deadline_plus_grace() {
     let (redis, store) =
-        common::store_with(StoreConfig { runtime_grace: Duration::from_millis(1000), ..Default::default() }).await;
+        common::store_with(StoreConfig { runtime_grace: Duration::from_secs(4), ..Default::default() }).await;
     let mut raw = common::raw(&redis).await;
     store.register_runtime(&runtime("rt-1", Duration::from_secs(1))).await.expect("register");
     store.register_runtime(&runtime("keeper", Duration::from_secs(60))).await.expect("register keeper");
     let pttl: i64 = redis::cmd("PTTL").arg("rl:runtime:rt-1").query_async(&mut raw).await.expect("PTTL");
-    assert!(pttl > 0 && pttl <= 2000, "the runtime key expires after deadline + grace (PTTL {pttl})");
+    assert!(pttl > 4000 && pttl <= 5000, "the runtime key expires after deadline + grace (PTTL {pttl})");
     let pttl: i64 = redis::cmd("PTTL").arg("rl:runtime:keeper").query_async(&mut raw).await.expect("PTTL");
-    assert!(pttl > 59_000 && pttl <= 61_000, "PTTL {pttl}");
+    assert!(pttl > 63_000 && pttl <= 64_000, "deadline 60 s + grace 4 s (PTTL {pttl})");
 
-    // Past the deadline, within the grace: still there, read as stale.
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // Past the deadline (by the server's clock), within the grace (4 s of
+    // slack): still there, read as stale.
+    let deadline_ms = hget_i64(&mut raw, "rl:runtime:rt-1", "heartbeat_deadline_at").await;
+    common::until_server_passes(&store, deadline_ms).await;
     assert!(exists(&mut raw, "rl:runtime:rt-1").await, "the key outlives its deadline by the grace");
     assert_eq!(store.get_runtime("rt-1").await.expect("get in grace").status, "stale");
 
-    // Past the grace: gone.
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // Past the grace: gone (an expired key is gone to the first read after).
+    common::until_server_passes(&store, deadline_ms + 4000).await;
     assert!(!exists(&mut raw, "rl:runtime:rt-1").await, "the key expired");
     let err = store.get_runtime("rt-1").await.expect_err("expired runtime");
     assert!(matches!(err, Error::NotFound(_)), "{err:?}");

@@ -116,9 +116,10 @@ async fn create_running_is_started_and_not_claimable() {
     let mut raw = common::raw(&redis).await;
     let before = now_ms(&store).await / 1000;
     let run = create(&store, NewRun::new("direct", "agent").queue(Q).status(RunStatus::Running)).await;
+    let after = now_ms(&store).await / 1000;
     assert_eq!(run.status, RunStatus::Running);
     let started = run.started_at.expect("a running run has started_at");
-    assert!(started >= before && started <= before + 5, "started_at {started} is now ({before})");
+    assert!(started >= before && started <= after, "started_at {started} is the server's now (in {before}..={after})");
     assert_eq!(run.started_at, Some(run.created_at));
     assert_eq!(zcard(&mut raw, "rl:{q}:queued").await, 0);
     assert!(claim(&store, "rt1").await.is_none(), "a running run is never handed out");
@@ -155,6 +156,7 @@ async fn claim_result_fields_match_the_seed() {
     create(&store, NewRun::new("r1", "agent").queue(Q)).await;
     let before = now_ms(&store).await;
     let run = claim_lease(&store, "rt-7", Duration::from_secs(30)).await.expect("claim");
+    let after = now_ms(&store).await;
     assert_eq!(run.status, RunStatus::Claimed);
     assert_eq!(run.claimed_by_runtime_id.as_deref(), Some("rt-7"));
     let token = token_of(&run);
@@ -162,10 +164,13 @@ async fn claim_result_fields_match_the_seed() {
     assert!(token.chars().all(|c| c.is_ascii_hexdigit()));
     assert_eq!(run.dispatch_attempts, 1);
     let lease_ms = run.claim_lease_expires_at_ms.expect("lease expiry in ms");
-    assert!(lease_ms >= before + 30_000 && lease_ms <= before + 35_000, "lease {lease_ms} is ~30 s after {before}");
+    assert!(
+        lease_ms >= before + 30_000 && lease_ms <= after + 30_000,
+        "lease {lease_ms} is 30 s after the claim (in {before}..={after})"
+    );
     assert_eq!(run.claim_lease_expires_at, Some(lease_ms / 1000), "seconds field is the ms field rounded down");
     let last = run.last_claimed_at.expect("last_claimed_at");
-    assert!(last >= before / 1000 && last <= before / 1000 + 5);
+    assert!(last >= before / 1000 && last <= after / 1000, "last_claimed_at {last} is the claim's time");
     assert_eq!(run.updated_at, last);
 }
 
@@ -236,11 +241,13 @@ async fn expired_lease_is_claimable_again_with_a_new_token() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
     create(&store, NewRun::new("r1", "agent").queue(Q)).await;
-    let first = claim_lease(&store, "rt-1", Duration::from_millis(500)).await.expect("first claim");
+    let first = claim_lease(&store, "rt-1", Duration::from_secs(60)).await.expect("first claim");
     assert_eq!(first.dispatch_attempts, 1);
     // While the lease is live nobody else gets it.
     assert!(claim(&store, "rt-2").await.is_none(), "a live lease is not claimable");
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Shortened by its holder, then left to run out by the server's clock.
+    let short = store.renew_claim("r1", &token_of(&first), Duration::from_millis(200)).await.expect("renew");
+    common::until_server_passes(&store, short.claim_lease_expires_at_ms.expect("lease ms")).await;
     let second = claim(&store, "rt-2").await.expect("an expired lease is claimable again");
     assert_eq!(second.run_id, "r1");
     assert_eq!(second.dispatch_attempts, 2);
@@ -275,11 +282,7 @@ async fn release_claim_back_to_queue_and_with_retry_delay() {
 
     // Release with a retry delay: not claimable until it is due.
     let delayed = store
-        .release_claim(
-            "r1",
-            &token_of(&c2),
-            &Release { retry_in: Some(Duration::from_millis(1200)), ..Default::default() },
-        )
+        .release_claim("r1", &token_of(&c2), &Release { retry_in: Some(Duration::from_secs(60)), ..Default::default() })
         .await
         .expect("release with retry_in");
     assert_eq!(delayed.status, RunStatus::Queued);
@@ -294,10 +297,21 @@ async fn release_claim_back_to_queue_and_with_retry_delay() {
         }
         ClaimOutcome::Claimed(run) => panic!("claimed {} before its retry time", run.run_id),
     }
-    tokio::time::sleep(Duration::from_millis(1700)).await;
+    // Once due (by the server's clock) it is claimable: a second run,
+    // released with a short delay, shows it.
+    create(&store, NewRun::new("r2", "agent").queue(Q)).await;
+    let d1 = claim(&store, "rt-1").await.expect("claim r2");
+    assert_eq!(d1.run_id, "r2", "r1 is still delayed");
+    let soon = store
+        .release_claim("r2", &token_of(&d1), &Release { retry_in: Some(Duration::from_millis(300)), ..Default::default() })
+        .await
+        .expect("release with a short retry_in");
+    let due_ms = zscore(&mut raw, "rl:{q}:delayed", "r2").await.expect("r2 waits in the delayed set") as i64;
+    assert!(soon.not_before.is_some());
+    common::until_server_passes(&store, due_ms).await;
     let c3 = claim(&store, "rt-3").await.expect("claimable once due");
-    assert_eq!(c3.run_id, "r1");
-    assert_eq!(c3.dispatch_attempts, 3);
+    assert_eq!(c3.run_id, "r2");
+    assert_eq!(c3.dispatch_attempts, 2);
 }
 
 async fn release_claim_to_a_terminal_status() {
@@ -652,7 +666,7 @@ async fn finalize_merges_metadata_and_stores_usage_and_cost() {
 async fn not_before_delays_a_new_run() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
-    let due = now_ms(&store).await as f64 / 1000.0 + 1.2;
+    let due = now_ms(&store).await as f64 / 1000.0 + 60.0;
     let run = create(&store, NewRun::new("later", "agent").queue(Q).not_before(due)).await;
     assert_eq!(run.status, RunStatus::Queued);
     assert_eq!(run.not_before, Some(((due * 1000.0).round() as i64).div_euclid(1000)));
@@ -660,10 +674,15 @@ async fn not_before_delays_a_new_run() {
     create(&store, NewRun::new("now", "agent").queue(Q).priority(-10)).await;
     assert_eq!(claim(&store, "rt").await.expect("the due run").run_id, "now", "the delayed run is skipped");
     assert!(claim(&store, "rt").await.is_none(), "the delayed run is not claimable yet");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A run due shortly is claimable once the server's clock reaches it.
+    let soon_ms = now_ms(&store).await + 300;
+    create(&store, NewRun::new("soon", "agent").queue(Q).not_before(soon_ms as f64 / 1000.0)).await;
+    assert!(zscore(&mut raw, "rl:{q}:delayed", "soon").await.is_some());
+    common::until_server_passes(&store, soon_ms).await;
     let c = claim(&store, "rt").await.expect("claimable once due");
-    assert_eq!(c.run_id, "later");
-    assert_eq!(zcard(&mut raw, "rl:{q}:delayed").await, 0);
+    assert_eq!(c.run_id, "soon");
+    assert_eq!(zscore(&mut raw, "rl:{q}:delayed", "soon").await, None, "it left the delayed set");
+    assert_eq!(zcard(&mut raw, "rl:{q}:delayed").await, 1, "the later run still waits");
 
     // A not_before in the past is claimable at once.
     let past = now_ms(&store).await as f64 / 1000.0 - 10.0;
@@ -697,9 +716,10 @@ async fn reap_enforces_deadlines_on_claimed_runs() {
     let c1 = claim(&store, "rt").await.expect("claim r1");
     let c2 = claim(&store, "rt").await.expect("claim r2");
     assert_eq!(c1.run_id, "r1");
-    let report = store.reap(&[], None).await.expect("reap before the deadline");
+    // Before the deadline: reaped at the server time the deadline was set from.
+    let report = store.reap(&[], Some(now)).await.expect("reap before the deadline");
     assert_eq!(report.timed_out, 0);
-    tokio::time::sleep(Duration::from_millis(2400)).await;
+    common::until_server_passes(&store, now + 2_000).await;
     let report = store.reap(&[], None).await.expect("reap after the deadline");
     assert_eq!(report.timed_out, 1, "{report:?}");
     let r1 = store.get_run("r1").await.expect("get r1");
@@ -724,11 +744,11 @@ async fn reap_enforces_deadlines_on_claimed_runs() {
 async fn renew_past_the_deadline_times_the_run_out() {
     let (_redis, store) = common::store().await;
     let now = now_ms(&store).await as f64 / 1000.0;
-    create(&store, NewRun::new("r1", "agent").queue(Q).deadline_at(now + 1.5)).await;
+    create(&store, NewRun::new("r1", "agent").queue(Q).deadline_at(now + 5.0)).await;
     let c = claim(&store, "rt").await.expect("claim");
     let renewed = store.renew_claim("r1", &token_of(&c), Duration::from_secs(60)).await.expect("renew in time");
     assert_eq!(renewed.status, RunStatus::Claimed);
-    tokio::time::sleep(Duration::from_millis(1900)).await;
+    common::until_server_passes(&store, (now * 1000.0) as i64 + 5_000).await;
     let err = store.renew_claim("r1", &token_of(&c), Duration::from_secs(60)).await.expect_err("renew too late");
     assert!(matches!(err, Error::DeadlinePassed(_)), "got {err:?}");
     assert_eq!(store.get_run("r1").await.expect("get").status, RunStatus::Timeout);
@@ -738,16 +758,19 @@ async fn renew_extends_the_lease() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
     create(&store, NewRun::new("r1", "agent").queue(Q)).await;
-    let c = claim_lease(&store, "rt", Duration::from_millis(1000)).await.expect("claim");
+    let c = claim_lease(&store, "rt", Duration::from_secs(4)).await.expect("claim");
     let token = token_of(&c);
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        let r = store.renew_claim("r1", &token, Duration::from_millis(1000)).await.expect("renew within the lease");
+    let first_end = c.claim_lease_expires_at_ms.expect("lease");
+    // Renewed each second (3 s of slack each time) until the server's clock
+    // is past the first lease's end.
+    while now_ms(&store).await <= first_end {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let r = store.renew_claim("r1", &token, Duration::from_secs(4)).await.expect("renew within the lease");
         assert_eq!(r.claim_token.as_deref(), Some(token.as_str()), "renew is the holder's own result");
         let score = zscore(&mut raw, "rl:{q}:leases", "r1").await.expect("lease index");
         assert_eq!(Some(score as i64), r.claim_lease_expires_at_ms);
     }
-    // 1.6 s have passed, more than the lease: the renewals kept it.
+    // The first lease is over: the renewals kept it.
     assert!(claim(&store, "other").await.is_none(), "a renewed lease is not claimable");
     let r = store.renew_claim("r1", &token, Duration::from_secs(120)).await.expect("renew longer");
     let now = now_ms(&store).await;

@@ -289,6 +289,17 @@ pub async fn all_events(store: &runledger::Store, run_id: &str) -> Vec<runledger
     }
 }
 
+/// Waits until the server's clock is past `ms` (Unix ms). A test measures
+/// its windows on the server's clock this way, so a slow machine makes it
+/// slower, never red.
+pub async fn until_server_passes(store: &Store, ms: i64) {
+    let now = store.server_time_ms().await.expect("server time");
+    assert!(ms - now < 120_000, "waiting until {ms} would take minutes (now {now})");
+    while store.server_time_ms().await.expect("server time") <= ms {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Clients blocked in a command (`blocked_clients` of INFO clients) on the
 /// Redis of `url`, summed over every node named in it on a cluster.
 pub async fn blocked_clients(url: &str) -> usize {
