@@ -104,7 +104,7 @@ async def test_retry_backs_off_then_fails_and_other_errors_fail_at_once(store):
         raise KeyError("no such thing")
 
     worker = runledger.Worker(store, handler, lease_seconds=10, max_attempts=2,
-                              backoff_base_seconds=0.05, backoff_max_seconds=0.1)
+                              backoff_base_seconds=0.2, backoff_max_seconds=0.4)
     task = asyncio.create_task(worker.run())
     await wait_for(lambda: _is(store, "flaky", "failed"), "flaky failed after its attempts")
     await wait_for(lambda: _is(store, "broken", "failed"), "broken failed")
@@ -115,10 +115,11 @@ async def test_retry_backs_off_then_fails_and_other_errors_fail_at_once(store):
     broken = await store.get_run("broken")
     assert "KeyError" in broken["status_reason"] and broken["dispatch_attempts"] == 1
     assert (await store.get_run("flaky"))["dispatch_attempts"] == 2
-    # It backed off: the second attempt started no sooner than the base delay
-    # after the first (a lower bound, so a slow machine cannot fail it).
+    # It backed off: the second attempt started no sooner than the jittered
+    # base delay (50-100 % of 0.2 s) after the first (a lower bound, so a slow
+    # machine cannot fail it).
     assert len(flaky_started) == 2
-    assert flaky_started[1] - flaky_started[0] >= 0.05, flaky_started
+    assert flaky_started[1] - flaky_started[0] >= 0.1, flaky_started
 
 
 async def test_stopping_gives_back_what_is_held(store):
