@@ -69,13 +69,13 @@ def redis_cli(port, *args):
 
 
 def runledger_binary():
-    """The CLI built by cargo (release first), for tests that run a Rust worker."""
+    """The CLI built by cargo (the test profile `quick` first), for tests that run a Rust worker."""
     explicit = os.environ.get("RUNLEDGER_BIN")
     if explicit:
         return os.path.abspath(explicit)
     root = os.path.join(os.path.dirname(__file__), "..", "..", "target")
-    for profile in ("release", "debug"):
+    for profile in ("quick", "release", "debug"):
         path = os.path.abspath(os.path.join(root, profile, "runledger"))
         if os.path.exists(path):
             return path
-    pytest.fail("the runledger CLI is not built: run `cargo build --release` first, or set RUNLEDGER_BIN")
+    pytest.fail("the runledger CLI is not built: run `cargo build --profile quick` first, or set RUNLEDGER_BIN")

@@ -6,7 +6,7 @@
 //! local cluster, keyspace snapshots); the local Redis Cluster is started
 //! once per process, on first use, for every cluster case of every module.
 //!
-//! Run one module with `cargo test --release --test it -- <module>::`
+//! Run one module with `cargo test --profile quick --test it -- <module>::`
 //! (for example `seed_ops::`), or one case by its full path.
 
 #[macro_use]
