@@ -13,7 +13,7 @@ use runledger::{Backoff, Direction, Error, NewRun, Result, RunStatus, Store, Wor
 use serde::Serialize;
 use serde_json::json;
 
-use crate::Target;
+use crate::target::Target;
 use crate::measure::percentile;
 use crate::output::{Output, redacted};
 use crate::private::PrivateRedis;

@@ -9,7 +9,7 @@ use runledger::{
 };
 use serde_json::Value;
 
-use crate::Target;
+use crate::target::Target;
 use crate::output::Output;
 
 pub async fn connect(url: &str, target: &Target) -> Result<Store> {

@@ -12,11 +12,13 @@ mod measure;
 mod output;
 mod private;
 mod simulate;
+mod target;
 mod ui;
 mod worker_cmd;
 
 use clap::{Parser, Subcommand};
 use runledger::Error;
+use target::Target;
 
 #[derive(Parser)]
 #[command(name = "runledger", version, about = "A Redis-backed distributed work queue and run ledger")]
@@ -143,31 +145,6 @@ async fn main() {
     if let Err(err) = run(cli).await {
         eprintln!("runledger: {err}");
         std::process::exit(exit_code(&err));
-    }
-}
-
-/// Where the commands connect, from the global flags.
-#[derive(Clone)]
-pub struct Target {
-    /// `--redis` / `REDIS_URL`, if given.
-    pub url: Option<String>,
-    pub prefix: String,
-    pub cluster: bool,
-    pub wait_replicas: u32,
-    /// `--tls-ca` / `RUNLEDGER_TLS_CA`, if given.
-    pub tls_ca: Option<std::path::PathBuf>,
-}
-
-impl Target {
-    /// The store settings these flags ask for, with another prefix.
-    pub fn config(&self, prefix: &str) -> runledger::StoreConfig {
-        runledger::StoreConfig {
-            prefix: prefix.to_string(),
-            cluster: self.cluster,
-            wait_replicas: self.wait_replicas,
-            tls_ca_file: self.tls_ca.clone(),
-            ..Default::default()
-        }
     }
 }
 

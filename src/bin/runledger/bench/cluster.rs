@@ -12,7 +12,7 @@ use runledger::embedded::RedisServer;
 use runledger::{Result, Store};
 use serde::Serialize;
 
-use crate::Target;
+use crate::target::Target;
 use super::BenchArgs;
 use super::workload::{enqueue_batched, lifecycle};
 use crate::output::Output;

@@ -15,7 +15,7 @@ use runledger::{Error, Finish, NewEvent, NewRun, Result, RunStatus, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::Target;
+use crate::target::Target;
 use super::probe::Probe;
 use super::workload::remove_prefix;
 use super::{BenchArgs, METADATA_PAD};

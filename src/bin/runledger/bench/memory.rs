@@ -7,7 +7,7 @@ use std::time::Instant;
 use runledger::embedded::RedisServer;
 use runledger::{Result, Store};
 
-use crate::Target;
+use crate::target::Target;
 use super::probe::{Probe, per_run};
 use super::workload::{enqueue_batched, lifecycle};
 

@@ -17,7 +17,7 @@ use runledger::embedded::RedisServer;
 use runledger::{Error, Result, Store};
 use serde::Serialize;
 
-use crate::Target;
+use crate::target::Target;
 use super::BenchArgs;
 use super::probe::{Probe, commands_between, per_run};
 use super::workload::{enqueue_batched, enqueue_single, idle_latency, lifecycle};

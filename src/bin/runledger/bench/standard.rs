@@ -16,7 +16,7 @@ use super::probe::{Probe, commands_between, per_run};
 use super::report::{Figures, na, print_check, print_table};
 use super::steps::STEPS_QUEUE;
 use super::workload::{self, enqueue_batched, enqueue_single, idle_latency, lifecycle, remove_prefix};
-use crate::Target;
+use crate::target::Target;
 use crate::measure::percentile;
 use crate::output::{Output, redacted};
 use crate::private::PrivateRedis;

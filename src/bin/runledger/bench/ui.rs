@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::Target;
+use crate::target::Target;
 use super::probe::Probe;
 use crate::measure::percentile;
 use crate::output::Output;
