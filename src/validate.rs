@@ -1,5 +1,11 @@
 //! Argument checks done before anything is sent, so a bad call fails with one
-//! clear error. The scripts check the same rules again before writing.
+//! clear error: the full checks (JSON parsed and sized, nesting depth, UTF-8,
+//! ids, ranges) live here, at the edge, because the CLI, the Worker, the
+//! dashboard and the Python package all come through this library. The Lua
+//! keeps what only the server can decide (state, tokens, the clock) and O(1)
+//! checks of each argument's type, range and shape, so that a raw call can
+//! never half-write; it does not parse JSON (see `check_json` in
+//! lua/include/common.lua).
 
 use std::time::Duration;
 
@@ -53,8 +59,8 @@ pub fn opt_object(name: &str, value: Option<&Value>, max_bytes: usize) -> Result
     value.map_or(Ok(String::new()), |v| object(name, v, max_bytes))
 }
 
-/// How deep a JSON document may nest (the scripts check the same): deeper
-/// ones are refused before they are stored, not found unreadable later.
+/// How deep a JSON document may nest: deeper ones are refused before they
+/// are stored, not found unreadable later.
 pub const MAX_JSON_DEPTH: usize = 64;
 
 fn depth(value: &Value) -> usize {

@@ -9,11 +9,15 @@
 // Phases (the same as runledger's, see src/bin/runledger/bench/peer.rs):
 //   enqueue-single  `runs` jobs, one Queue.add at a time       -> {"elapsed_s"}
 //   enqueue-batched `runs` jobs, Queue.addBulk of 1000 at a time -> {"elapsed_s"}
-//   lifecycle       `workers` Workers (concurrency 1 each) take the queue's
-//                   `runs` jobs; each reports 3 progress events, then completes
+//   lifecycle       as BullMQ's docs recommend: ONE Worker of `concurrency: workers`
+//                   takes the queue's `runs` jobs; each writes 3 `job.log` lines
+//                   (kept per job, like runledger's per-run stream), then completes
 //                                                              -> {"elapsed_s"}
-//   idle-latency    `workers` idle Workers; `runs` single adds 2 ms apart; the
-//                   time from each add to its processor starting
+//   lifecycle-progress  the earlier harness, kept as a second row: `workers`
+//                   Workers of concurrency 1, 3 `updateProgress` calls per job
+//                                                              -> {"elapsed_s"}
+//   idle-latency    one idle Worker of `concurrency: workers`; `runs` single adds
+//                   2 ms apart; the time from each add to its processor starting
 //                                                              -> {"latencies_ms": [...]}
 import { Queue, Worker } from 'bullmq';
 
@@ -54,15 +58,15 @@ async function enqueueBatched(queue) {
   return { elapsed_s: Number(process.hrtime.bigint() - start) / 1e9 };
 }
 
-// Starts `workers` Workers whose processor is `work`; resolves once `runs`
-// jobs completed, with the Workers closed.
-async function runWorkers(work, onReady) {
+// Starts `count` Workers of `concurrency` each whose processor is `work`;
+// resolves once `runs` jobs completed, with the Workers closed.
+async function runWorkers(work, { count, concurrency }, onReady) {
   let done = 0;
   let finish;
   const all = new Promise((r) => (finish = r));
   const pool = [];
-  for (let w = 0; w < workers; w++) {
-    const worker = new Worker(name, work, { connection, concurrency: 1, autorun: false });
+  for (let w = 0; w < count; w++) {
+    const worker = new Worker(name, work, { connection, concurrency, autorun: false });
     worker.on('completed', () => {
       done += 1;
       if (done === runs) finish();
@@ -83,14 +87,28 @@ async function runWorkers(work, onReady) {
   return { elapsed_s, extra };
 }
 
+// One Worker, `concurrency: workers`: how BullMQ's docs scale a worker.
+const idiomatic = { count: 1, concurrency: workers };
+
 async function lifecycle() {
+  const pad = PAD.slice(0, 70);
+  const { elapsed_s } = await runWorkers(async (j) => {
+    await j.log(JSON.stringify({ step: 1, text: pad }));
+    await j.log(JSON.stringify({ step: 2, text: pad }));
+    await j.log(JSON.stringify({ step: 3, text: pad }));
+    return null;
+  }, idiomatic);
+  return { elapsed_s };
+}
+
+async function lifecycleProgress() {
   const pad = PAD.slice(0, 70);
   const { elapsed_s } = await runWorkers(async (j) => {
     await j.updateProgress({ step: 1, text: pad });
     await j.updateProgress({ step: 2, text: pad });
     await j.updateProgress({ step: 3, text: pad });
     return null;
-  });
+  }, { count: workers, concurrency: 1 });
   return { elapsed_s };
 }
 
@@ -103,6 +121,7 @@ async function idleLatency(queue) {
       const from = sent.get(j.data.n);
       if (from !== undefined) latencies.push(Number(at - from) / 1e6);
     },
+    idiomatic,
     async () => {
       await sleep(300);
       for (let i = 0; i < runs; i++) {
@@ -126,6 +145,7 @@ try {
     case 'enqueue-single': out = await enqueueSingle(queue); break;
     case 'enqueue-batched': out = await enqueueBatched(queue); break;
     case 'lifecycle': out = await lifecycle(); break;
+    case 'lifecycle-progress': out = await lifecycleProgress(); break;
     case 'idle-latency': out = await idleLatency(queue); break;
     default:
       console.error(`peer.mjs: unknown phase ${phase}`);

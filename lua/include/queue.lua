@@ -15,10 +15,8 @@
 -- indexes) are built from it inside the script: they carry the same hash tag,
 -- so the script never leaves the queue's slot.
 
-local K = {
-  queued = KEYS[1], leases = KEYS[2], delayed = KEYS[3], deadlines = KEYS[4],
-  finished = KEYS[5], stats = KEYS[6], wake = KEYS[7],
-}
+-- Bound to this call's KEYS by bind_call (below).
+local K = {}
 
 -- Run ids are clock * QUEUES + queue number (see create_run.lua); the clock
 -- grows with creation within a queue and has at most 41 bits.
@@ -57,6 +55,16 @@ local HINT_MS = 1000
 
 -- next_due as this call last read or wrote it (nil: not read yet, false: unknown).
 local hinted_due
+
+-- Binds the queue keys of this call and forgets what an earlier call read.
+-- A script runs it once as it starts; the Functions library (which defines
+-- these locals once, see src/scripts.rs) runs it at the start of every call.
+local function bind_call()
+  K.queued, K.leases, K.delayed, K.deadlines = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+  K.finished, K.stats, K.wake = KEYS[5], KEYS[6], KEYS[7]
+  hinted_due = nil
+end
+bind_call()
 
 -- Keeps next_due at or below t (a run delayed until t, a lease ending at t).
 local function lower_next_due(B, t)

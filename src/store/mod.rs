@@ -36,7 +36,7 @@ pub use stats::{RunStats, RunnerStats, RuntimeStats};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -88,6 +88,12 @@ pub struct StoreConfig {
     /// redis-cli's `--cacert`); read once at connect, for every connection.
     /// `None` (default) = the system's roots (which honour `SSL_CERT_FILE`).
     pub tls_ca_file: Option<PathBuf>,
+    /// Call the operations as Redis Functions (`FCALL` of this build's
+    /// library, loaded where missing) while the server allows them; refused
+    /// (an ACL without `FCALL` or `FUNCTION LOAD`, a server before 7.0), the
+    /// store runs the same Lua as scripts (`EVALSHA`) from then on. False:
+    /// scripts only. Default true.
+    pub functions: bool,
 }
 
 impl Default for StoreConfig {
@@ -106,6 +112,7 @@ impl Default for StoreConfig {
             running_timeout: Some(Duration::from_secs(86_400)),
             pin_grace: Duration::from_secs(300),
             tls_ca_file: None,
+            functions: true,
         }
     }
 }
@@ -151,6 +158,23 @@ struct Inner {
     turn: AtomicUsize,
     /// Claims sent whose answer was lost (see `runs::Unanswered`).
     unanswered: Mutex<Vec<runs::Unanswered>>,
+    /// How operations are called: [`FUNCTIONS`] until the server refuses
+    /// them, then [`SCRIPTS`] for the life of the store.
+    way_in: AtomicU8,
+}
+
+/// Operations are called with `FCALL` (the library is loaded where missing).
+const FUNCTIONS: u8 = 0;
+/// Operations are run as scripts with `EVALSHA`: `FUNCTION LOAD` or `FCALL`
+/// was refused (an ACL without them, a server before 7.0).
+const SCRIPTS: u8 = 1;
+
+/// How the server answered a call whose function or script it lacked.
+enum Missing {
+    /// The library is loaded now (or was already): send again.
+    Loaded,
+    /// Functions are refused here: send again as scripts.
+    Refused,
 }
 
 const LOCATOR_CAP: usize = 200_000;
@@ -200,6 +224,7 @@ impl Store {
             return Err(Error::Invalid("replica_timeout must be more than 0 with wait_replicas".into()));
         }
         let tls = conn::tls_certificates(url, cfg.tls_ca_file.as_deref())?;
+        let functions = cfg.functions;
         let backend = match conn::cluster_nodes(url, cfg.cluster)? {
             Some(urls) => {
                 let nodes = conn::Seeds { urls, tls };
@@ -242,6 +267,7 @@ impl Store {
                 partitions: Mutex::new(Default::default()),
                 turn: AtomicUsize::new(0),
                 unanswered: Mutex::new(Vec::new()),
+                way_in: AtomicU8::new(if functions { FUNCTIONS } else { SCRIPTS }),
             }),
         };
         let mut conn = store.conn().await?;
@@ -385,21 +411,34 @@ impl Store {
         lua: &Lua,
         calls: &[(Vec<String>, Vec<String>)],
     ) -> std::result::Result<Vec<Value>, redis::RedisError> {
-        let mut pipe = redis::pipe();
-        for (keys, args) in calls {
-            pipe.cmd("EVALSHA").arg(lua.script.get_hash()).arg(keys.len()).arg(keys).arg(args);
-        }
         let wait = self.inner.cfg.wait_replicas;
-        if wait > 0 && lua.writes {
-            pipe.cmd("WAIT").arg(wait).arg(self.inner.cfg.replica_timeout.as_millis() as u64);
-        }
-        let mut loaded = false;
+        let concern = wait > 0 && lua.writes;
+        let pipeline = |way_in: u8| {
+            let mut pipe = redis::pipe();
+            for (keys, args) in calls {
+                if way_in == FUNCTIONS && lua.writes {
+                    pipe.cmd("FCALL").arg(&lua.function);
+                } else if way_in == FUNCTIONS {
+                    // A no-writes function: also callable where only reads are allowed.
+                    pipe.cmd("FCALL_RO").arg(&lua.function);
+                } else {
+                    pipe.cmd("EVALSHA").arg(lua.script.get_hash());
+                }
+                pipe.arg(keys.len()).arg(keys).arg(args);
+            }
+            if concern {
+                pipe.cmd("WAIT").arg(wait).arg(self.inner.cfg.replica_timeout.as_millis() as u64);
+            }
+            pipe
+        };
+        let (mut library_loaded, mut script_loaded) = (false, false);
         let mut moved = 0;
         loop {
+            let way_in = self.inner.way_in.load(Ordering::Relaxed);
             let mut conn = self.conn().await.map_err(into_redis_error)?;
-            match pipe.query_async::<Vec<Value>>(&mut conn).await.map_err(first_server_error) {
+            match pipeline(way_in).query_async::<Vec<Value>>(&mut conn).await.map_err(first_server_error) {
                 Ok(mut values) => {
-                    if wait > 0 && lua.writes {
+                    if concern {
                         let acked = match values.pop() {
                             Some(Value::Int(n)) => n,
                             _ => 0,
@@ -418,8 +457,22 @@ impl Store {
                     }
                     return Ok(values);
                 }
-                Err(e) if !loaded && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                    loaded = true;
+                Err(e) if way_in == FUNCTIONS && functions_refused(&e) => self.use_scripts(&e),
+                // The node lacks the library (new, restarted empty, flushed,
+                // promoted from a replica that never had it): loaded and sent again.
+                Err(e) if way_in == FUNCTIONS && !library_loaded && is_function_missing(&e) => {
+                    library_loaded = true;
+                    match load_library(&mut conn).await? {
+                        Missing::Loaded => {}
+                        Missing::Refused => self.use_scripts(&e),
+                    }
+                }
+                Err(e)
+                    if way_in == SCRIPTS
+                        && !script_loaded
+                        && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    script_loaded = true;
                     // On a cluster SCRIPT LOAD goes to every master.
                     let _: Value = redis::cmd("SCRIPT").arg("LOAD").arg(lua.code).query_async(&mut conn).await?;
                 }
@@ -432,6 +485,37 @@ impl Store {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// From now on this store runs its operations as scripts.
+    fn use_scripts(&self, why: &redis::RedisError) {
+        if self.inner.way_in.swap(SCRIPTS, Ordering::Relaxed) == FUNCTIONS {
+            tracing::info!(reason = %why, "Redis Functions are refused here; running the operations as scripts (EVALSHA)");
+        }
+    }
+
+    /// True when operations go in as `FCALL` (false: as `EVALSHA` scripts).
+    pub fn uses_functions(&self) -> bool {
+        self.inner.way_in.load(Ordering::Relaxed) == FUNCTIONS
+    }
+
+    /// Loads this build's Functions library (on every master of a cluster),
+    /// as `runledger functions load` does for an operator whose tenants may
+    /// call `FCALL` but not `FUNCTION`. Returns the library's name; loading
+    /// it again is a no-op.
+    pub async fn load_functions(&self) -> Result<String> {
+        let mut conn = self.conn().await?;
+        let name = crate::scripts::library().name.clone();
+        match redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg(&crate::scripts::library().code)
+            .query_async::<Value>(&mut conn)
+            .await
+        {
+            Ok(_) => Ok(name),
+            Err(e) if is_already_loaded(&e) => Ok(name),
+            Err(e) => Err(self.failed(e)),
         }
     }
 
@@ -593,6 +677,33 @@ impl Store {
     /// stays on that shard), classic pub/sub on one server.
     pub(crate) fn publish_command(&self) -> &'static str {
         if self.is_cluster() { "SPUBLISH" } else { "PUBLISH" }
+    }
+}
+
+/// `FCALL` of a function no library on this node defines.
+fn is_function_missing(e: &redis::RedisError) -> bool {
+    e.code() == Some("ERR") && e.detail().is_some_and(|d| d.starts_with("Function not found"))
+}
+
+/// `FCALL` refused: by the ACL (NOPERM), or by a server without Functions.
+fn functions_refused(e: &redis::RedisError) -> bool {
+    e.code() == Some("NOPERM")
+        || (e.code() == Some("ERR") && e.detail().is_some_and(|d| d.to_ascii_lowercase().starts_with("unknown command")))
+}
+
+/// `FUNCTION LOAD` of a library that is there already (another client loaded it first).
+fn is_already_loaded(e: &redis::RedisError) -> bool {
+    e.detail().is_some_and(|d| d.contains("already exists"))
+}
+
+/// Loads the library where a call found it missing.
+async fn load_library(conn: &mut Conn) -> std::result::Result<Missing, redis::RedisError> {
+    let library = crate::scripts::library();
+    match redis::cmd("FUNCTION").arg("LOAD").arg(&library.code).query_async::<Value>(conn).await {
+        Ok(_) => Ok(Missing::Loaded),
+        Err(e) if is_already_loaded(&e) => Ok(Missing::Loaded),
+        Err(e) if functions_refused(&e) => Ok(Missing::Refused),
+        Err(e) => Err(e),
     }
 }
 

@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 
 /// The commands of the README's ACL line: everything the library, the CLI,
 /// the Worker, the demo and the bench need (`-@all` first, then these).
-const ACL_COMMANDS: &str = "+ping +time +wait +evalsha +script|load +get +set +del +exists +pexpire +persist +copy \
+const ACL_COMMANDS: &str = "+ping +time +wait +fcall +fcall_ro +evalsha +script|load +get +set +del +exists +pexpire +persist +copy \
     +rename +incr +hget +hmget +hgetall +hkeys +hlen +hset +hsetnx +hdel +hincrby +lpush +llen +blpop +sadd +srem \
     +smembers +zadd +zrem +zcard +zscore +zrange +zrangebyscore +zunionstore +xadd +xdel +xlen +xrange +xrevrange \
     +xread +xinfo|stream +publish +subscribe +spublish +ssubscribe +cluster|slots";
@@ -43,9 +43,69 @@ const ACL_COMMANDS: &str = "+ping +time +wait +evalsha +script|load +get +set +d
 /// only figures and advice.
 const OPERATOR_EXTRAS: &str = "+info +memory|purge +config|get +latency|histogram";
 
-/// Commands the client sends that the list leaves out on purpose (the
-/// Worker's settings check, `Store::config_advice`).
-const OPTIONAL_CLIENT: &[&str] = &["config|get"];
+/// Commands the client sends that the list leaves out on purpose: the
+/// Worker's settings check (`Store::config_advice`), and the load of the
+/// Functions library, which an operator runs once (`runledger functions
+/// load`); refused it, the client runs its scripts instead.
+const OPTIONAL_CLIENT: &[&str] = &["config|get", "function|load"];
+
+/// The commands only the Functions way in uses, and those only the scripts' fallback uses.
+const FUNCTIONS_ONLY: &[&str] = &["fcall", "fcall_ro"];
+const SCRIPTS_ONLY: &[&str] = &["evalsha", "script|load"];
+
+/// How a tenant's calls go in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum WayIn {
+    /// The tenant has FCALL but not FUNCTION: an admin loaded the library.
+    Functions,
+    /// The tenant has neither: every call is a script (EVALSHA).
+    Scripts,
+}
+
+impl WayIn {
+    /// The tenant's list: the README's, or the README's without FCALL.
+    fn list(self, full: &str) -> String {
+        match self {
+            WayIn::Functions => full.to_string(),
+            WayIn::Scripts => {
+                full.split_whitespace().filter(|t| !FUNCTIONS_ONLY.contains(&t.trim_start_matches('+'))).collect::<Vec<_>>().join(" ")
+            }
+        }
+    }
+
+    /// What the tenant may see refused: the optional commands, and FCALL for a tenant without it.
+    fn optional(self) -> Vec<&'static str> {
+        let mut allowed = OPTIONAL_CLIENT.to_vec();
+        if self == WayIn::Scripts {
+            allowed.extend(FUNCTIONS_ONLY);
+        }
+        allowed
+    }
+
+    /// The commands of the list that this way in never sends.
+    fn unused(self) -> &'static [&'static str] {
+        match self {
+            WayIn::Functions => SCRIPTS_ONLY,
+            WayIn::Scripts => FUNCTIONS_ONLY,
+        }
+    }
+}
+
+/// Calls of `command` in an `INFO commandstats` text (0 when it never ran).
+fn calls_of(stats: &str, command: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("cmdstat_{command}:")))
+        .and_then(|f| f.split(',').find_map(|f| f.strip_prefix("calls=")))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Loads the Functions library as the admin, with the CLI (`runledger functions load`).
+async fn load_functions(url: &str) {
+    let out = rl(url, "a", &["functions", "load"]).await.ok();
+    assert!(out.stdout.starts_with("loaded runledger_"), "{}", out.describe());
+}
 
 /// Commands sent by the redis crate on runledger's behalf rather than by a
 /// `cmd(..)` of ours: pub/sub subscriptions and the cluster client's slot map.
@@ -121,7 +181,7 @@ fn the_readme_line_is_the_list() {
     for t in &ops_commands {
         assert!(t.starts_with('+') && t.len() > 1, "only +command rules after -@all: {t}");
         assert!(!t.contains('@'), "a category ({t}) grants more than runledger sends");
-        assert!(t.chars().skip(1).all(|c| c.is_ascii_lowercase() || c == '|'), "lower-case command names: {t}");
+        assert!(t.chars().skip(1).all(|c| c.is_ascii_lowercase() || c == '|' || c == '_'), "lower-case command names: {t}");
         assert!(seen.insert(t.clone()), "{t} is listed twice");
     }
     for t in tokens(OPERATOR_EXTRAS) {
@@ -164,7 +224,8 @@ fn literal_args(text: &str, opener: &str) -> Vec<Vec<String>> {
 /// A command as ACL names it: `xinfo|stream` for the subcommand of a container command.
 fn acl_name(args: &[String]) -> Option<String> {
     let name = args.first()?.to_ascii_lowercase();
-    if ["xinfo", "script", "cluster", "config", "memory", "client", "object", "acl", "latency"].contains(&name.as_str())
+    if ["xinfo", "script", "function", "cluster", "config", "memory", "client", "object", "acl", "latency"]
+        .contains(&name.as_str())
     {
         return Some(format!("{name}|{}", args.get(1)?.to_ascii_lowercase()));
     }
@@ -204,7 +265,10 @@ fn the_list_is_what_the_code_sends() {
             }
         }
     }
-    assert!(by_client.contains("evalsha") && by_client.contains("blpop"), "the Rust parse found the client's commands");
+    assert!(
+        ["fcall", "fcall_ro", "evalsha", "function|load", "blpop"].iter().all(|c| by_client.contains(*c)),
+        "the Rust parse found the client's commands: {by_client:?}"
+    );
 
     let list = commands_of(ACL_COMMANDS);
     let sent: BTreeSet<String> =
@@ -444,15 +508,28 @@ fn sigterm(child: &tokio::process::Child) {
 // ---------------------------------------------------------------- as the tenant
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tenant_runs_everything_as_its_acl_user() {
+async fn a_tenant_with_fcall_runs_everything_as_its_acl_user() {
+    tenant_runs_everything(WayIn::Functions).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_without_functions_runs_everything_as_scripts() {
+    tenant_runs_everything(WayIn::Scripts).await;
+}
+
+async fn tenant_runs_everything(way: WayIn) {
     let redis = common::redis().await;
     let server = redis.server().expect("this test starts a replica beside a private redis-server binary");
     let port = server.port();
     let mut root = admin(&redis.url).await;
-    let tenant_list = list_for(&mut root, "").await;
-    let ops_list = list_for(&mut root, OPERATOR_EXTRAS).await;
+    let tenant_list = way.list(&list_for(&mut root, "").await);
+    let ops_list = way.list(&list_for(&mut root, OPERATOR_EXTRAS).await);
     set_user(&mut root, "tenant_a", "pw_a", "a", &tenant_list).await;
     set_user(&mut root, "ops_a", "pw_ops", "a", &ops_list).await;
+    if way == WayIn::Functions {
+        load_functions(&redis.url).await;
+    }
+    let optional = way.optional();
     // A replica, for the write concern's WAIT (it syncs as the default user).
     let port_arg = port.to_string();
     let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port_arg]).expect("replica");
@@ -652,8 +729,9 @@ async fn a_tenant_runs_everything_as_its_acl_user() {
     }
     let old = a(&["--json", "claim", "--runtime", "box-1", "--queue", "legacy", "--runner", "lr"]).await.json();
     assert_eq!(old["run_id"], "old-1", "the upgraded queue hands out its run to a filtered claim: {old}");
-    // None of that asked for anything outside the list.
-    denials_only_of(&mut root, "tenant_a", &[], "after the ledger commands").await;
+    // None of that asked for anything outside the list (but FCALL, for a tenant without it).
+    let no_fcall: &[&str] = if way == WayIn::Scripts { FUNCTIONS_ONLY } else { &[] };
+    denials_only_of(&mut root, "tenant_a", no_fcall, "after the ledger commands").await;
 
     // 2. `runledger worker`: completes runs, stops on SIGTERM.
     for i in 0..6 {
@@ -771,7 +849,7 @@ async fn a_tenant_runs_everything_as_its_acl_user() {
     assert!(reaped.purged >= 6, "{reaped:?}");
     store.list_runtimes(&[], 10).await.expect("list runtimes as tenant_a");
     // The Workers' settings check (CONFIG GET) is the only refusal: optional, and only logged.
-    denials_only_of(&mut root, "tenant_a", OPTIONAL_CLIENT, "after the worker, the demo and the Worker").await;
+    denials_only_of(&mut root, "tenant_a", &optional, "after the worker, the demo and the Worker").await;
 
     // 5. The bench in the tenant's prefix: the figures that need INFO are n/a, not fatal.
     const SMALLEST: &[&str] = &[
@@ -798,13 +876,9 @@ async fn a_tenant_runs_everything_as_its_acl_user() {
     assert!(figures["memory_per_queued_run"].is_null(), "{figures}");
     assert!(stderr.contains("bench: note: the server refuses INFO"), "{stderr}");
     assert!(stderr.contains("bench: note: the server refuses CONFIG GET"), "{stderr}");
-    denials_only_of(
-        &mut root,
-        "tenant_a",
-        &["config|get", "info", "memory|purge", "latency|histogram"],
-        "after the bench",
-    )
-    .await;
+    let bench_refusals: Vec<&str> =
+        optional.iter().copied().chain(["info", "memory|purge", "latency|histogram"]).collect();
+    denials_only_of(&mut root, "tenant_a", &bench_refusals, "after the bench").await;
 
     // The operator user has the extras: every figure, and no refusal at all.
     acl_log_reset(&mut root).await;
@@ -815,7 +889,7 @@ async fn a_tenant_runs_everything_as_its_acl_user() {
     assert!(!stderr.contains("refuses"), "{stderr}");
     assert!(figures["memory_per_queued_run"].as_f64().is_some(), "{figures}");
     assert!(figures["redis_version"].as_str().is_some_and(|v| v.starts_with('7') || v.starts_with('8')), "{figures}");
-    denials_only_of(&mut root, "ops_a", &[], "after the operator's bench").await;
+    denials_only_of(&mut root, "ops_a", no_fcall, "after the operator's bench").await;
     denials_only_of(&mut root, "tenant_a", &[], "after the operator's bench").await;
     // And the other way round: the server ran every command of the list (the
     // test's own connection sent only INFO, ACL and one DEL so far), but those of a
@@ -829,9 +903,14 @@ async fn a_tenant_runs_everything_as_its_acl_user() {
         .collect();
     let idle: Vec<String> = commands_of(ACL_COMMANDS)
         .into_iter()
-        .filter(|c| !ran.contains(c) && !CLUSTER_ONLY.contains(&c.as_str()))
+        .filter(|c| !ran.contains(c) && !CLUSTER_ONLY.contains(&c.as_str()) && !way.unused().contains(&c.as_str()))
         .collect();
     assert!(idle.is_empty(), "nothing this test ran used {idle:?}: exercise them, or take them out of the list");
+    // Every call went in the one way: no script ran where the library was
+    // loaded, and no function where FCALL was refused.
+    for command in way.unused() {
+        assert_eq!(calls_of(&stats, command), 0, "{way:?}: the server ran {command}:\n{stats}");
+    }
     // The bench emptied its own queues and left the tenant's runs alone.
     for queue in ["bench", "bench-single", "bench-idle", "bench-1k"] {
         let n: i64 = redis::cmd("XLEN").arg(format!("a:{{{queue}}}:runs")).query_async(&mut root).await.expect("XLEN");
@@ -901,6 +980,13 @@ async fn tenants_cannot_touch_each_other() {
     let mut evalsha = redis::cmd("EVALSHA");
     evalsha.arg(scripts.queue_stats.script.get_hash()).arg(7).arg(&a_queue.fixed()[..]).arg("0");
     refused(&mut b, &evalsha, "EVALSHA runledger's script on a's keys").await;
+    // Functions: runledger's library, loaded by an admin, called with a's keys; and the load itself.
+    load_functions(&redis.url).await;
+    let mut fcall = redis::cmd("FCALL");
+    fcall.arg(&scripts.queue_stats.function).arg(7).arg(&a_queue.fixed()[..]).arg("0");
+    refused(&mut b, &fcall, "FCALL runledger's function on a's keys").await;
+    let load = redis::cmd("FUNCTION").arg("LOAD").arg(&runledger::scripts::library().code).clone();
+    refused(&mut b, &load, "FUNCTION LOAD (a tenant's library could replace another's code)").await;
     let sneak = "return redis.call('GET', ARGV[1])";
     let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(sneak).query_async(&mut b).await.expect("SCRIPT LOAD");
     let sneaky = redis::cmd("EVALSHA").arg(&sha).arg(1).arg("b:own").arg("a:locator:run-a1").clone();
@@ -979,6 +1065,8 @@ async fn a_tenant_runs_on_a_cluster() {
         nodes.push(conn);
     }
     let hosts: Vec<String> = cluster.ports().iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    // The admin loads the library on every master; the tenant calls it.
+    load_functions(&format!("redis+cluster://{}/", hosts.join(","))).await;
     let url = format!("redis+cluster://tenant_a:pw_a@{}/", hosts.join(","));
 
     rl(&url, "a", &["enqueue", "--queue", "q1", "--runner", "r1", "--run-id", "run-1"]).await.ok();
@@ -1030,8 +1118,9 @@ async fn a_tenant_runs_on_a_cluster() {
 
     let mut ran = BTreeSet::new();
     for conn in &mut nodes {
-        denials_only_of(conn, "tenant_a", OPTIONAL_CLIENT, "on a cluster node").await;
+        denials_only_of(conn, "tenant_a", &["config|get"], "on a cluster node").await;
         let stats: String = redis::cmd("INFO").arg("commandstats").query_async(conn).await.expect("INFO commandstats");
+        assert_eq!(calls_of(&stats, "evalsha"), 0, "the library is on every master: no script ran\n{stats}");
         ran.extend(
             stats
                 .lines()
@@ -1040,7 +1129,7 @@ async fn a_tenant_runs_on_a_cluster() {
                 .map(|(name, _)| name.to_string()),
         );
     }
-    let idle: Vec<&&str> = CLUSTER_ONLY.iter().filter(|c| !ran.contains(**c)).collect();
+    let idle: Vec<&&str> = CLUSTER_ONLY.iter().chain(FUNCTIONS_ONLY).filter(|c| !ran.contains(**c)).collect();
     assert!(idle.is_empty(), "the cluster never ran {idle:?}");
     drop(cluster);
 }

@@ -106,7 +106,8 @@ fn check_figures(f: &Value) {
     assert!((1.0..=4.0).contains(&round_trips), "round trips per lifecycle between 1 and 4, got {round_trips}: {f:#}");
     assert!(commands >= round_trips, "every round trip is a command: {f:#}");
     let breakdown = f["command_breakdown"].as_object().unwrap_or_else(|| panic!("command_breakdown: {f:#}"));
-    assert!(breakdown.contains_key("evalsha"), "lifecycles run scripts by SHA: {f:#}");
+    assert!(breakdown.contains_key("fcall"), "lifecycles call the Functions library: {f:#}");
+    assert!(!breakdown.contains_key("evalsha"), "no operation falls back to a script where FCALL works: {f:#}");
     let sum: f64 = breakdown.values().map(|v| v.as_f64().unwrap_or_else(|| panic!("breakdown value {v}"))).sum();
     assert!(
         (sum - commands).abs() < 1e-6 * commands.max(1.0),
@@ -355,6 +356,7 @@ async fn bench_peer_bullmq_measures_both_sides() {
         "enqueue_batched_per_s",
         "lifecycle_per_s",
         "lifecycle_many_per_s",
+        "lifecycle_progress_per_s",
         "idle_latency_ms_p50",
         "idle_latency_ms_p99",
         "redis_cpu_us_per_lifecycle",

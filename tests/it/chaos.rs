@@ -560,7 +560,7 @@ fn analyze_run(run_id: &str, writes: &[RunWrite], cmds: &[monitor::Command], f: 
     a
 }
 
-/// The name of the script that made a write, by the SHA of its EVALSHA.
+/// The name of the operation that made a write, by the SHA of its EVALSHA or the name of its FCALL.
 fn script_name(w: &RunWrite, cmds: &[monitor::Command]) -> &'static str {
     static NAMES: std::sync::OnceLock<HashMap<String, &'static str>> = std::sync::OnceLock::new();
     let names = NAMES.get_or_init(|| {
@@ -576,12 +576,12 @@ fn script_name(w: &RunWrite, cmds: &[monitor::Command]) -> &'static str {
             (&s.create_run, "create_run"),
         ]
         .into_iter()
-        .map(|(lua, name)| (lua.script.get_hash().to_string(), name))
+        .flat_map(|(lua, name)| [(lua.script.get_hash().to_string(), name), (lua.function.to_ascii_lowercase(), name)])
         .collect()
     });
     w.script
         .and_then(|i| cmds[i].script_parts())
-        .and_then(|(sha, _, _)| names.get(&sha.to_ascii_lowercase()).copied())
+        .and_then(|(id, _, _)| names.get(&id.to_ascii_lowercase()).copied())
         .unwrap_or("?")
 }
 

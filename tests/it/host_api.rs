@@ -194,7 +194,7 @@ async fn claims_sent(raw: &mut runledger::store::Conn) -> u64 {
         }
     }
     text.lines()
-        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter(|l| ["evalsha", "eval", "fcall", "fcall_ro"].iter().any(|c| l.starts_with(&format!("cmdstat_{c}:"))))
         .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
         .sum()
 }

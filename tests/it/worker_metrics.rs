@@ -169,11 +169,10 @@ async fn the_worker_serves_prometheus_metrics_of_its_runs() {
     // Every command Redis runs, to count the renewals the worker really sent.
     let port = redis.url.trim_end_matches('/').rsplit(':').next().expect("port in the url").to_string();
     let recorder = monitor::Monitor::start(&format!("127.0.0.1:{port}")).await;
-    // Loaded up front, so that MONITOR shows one EVALSHA per renewal: a
-    // first EVALSHA refused with NOSCRIPT is sent again once loaded.
+    // Loaded up front, so that MONITOR shows one FCALL per renewal: a first
+    // FCALL that finds no library is sent again once it is loaded.
     let renew = runledger::scripts::Scripts::new().renew_claim;
-    let mut conn = common::raw(&redis).await;
-    let _: String = redis::cmd("SCRIPT").arg("LOAD").arg(renew.code).query_async(&mut conn).await.expect("SCRIPT LOAD");
+    store.load_functions().await.expect("FUNCTION LOAD");
     let (mut worker, addr) = start_worker(&redis.url, &prefix).await;
 
     // Served before any run: the endpoint is up, with the exposition content type.
@@ -223,11 +222,10 @@ async fn the_worker_serves_prometheus_metrics_of_its_runs() {
     // Every run worked for at least 1.5 s with a renewal due each second:
     // Redis ran a renewal of every run, and the counter counts each one.
     let commands = monitor::commands(&recorder.stop().await);
-    let renew_sha = renew.script.get_hash().to_string();
     let mut renewals: HashMap<String, usize> = HashMap::new();
     for cmd in &commands {
-        if let Some((sha, _keys, argv)) = cmd.script_parts()
-            && sha == renew_sha
+        if let Some((_, _keys, argv)) = cmd.script_parts()
+            && cmd.calls(&renew)
             && let Some(run_id) = argv.iter().find(|a| a.starts_with("m-"))
         {
             *renewals.entry(run_id.clone()).or_default() += 1;

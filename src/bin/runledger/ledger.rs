@@ -546,6 +546,33 @@ pub async fn partition(store: &Store, out: &Output, a: PartitionArgs) -> Result<
     Ok(())
 }
 
+#[derive(Args)]
+pub struct FunctionsArgs {
+    #[command(subcommand)]
+    action: FunctionsAction,
+}
+
+#[derive(clap::Subcommand)]
+enum FunctionsAction {
+    /// Load this build's library (runledger_<hash>) on the server, or on every master of a
+    /// cluster; loading it again is a no-op. Needs FUNCTION LOAD.
+    Load,
+}
+
+pub async fn functions(store: &Store, out: &Output, a: FunctionsArgs) -> Result<()> {
+    match a.action {
+        FunctionsAction::Load => {
+            let library = store.load_functions().await?;
+            if out.json {
+                out.json(&serde_json::json!({ "library": library }));
+            } else {
+                println!("loaded {library}");
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn reap(store: &Store, out: &Output) -> Result<()> {
     let report = store.reap(&[], None).await?;
     if out.json {

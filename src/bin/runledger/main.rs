@@ -87,6 +87,9 @@ enum Command {
     Partition(ledger::PartitionArgs),
     /// One pass of lease expiry, deadlines, delayed runs, stale runtimes, retention.
     Reap,
+    /// Redis Functions: `functions load` loads this build's library (as an
+    /// admin, once, for tenants that may FCALL but not FUNCTION LOAD).
+    Functions(ledger::FunctionsArgs),
     /// Run a demo worker (simulated agent work) until SIGINT/SIGTERM.
     Worker(worker_cmd::WorkerArgs),
     /// The main job: host, workers (one killed midway), live progress, checked summary.
@@ -177,6 +180,7 @@ async fn run(cli: Cli) -> runledger::Result<()> {
         Command::Stats(a) => ledger::stats(&store().await?, &out, a).await,
         Command::Partition(a) => ledger::partition(&store().await?, &out, a).await,
         Command::Reap => ledger::reap(&store().await?, &out).await,
+        Command::Functions(a) => ledger::functions(&store().await?, &out, a).await,
         Command::Worker(a) => match ledger::connect_waiting(&url, &target).await? {
             Some(store) => worker_cmd::run(&store, &out, a).await,
             None => Ok(()),

@@ -39,7 +39,7 @@ pub struct Command {
     /// Command name (as sent, any case) and arguments, unescaped. Binary
     /// bytes that are not UTF-8 are replaced (keys, tokens and statuses are ASCII).
     pub args: Vec<String>,
-    /// For a `lua` command: index (in the same list) of the EVAL/EVALSHA that ran it.
+    /// For a `lua` command: index (in the same list) of the EVAL/EVALSHA/FCALL that ran it.
     pub script: Option<usize>,
 }
 
@@ -53,10 +53,11 @@ impl Command {
     }
 
     pub fn is_script_call(&self) -> bool {
-        !self.is_inside_script() && (self.name_is("EVALSHA") || self.name_is("EVAL"))
+        !self.is_inside_script()
+            && ["EVALSHA", "EVAL", "FCALL", "FCALL_RO"].iter().any(|name| self.name_is(name))
     }
 
-    /// For an EVAL/EVALSHA: (sha or body, KEYS, ARGV).
+    /// For an EVAL/EVALSHA/FCALL/FCALL_RO: (its body, SHA or function name; KEYS; ARGV).
     pub fn script_parts(&self) -> Option<(&str, &[String], &[String])> {
         if !self.is_script_call() || self.args.len() < 3 {
             return None;
@@ -65,6 +66,13 @@ impl Command {
         let keys = self.args.get(3..3 + numkeys)?;
         let argv = &self.args[(3 + numkeys).min(self.args.len())..];
         Some((&self.args[1], keys, argv))
+    }
+
+    /// True for a call of `lua`, either way in: `EVALSHA` of its SHA or `FCALL` of its function.
+    pub fn calls(&self, lua: &runledger::scripts::Lua) -> bool {
+        self.script_parts().is_some_and(|(id, _, _)| {
+            id.eq_ignore_ascii_case(lua.script.get_hash()) || id == lua.function || id == lua.code
+        })
     }
 }
 
@@ -229,7 +237,7 @@ pub fn commands(lines: &[String]) -> Vec<Command> {
         let mut cmd = parse_line(line).unwrap_or_else(|| panic!("monitor: cannot parse line {line:?}"));
         if cmd.is_inside_script() {
             let script =
-                current_script.unwrap_or_else(|| panic!("monitor: script command before any EVAL/EVALSHA: {line:?}"));
+                current_script.unwrap_or_else(|| panic!("monitor: script command before any EVAL/EVALSHA/FCALL: {line:?}"));
             cmd.script = Some(script);
         } else {
             current_script = cmd.is_script_call().then_some(out.len());
@@ -254,7 +262,7 @@ pub struct RunWrite {
     /// Index of the command in the [`commands`] list (the server's order).
     pub index: usize,
     pub time_us: u64,
-    /// Index of the EVAL/EVALSHA that made it, when a script did.
+    /// Index of the EVAL/EVALSHA/FCALL that made it, when a script did.
     pub script: Option<usize>,
     pub write: Write,
 }

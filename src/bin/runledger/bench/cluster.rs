@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::target::Target;
 use super::BenchArgs;
+use super::probe::OPERATION_CALLS;
 use super::workload::{enqueue_batched, lifecycle};
 use crate::output::Output;
 use crate::private::PrivateRedis;
@@ -60,8 +61,11 @@ async fn node_counters(url: &str) -> Result<(f64, u64)> {
         if let Some(v) = line.strip_prefix("used_cpu_sys:").or_else(|| line.strip_prefix("used_cpu_user:")) {
             cpu += v.trim().parse::<f64>().unwrap_or(0.0);
         }
-        if let Some(stats) = line.strip_prefix("cmdstat_evalsha:") {
-            calls = stats.split(',').find_map(|p| p.strip_prefix("calls=")).and_then(|c| c.parse().ok()).unwrap_or(0);
+        for name in OPERATION_CALLS {
+            if let Some(stats) = line.strip_prefix(&format!("cmdstat_{name}:")) {
+                calls +=
+                    stats.split(',').find_map(|p| p.strip_prefix("calls=")).and_then(|c| c.parse().ok()).unwrap_or(0);
+            }
         }
     }
     Ok((cpu, calls))

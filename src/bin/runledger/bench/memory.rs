@@ -8,7 +8,7 @@ use runledger::embedded::RedisServer;
 use runledger::{Result, Store};
 
 use crate::target::Target;
-use super::probe::{Probe, per_run};
+use super::probe::{OPERATION_CALLS, Probe, per_run};
 use super::workload::{enqueue_batched, lifecycle};
 
 /// The queue of the purge phase (one of the bench's queues, see `standard.rs`).
@@ -45,13 +45,22 @@ pub async fn purge_rate(store: &Store) -> Result<(f64, i64)> {
     Ok((report.purged as f64 / start.elapsed().as_secs_f64(), report.purged))
 }
 
-/// The longest EVALSHA Redis ran since its stats were last reset, in
-/// microseconds (the upper bound of its `LATENCY HISTOGRAM` bucket). `None`
-/// when the server refuses the command (an ACL user, a managed service).
+/// The longest operation (FCALL or EVALSHA) Redis ran since its stats were
+/// last reset, in microseconds (the upper bound of its `LATENCY HISTOGRAM`
+/// bucket). `None` when the server refuses the command (an ACL user, a
+/// managed service) or ran none.
 pub async fn longest_script_us(store: &Store) -> Option<u64> {
+    let mut longest = None;
+    for name in OPERATION_CALLS {
+        longest = longest.max(longest_us_of(store, name).await);
+    }
+    longest
+}
+
+async fn longest_us_of(store: &Store, command: &str) -> Option<u64> {
     let mut conn = store.conn().await.ok()?;
     let reply: redis::Value =
-        redis::cmd("LATENCY").arg("HISTOGRAM").arg("evalsha").query_async(&mut conn).await.ok()?;
+        redis::cmd("LATENCY").arg("HISTOGRAM").arg(command).query_async(&mut conn).await.ok()?;
     // [name, [calls, n, histogram_usec, [bucket, cumulative count, ...]]] (maps on RESP3).
     let flat = |v: redis::Value| -> Vec<redis::Value> {
         match v {

@@ -4,7 +4,11 @@
 //! workload (enqueue one at a time and batched, the lifecycle at --workers and
 //! at --many-workers, idle claim latency); the sides alternate which goes first.
 //! BullMQ's side is `DIR/peer.mjs` run by Node.js with BullMQ's own Queue and
-//! Worker; the server's memory, CPU and command counts are read around each
+//! Worker, as its docs recommend: one `Worker` of `concurrency: W`, the 3
+//! events as `job.log` lines (kept per job, as runledger keeps a run's
+//! stream), so memory per finished run compares equal durability. The
+//! earlier harness (W Workers of concurrency 1, `updateProgress`) stays as a
+//! second lifecycle row. The server's memory, CPU and command counts are read around each
 //! phase by the same code for both sides. Figures are medians over rounds;
 //! each ratio is the median of the rounds' ratios.
 
@@ -31,6 +35,8 @@ pub struct SideFigures {
     pub enqueue_batched_per_s: f64,
     pub lifecycle_per_s: f64,
     pub lifecycle_many_per_s: Option<f64>,
+    /// BullMQ: W Workers of concurrency 1 with `updateProgress`; runledger: its lifecycle again.
+    pub lifecycle_progress_per_s: Option<f64>,
     pub idle_latency_ms_p50: f64,
     pub idle_latency_ms_p99: f64,
     pub redis_cpu_us_per_lifecycle: Option<f64>,
@@ -61,6 +67,11 @@ const FIGURES: &[Figure] = &[
     ("enqueue_batched_per_s", "enqueue, batched (1000), runs/s", |s| Some(s.enqueue_batched_per_s)),
     ("lifecycle_per_s", "lifecycle, --workers, runs/s", |s| Some(s.lifecycle_per_s)),
     ("lifecycle_many_per_s", "lifecycle, --many-workers, runs/s", |s| s.lifecycle_many_per_s),
+    (
+        "lifecycle_progress_per_s",
+        "lifecycle, --workers, BullMQ as --workers Workers of concurrency 1 with updateProgress, runs/s",
+        |s| s.lifecycle_progress_per_s,
+    ),
     ("idle_latency_ms_p50", "idle claim latency p50, ms", |s| Some(s.idle_latency_ms_p50)),
     ("idle_latency_ms_p99", "idle claim latency p99, ms", |s| Some(s.idle_latency_ms_p99)),
     ("redis_cpu_us_per_lifecycle", "Redis CPU per lifecycle, us", |s| s.redis_cpu_us_per_lifecycle),
@@ -143,6 +154,8 @@ trait Side {
     async fn enqueue_single(&self, queue: &str, n: usize) -> Result<f64>;
     async fn enqueue_batched(&self, queue: &str, n: usize) -> Result<f64>;
     async fn lifecycle(&self, queue: &str, workers: usize, n: usize) -> Result<f64>;
+    /// The second lifecycle row (see [`SideFigures::lifecycle_progress_per_s`]).
+    async fn lifecycle_progress(&self, queue: &str, workers: usize, n: usize) -> Result<f64>;
     async fn idle_latency(&self, queue: &str, samples: usize, workers: usize) -> Result<Vec<f64>>;
 }
 
@@ -166,6 +179,8 @@ async fn measure(probe: &Probe<'_>, a: &BenchArgs, side: &impl Side) -> Result<S
         side.enqueue_batched("bench-many", a.runs).await?;
         f.lifecycle_many_per_s = Some(a.runs as f64 / side.lifecycle("bench-many", a.many_workers, a.runs).await?);
     }
+    side.enqueue_batched("bench-progress", a.runs).await?;
+    f.lifecycle_progress_per_s = Some(a.runs as f64 / side.lifecycle_progress("bench-progress", a.workers, a.runs).await?);
     let latencies = side.idle_latency("bench-idle", a.latency_samples, a.workers).await?;
     if latencies.len() < a.latency_samples {
         return Err(Error::Server(format!(
@@ -193,6 +208,9 @@ impl Side for Runledger<'_> {
     }
     async fn lifecycle(&self, queue: &str, workers: usize, n: usize) -> Result<f64> {
         Ok(lifecycle(self.store, queue, workers, n).await?.as_secs_f64())
+    }
+    async fn lifecycle_progress(&self, queue: &str, workers: usize, n: usize) -> Result<f64> {
+        self.lifecycle(queue, workers, n).await
     }
     async fn idle_latency(&self, queue: &str, samples: usize, workers: usize) -> Result<Vec<f64>> {
         idle_latency(self.store, queue, samples, workers).await
@@ -297,6 +315,9 @@ impl Side for Bullmq<'_> {
     async fn lifecycle(&self, queue: &str, workers: usize, n: usize) -> Result<f64> {
         self.elapsed("lifecycle", queue, n, workers).await
     }
+    async fn lifecycle_progress(&self, queue: &str, workers: usize, n: usize) -> Result<f64> {
+        self.elapsed("lifecycle-progress", queue, n, workers).await
+    }
     async fn idle_latency(&self, queue: &str, samples: usize, workers: usize) -> Result<Vec<f64>> {
         let v = self.phase("idle-latency", queue, samples, workers).await?;
         let mut out: Vec<f64> =
@@ -314,6 +335,7 @@ fn median_of(rounds: &[[SideFigures; 2]], side: usize) -> SideFigures {
         enqueue_batched_per_s: m(|s| Some(s.enqueue_batched_per_s)).unwrap_or_default(),
         lifecycle_per_s: m(|s| Some(s.lifecycle_per_s)).unwrap_or_default(),
         lifecycle_many_per_s: m(|s| s.lifecycle_many_per_s),
+        lifecycle_progress_per_s: m(|s| s.lifecycle_progress_per_s),
         idle_latency_ms_p50: m(|s| Some(s.idle_latency_ms_p50)).unwrap_or_default(),
         idle_latency_ms_p99: m(|s| Some(s.idle_latency_ms_p99)).unwrap_or_default(),
         redis_cpu_us_per_lifecycle: m(|s| s.redis_cpu_us_per_lifecycle),
@@ -340,6 +362,7 @@ fn print_table(r: &Report, a: &BenchArgs) {
     };
     for (key, label, get) in FIGURES {
         let label = label
+            .replace("--workers Workers", &format!("{} Workers", a.workers))
             .replace("--workers", &format!("{} workers", a.workers))
             .replace("--many-workers", &format!("{} workers", a.many_workers));
         if key == &"lifecycle_many_per_s" && a.many_workers == 0 {

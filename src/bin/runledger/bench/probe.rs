@@ -105,9 +105,11 @@ impl<'a> Probe<'a> {
         }))
     }
 
-    /// Microseconds the server has spent running scripts by SHA.
+    /// Microseconds the server has spent running runledger's operations (either way in).
     pub(crate) async fn script_usec(&self) -> Result<Option<f64>> {
-        Ok(self.command_calls().await?.map(|c| c.get("evalsha").map(|(_, usec)| *usec).unwrap_or(0.0)))
+        Ok(self.command_calls().await?.map(|c| {
+            OPERATION_CALLS.iter().map(|name| c.get(*name).map(|(_, usec)| *usec).unwrap_or(0.0)).sum()
+        }))
     }
 
     /// Per command: (calls, microseconds spent running it), from INFO commandstats.
@@ -123,6 +125,10 @@ impl<'a> Probe<'a> {
         Ok(Some(out))
     }
 }
+
+/// The commands that run runledger's operations: `FCALL` (and `FCALL_RO` for
+/// reads) of the Functions library, or `EVALSHA` where Functions are refused.
+pub(crate) const OPERATION_CALLS: &[&str] = &["fcall", "fcall_ro", "evalsha"];
 
 /// `after - before` per run, when both were read.
 pub(crate) fn per_run(before: Option<f64>, after: Option<f64>, scale: f64, runs: usize) -> Option<f64> {
@@ -144,8 +150,8 @@ pub(crate) fn commands_between(
             continue;
         }
         let (calls_before, usec_before) = before.get(name).copied().unwrap_or_default();
-        if name == "evalsha" {
-            script_us = (usec_after - usec_before) / runs as f64;
+        if OPERATION_CALLS.contains(&name.as_str()) {
+            script_us += (usec_after - usec_before) / runs as f64;
         }
         let delta = calls_after - calls_before;
         if delta > 0.0 {

@@ -12,7 +12,7 @@ use runledger::{ClaimOutcome, ClaimRequest, Error, Finish, Result, RunStatus, St
 use super::BenchArgs;
 use super::limit::LIMIT_QUEUE;
 use super::memory::PURGE_QUEUE;
-use super::probe::{Probe, commands_between, per_run};
+use super::probe::{OPERATION_CALLS, Probe, commands_between, per_run};
 use super::report::{Figures, na, print_check, print_table};
 use super::steps::STEPS_QUEUE;
 use super::workload::{self, enqueue_batched, enqueue_single, idle_latency, lifecycle, remove_prefix};
@@ -224,7 +224,11 @@ async fn phases(store: &Store, probe: &Probe<'_>, a: &BenchArgs, f: &mut Figures
         // Round trips: the commands only a client sends (scripts, blocking
         // waits, pool pings); commands run inside scripts are not round trips.
         f.round_trips_per_lifecycle = Some(
-            ["evalsha", "blpop", "ping"].iter().map(|c| f.command_breakdown.get(*c).copied().unwrap_or(0.0)).sum(),
+            OPERATION_CALLS
+                .iter()
+                .chain(&["blpop", "ping"])
+                .map(|c| f.command_breakdown.get(*c).copied().unwrap_or(0.0))
+                .sum(),
         );
     }
     f.memory_per_finished_run = per_run(before, probe.used_memory().await?, 1.0, a.runs);
