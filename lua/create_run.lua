@@ -4,7 +4,10 @@
 -- KEYS[1..7]  the queue keys (see include/queue.lua)
 -- KEYS[8]     <P>:{Q}:meta  HASH number (the queue's number), clock (of the last id),
 --             lanes ('1': runner lanes are kept for every runner, see include/queue.lua)
--- KEYS[9..]   <P>:{Q}:run:<run_id>  HASH of each run, in the order of ARGV
+-- KEYS[9..8+n]  <P>:{Q}:run:<run_id>  HASH of each of the n runs, in the order of ARGV
+-- KEYS[9+n..8+2n]  optional, on a single server only: <P>:locator:<run_id> of
+--             each run (another slot). Given, the script takes them itself
+--             (one round trip for a create); else the client took them before.
 -- ARGV[1] key base <P>:{Q}:   ARGV[2] queue name   ARGV[3] max JSON bytes
 -- ARGV[4] queue number (0 .. 4095, from register_queue.lua; checked against KEYS[8])
 -- ARGV[5] '1' when the client registered the queue just before this call
@@ -17,7 +20,8 @@
 --   '' means "not set" for every optional value.
 -- Every run is checked before the first one is written.
 -- Returns one reply per run: {1, id, created_at_ms} when created (the caller
--- knows the rest), {0, HGETALL...} when it existed.
+-- knows the rest), {0, HGETALL...} when it existed, {2, queue} when its
+-- locator (given in KEYS) names another queue, which holds the run.
 --
 -- Run ids: id = clock * 4096 + queue number, where clock = max(last clock + 1,
 -- ms since 2026-01-01) is kept per queue. So ids are unique across queues
@@ -26,7 +30,8 @@
 -- (newest first by id is newest first), and stay below 2^53: the clock has 41
 -- bits, 69 years of milliseconds. The claim order uses the clock (see
 -- lane_score). The run id locator (<P>:locator:<run_id>, another slot) is
--- taken by the client before this script runs.
+-- taken by the client before this script runs on a cluster, and by the script
+-- on a single server (see src/store/locator.rs for what each answer means).
 -- Cost: O(log n) per run in the queue depth.
 local B = ARGV[1]
 local queue = ARGV[2]
@@ -45,9 +50,10 @@ if not meta[1] and ARGV[5] ~= '1' then
 end
 local WIDTH = 17
 local n = (#ARGV - 5) / WIDTH
-if n < 1 or n ~= math.floor(n) or #KEYS ~= 8 + n then
-  fail('INVALID', 'runs must come as 17 values each with one key each, at least one')
+if n < 1 or n ~= math.floor(n) or (#KEYS ~= 8 + n and #KEYS ~= 8 + 2 * n) then
+  fail('INVALID', 'runs must come as 17 values each with one key each (and one locator each), at least one')
 end
+local with_locators = #KEYS == 8 + 2 * n
 -- The client sends 500 per call; a bound keeps one call (and its unpacks) short.
 if n > 1000 then fail('INVALID', 'at most 1000 runs per call, got ' .. n) end
 
@@ -62,6 +68,7 @@ for i = 0, n - 1 do
     bot_id = ARGV[a + 7], agent_id = ARGV[a + 8], deadline_at = ARGV[a + 9],
     authorization = ARGV[a + 10], metadata = ARGV[a + 11], status = ARGV[a + 12],
     requested_runtime_id = ARGV[a + 14], not_before = ARGV[a + 15], key = KEYS[9 + i],
+    locator = with_locators and KEYS[9 + n + i] or nil,
   }
   check_id('run_id', r.rid)
   for _, name in ipairs(OPTIONAL_IDS) do
@@ -117,6 +124,22 @@ if fresh > 0 and redis.call('EXISTS', B .. 'runs') == 1 then
   end
 end
 if clock + fresh >= CLOCK_LIMIT then fail('INVALID', 'the id clock of queue ' .. queue .. ' is exhausted') end
+-- The locators, after the last check: a run id that another queue holds is
+-- that queue's run; one this queue holds (a retry, or a finished run whose
+-- locator has a TTL) is kept for good while the run lives.
+if with_locators then
+  for i, r in ipairs(runs) do
+    if first[r.key] == i then
+      local held = redis.call('SET', r.locator, queue, 'NX', 'GET')
+      if held and held ~= queue then
+        if not out[i] then fresh = fresh - 1 end
+        out[i] = { 2, held }
+      elseif held then
+        redis.call('PERSIST', r.locator)
+      end
+    end
+  end
+end
 local claimable = false
 -- Unpinned runs due now go into `queued` together, one ZADD per runner.
 local by_runner, runner_order = {}, {}
@@ -178,7 +201,10 @@ for i, r in ipairs(runs) do
   end
 end
 -- A run given twice in one batch is created once; the repeat sees it as existing.
-for _, i in ipairs(repeats) do out[i] = { 0, hgetall(runs[i].key) } end
+for _, i in ipairs(repeats) do
+  local of_first = out[first[runs[i].key]]
+  out[i] = of_first[1] == 2 and of_first or { 0, hgetall(runs[i].key) }
+end
 for _, runner in ipairs(runner_order) do queue_runs(B, runner, by_runner[runner]) end
 -- One wake-up per batch, and one per runner for workers filtering on it.
 if claimable then

@@ -2,8 +2,10 @@
 //! lives in, so a run id is unique across every queue and a run is found in
 //! one round trip, on one server or a cluster.
 //!
-//! A create takes the locator with `SET NX GET` before its queue's script
-//! runs (the two live in different slots, so they cannot be one script):
+//! A create takes the locator with `SET NX GET`. On a cluster it does so
+//! before its queue's script runs (the two live in different slots, so they
+//! cannot be one script); on a single server the create script takes it
+//! itself, in the same call (one round trip). Either way:
 //! - nothing there: the id is ours; the script creates the run;
 //! - our queue: a retry of our own create (or a race with another create in
 //!   the same queue): the script is idempotent by run id, so it runs again
@@ -22,6 +24,7 @@ use super::Store;
 use crate::error::{Error, Result};
 
 /// What taking a locator found.
+#[derive(Clone)]
 pub(crate) enum Reservation {
     /// The id is ours in this queue (new, or a retry of our own create).
     Ours,
@@ -51,9 +54,14 @@ impl Store {
         }
     }
 
-    /// Takes the locators of runs about to be created: `(run_id, queue)`
-    /// pairs, one round trip on a single server, concurrent on a cluster.
+    /// Takes the locators of runs about to be created on a cluster:
+    /// `(run_id, queue)` pairs, concurrently. On a single server the create
+    /// script takes them (see [`Store::locators_in_script`]) and every run
+    /// is `Ours` until its reply says otherwise.
     pub(crate) async fn reserve(&self, runs: &[(&str, &str)]) -> Result<Vec<Reservation>> {
+        if self.locators_in_script() {
+            return Ok(vec![Reservation::Ours; runs.len()]);
+        }
         let cmds = runs
             .iter()
             .map(|(run_id, queue)| {
@@ -89,6 +97,12 @@ impl Store {
             self.write_all(again).await?;
         }
         Ok(reservations)
+    }
+
+    /// True when the create script takes the run id locators itself: on a
+    /// single server, where a script may touch keys of any slot.
+    pub(crate) fn locators_in_script(&self) -> bool {
+        !self.is_cluster()
     }
 
     /// Gives finished runs' locators the TTL of the runs themselves.

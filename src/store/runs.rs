@@ -209,15 +209,23 @@ impl Store {
             k.push(keys.run(&run.run_id));
             args.extend(values.iter().cloned());
         }
+        if self.locators_in_script() {
+            k.extend(runs.iter().map(|(_, (run, _))| self.global().locator(&run.run_id)));
+        }
         (k, args)
     }
 
     /// The created run: read back when it already existed, else assembled from
-    /// the request and the id and time the script assigned (a smaller reply).
-    fn created(&self, new: &NewRun, value: redis::Value) -> Result<Run> {
+    /// the request and the id and time the script assigned (a smaller reply);
+    /// `Err(queue)` when the script found the run id's locator naming another queue.
+    fn created(&self, new: &NewRun, value: redis::Value) -> Result<std::result::Result<Run, String>> {
         let mut parts = reply::array(value)?.into_iter();
-        let created = parts.next().map(reply::int).transpose()?.unwrap_or(0) == 1;
-        let run = if created {
+        let code = parts.next().map(reply::int).transpose()?.unwrap_or(0);
+        if code == 2 {
+            let queue = parts.next().map(reply::string).transpose()?;
+            return queue.map(Err).ok_or_else(|| Error::Protocol("create_run: no queue for a held run id".into()));
+        }
+        let run = if code == 1 {
             let id =
                 parts.next().map(reply::int).transpose()?.ok_or_else(|| Error::Protocol("create_run: no id".into()))?;
             let now = parts.next().map(reply::int).transpose()?.unwrap_or(0);
@@ -227,7 +235,7 @@ impl Store {
             Run::from_fields(reply::fields(fields)?, false)?
         };
         self.remember(&run.run_id, &run.queue_name);
-        Ok(run)
+        Ok(Ok(run))
     }
 
     /// Creates a run unless one with this run_id exists, in any queue; either
@@ -237,8 +245,8 @@ impl Store {
         runs.pop().ok_or_else(|| Error::Protocol("create_run: empty reply".into()))
     }
 
-    /// Creates many runs in two round trips: the run id locators (see
-    /// `locator.rs`), then one script call per queue and per 100 runs,
+    /// Creates many runs in one round trip on a single server, two on a
+    /// cluster (the run id locators first, see `locator.rs`): one script call per queue and per 100 runs,
     /// pipelined per queue (short scripts: Redis serves nobody else while
     /// one runs, and 500 runs took 10-20 ms). Every run is validated before anything is sent;
     /// results come back in the order given. A run id that exists in another
@@ -294,6 +302,8 @@ impl Store {
             }
         }
         let mut out: Vec<Option<Run>> = vec![None; runs.len()];
+        // Run ids whose locator the create script found naming another queue.
+        let mut held_by: Vec<Option<String>> = vec![None; runs.len()];
         // Queues live in different slots: their calls go out side by side.
         let replies = join_all(by_queue.iter().map(|(queue, group)| self.create_in(queue, group, PER_CALL))).await;
         for (values, (_, group)) in replies.into_iter().zip(&by_queue) {
@@ -304,7 +314,10 @@ impl Store {
                     return Err(Error::Protocol("create_run: reply does not match the runs sent".into()));
                 }
                 for (reply, i) in replies.into_iter().zip(indexes) {
-                    out[i] = Some(self.created(&runs[i], reply)?);
+                    match self.created(&runs[i], reply)? {
+                        Ok(run) => out[i] = Some(run),
+                        Err(queue) => held_by[i] = Some(queue),
+                    }
                 }
             }
         }
@@ -314,9 +327,15 @@ impl Store {
                 continue;
             }
             let owner = owner_of[run.run_id.as_str()];
-            let queue = match &reservations[owner] {
-                Reservation::Elsewhere(queue) => queue.as_str(),
-                Reservation::Ours => owners[owner].1,
+            let holder = runs
+                .iter()
+                .enumerate()
+                .find(|(j, r)| r.run_id == run.run_id && held_by[*j].is_some())
+                .and_then(|(j, _)| held_by[j].as_deref());
+            let queue = match (&reservations[owner], holder) {
+                (_, Some(queue)) => queue,
+                (Reservation::Elsewhere(queue), None) => queue.as_str(),
+                (Reservation::Ours, None) => owners[owner].1,
             };
             let first = runs.iter().position(|r| r.run_id == run.run_id && r.queue_name() == queue);
             out[i] = match first.and_then(|j| out[j].clone()) {

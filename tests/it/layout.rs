@@ -490,3 +490,39 @@ async fn each_claim_passes_the_wake_token_on_while_runs_wait() {
         assert_eq!(take_token(&mut raw).await, token, "token after claiming {expected:?} with {filter:?}");
     }
 }
+
+/// On one server a create is one round trip: the create script takes the run
+/// id's locator itself (on a cluster the locator, in a slot of its own, is
+/// taken first). A run id that another queue holds is that queue's run.
+#[tokio::test]
+async fn a_create_is_one_round_trip_on_one_server() {
+    let (redis, store) = common::store().await;
+    let mut raw = common::raw(&redis).await;
+    // Queues are registered once per process (a round trip of its own).
+    for queue in ["one", "two"] {
+        store.create_run(&NewRun::new(format!("warm-{queue}"), "agent").queue(queue)).await.expect("warm up");
+    }
+    let port = redis.url.trim_end_matches('/').rsplit(':').next().expect("port").to_string();
+    let recorder = common::monitor::Monitor::start(&format!("127.0.0.1:{port}")).await;
+    let run = store.create_run(&NewRun::new("r1", "agent").queue("one")).await.expect("create");
+    let sent: Vec<common::monitor::Command> =
+        common::monitor::commands(&recorder.stop().await)
+            .into_iter()
+            .filter(|c| !c.is_inside_script() && !c.name_is("ECHO"))
+            .collect();
+    let create = &runledger::scripts::Scripts::new().create_run;
+    assert_eq!(sent.len(), 1, "one command from the client: {:?}", sent.iter().map(|c| &c.args).collect::<Vec<_>>());
+    assert!(sent[0].calls(create), "and it is the create: {:?}", sent[0].args);
+    let locator = runledger::keys::GlobalKeys { prefix: store.config().prefix.clone() }.locator("r1");
+    assert!(sent[0].script_parts().is_some_and(|(_, keys, _)| keys.contains(&locator)), "{:?}", sent[0].args);
+    let held: String = redis::cmd("GET").arg(&locator).query_async(&mut raw).await.expect("GET locator");
+    assert_eq!((held.as_str(), run.queue_name.as_str()), ("one", "one"));
+    let ttl: i64 = redis::cmd("PTTL").arg(&locator).query_async(&mut raw).await.expect("PTTL");
+    assert_eq!(ttl, -1, "a live run's locator has no TTL");
+
+    // The same id in another queue: the run of the queue that holds it, nothing written in the other.
+    let before = common::keyspace(&mut raw).await;
+    let again = store.create_run(&NewRun::new("r1", "agent").queue("two")).await.expect("create elsewhere");
+    assert_eq!((again.queue_name.as_str(), again.id), ("one", run.id));
+    assert_eq!(common::keyspace(&mut raw).await, before, "the other queue wrote nothing");
+}
