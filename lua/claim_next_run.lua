@@ -89,7 +89,7 @@ local function claim_again(B, token, now)
   local rk = B .. 'run:' .. rid
   local v = redis.call('HMGET', rk, 'status', 'claim_token')
   if v[1] == 'claimed' and v[2] == token then
-    return { 1, hgetall(rk), last_sequence(B .. 'events:' .. rid) }
+    return { 1, run_fields(B, rid), last_sequence(B .. 'events:' .. rid) }
   end
   -- Lost since (released, expired, finished): nothing is held with it now.
   return { 0, '', fmt(now) }
@@ -266,7 +266,7 @@ local function claim(B, c, now, first_send)
       elseif #runners > 0 and tonumber(redis.call('HGET', B .. 'runners', h.runner_id) or '0') > 0 then
         wake_runner(B, h.runner_id, now)
       end
-      return { 1, hgetall(rk), last_sequence(B .. 'events:' .. rid) }
+      return { 1, run_fields(B, rid), last_sequence(B .. 'events:' .. rid) }
     end
   end
 

@@ -90,6 +90,8 @@ end
 
 local OPTIONAL = { 'event_id', 'binding_id', 'conversation_id', 'thread_id', 'workspace_id', 'bot_id',
   'agent_id', 'deadline_at', 'authorization', 'metadata', 'requested_runtime_id', 'not_before' }
+-- The fields that hold JSON documents (long ones move out, see doc_value).
+local DOCUMENTS = { authorization = true, metadata = true }
 local SCOPES = { { 'conversation', 'conversation_id' }, { 'bot', 'bot_id' }, { 'workspace', 'workspace_id' },
   { 'thread', 'thread_id' } }
 local now = now_ms()
@@ -103,7 +105,7 @@ for i, r in ipairs(runs) do
     repeats[#repeats + 1] = i
     out[i] = true
   elseif redis.call('EXISTS', r.key) == 1 then
-    out[i] = { 0, hgetall(r.key) }
+    out[i] = { 0, run_fields(B, r.rid) }
   else
     fresh = fresh + 1
   end
@@ -156,7 +158,7 @@ for i, r in ipairs(runs) do
     for _, name in ipairs(OPTIONAL) do
       if r[name] ~= '' then
         fields[#fields + 1] = name
-        fields[#fields + 1] = r[name]
+        fields[#fields + 1] = DOCUMENTS[name] and doc_value(B, r.rid, name, r[name]) or r[name]
       end
     end
     if r.max_attempts > 0 then
@@ -203,7 +205,7 @@ end
 -- A run given twice in one batch is created once; the repeat sees it as existing.
 for _, i in ipairs(repeats) do
   local of_first = out[first[runs[i].key]]
-  out[i] = of_first[1] == 2 and of_first or { 0, hgetall(runs[i].key) }
+  out[i] = of_first[1] == 2 and of_first or { 0, run_fields(B, runs[i].rid) }
 end
 for _, runner in ipairs(runner_order) do queue_runs(B, runner, by_runner[runner]) end
 -- One wake-up per batch, and one per runner for workers filtering on it.

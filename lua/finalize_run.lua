@@ -47,6 +47,10 @@ local quiet = ARGV[13] == '1'
 local next_claim = (ARGV[14] or '') ~= '' and parse_claim(14) or nil
 
 local rk = KEYS[8]
+-- The run's metadata as stored (read back from its doc key when moved out).
+local function current_metadata()
+  return doc_text(B, rid, 'metadata', redis.call('HGET', rk, 'metadata') or '')
+end
 local h = load_run(rk, rid)
 if TERMINAL[h.status] then
   -- A fenced call on a finished run is a retry only from the claim that
@@ -58,38 +62,39 @@ if TERMINAL[h.status] then
     -- Finalized again with its status (LangBot's host does): metadata is
     -- merged, usage and cost replaced, a reason written, when given;
     -- finished_at stays. A resend of the same call writes the same values.
-    if with_meta then
-      local current = redis.call('HGET', rk, 'metadata') or ''
-      if current ~= ARGV[8] then fail('RETRY', 'metadata of run ' .. rid .. ' changed meanwhile') end
+    if with_meta and current_metadata() ~= ARGV[8] then
+      fail('RETRY', 'metadata of run ' .. rid .. ' changed meanwhile')
     end
     local again_now = now_ms()
     local fields = { 'updated_at', fmt(again_now) }
-    if with_meta then fields[#fields + 1] = 'metadata'; fields[#fields + 1] = ARGV[9] end
-    if ARGV[5] ~= '' then fields[#fields + 1] = 'usage'; fields[#fields + 1] = ARGV[5] end
-    if ARGV[6] ~= '' then fields[#fields + 1] = 'cost'; fields[#fields + 1] = ARGV[6] end
+    if with_meta then fields[#fields + 1] = 'metadata'; fields[#fields + 1] = doc_value(B, rid, 'metadata', ARGV[9]) end
+    if ARGV[5] ~= '' then fields[#fields + 1] = 'usage'; fields[#fields + 1] = doc_value(B, rid, 'usage', ARGV[5]) end
+    if ARGV[6] ~= '' then fields[#fields + 1] = 'cost'; fields[#fields + 1] = doc_value(B, rid, 'cost', ARGV[6]) end
     if ARGV[4] ~= '' then fields[#fields + 1] = 'status_reason'; fields[#fields + 1] = ARGV[4] end
     if #fields > 2 then redis.call('HSET', rk, unpack(fields)) end
     -- A resend after a lost reply answers as the first call did, with the run
     -- that call claimed (its receipt); a new request claims nothing here.
     local again = next_claim and claim_again(B, next_claim.token, again_now)
-    return { 0, quiet and {} or hgetall(rk), again or 0 }
+    return { 0, quiet and {} or run_fields(B, rid), again or 0 }
   end
   fail('CONFLICT', 'Cannot transition terminal run ' .. rid .. ' from ' .. h.status .. ' to ' .. status)
 end
 local now = now_ms()
 check_holder(h, rid, token, now)
-if with_meta then
-  local current = redis.call('HGET', rk, 'metadata') or ''
-  if current ~= ARGV[8] then fail('RETRY', 'metadata of run ' .. rid .. ' changed meanwhile') end
-  redis.call('HSET', rk, 'metadata', ARGV[9])
+if with_meta and current_metadata() ~= ARGV[8] then
+  fail('RETRY', 'metadata of run ' .. rid .. ' changed meanwhile')
 end
-if ARGV[5] ~= '' then redis.call('HSET', rk, 'usage', ARGV[5]) end
-if ARGV[6] ~= '' then redis.call('HSET', rk, 'cost', ARGV[6]) end
-finish(B, rid, h, status, ARGV[4], now, token ~= '' and { 'finish_token', token } or nil)
+-- The documents go in the finish's own HSET.
+local extra = {}
+if token ~= '' then extra[#extra + 1] = 'finish_token'; extra[#extra + 1] = token end
+if with_meta then extra[#extra + 1] = 'metadata'; extra[#extra + 1] = doc_value(B, rid, 'metadata', ARGV[9]) end
+if ARGV[5] ~= '' then extra[#extra + 1] = 'usage'; extra[#extra + 1] = doc_value(B, rid, 'usage', ARGV[5]) end
+if ARGV[6] ~= '' then extra[#extra + 1] = 'cost'; extra[#extra + 1] = doc_value(B, rid, 'cost', ARGV[6]) end
+finish(B, rid, h, status, ARGV[4], now, extra)
 -- Each finish purges up to two runs past the retention: the finished
 -- stream shrinks at least as fast as it grows, with no reaper running.
 -- The run is read back first: with a short retention it can be among those purged.
-local fields = quiet and {} or hgetall(rk)
+local fields = quiet and {} or run_fields(B, rid)
 local purged = purge_finished(B, now, retention, PURGE_PER_FINISH)
 -- The finish lands now for the first time, so its chained claim's token is new:
 -- a resend of this call takes the terminal path above, to claim_again.

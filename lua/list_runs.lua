@@ -48,7 +48,7 @@ while found < want and seen < budget do
       and (ARGV[9] == '' or (ARGV[9] == '-' and not v[5]) or (v[5] and ARGV[9] == '=' .. v[5]))
       and (runner == '' or v[6] == runner) and (binding == '' or v[7] == binding)
     if ok then
-      out[#out + 1] = hgetall(rk)
+      out[#out + 1] = run_fields(B, entry[2][2])
       found = found + 1
       if found >= want then break end
     end

@@ -34,7 +34,7 @@ local rk = KEYS[8]
 local h = load_run(rk, rid)
 local receipt = receipt_key(B, token)
 local request = '{released}' .. redis.sha1hex(status .. '\0' .. ARGV[5] .. '\0' .. ARGV[6])
-if redis.call('GET', receipt) == request then return hgetall(rk) end
+if redis.call('GET', receipt) == request then return run_fields(B, rid) end
 local now = now_ms()
 check_holder(h, rid, token, now, runtime)
 redis.call('SET', receipt, request, 'PX', RECEIPT_MS)
@@ -44,7 +44,7 @@ redis.call('SET', receipt, request, 'PX', RECEIPT_MS)
 if ARGV[5] == '' then redis.call('HDEL', rk, 'status_reason') end
 if TERMINAL[status] then
   finish(B, rid, h, status, ARGV[5], now)
-  return hgetall(rk)
+  return run_fields(B, rid)
 end
 redis.call('ZREM', K.leases, rid)
 clear_claim(rk)
@@ -59,4 +59,4 @@ else
 end
 h.status = 'queued'
 requeue(B, rid, h, now)
-return hgetall(rk)
+return run_fields(B, rid)

@@ -23,6 +23,6 @@ now = now or now_ms()
 local ids = recover_expired(B, now, limit, status, ARGV[4])
 local out = {}
 for _, rid in ipairs(ids) do
-  out[#out + 1] = hgetall(B .. 'run:' .. rid)
+  out[#out + 1] = run_fields(B, rid)
 end
 return out

@@ -32,4 +32,4 @@ redis.call('HSET', rk, 'claim_lease_expires_at', now + lease, 'updated_at', now)
 redis.call('ZADD', K.leases, now + lease, rid)
 -- A shorter lease than the one it replaces can end before the hint says.
 if now + lease < h.lease_expires then lower_next_due(B, now + lease) end
-return hgetall(rk)
+return run_fields(B, rid)

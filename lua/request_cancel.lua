@@ -22,7 +22,7 @@ local publish = check_publish(ARGV[5])
 
 local rk = KEYS[8]
 local h = load_run(rk, rid)
-if TERMINAL[h.status] then return hgetall(rk) end
+if TERMINAL[h.status] then return run_fields(B, rid) end
 local now = now_ms()
 -- The notice goes out before the first write: a user without rights on the
 -- channel is refused with nothing written (the holder reads nothing from
@@ -34,4 +34,4 @@ if ARGV[3] ~= '' then redis.call('HSET', rk, 'status_reason', ARGV[3]) end
 if unheld then
   finish(B, rid, h, 'cancelled', ARGV[3] ~= '' and ARGV[3] or ('cancelled while ' .. h.status), now)
 end
-return hgetall(rk)
+return run_fields(B, rid)

@@ -97,6 +97,18 @@ impl QueueKeys {
     pub fn events(&self, run_id: &str) -> String {
         self.key(&format!("events:{run_id}"))
     }
+    /// STRING: one JSON document of a run (`metadata`, `authorization`,
+    /// `usage`, `cost`: [`DOCUMENTS`]) too long to stay in its hash, which
+    /// holds [`DOC_MARK`] in that field instead.
+    pub fn doc(&self, field: &str, run_id: &str) -> String {
+        format!("{}doc:{field}:{run_id}", self.base)
+    }
+
+    /// The doc keys of one run, in the order of [`DOCUMENTS`].
+    pub fn docs(&self, run_id: &str) -> [String; 4] {
+        DOCUMENTS.map(|field| self.doc(field, run_id))
+    }
+
     /// Queue settings: its number, id clock and lane layout mark (HASH).
     pub fn meta(&self) -> String {
         self.key("meta")
@@ -114,6 +126,14 @@ impl QueueKeys {
         [self.queued(), self.leases(), self.delayed(), self.deadlines(), self.finished(), self.stats(), self.wake()]
     }
 }
+
+/// The run fields that hold JSON documents; one longer than 64 bytes (Redis's
+/// stock `hash-max-listpack-value`) lives in its own key (see `doc_value` in
+/// lua/include/common.lua), so the run hash stays a listpack.
+pub const DOCUMENTS: [&str; 4] = ["metadata", "authorization", "usage", "cost"];
+
+/// What a run hash holds in a document field whose document lives in its doc key.
+pub const DOC_MARK: &str = "@doc";
 
 /// The most queues one prefix may have: a queue's number is the low part of
 /// every run id it creates (see `lua/create_run.lua`).

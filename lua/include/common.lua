@@ -115,6 +115,43 @@ local function hgetall(rk)
   return redis.call('HGETALL', rk)
 end
 
+-- A run's documents (metadata, authorization, usage, cost) longer than
+-- DOC_INLINE_MAX bytes live in STRING keys of their own,
+-- <P>:{Q}:doc:<field>:<run_id>, and the run hash holds DOC_MARK in their
+-- field (no JSON document starts with '@'). So the run hash keeps to short
+-- values and stays a listpack at Redis's stock hash-max-listpack-value (64),
+-- about half the memory of a hash table. A run written by an earlier build
+-- keeps its documents inline, which every reader takes as they are.
+local DOC_INLINE_MAX = 64
+local DOC_MARK = '@doc'
+
+local function doc_key(B, rid, field)
+  return B .. 'doc:' .. field .. ':' .. rid
+end
+
+-- The value to store in document field `field` of run rid: `v` itself when
+-- short, else DOC_MARK, with `v` written to its doc key.
+local function doc_value(B, rid, field, v)
+  if #v <= DOC_INLINE_MAX then return v end
+  redis.call('SET', doc_key(B, rid, field), v)
+  return DOC_MARK
+end
+
+-- A document field's stored value, read back from its doc key when moved out.
+local function doc_text(B, rid, field, stored)
+  if stored ~= DOC_MARK then return stored end
+  return redis.call('GET', doc_key(B, rid, field)) or ''
+end
+
+-- Every field of run rid as HGETALL gives them, documents read back in place.
+local function run_fields(B, rid)
+  local f = redis.call('HGETALL', B .. 'run:' .. rid)
+  for i = 2, #f, 2 do
+    if f[i] == DOC_MARK then f[i] = doc_text(B, rid, f[i - 1], DOC_MARK) end
+  end
+  return f
+end
+
 -- Loads only what fencing needs (status, claim_token, lease expiry) of a run
 -- that must exist: the event path reads three fields, not every routing field.
 local STATUSES = {

@@ -300,7 +300,8 @@ local function purge_finished(B, now, retention, limit)
         end
       end
       redis.call('ZREM', B .. 'dead', rid)
-      redis.call('DEL', rk, B .. 'events:' .. rid)
+      redis.call('DEL', rk, B .. 'events:' .. rid, doc_key(B, rid, 'metadata'), doc_key(B, rid, 'authorization'),
+        doc_key(B, rid, 'usage'), doc_key(B, rid, 'cost'))
       ids[#ids + 1] = rid
     end
     redis.call('XDEL', K.finished, entry[1])

@@ -7,7 +7,6 @@
 use serde_json::{Value, json};
 
 use super::Store;
-use super::reply;
 use super::runs::Release;
 use crate::error::{Error, Result};
 use crate::model::{Run, RunStatus};
@@ -136,15 +135,8 @@ impl Store {
 
     /// A run with its authorization (a requeue copies it); never its token.
     async fn read_run_for_holder(&self, run_id: &str) -> Result<Run> {
-        let (keys, _) = self.run_keys(run_id).await?;
-        let mut conn = self.conn().await?;
-        let value: redis::Value =
-            redis::cmd("HGETALL").arg(keys.run(run_id)).query_async(&mut conn).await.map_err(|e| self.failed(e))?;
-        let fields = reply::fields(value)?;
-        if fields.0.is_empty() {
-            return Err(Error::NotFound(format!("run {run_id} does not exist")));
-        }
-        let mut run = Run::from_fields(fields, true)?;
+        let queue = self.locate(run_id).await?;
+        let mut run = Run::from_fields(self.run_hash(run_id, &queue).await?, true)?;
         run.claim_token = None;
         Ok(run)
     }

@@ -688,7 +688,8 @@ impl Store {
             let (flag, expected, merged) = match &finish.metadata {
                 None => ("0", String::new(), String::new()),
                 Some(patch) => {
-                    let (expected, merged) = self.merged_metadata(&k[7], patch).await?;
+                    let doc = keys.doc("metadata", run_id);
+                    let (expected, merged) = self.merged_metadata(&k[7], Some(&doc), patch).await?;
                     ("1", expected, merged)
                 }
             };
@@ -746,13 +747,23 @@ impl Store {
         Err(Error::Conflict(format!("metadata of run {run_id} kept changing; finalize gave up")))
     }
 
-    /// Reads a hash's `metadata` and merges `patch` into it (top-level keys).
-    /// Returns (what was read, the merged JSON) for the script's compare-and-set.
-    pub(crate) async fn merged_metadata(&self, key: &str, patch: &Value) -> Result<(String, String)> {
+    /// Reads a hash's `metadata` (from `doc`, its doc key, when the hash
+    /// holds [`crate::keys::DOC_MARK`]) and merges `patch` into it (top-level
+    /// keys). Returns (what was read, the merged JSON) for the script's
+    /// compare-and-set.
+    pub(crate) async fn merged_metadata(&self, key: &str, doc: Option<&str>, patch: &Value) -> Result<(String, String)> {
         let mut conn = self.conn().await?;
-        let current: Option<String> =
-            redis::cmd("HGET").arg(key).arg("metadata").query_async(&mut conn).await.map_err(|e| self.failed(e))?;
-        let current = current.unwrap_or_default();
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGET").arg(key).arg("metadata");
+        if let Some(doc) = doc {
+            pipe.cmd("GET").arg(doc);
+        }
+        let read: Vec<Option<String>> = pipe.query_async(&mut conn).await.map_err(|e| self.failed(e))?;
+        let mut read = read.into_iter();
+        let current = match (read.next().flatten(), read.next().flatten()) {
+            (Some(mark), Some(text)) if mark == crate::keys::DOC_MARK => text,
+            (stored, _) => stored.unwrap_or_default(),
+        };
         let mut merged = match serde_json::from_str::<Value>(&current) {
             Ok(Value::Object(map)) => map,
             _ => Default::default(),
@@ -796,16 +807,30 @@ impl Store {
     }
 
     async fn read_run(&self, run_id: &str, queue: &str) -> Result<Run> {
+        Run::from_fields(self.run_hash(run_id, queue).await?, false)
+    }
+
+    /// A run's hash, with its long documents read back from their doc keys
+    /// (see `crate::keys::DOCUMENTS`), in one round trip. NOT_FOUND when it
+    /// does not exist.
+    pub(crate) async fn run_hash(&self, run_id: &str, queue: &str) -> Result<crate::model::Fields> {
+        let keys = self.queue_keys(queue);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(keys.run(run_id)).cmd("MGET").arg(&keys.docs(run_id)[..]);
         let mut conn = self.conn().await?;
-        let value: redis::Value = redis::cmd("HGETALL")
-            .arg(self.queue_keys(queue).run(run_id))
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.failed(e))?;
-        let fields = reply::fields(value)?;
+        let (value, docs): (redis::Value, Vec<Option<String>>) =
+            pipe.query_async(&mut conn).await.map_err(|e| self.failed(e))?;
+        let mut fields = reply::fields(value)?;
         if fields.0.is_empty() {
             return Err(Error::NotFound(format!("run {run_id} does not exist")));
         }
-        Run::from_fields(fields, false)
+        for (field, doc) in crate::keys::DOCUMENTS.iter().zip(docs) {
+            if let Some(stored) = fields.0.get_mut(*field)
+                && stored == crate::keys::DOC_MARK
+            {
+                *stored = doc.unwrap_or_default();
+            }
+        }
+        Ok(fields)
     }
 }

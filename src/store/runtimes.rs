@@ -89,7 +89,7 @@ impl Store {
             let (flag, expected, merged) = match &beat.metadata {
                 None => ("0", String::new(), String::new()),
                 Some(patch) => {
-                    let (expected, merged) = self.merged_metadata(&keys[0], patch).await?;
+                    let (expected, merged) = self.merged_metadata(&keys[0], None, patch).await?;
                     ("1", expected, merged)
                 }
             };

@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 /// The commands of the README's ACL line: everything the library, the CLI,
 /// the Worker, the demo and the bench need (`-@all` first, then these).
 const ACL_COMMANDS: &str = "+ping +time +wait +fcall +fcall_ro +evalsha +script|load +get +set +del +exists +pexpire +persist +copy \
-    +rename +incr +hget +hmget +hgetall +hkeys +hlen +hset +hsetnx +hdel +hincrby +lpush +llen +blpop +sadd +srem \
+    +rename +incr +mget +hget +hmget +hgetall +hkeys +hlen +hset +hsetnx +hdel +hincrby +lpush +llen +blpop +sadd +srem \
     +smembers +zadd +zrem +zcard +zscore +zrange +zrangebyscore +zunionstore +xadd +xdel +xlen +xrange +xrevrange \
     +xread +xinfo|stream +publish +subscribe +spublish +ssubscribe +cluster|slots";
 

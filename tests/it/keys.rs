@@ -18,7 +18,7 @@ use runledger::keys::{GlobalKeys, QueueKeys};
 /// separator, and plain text.
 const PIECES: &[&str] = &[
     ":", "a", "#0", "run", "runs", "events", "runner", "pinned", "receipt", "idx", "bot", "wake", "pin", "runtime",
-    "locator", "queues",
+    "locator", "queues", "doc", "metadata",
 ];
 
 /// Names of one to `max` pieces.
@@ -104,6 +104,9 @@ fn no_two_keys_collide() {
                 for scope in ["conversation", "bot", "workspace", "thread"] {
                     claim(&mut seen, q.scope_index(scope, arg), owner(&format!("idx:{scope}"), arg));
                 }
+                for field in runledger::keys::DOCUMENTS {
+                    claim(&mut seen, q.doc(field, arg), owner(&format!("doc:{field}"), arg));
+                }
             }
         }
     }
@@ -138,6 +141,7 @@ fn scripts_derive_only_keys_the_test_knows() {
     let known = [
         "run:",
         "events:",
+        "doc:",
         "runner:",
         "pinned:",
         "wake:runner:",

@@ -526,3 +526,36 @@ async fn a_create_is_one_round_trip_on_one_server() {
     assert_eq!((again.queue_name.as_str(), again.id), ("one", run.id));
     assert_eq!(common::keyspace(&mut raw).await, before, "the other queue wrote nothing");
 }
+
+/// A run an earlier build wrote, its documents inline in the hash, is read,
+/// merged and finished as one of this build's: the finish moves its long
+/// metadata out to its doc key (an upgrade in place), and a purge leaves no
+/// key of it behind.
+#[tokio::test]
+async fn a_run_with_inline_documents_is_upgraded_in_place() {
+    let (redis, store) = common::store().await;
+    let mut raw = common::raw(&redis).await;
+    let keys = store.queue_keys("old");
+    let metadata = json!({ "user": "ada", "text": "x".repeat(200) });
+    store.create_run(&NewRun::new("r", "agent").queue("old")).await.expect("create");
+    let inline = serde_json::to_string(&metadata).expect("json");
+    let _: () = redis::cmd("HSET").arg(keys.run("r")).arg("metadata").arg(&inline).query_async(&mut raw).await.expect("HSET");
+    assert_eq!(key_type(&mut raw, &keys.doc("metadata", "r")).await, "none", "as an earlier build left it");
+
+    let claimed = store.claim_next_run(&ClaimRequest::new("rt").queue("old")).await.expect("claim").expect("r");
+    assert_eq!(claimed.metadata, metadata, "inline metadata reads as it is");
+    assert_eq!(store.get_run("r").await.expect("get").metadata, metadata);
+    let finish = Finish::new(RunStatus::Completed).metadata(json!({ "done": 1 }));
+    store.finalize_run("r", &finish, claimed.claim_token.as_deref()).await.expect("finalize merges into inline metadata");
+    let stored = hgetall(&mut raw, &keys.run("r")).await;
+    assert_eq!(stored["metadata"], runledger::keys::DOC_MARK, "the finish moved the long metadata out");
+    let mut merged = metadata.clone();
+    merged["done"] = json!(1);
+    assert_eq!(store.get_run("r").await.expect("get").metadata, merged);
+
+    let later = now_ms(&store).await + store.config().retention.as_millis() as i64 + 86_400_000;
+    let report = store.reap(&[], Some(later)).await.expect("reap");
+    assert_eq!(report.purged, 1, "{report:?}");
+    let left: Vec<String> = all_keys(&mut raw).await.into_iter().filter(|k| k.ends_with(":r")).collect();
+    assert!(left.is_empty(), "the purge left {left:?}");
+}

@@ -1,6 +1,7 @@
 //! The Redis settings runledger recommends: the private server has them, a run
-//! hash with ~200 bytes of metadata stays a compact listpack there, and
-//! `Store::config_advice` names a setting that falls short.
+//! hash with ~200 bytes of metadata stays a compact listpack there and at
+//! Redis's stock settings (its long documents live in doc keys of their own),
+//! and `Store::config_advice` names a setting that falls short.
 
 use crate::common;
 
@@ -33,15 +34,31 @@ async fn encoding(raw: &mut runledger::store::Conn, key: &str) -> String {
 }
 
 #[tokio::test]
-async fn a_run_with_metadata_stays_a_listpack_on_the_recommended_settings() {
+async fn a_run_with_metadata_stays_a_listpack_at_recommended_and_stock_settings() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
     let metadata = json!({ "user": "ada", "text": "x".repeat(200) });
-    store.create_run(&NewRun::new("big", "agent").queue("q").metadata(metadata.clone())).await.expect("create");
-    assert_eq!(encoding(&mut raw, "rl:{q}:run:big").await, "listpack");
-
-    // At Redis's default limit the same run takes a hash table.
-    set(&mut raw, "hash-max-listpack-value", "64").await;
-    store.create_run(&NewRun::new("big2", "agent").queue("q").metadata(metadata)).await.expect("create");
-    assert_eq!(encoding(&mut raw, "rl:{q}:run:big2").await, "hashtable");
+    let usage = json!({ "tokens": 812, "detail": "y".repeat(100) });
+    // At Redis's stock limit too: the long documents live in their doc keys.
+    for (run_id, limit) in [("big", "1024"), ("big2", "64")] {
+        set(&mut raw, "hash-max-listpack-value", limit).await;
+        store.create_run(&NewRun::new(run_id, "agent").queue("q").metadata(metadata.clone())).await.expect("create");
+        let claimed = store.claim_next_run(&ClaimRequest::new("rt").queue("q")).await.expect("claim").expect("a run");
+        assert_eq!(claimed.metadata, metadata, "the claim reads the document back");
+        let finish = Finish::new(RunStatus::Completed).usage(usage.clone()).metadata(json!({ "done": true }));
+        store.finalize_run(&claimed.run_id, &finish, claimed.claim_token.as_deref()).await.expect("finalize");
+        let key = format!("rl:{{q}}:run:{}", claimed.run_id);
+        assert_eq!(encoding(&mut raw, &key).await, "listpack", "{key} at hash-max-listpack-value {limit}");
+        for field in ["metadata", "usage"] {
+            let stored: String = redis::cmd("HGET").arg(&key).arg(field).query_async(&mut raw).await.expect("HGET");
+            assert_eq!(stored, runledger::keys::DOC_MARK, "{field} moved out of {key}");
+            let doc = store.queue_keys("q").doc(field, &claimed.run_id);
+            let text: String = redis::cmd("GET").arg(&doc).query_async(&mut raw).await.expect("GET doc");
+            assert!(text.starts_with('{'), "{doc} holds the document: {text}");
+        }
+        let run = store.get_run(&claimed.run_id).await.expect("get");
+        let mut merged = metadata.clone();
+        merged["done"] = json!(true);
+        assert_eq!((run.metadata, run.usage), (merged, Some(usage.clone())), "get_run reads the documents back");
+    }
 }

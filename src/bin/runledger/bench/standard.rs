@@ -371,7 +371,8 @@ async fn empty_bench_queues(store: &Store) -> Result<u64> {
             if run_ids.is_empty() {
                 continue;
             }
-            let own: Vec<String> = run_ids.iter().flat_map(|id| [keys.run(id), keys.events(id)]).collect();
+            let own: Vec<String> =
+                run_ids.iter().flat_map(|id| [keys.run(id), keys.events(id)].into_iter().chain(keys.docs(id))).collect();
             let locators: Vec<String> = run_ids.iter().map(|id| global.locator(id)).collect();
             let _: () = redis::cmd("DEL").arg(&own).query_async(&mut conn).await?;
             let _: () = redis::cmd("DEL").arg(&locators).query_async(&mut conn).await?;
