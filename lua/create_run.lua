@@ -115,17 +115,22 @@ end
 local clock = math.max(tonumber(meta[2] or '0'), now - ID_EPOCH)
 -- The `runs` index takes ids in order only: after its last id, whatever the
 -- queue's clock says (a meta hash edited or lost, a server clock set back).
--- Checked before the first write, so a batch never half-lands on XADD.
-if fresh > 0 and redis.call('EXISTS', B .. 'runs') == 1 then
+-- The first new run's index entry is its first write: when the index refuses
+-- it (it is ahead), the clock moves past the index's last id and the batch's
+-- ids follow from there, before anything of the run is written.
+local function index_clock()
   local info = redis.call('XINFO', 'STREAM', B .. 'runs')
   for j = 1, #info, 2 do
     if info[j] == 'last-generated-id' then
-      local last = tonumber(string.match(info[j + 1], '^(%d+)')) or 0
-      clock = math.max(clock, math.floor(last / QUEUES))
+      return math.floor((tonumber(string.match(info[j + 1], '^(%d+)')) or 0) / QUEUES)
     end
   end
+  return 0
 end
-if clock + fresh >= CLOCK_LIMIT then fail('INVALID', 'the id clock of queue ' .. queue .. ' is exhausted') end
+local function check_clock(left)
+  if clock + left >= CLOCK_LIMIT then fail('INVALID', 'the id clock of queue ' .. queue .. ' is exhausted') end
+end
+check_clock(fresh)
 -- The locators, after the last check: a run id that another queue holds is
 -- that queue's run; one this queue holds (a retry, or a finished run whose
 -- locator has a TTL) is kept for good while the run lives.
@@ -143,6 +148,8 @@ if with_locators then
   end
 end
 local claimable = false
+-- Whether this call has written its first index entry (see index_clock).
+local indexed = false
 -- Unpinned runs due now go into `queued` together, one ZADD per runner.
 local by_runner, runner_order = {}, {}
 for i, r in ipairs(runs) do
@@ -150,6 +157,22 @@ for i, r in ipairs(runs) do
   if not out[i] then
     clock = clock + 1
     local id = clock * QUEUES + number
+    local entry = fmt(id) .. '-0'
+    -- List indexes are streams: entry <id>-0 names the run; cheaper than a
+    -- sorted set entry and still paged newest first with XREVRANGE.
+    if indexed then
+      redis.call('XADD', B .. 'runs', entry, 'r', r.rid)
+    else
+      indexed = true
+      local added = redis.pcall('XADD', B .. 'runs', entry, 'r', r.rid)
+      if type(added) == 'table' and added.err then
+        clock = math.max(clock, index_clock() + 1)
+        check_clock(fresh)
+        id = clock * QUEUES + number
+        entry = fmt(id) .. '-0'
+        redis.call('XADD', B .. 'runs', entry, 'r', r.rid)
+      end
+    end
     local id_s = fmt(id)
     local fields = {
       'id', id_s, 'run_id', r.rid, 'runner_id', r.runner_id, 'status', r.status, 'queue_name', queue,
@@ -171,10 +194,6 @@ for i, r in ipairs(runs) do
     end
     redis.call('HSET', rk, unpack(fields))
 
-    -- List indexes are streams: entry <id>-0 names the run; cheaper than a
-    -- sorted set entry and still paged newest first with XREVRANGE.
-    local entry = id_s .. '-0'
-    redis.call('XADD', B .. 'runs', entry, 'r', r.rid)
     for _, scope in ipairs(SCOPES) do
       local v = r[scope[2]]
       if v ~= '' then redis.call('XADD', B .. 'idx:' .. scope[1] .. ':' .. v, entry, 'r', r.rid) end
