@@ -242,12 +242,11 @@ local function claim(B, c, now, first_send)
       local attempts = h.dispatch_attempts + 1
       local now_s, expires = fmt(now), fmt(now + lease)
       local fields = { 'status', 'claimed', 'claimed_by_runtime_id', runtime, 'claim_token', token,
-        'claim_lease_expires_at', expires, 'dispatch_attempts', attempts, 'last_claimed_at', now_s,
-        'updated_at', now_s }
-      if not h.started_at then
-        fields[#fields + 1] = 'started_at'
-        fields[#fields + 1] = now_s
-      end
+        'claim_lease_expires_at', expires, 'dispatch_attempts', attempts, 'updated_at', now_s }
+      -- The first claim's time is started_at; last_claimed_at is written
+      -- from the second claim on (readers take started_at until then).
+      fields[#fields + 1] = h.started_at and 'last_claimed_at' or 'started_at'
+      fields[#fields + 1] = now_s
       redis.call('HSET', rk, unpack(fields))
       redis.call('ZADD', K.leases, expires, rid)
       lower_next_due(B, now + lease)

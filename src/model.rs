@@ -172,6 +172,10 @@ impl Run {
         let token = f.text("claim_token");
         let authorization = f.json("authorization")?;
         let created_ms = f.0.get("created_at").and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+        let started_ms = f.int("started_at")?;
+        let finished_ms = f.int("finished_at")?;
+        let dispatch_attempts = f.int("dispatch_attempts")?.unwrap_or(0);
+        let attempted = dispatch_attempts > 0;
         Ok(Run {
             id: f.int("id")?.ok_or_else(|| Error::Protocol("run without id".into()))?,
             run_id: f.required("run_id")?,
@@ -191,12 +195,14 @@ impl Run {
             claimed_by_runtime_id: f.text("claimed_by_runtime_id"),
             claim_token: if for_holder { token } else { None },
             claim_lease_expires_at: secs(lease_ms),
-            dispatch_attempts: f.int("dispatch_attempts")?.unwrap_or(0),
-            last_claimed_at: secs(f.int("last_claimed_at")?),
+            dispatch_attempts,
+            // Written from the second claim on; the first claim's time is started_at.
+            last_claimed_at: secs(f.int("last_claimed_at")?.or(attempted.then_some(started_ms).flatten())),
             created_at: secs(f.int("created_at")?).unwrap_or(0),
-            started_at: secs(f.int("started_at")?),
-            finished_at: secs(f.int("finished_at")?),
-            updated_at: secs(f.int("updated_at")?).unwrap_or(0),
+            started_at: secs(started_ms),
+            finished_at: secs(finished_ms),
+            // Absent until the run changes, and on a finished run: its finished_at, else its created_at.
+            updated_at: secs(f.int("updated_at")?.or(finished_ms).or(Some(created_ms))).unwrap_or(0),
             deadline_at: secs(f.int("deadline_at")?),
             cancel_requested_at: secs(f.int("cancel_requested_at")?),
             usage: f.json("usage")?,

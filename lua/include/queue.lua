@@ -235,6 +235,8 @@ local PURGE_PER_FINISH = 2
 -- `extra`: more field/value pairs to set in the same HSET (may be nil).
 local function finish(B, rid, h, status, reason, now, extra)
   local rk = B .. 'run:' .. rid
+  -- Whether the run keeps an updated_at of its own (only a claimed run's goes).
+  local touched = true
   if h.status == 'queued' then
     lane_remove(B, rid, h)
     redis.call('ZREM', K.delayed, rid)
@@ -243,13 +245,19 @@ local function finish(B, rid, h, status, reason, now, extra)
     -- The claim's receipt goes with the claim: its claimer has the run, or
     -- has lost it; either way no resend of that claim may get it back.
     if h.claim_token then redis.call('DEL', receipt_key(B, h.claim_token)) end
-    clear_claim(rk)
+    -- updated_at goes too: a finished run's is its finished_at (readers take it).
+    redis.call('HDEL', rk, 'claim_token', 'claimed_by_runtime_id', 'claim_lease_expires_at', 'updated_at')
+    touched = false
   elseif h.status == 'running' then
     redis.call('ZREM', B .. 'running', rid)
   end
   if h.deadline_at then redis.call('ZREM', K.deadlines, rid) end
   local now_s = fmt(now)
-  local fields = { 'status', status, 'finished_at', now_s, 'updated_at', now_s }
+  local fields = { 'status', status, 'finished_at', now_s }
+  if touched then
+    fields[#fields + 1] = 'updated_at'
+    fields[#fields + 1] = now_s
+  end
   if reason and reason ~= '' then
     fields[#fields + 1] = 'status_reason'
     fields[#fields + 1] = reason

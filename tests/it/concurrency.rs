@@ -176,12 +176,13 @@ async fn many_claimers_finish_every_run_exactly_once() {
         let key = format!("rl:{{{QUEUE}}}:run:{}", c.run_id);
         let (claimed, finished): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
             .arg(&key)
-            .arg("last_claimed_at")
+            .arg("started_at")
             .arg("finished_at")
             .query_async(&mut raw)
             .await
             .expect("HMGET of the run's times");
-        let (claimed, finished) = (claimed.expect("last_claimed_at"), finished.expect("finished_at"));
+        // Each run is claimed once here: its claim time is its started_at.
+        let (claimed, finished) = (claimed.expect("started_at"), finished.expect("finished_at"));
         assert_eq!(claimed + LEASE.as_millis() as i64, c.lease_expires_ms, "{}: the lease counts from the claim", c.run_id);
         assert!(
             claimed <= finished && finished <= c.lease_expires_ms,

@@ -122,13 +122,15 @@ async fn a_run_through_its_life_as_an_operator_sees_it() {
     assert_eq!(h["status"], "queued");
     assert_eq!(h["queue_name"], "q");
     assert_eq!(h["priority"], "5");
-    assert_eq!(h["dispatch_attempts"], "0");
     assert_eq!(h["conversation_id"], "c1");
     assert_eq!(serde_json::from_str::<serde_json::Value>(&h["metadata"]).expect("metadata is JSON"), json!({"k": "v"}));
     ms_field(&h, "created_at", t0, t1);
-    ms_field(&h, "updated_at", t0, t1);
     assert_eq!(h["deadline_at"], (deadline_s * 1000).to_string(), "deadline in epoch ms");
+    // Fields a new run does without: updated_at is created_at until the run
+    // changes, dispatch_attempts is 0 (the readers fill both in).
     for absent in [
+        "updated_at",
+        "dispatch_attempts",
         "thread_id",
         "started_at",
         "finished_at",
@@ -164,9 +166,13 @@ async fn a_run_through_its_life_as_an_operator_sees_it() {
     assert_eq!(h["claimed_by_runtime_id"], "rt-1");
     assert_eq!(h["dispatch_attempts"], "1");
     let lease = ms_field(&h, "claim_lease_expires_at", t1 + 30_000, t2 + 30_000);
-    let claimed_at = ms_field(&h, "last_claimed_at", t1, t2);
+    // The first claim's time is started_at; last_claimed_at comes with the second claim.
+    let claimed_at = ms_field(&h, "started_at", t1, t2);
     assert_eq!(lease - claimed_at, 30_000);
-    ms_field(&h, "started_at", t1, t2);
+    assert_eq!(ms_field(&h, "updated_at", t1, t2), claimed_at);
+    assert!(!h.contains_key("last_claimed_at"), "{h:?}");
+    let read = store.get_run("r1").await.expect("get r1");
+    assert_eq!((read.last_claimed_at, read.started_at), (read.started_at, Some(claimed_at.div_euclid(1000))));
     // Who holds what, until when.
     assert_eq!(key_type(&mut raw, "rl:{q}:leases").await, "zset");
     let leases: HashMap<String, f64> = zrange(&mut raw, "rl:{q}:leases").await.into_iter().collect();
@@ -211,9 +217,11 @@ async fn a_run_through_its_life_as_an_operator_sees_it() {
     assert_eq!(h["status"], "completed");
     let finished_at = ms_field(&h, "finished_at", t2, t3);
     assert_eq!(h["usage"], r#"{"tokens":9}"#);
-    for absent in ["claim_token", "claimed_by_runtime_id", "claim_lease_expires_at"] {
+    for absent in ["claim_token", "claimed_by_runtime_id", "claim_lease_expires_at", "updated_at"] {
         assert!(!h.contains_key(absent), "{absent} is cleared when the run finishes: {h:?}");
     }
+    let read = store.get_run("r1").await.expect("get r1");
+    assert_eq!(read.updated_at, finished_at.div_euclid(1000), "a finished run's updated_at is its finished_at");
     assert_eq!(key_type(&mut raw, "rl:{q}:finished").await, "stream");
     let finished = stream_index(&mut raw, "rl:{q}:finished").await;
     assert_eq!(finished.len(), 1, "one finished run: {finished:?}");
