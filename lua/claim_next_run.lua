@@ -25,7 +25,7 @@
 -- 100 each, so the work per call is bounded), when the queue's hints
 -- (<P>:{Q}:hints, see include/queue.lua) say that one may be due; most
 -- claims read only the hints (and a queue written by an earlier build gets
--- its runner lanes there, once: see upgrade_lanes). Candidates are the heads of a few
+-- its lane mark there, once: see shared_lanes). Candidates are the heads of a few
 -- sorted sets: the queue (or one lane per runner in the filter) and this
 -- runtime's pinned lane, so the cost is O(log n) in the queue depth, times the
 -- number of runner ids in the filter.
@@ -102,11 +102,12 @@ local function due_work(B, now)
   local hints = B .. 'hints'
   local v = redis.call('HMGET', hints, 'next_due', 'pinned', 'lanes')
   local due = tonumber(v[1] or '')
-  if due and due > now and v[2] and v[3] == '1' then
+  if due and due > now and v[2] and (v[3] == '0' or v[3] == '1') then
     hinted_due = due
+    lanes_mode = v[3]
     return v[2] ~= '0'
   end
-  if redis.call('HGET', B .. 'meta', 'lanes') ~= '1' then upgrade_lanes(B) end
+  shared_lanes(B)
   promote_delayed(B, now, '100')
   recover_expired(B, now, '100', 'queued', 'claim lease expired')
   -- What is left is exact now; past the limit of 100 the head is due still,
@@ -117,7 +118,7 @@ local function due_work(B, now)
     if head[2] and tonumber(head[2]) < due then due = tonumber(head[2]) end
   end
   local pins = redis.call('EXISTS', B .. 'pins') == 1
-  redis.call('HSET', hints, 'next_due', fmt(due), 'pinned', pins and '1' or '0', 'lanes', '1')
+  redis.call('HSET', hints, 'next_due', fmt(due), 'pinned', pins and '1' or '0', 'lanes', lanes_mode)
   hinted_due = due
   return pins
 end
@@ -191,8 +192,10 @@ local function claim(B, c, now, first_send)
       end
     else
       for _, r in ipairs(runners) do
-        local lane = runner_lane(B, r)
-        if scope then
+        local lane = lane_of(B, r)
+        if not lane then
+          -- No queued run of r.
+        elseif scope then
           consider_scoped(lane)
         else
           local head = redis.call('ZRANGE', lane, '0', '0', 'WITHSCORES')
@@ -229,7 +232,8 @@ local function claim(B, c, now, first_send)
       redis.call('ZREM', pinned, rid)
       if redis.call('ZREM', K.queued, rid) == 1 then
         for _, r in ipairs(redis.call('HKEYS', B .. 'runners')) do
-          if redis.call('ZSCORE', runner_lane(B, r), rid) then
+          -- Without lanes `runners` names one runner: the run was its.
+          if not shared_lanes(B) or redis.call('ZSCORE', runner_lane(B, r), rid) then
             runner_left(B, r, rid)
             break
           end

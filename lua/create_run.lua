@@ -38,7 +38,9 @@ local queue = ARGV[2]
 check_id('queue_name', queue)
 local max_bytes = check_int('max JSON bytes', ARGV[3], 1, 512 * 1024 * 1024)
 local number = check_int('queue number', ARGV[4], 0, QUEUES - 1)
-local meta = redis.call('HMGET', KEYS[8], 'number', 'clock')
+local meta = redis.call('HMGET', KEYS[8], 'number', 'clock', 'lanes')
+-- A new queue starts without lanes (see runner_lane in include/queue.lua).
+if not meta[1] then lanes_mode = '0' elseif meta[3] == '0' or meta[3] == '1' then lanes_mode = meta[3] end
 if meta[1] and tonumber(meta[1]) ~= number then
   fail('CONFLICT', 'queue ' .. queue .. ' has number ' .. meta[1] .. ', not ' .. ARGV[4])
 end
@@ -238,8 +240,7 @@ if fresh > 0 then
   if meta[1] then
     redis.call('HSET', KEYS[8], 'number', ARGV[4], 'clock', fmt(clock))
   else
-    -- A new queue starts with lanes for every runner (see upgrade_lanes).
-    redis.call('HSET', KEYS[8], 'number', ARGV[4], 'clock', fmt(clock), 'lanes', '1')
+    redis.call('HSET', KEYS[8], 'number', ARGV[4], 'clock', fmt(clock), 'lanes', lanes_mode)
   end
   redis.call('HINCRBY', K.stats, 'created', fresh)
 end

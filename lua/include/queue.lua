@@ -33,21 +33,27 @@ local function lane_score(priority, id)
   return (1000 - priority) * BAND + math.floor(id / QUEUES)
 end
 
--- Runner lanes: every run of `queued` is also in its runner's lane
--- `runner:<r>` (same score), always, and `runners` (HASH runner_id -> runs in
--- `queued`) counts them. A claim with a runner filter reads the heads of the
--- lanes it names; the unfiltered claim reads `queued`. Both leave together.
+-- Runner lanes: `runners` (HASH runner_id -> runs in `queued`) counts the
+-- runs of `queued` by runner, always. A queue whose queued runs have one
+-- runner keeps no lane: `queued` is that runner's lane (meta `lanes` '0').
+-- When a second runner's run arrives, every runner gets a lane
+-- `runner:<r>` (same scores; the first one's is a copy of `queued`), kept
+-- until `queued` is empty again (meta `lanes` '1'). A claim with a runner
+-- filter reads the heads of the lanes it names; the unfiltered claim reads
+-- `queued`. A run leaves `queued` and its lane together.
 local function runner_lane(B, r)
   return B .. 'runner:' .. r
 end
+
+-- This call's reading of meta `lanes`: '1' (a lane per runner) or '0' (none).
+local lanes_mode
 
 -- Hints: `<P>:{Q}:hints` HASH, a cache that lets a claim skip reads that
 -- would find nothing (its fields are lower bounds, never promises):
 --   next_due  ms: no delayed run falls due and no lease expires before it;
 --             every ZADD to `delayed` or `leases` keeps it so (lower_next_due)
 --   pinned    '0' while no pinned lane holds runs ('1': one may)
---   lanes     '1': `meta` says the queue keeps a lane for every runner
---             (checked, and upgrade_lanes run, when it is missing)
+--   lanes     a copy of meta `lanes` (see runner_lane)
 -- A missing hash or field means unknown: the next claim probes and rebuilds
 -- it. A claim looks at most HINT_MS ahead, so even an entry added by hand
 -- waits no longer than that.
@@ -63,6 +69,7 @@ local function bind_call()
   K.queued, K.leases, K.delayed, K.deadlines = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
   K.finished, K.stats, K.wake = KEYS[5], KEYS[6], KEYS[7]
   hinted_due = nil
+  lanes_mode = nil
 end
 bind_call()
 
@@ -90,24 +97,49 @@ local function zadd_entries(key, entries)
   end
 end
 
--- Puts unpinned, due runs of runner r into `queued` and r's lane.
--- entries: {lane score, run_id, ...}.
-local function queue_runs(B, r, entries)
-  redis.call('HINCRBY', B .. 'runners', r, #entries / 2)
-  zadd_entries(runner_lane(B, r), entries)
-  zadd_entries(K.queued, entries)
+local function set_lanes(B, mode)
+  redis.call('HSET', B .. 'meta', 'lanes', mode)
+  redis.call('HSET', B .. 'hints', 'lanes', mode)
+  lanes_mode = mode
 end
 
--- A queue written by a build before lanes were kept always (meta field
--- `lanes` unset) had no lane while its queued runs had one runner: `queued`
--- was that runner's lane. Copies it into the lane once, and marks the queue.
-local function upgrade_lanes(B)
-  local names = redis.call('HKEYS', B .. 'runners')
-  if #names == 1 then
-    local lane = runner_lane(B, names[1])
-    redis.call('ZUNIONSTORE', lane, '2', lane, K.queued, 'AGGREGATE', 'MIN')
+-- True while the queue keeps a lane per runner. A queue an earlier build
+-- wrote without the mark kept lanes only with two or more runners (as now);
+-- one of the build before this one ('1') kept them always, which holds too.
+local function shared_lanes(B)
+  if lanes_mode == nil then
+    local mode = redis.call('HGET', B .. 'meta', 'lanes')
+    if mode ~= '0' and mode ~= '1' then
+      mode = redis.call('HLEN', B .. 'runners') > 1 and '1' or '0'
+      set_lanes(B, mode)
+    end
+    lanes_mode = mode
   end
-  redis.call('HSET', B .. 'meta', 'lanes', '1')
+  return lanes_mode == '1'
+end
+
+-- The lane runner r's runs are claimed from: its own, or `queued` while it
+-- is the queue's one runner (nil when r has no queued run).
+local function lane_of(B, r)
+  if shared_lanes(B) then return runner_lane(B, r) end
+  if redis.call('HGET', B .. 'runners', r) then return K.queued end
+  return nil
+end
+
+-- Puts unpinned, due runs of runner r into `queued` (and r's lane).
+-- entries: {lane score, run_id, ...}.
+local function queue_runs(B, r, entries)
+  local n = #entries / 2
+  local count = redis.call('HINCRBY', B .. 'runners', r, n)
+  if count == n and not shared_lanes(B) and redis.call('HLEN', B .. 'runners') > 1 then
+    -- A second runner: the first one's lane is `queued` as it is now.
+    for _, other in ipairs(redis.call('HKEYS', B .. 'runners')) do
+      if other ~= r then redis.call('ZUNIONSTORE', runner_lane(B, other), '1', K.queued) end
+    end
+    set_lanes(B, '1')
+  end
+  if shared_lanes(B) then zadd_entries(runner_lane(B, r), entries) end
+  zadd_entries(K.queued, entries)
 end
 
 -- Puts a queued run into the lane it is claimed from.
@@ -124,9 +156,14 @@ local function lane_add(B, rid, h)
 end
 
 -- Counts a run out of `queued` for its runner (after it left `queued`).
+-- The last run out of a queue that kept lanes ends them (they are all empty).
 local function runner_left(B, r, rid)
-  if redis.call('HINCRBY', B .. 'runners', r, '-1') <= 0 then redis.call('HDEL', B .. 'runners', r) end
-  redis.call('ZREM', runner_lane(B, r), rid)
+  local gone = redis.call('HINCRBY', B .. 'runners', r, '-1') <= 0
+  if gone then redis.call('HDEL', B .. 'runners', r) end
+  if shared_lanes(B) then
+    redis.call('ZREM', runner_lane(B, r), rid)
+    if gone and redis.call('EXISTS', B .. 'runners') == 0 then set_lanes(B, '0') end
+  end
 end
 
 local function lane_remove(B, rid, h)

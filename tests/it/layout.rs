@@ -364,11 +364,12 @@ async fn delayed_pinned_and_runner_lanes_are_visible() {
     assert_eq!(queued, ["any"], "the shared queue holds only unpinned, due runs");
     let runners = hgetall(&mut raw, "rl:{jobs}:runners").await;
     assert_eq!(runners, HashMap::from([("summarizer".to_string(), "1".to_string())]), "queued runs per runner");
-    let lane: Vec<String> = zrange(&mut raw, "rl:{jobs}:runner:summarizer").await.into_iter().map(|(m, _)| m).collect();
-    assert_eq!(lane, ["any"], "every queued run is in its runner's lane, one runner or many");
+    assert_eq!(key_type(&mut raw, "rl:{jobs}:runner:summarizer").await, "none", "one runner: `queued` is its lane");
+    assert_eq!(hgetall(&mut raw, "rl:{jobs}:meta").await["lanes"], "0");
     store.create_run(&NewRun::new("other", "agent").queue("jobs")).await.expect("create");
     let lane: Vec<String> = zrange(&mut raw, "rl:{jobs}:runner:summarizer").await.into_iter().map(|(m, _)| m).collect();
-    assert_eq!(lane, ["any"], "a second runner leaves the first one's lane as it was");
+    assert_eq!(lane, ["any"], "a second runner: the first one's lane is a copy of `queued`");
+    assert_eq!(hgetall(&mut raw, "rl:{jobs}:meta").await["lanes"], "1");
     let lane: Vec<String> = zrange(&mut raw, "rl:{jobs}:runner:agent").await.into_iter().map(|(m, _)| m).collect();
     assert_eq!(lane, ["other"]);
     assert_eq!(key_type(&mut raw, "rl:{jobs}:runs").await, "stream");

@@ -1,10 +1,13 @@
-//! Every run of `queued` is also in its runner's lane, always. A random mix of
+//! A queue whose queued runs have one runner keeps no lane (`queued` is that
+//! runner's lane); from the arrival of a second runner until `queued` is empty
+//! again, every runner's run is also in its runner's lane. A random mix of
 //! creates, filtered claims, releases (some delayed), cancels and finishes
 //! checks after every step that `runners` counts exactly what `queued` holds,
-//! that every lane matches `queued`, that every claim takes the best run its
-//! filter allows, and that no call ever copies a whole queue (ZUNIONSTORE).
-//! A queue written by an earlier build (no lane while it had one runner) gets
-//! its lane from its next claim.
+//! that the lanes are there exactly when the mark says so and each matches
+//! `queued`, that every claim takes the best run its filter allows, and that a
+//! whole queue is copied (ZUNIONSTORE) only when a second runner arrives.
+//! Queues of earlier builds (no mark; or a lane for every runner, always) are
+//! served as they are.
 
 use crate::common;
 
@@ -48,10 +51,16 @@ async fn queued(raw: &mut Conn) -> BTreeMap<String, (String, f64)> {
     out
 }
 
-async fn check_lanes(store: &Store, raw: &mut Conn, step: usize) {
+/// Checks the lanes against `queued`; returns whether the queue keeps lanes.
+async fn check_lanes(store: &Store, raw: &mut Conn, step: usize) -> bool {
     let queued = queued(raw).await;
     let counts: HashMap<String, i64> =
         redis::cmd("HGETALL").arg("rl:{q}:runners").query_async(raw).await.expect("HGETALL");
+    let mark: Option<String> = redis::cmd("HGET").arg("rl:{q}:meta").arg("lanes").query_async(raw).await.expect("HGET");
+    let shared = mark.as_deref() == Some("1");
+    if !shared {
+        assert!(counts.len() <= 1, "step {step}: no lanes (mark {mark:?}) but runners {counts:?}");
+    }
     let stats = store.queue_stats("q", 0).await.expect("queue_stats");
     assert_eq!(stats.queued_by_runner, counts.clone().into_iter().collect(), "step {step}: queue_stats by runner");
     assert_eq!(stats.queued, queued.len() as i64, "step {step}: queue_stats queued");
@@ -66,8 +75,22 @@ async fn check_lanes(store: &Store, raw: &mut Conn, step: usize) {
         }
         let mut lane = zrange(raw, &format!("rl:{{q}}:runner:{runner}")).await;
         lane.sort_by(|a, b| a.0.cmp(&b.0));
-        assert_eq!(lane, expected, "step {step}: lane of {runner} with runners {counts:?}");
+        if shared {
+            assert_eq!(lane, expected, "step {step}: lane of {runner} with runners {counts:?}");
+        } else {
+            assert_eq!(lane, [], "step {step}: a lane of {runner} in a queue without lanes");
+        }
     }
+    shared
+}
+
+async fn copies(raw: &mut Conn) -> u64 {
+    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(raw).await.expect("INFO");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_zunionstore:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A claim must take a run of a wanted runner that nothing left in `queued`
@@ -96,6 +119,7 @@ async fn runner_lanes_follow_the_runners_of_queued_runs() {
     let mut held: Vec<(String, String)> = Vec::new();
     let mut next = 0;
     let mut claims = 0;
+    let (mut shared, mut arrivals) = (false, 0);
     for step in 0..400 {
         match rng.below(10) {
             0..=3 => {
@@ -145,13 +169,25 @@ async fn runner_lanes_follow_the_runners_of_queued_runs() {
                 }
             }
         }
-        check_lanes(&store, &mut raw, step).await;
+        if step % 80 == 79 {
+            // Drained now and then, so the queue goes back to keeping no lanes.
+            let request = ClaimRequest::new("rt").queue("q");
+            while let ClaimOutcome::Claimed(run) = store.claim_from("q", &request).await.expect("claim") {
+                held.push((run.run_id.clone(), run.claim_token.clone().expect("token")));
+            }
+            assert!(!check_lanes(&store, &mut raw, step).await, "step {step}: drained, without lanes");
+            shared = false;
+        }
+        let now_shared = check_lanes(&store, &mut raw, step).await;
+        if now_shared && !shared {
+            arrivals += 1;
+        }
+        shared = now_shared;
     }
     assert!(claims > 50, "the history should claim often, claimed {claims}");
-    // Runners came and went, and no call copied a queue into a lane.
-    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut raw).await.expect("INFO");
-    assert!(stats.contains("cmdstat_zadd:"), "the history ran: {stats}");
-    assert!(!stats.contains("cmdstat_zunionstore:"), "no whole-queue copy: {stats}");
+    // Runners came and went; a queue was copied into a lane once per second runner's arrival.
+    assert!(arrivals >= 3, "the history should move between one runner and several, moved {arrivals} times");
+    assert_eq!(copies(&mut raw).await, arrivals, "one copy per arrival of a second runner");
 
     // Drained, the queue keeps no runner bookkeeping at all.
     tokio::time::sleep(Duration::from_millis(30)).await;
@@ -166,6 +202,7 @@ async fn runner_lanes_follow_the_runners_of_queued_runs() {
         let exists: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut raw).await.expect("EXISTS");
         assert_eq!(exists, 0, "{key} should be gone once the queue is empty");
     }
+    assert!(!check_lanes(&store, &mut raw, 400).await, "an empty queue keeps no lanes");
 }
 
 /// A run hash deleted by hand leaves dangling lane entries; the claim that
@@ -189,44 +226,57 @@ async fn a_deleted_run_hash_leaves_the_counts_exact() {
     assert_eq!(counts, HashMap::from([("beta".to_string(), 1)]));
 }
 
-/// A queue as an earlier build left it: one runner's runs in `queued`, no
-/// lane for them, no `lanes` mark. A run added since (by create or release)
-/// has a lane of its own; the next claim upgrades the queue, once, and a
-/// filtered claim then takes the best run of all.
+/// Queues as earlier builds left them. Without the mark: one runner's runs
+/// in `queued` and no lane (the earliest build), which is this build's layout
+/// for one runner and is marked so by the first call that asks; or two
+/// runners with a lane each, marked as keeping lanes. With the mark of the
+/// build before this one ('1': a lane for every runner, always): served with
+/// its lanes until `queued` is empty, then without.
 #[tokio::test]
-async fn a_queue_of_an_earlier_build_gets_its_lane_from_the_next_claim() {
+async fn queues_of_earlier_builds_are_served_as_they_are() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
+    let request = |runner: &str| ClaimRequest::new("rt").queue("q").runner(runner);
     for (rid, priority) in [("old1", 1), ("old-best", 9), ("old2", 3)] {
         store.create_run(&NewRun::new(rid, "alpha").queue("q").priority(priority)).await.expect("create");
     }
-    // Back to the earlier layout: no lane, no mark (meta and its copy in the hints).
-    let _: () = redis::cmd("DEL").arg("rl:{q}:runner:alpha").query_async(&mut raw).await.expect("DEL");
-    let _: () = redis::cmd("HDEL").arg("rl:{q}:meta").arg("lanes").query_async(&mut raw).await.expect("HDEL");
-    let _: () = redis::cmd("HDEL").arg("rl:{q}:hints").arg("lanes").query_async(&mut raw).await.expect("HDEL");
-    // A run created now lands in a new lane of its own.
-    store.create_run(&NewRun::new("new", "alpha").queue("q").priority(5)).await.expect("create");
-    let lane = zrange(&mut raw, "rl:{q}:runner:alpha").await;
-    assert_eq!(lane.len(), 1, "before the upgrade the lane holds the new run only: {lane:?}");
-
-    let request = ClaimRequest::new("rt").queue("q").runner("alpha");
-    let ClaimOutcome::Claimed(run) = store.claim_from("q", &request).await.expect("claim") else {
-        panic!("four runs of alpha wait");
+    let unmark = |raw: &mut Conn| {
+        let mut raw = raw.clone();
+        async move {
+            for key in ["rl:{q}:meta", "rl:{q}:hints"] {
+                let _: () = redis::cmd("HDEL").arg(key).arg("lanes").query_async(&mut raw).await.expect("HDEL");
+            }
+        }
     };
-    assert_eq!(run.run_id, "old-best", "the filtered claim sees the runs of the earlier build");
-    check_lanes(&store, &mut raw, 0).await;
-    let mark: Option<String> =
-        redis::cmd("HGET").arg("rl:{q}:meta").arg("lanes").query_async(&mut raw).await.expect("HGET");
-    assert_eq!(mark.as_deref(), Some("1"), "the queue is marked as upgraded");
-
-    // The rest come in order, each claim from the lane.
+    unmark(&mut raw).await;
+    store.create_run(&NewRun::new("new", "alpha").queue("q").priority(5)).await.expect("create");
+    assert!(!check_lanes(&store, &mut raw, 0).await, "one runner, no mark: no lanes");
     let mut order = Vec::new();
-    while let ClaimOutcome::Claimed(run) = store.claim_from("q", &request).await.expect("claim") {
+    while let ClaimOutcome::Claimed(run) = store.claim_from("q", &request("alpha")).await.expect("claim") {
         order.push(run.run_id.clone());
         check_lanes(&store, &mut raw, order.len()).await;
     }
-    assert_eq!(order, ["new", "old2", "old1"]);
-    // Upgraded once: one copy, by the first claim.
-    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut raw).await.expect("INFO");
-    assert!(stats.contains("cmdstat_zunionstore:calls=1,"), "one copy in all: {stats}");
+    assert_eq!(order, ["old-best", "new", "old2", "old1"], "the filtered claim reads `queued`");
+
+    // Two runners with lanes, no mark: marked as keeping lanes.
+    for (rid, runner) in [("a1", "alpha"), ("b1", "beta"), ("a2", "alpha")] {
+        store.create_run(&NewRun::new(rid, runner).queue("q")).await.expect("create");
+    }
+    unmark(&mut raw).await;
+    let ClaimOutcome::Claimed(run) = store.claim_from("q", &request("beta")).await.expect("claim") else {
+        panic!("b1 waits");
+    };
+    assert_eq!(run.run_id, "b1");
+    assert!(check_lanes(&store, &mut raw, 10).await, "marked as keeping lanes");
+
+    // The mark of the build before ('1') on a queue of one runner with its lane.
+    let ClaimOutcome::Claimed(_) = store.claim_from("q", &request("alpha")).await.expect("claim") else {
+        panic!("a1 waits");
+    };
+    assert!(check_lanes(&store, &mut raw, 11).await, "lanes are kept until `queued` is empty");
+    let ClaimOutcome::Claimed(_) = store.claim_from("q", &request("alpha")).await.expect("claim") else {
+        panic!("a2 waits");
+    };
+    assert!(!check_lanes(&store, &mut raw, 12).await, "empty: no lanes any more");
+    assert_eq!(copies(&mut raw).await, 1, "one copy in all: when beta's run arrived");
 }
