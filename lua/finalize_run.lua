@@ -2,6 +2,9 @@
 --
 -- KEYS[1..7]  the queue keys (see include/queue.lua)
 -- KEYS[8]     <P>:{Q}:run:<run_id>  HASH the run
+-- KEYS[9]     optional, on a single server only: <P>:locator:<run_id> (another
+--             slot), which a finish gives the run's TTL (retention + 1 day)
+--             itself; else the client does, in a call of its own
 -- ARGV[1] key base   ARGV[2] run_id
 -- ARGV[3] status: completed | failed | cancelled | timeout
 -- ARGV[4] status_reason ('' = keep)
@@ -91,6 +94,7 @@ if with_meta then extra[#extra + 1] = 'metadata'; extra[#extra + 1] = doc_value(
 if ARGV[5] ~= '' then extra[#extra + 1] = 'usage'; extra[#extra + 1] = doc_value(B, rid, 'usage', ARGV[5]) end
 if ARGV[6] ~= '' then extra[#extra + 1] = 'cost'; extra[#extra + 1] = doc_value(B, rid, 'cost', ARGV[6]) end
 finish(B, rid, h, status, ARGV[4], now, extra)
+if KEYS[9] then redis.call('PEXPIRE', KEYS[9], fmt(retention + 86400000)) end
 -- Each finish purges up to two runs past the retention: the finished
 -- stream shrinks at least as fast as it grows, with no reaper running.
 -- The run is read back first: with a short retention it can be among those purged.

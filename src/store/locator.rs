@@ -141,20 +141,24 @@ impl Store {
         Ok(())
     }
 
-    /// After a finish: the finished run's locator gets its TTL, and the runs
-    /// the finish purged lose theirs, in the background (the worker's hot
-    /// path). A failure leaves a locator to its TTL.
-    pub(crate) fn settle_locators_soon(&self, queue: &str, finished: &str, purged: Vec<String>) {
+    /// After a finish: the finished run's locator gets its TTL (unless the
+    /// finish gave it, `finished` None), and the runs the finish purged lose
+    /// theirs, in the background (the worker's hot path). A failure leaves a
+    /// locator to its TTL.
+    pub(crate) fn settle_locators_soon(&self, queue: &str, finished: Option<&str>, purged: Vec<String>) {
+        if finished.is_none() && purged.is_empty() {
+            return;
+        }
         let store = self.clone();
         let queue = queue.to_string();
-        let finished = vec![finished.to_string()];
+        let finished: Vec<String> = finished.into_iter().map(str::to_string).collect();
         tokio::spawn(async move {
             let settle = async {
                 store.expire_locators(&finished).await?;
                 store.drop_locators(&queue, &purged).await
             };
             if !matches!(tokio::time::timeout(Duration::from_secs(10), settle).await, Ok(Ok(()))) {
-                tracing::debug!(run_id = %finished[0], "could not settle the locators of a finish");
+                tracing::debug!(queue = %queue, "could not settle the locators of a finish");
             }
         });
     }

@@ -681,7 +681,12 @@ impl Store {
             validate::object("metadata", m, max)?;
         }
         let queue = self.locate(run_id).await?;
-        let (keys, k) = self.run_keys(run_id).await?;
+        let (keys, mut k) = self.run_keys(run_id).await?;
+        // On one server the finish gives the run's locator its TTL itself.
+        let locator_in_script = self.locators_in_script();
+        if locator_in_script {
+            k.push(self.global().locator(run_id));
+        }
         // One token for the chained claim, however often the call is sent.
         let spec = next.map(|request| self.claim_spec(request)).transpose()?;
         for _ in 0..20 {
@@ -724,10 +729,13 @@ impl Store {
                     };
                     let purged = parts.map(reply::string).collect::<Result<Vec<_>>>()?;
                     if finished_now {
+                        let expire = (!locator_in_script).then_some(run_id);
                         if quiet {
-                            self.settle_locators_soon(&queue, run_id, purged);
+                            self.settle_locators_soon(&queue, expire, purged);
                         } else {
-                            self.expire_locators(&[run_id.to_string()]).await?;
+                            if let Some(run_id) = expire {
+                                self.expire_locators(&[run_id.to_string()]).await?;
+                            }
                             self.drop_locators(&queue, &purged).await?;
                         }
                     }

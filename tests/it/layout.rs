@@ -502,9 +502,10 @@ async fn each_claim_passes_the_wake_token_on_while_runs_wait() {
 
 /// On one server a create is one round trip: the create script takes the run
 /// id's locator itself (on a cluster the locator, in a slot of its own, is
-/// taken first). A run id that another queue holds is that queue's run.
+/// taken first), and a finish gives it its TTL. A run id that another queue
+/// holds is that queue's run.
 #[tokio::test]
-async fn a_create_is_one_round_trip_on_one_server() {
+async fn a_create_and_a_finish_are_one_round_trip_each_on_one_server() {
     let (redis, store) = common::store().await;
     let mut raw = common::raw(&redis).await;
     // Queues are registered once per process (a round trip of its own).
@@ -528,6 +529,20 @@ async fn a_create_is_one_round_trip_on_one_server() {
     assert_eq!((held.as_str(), run.queue_name.as_str()), ("one", "one"));
     let ttl: i64 = redis::cmd("PTTL").arg(&locator).query_async(&mut raw).await.expect("PTTL");
     assert_eq!(ttl, -1, "a live run's locator has no TTL");
+
+    // A finish is one call too: it gives the locator the run's TTL itself.
+    let claimed = store.claim_next_run(&ClaimRequest::new("rt").queue("one")).await.expect("claim").expect("a run");
+    let recorder = common::monitor::Monitor::start(&format!("127.0.0.1:{port}")).await;
+    let finish = Finish::new(RunStatus::Completed);
+    store.finalize_run(&claimed.run_id, &finish, claimed.claim_token.as_deref()).await.expect("finalize");
+    let sent: Vec<common::monitor::Command> = common::monitor::commands(&recorder.stop().await)
+        .into_iter()
+        .filter(|c| !c.is_inside_script() && !c.name_is("ECHO"))
+        .collect();
+    assert_eq!(sent.len(), 1, "one command for a finish: {:?}", sent.iter().map(|c| &c.args).collect::<Vec<_>>());
+    let finished_locator = runledger::keys::GlobalKeys { prefix: store.config().prefix.clone() }.locator(&claimed.run_id);
+    let ttl: i64 = redis::cmd("PTTL").arg(&finished_locator).query_async(&mut raw).await.expect("PTTL");
+    assert!(ttl > store.config().retention.as_millis() as i64, "a finished run's locator lives as long as the run: {ttl}");
 
     // The same id in another queue: the run of the queue that holds it, nothing written in the other.
     let before = common::keyspace(&mut raw).await;
