@@ -176,11 +176,11 @@ for i, r in ipairs(runs) do
       end
     end
     local id_s = fmt(id)
-    -- No updated_at (it is created_at until the run changes) and no
-    -- dispatch_attempts (0): a field is about 20 bytes of every queued run.
+    -- No updated_at (it is created_at until the run changes), no
+    -- dispatch_attempts (0), no run_id nor queue_name (the key names them, see
+    -- run_fields): a field is 20 to 60 bytes of every run.
     local fields = {
-      'id', id_s, 'run_id', r.rid, 'runner_id', r.runner_id, 'status', r.status, 'queue_name', queue,
-      'priority', r.priority, 'created_at', now_s,
+      'id', id_s, 'runner_id', r.runner_id, 'status', r.status, 'priority', r.priority, 'created_at', now_s,
     }
     for _, name in ipairs(OPTIONAL) do
       if r[name] ~= '' then

@@ -143,12 +143,20 @@ local function doc_text(B, rid, field, stored)
   return redis.call('GET', doc_key(B, rid, field)) or ''
 end
 
--- Every field of run rid as HGETALL gives them, documents read back in place.
+-- Every field of run rid as HGETALL gives them, documents read back in place,
+-- with run_id and queue_name, which the hash does not store: its key names
+-- them (<P>:{queue_name}:run:<run_id>). A run of an earlier build stores
+-- them too, with the same values.
 local function run_fields(B, rid)
   local f = redis.call('HGETALL', B .. 'run:' .. rid)
+  if #f == 0 then return f end
   for i = 2, #f, 2 do
     if f[i] == DOC_MARK then f[i] = doc_text(B, rid, f[i - 1], DOC_MARK) end
   end
+  f[#f + 1] = 'run_id'
+  f[#f + 1] = rid
+  f[#f + 1] = 'queue_name'
+  f[#f + 1] = string.match(B, '{(.*)}:$')
   return f
 end
 

@@ -832,6 +832,9 @@ impl Store {
         if fields.0.is_empty() {
             return Err(Error::NotFound(format!("run {run_id} does not exist")));
         }
+        // The key names these two (see run_fields in lua/include/common.lua).
+        fields.0.entry("run_id".to_string()).or_insert_with(|| run_id.to_string());
+        fields.0.entry("queue_name".to_string()).or_insert_with(|| queue.to_string());
         for (field, doc) in crate::keys::DOCUMENTS.iter().zip(docs) {
             if let Some(stored) = fields.0.get_mut(*field)
                 && stored == crate::keys::DOC_MARK

@@ -117,18 +117,19 @@ async fn a_run_through_its_life_as_an_operator_sees_it() {
     let h = hgetall(&mut raw, rk).await;
     no_null_fields(&h);
     assert_eq!(h["id"].parse::<i64>().expect("id") % 4096, 0, "the low part of the id is q's number, 0");
-    assert_eq!(h["run_id"], "r1");
     assert_eq!(h["runner_id"], "agent");
     assert_eq!(h["status"], "queued");
-    assert_eq!(h["queue_name"], "q");
     assert_eq!(h["priority"], "5");
     assert_eq!(h["conversation_id"], "c1");
     assert_eq!(serde_json::from_str::<serde_json::Value>(&h["metadata"]).expect("metadata is JSON"), json!({"k": "v"}));
     ms_field(&h, "created_at", t0, t1);
     assert_eq!(h["deadline_at"], (deadline_s * 1000).to_string(), "deadline in epoch ms");
     // Fields a new run does without: updated_at is created_at until the run
-    // changes, dispatch_attempts is 0 (the readers fill both in).
+    // changes, dispatch_attempts is 0, run_id and queue_name are the key's
+    // (the readers fill them in).
     for absent in [
+        "run_id",
+        "queue_name",
         "updated_at",
         "dispatch_attempts",
         "thread_id",
@@ -563,8 +564,22 @@ async fn a_run_with_inline_documents_is_upgraded_in_place() {
     let metadata = json!({ "user": "ada", "text": "x".repeat(200) });
     store.create_run(&NewRun::new("r", "agent").queue("old")).await.expect("create");
     let inline = serde_json::to_string(&metadata).expect("json");
-    let _: () = redis::cmd("HSET").arg(keys.run("r")).arg("metadata").arg(&inline).query_async(&mut raw).await.expect("HSET");
+    // An earlier build also stored run_id and queue_name, which the key names.
+    let _: () = redis::cmd("HSET")
+        .arg(keys.run("r"))
+        .arg("metadata")
+        .arg(&inline)
+        .arg("run_id")
+        .arg("r")
+        .arg("queue_name")
+        .arg("old")
+        .query_async(&mut raw)
+        .await
+        .expect("HSET");
     assert_eq!(key_type(&mut raw, &keys.doc("metadata", "r")).await, "none", "as an earlier build left it");
+    let listed = store.list_runs(&RunFilter { limit: 10, ..Default::default() }).await.expect("list");
+    assert_eq!(listed.items.len(), 1, "{listed:?}");
+    assert_eq!((listed.items[0].run_id.as_str(), listed.items[0].queue_name.as_str()), ("r", "old"));
 
     let claimed = store.claim_next_run(&ClaimRequest::new("rt").queue("old")).await.expect("claim").expect("r");
     assert_eq!(claimed.metadata, metadata, "inline metadata reads as it is");
