@@ -688,7 +688,8 @@ fn is_function_missing(e: &redis::RedisError) -> bool {
 /// `FCALL` refused: by the ACL (NOPERM), or by a server without Functions.
 fn functions_refused(e: &redis::RedisError) -> bool {
     e.code() == Some("NOPERM")
-        || (e.code() == Some("ERR") && e.detail().is_some_and(|d| d.to_ascii_lowercase().starts_with("unknown command")))
+        || (e.code() == Some("ERR")
+            && e.detail().is_some_and(|d| d.to_ascii_lowercase().starts_with("unknown command")))
 }
 
 /// `FUNCTION LOAD` of a library that is there already (another client loaded it first).

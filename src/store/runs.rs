@@ -759,7 +759,12 @@ impl Store {
     /// holds [`crate::keys::DOC_MARK`]) and merges `patch` into it (top-level
     /// keys). Returns (what was read, the merged JSON) for the script's
     /// compare-and-set.
-    pub(crate) async fn merged_metadata(&self, key: &str, doc: Option<&str>, patch: &Value) -> Result<(String, String)> {
+    pub(crate) async fn merged_metadata(
+        &self,
+        key: &str,
+        doc: Option<&str>,
+        patch: &Value,
+    ) -> Result<(String, String)> {
         let mut conn = self.conn().await?;
         let mut pipe = redis::pipe();
         pipe.cmd("HGET").arg(key).arg("metadata");

@@ -67,9 +67,11 @@ impl WayIn {
     fn list(self, full: &str) -> String {
         match self {
             WayIn::Functions => full.to_string(),
-            WayIn::Scripts => {
-                full.split_whitespace().filter(|t| !FUNCTIONS_ONLY.contains(&t.trim_start_matches('+'))).collect::<Vec<_>>().join(" ")
-            }
+            WayIn::Scripts => full
+                .split_whitespace()
+                .filter(|t| !FUNCTIONS_ONLY.contains(&t.trim_start_matches('+')))
+                .collect::<Vec<_>>()
+                .join(" "),
         }
     }
 
@@ -181,7 +183,10 @@ fn the_readme_line_is_the_list() {
     for t in &ops_commands {
         assert!(t.starts_with('+') && t.len() > 1, "only +command rules after -@all: {t}");
         assert!(!t.contains('@'), "a category ({t}) grants more than runledger sends");
-        assert!(t.chars().skip(1).all(|c| c.is_ascii_lowercase() || c == '|' || c == '_'), "lower-case command names: {t}");
+        assert!(
+            t.chars().skip(1).all(|c| c.is_ascii_lowercase() || c == '|' || c == '_'),
+            "lower-case command names: {t}"
+        );
         assert!(seen.insert(t.clone()), "{t} is listed twice");
     }
     for t in tokens(OPERATOR_EXTRAS) {

@@ -102,8 +102,14 @@ async fn chaos() {
     check_terminal_once(&analyses, &finals, &mut findings);
     let sends = token_sends(&cmds);
     let calls = runtime_calls(&analyses, &cmds);
-    let claims =
-        check_claims(&analyses, &finals, &worker_logs, &fleet.killed, &conn_ends, &sends, &calls, &mut findings);
+    let claims = check_claims(
+        &analyses,
+        &finals,
+        &worker_logs,
+        &fleet.killed,
+        &Wire { conn_ends: &conn_ends, sends: &sends, calls: &calls },
+        &mut findings,
+    );
     check_events(&analyses, &finals, &mut findings);
 
     let reclaims: usize = analyses.values().map(|a| a.reclaims).sum();
@@ -634,6 +640,14 @@ struct ClaimCounts {
     unexcused_by_cause: BTreeMap<String, usize>,
 }
 
+/// What the proxies and MONITOR saw on the wire: how each connection ended,
+/// how often each claim token was sent, and each runtime's calls.
+struct Wire<'a> {
+    conn_ends: &'a [ConnEnd],
+    sends: &'a HashMap<String, usize>,
+    calls: &'a HashMap<String, Vec<u64>>,
+}
+
 /// b. Claims: the run's counter, the history and the workers agree; a claim
 /// no worker knew of comes only from a runtime that was SIGKILLed.
 fn check_claims(
@@ -641,11 +655,10 @@ fn check_claims(
     finals: &HashMap<String, FinalState>,
     logs: &[(String, String)],
     killed: &HashMap<String, u64>,
-    conn_ends: &[ConnEnd],
-    sends: &HashMap<String, usize>,
-    calls: &HashMap<String, Vec<u64>>,
+    wire: &Wire<'_>,
     f: &mut Findings,
 ) -> ClaimCounts {
+    let Wire { conn_ends, sends, calls } = *wire;
     let known = known_claims(logs, f);
     let mut counts = ClaimCounts::default();
     let mut in_history = HashSet::new();
@@ -793,7 +806,8 @@ fn runtime_calls(analyses: &BTreeMap<&str, RunAnalysis>, cmds: &[monitor::Comman
     let port_of = |cmd: &monitor::Command| cmd.source.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
     let script_calls = || cmds.iter().filter(|c| c.source != "lua" && c.script_parts().is_some());
     for cmd in script_calls() {
-        if let (Some(port), Some(runtime)) = (port_of(cmd), cmd.args.iter().find_map(|a| runtime_of_token.get(a.as_str())))
+        if let (Some(port), Some(runtime)) =
+            (port_of(cmd), cmd.args.iter().find_map(|a| runtime_of_token.get(a.as_str())))
         {
             runtime_of_port.entry(port).or_insert_with(|| runtime.to_string());
         }

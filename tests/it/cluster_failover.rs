@@ -152,7 +152,8 @@ async fn killing_a_master_mid_workload_loses_nothing_acknowledged() {
     }
     for (w, (token, task)) in workers.into_iter().enumerate() {
         token.cancel();
-        let ended = tokio::time::timeout(Duration::from_secs(30), task).await.expect("hang guard: a worker never stopped");
+        let ended =
+            tokio::time::timeout(Duration::from_secs(30), task).await.expect("hang guard: a worker never stopped");
         let report = ended.expect("worker task panicked");
         report.unwrap_or_else(|e| panic!("worker {w} failed during the failover: {e}"));
     }

@@ -183,16 +183,30 @@ async fn many_claimers_finish_every_run_exactly_once() {
             .expect("HMGET of the run's times");
         // Each run is claimed once here: its claim time is its started_at.
         let (claimed, finished) = (claimed.expect("started_at"), finished.expect("finished_at"));
-        assert_eq!(claimed + LEASE.as_millis() as i64, c.lease_expires_ms, "{}: the lease counts from the claim", c.run_id);
+        assert_eq!(
+            claimed + LEASE.as_millis() as i64,
+            c.lease_expires_ms,
+            "{}: the lease counts from the claim",
+            c.run_id
+        );
         assert!(
             claimed <= finished && finished <= c.lease_expires_ms,
             "{}: finished at {finished}, outside its lease {claimed}..{}",
             c.run_id,
             c.lease_expires_ms
         );
-        assert!(matches!(c.outcome, Outcome::Finished { finished_at } if finished_at == finished / 1000), "{}", c.run_id);
+        assert!(
+            matches!(c.outcome, Outcome::Finished { finished_at } if finished_at == finished / 1000),
+            "{}",
+            c.run_id
+        );
         let stored = store.get_run(&c.run_id).await.expect("get_run");
-        assert_eq!(stored.usage, Some(json!({"worker": c.worker})), "{}: finished by the worker that claimed it", c.run_id);
+        assert_eq!(
+            stored.usage,
+            Some(json!({"worker": c.worker})),
+            "{}: finished by the worker that claimed it",
+            c.run_id
+        );
     }
 
     let state = final_state(&redis, RUNS).await;

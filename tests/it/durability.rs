@@ -13,7 +13,6 @@
 //! Every wait is bounded by a hang guard; no assertion depends on how long
 //! anything took.
 
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -268,7 +268,11 @@ async fn json_and_text_are_checked_in_full_at_the_edge() {
     }
     // Valid UTF-8 beyond ASCII, and JSON nested 64 deep, go through the library.
     store
-        .append_event("h", Some(&token), &NewEvent::new(2, "étape-步骤-🚀", serde_json::from_str(&nested(64)).expect("64 deep")))
+        .append_event(
+            "h",
+            Some(&token),
+            &NewEvent::new(2, "étape-步骤-🚀", serde_json::from_str(&nested(64)).expect("64 deep")),
+        )
         .await
         .expect("valid UTF-8 and JSON 64 deep");
     let events = common::all_events(&store, "h").await;

@@ -516,11 +516,10 @@ async fn a_create_and_a_finish_are_one_round_trip_each_on_one_server() {
     let port = redis.url.trim_end_matches('/').rsplit(':').next().expect("port").to_string();
     let recorder = common::monitor::Monitor::start(&format!("127.0.0.1:{port}")).await;
     let run = store.create_run(&NewRun::new("r1", "agent").queue("one")).await.expect("create");
-    let sent: Vec<common::monitor::Command> =
-        common::monitor::commands(&recorder.stop().await)
-            .into_iter()
-            .filter(|c| !c.is_inside_script() && !c.name_is("ECHO"))
-            .collect();
+    let sent: Vec<common::monitor::Command> = common::monitor::commands(&recorder.stop().await)
+        .into_iter()
+        .filter(|c| !c.is_inside_script() && !c.name_is("ECHO"))
+        .collect();
     let create = &runledger::scripts::Scripts::new().create_run;
     assert_eq!(sent.len(), 1, "one command from the client: {:?}", sent.iter().map(|c| &c.args).collect::<Vec<_>>());
     assert!(sent[0].calls(create), "and it is the create: {:?}", sent[0].args);
@@ -541,9 +540,13 @@ async fn a_create_and_a_finish_are_one_round_trip_each_on_one_server() {
         .filter(|c| !c.is_inside_script() && !c.name_is("ECHO"))
         .collect();
     assert_eq!(sent.len(), 1, "one command for a finish: {:?}", sent.iter().map(|c| &c.args).collect::<Vec<_>>());
-    let finished_locator = runledger::keys::GlobalKeys { prefix: store.config().prefix.clone() }.locator(&claimed.run_id);
+    let finished_locator =
+        runledger::keys::GlobalKeys { prefix: store.config().prefix.clone() }.locator(&claimed.run_id);
     let ttl: i64 = redis::cmd("PTTL").arg(&finished_locator).query_async(&mut raw).await.expect("PTTL");
-    assert!(ttl > store.config().retention.as_millis() as i64, "a finished run's locator lives as long as the run: {ttl}");
+    assert!(
+        ttl > store.config().retention.as_millis() as i64,
+        "a finished run's locator lives as long as the run: {ttl}"
+    );
 
     // The same id in another queue: the run of the queue that holds it, nothing written in the other.
     let before = common::keyspace(&mut raw).await;
@@ -585,7 +588,10 @@ async fn a_run_with_inline_documents_is_upgraded_in_place() {
     assert_eq!(claimed.metadata, metadata, "inline metadata reads as it is");
     assert_eq!(store.get_run("r").await.expect("get").metadata, metadata);
     let finish = Finish::new(RunStatus::Completed).metadata(json!({ "done": 1 }));
-    store.finalize_run("r", &finish, claimed.claim_token.as_deref()).await.expect("finalize merges into inline metadata");
+    store
+        .finalize_run("r", &finish, claimed.claim_token.as_deref())
+        .await
+        .expect("finalize merges into inline metadata");
     let stored = hgetall(&mut raw, &keys.run("r")).await;
     assert_eq!(stored["metadata"], runledger::keys::DOC_MARK, "the finish moved the long metadata out");
     let mut merged = metadata.clone();

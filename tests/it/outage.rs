@@ -15,7 +15,6 @@
 //! Every wait is bounded by a hang guard; no assertion depends on how long
 //! anything took.
 
-
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

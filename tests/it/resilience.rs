@@ -15,8 +15,13 @@ use serde_json::json;
 async fn code_loaded(raw: &mut runledger::store::Conn, functions: bool) -> bool {
     if functions {
         let name = &runledger::scripts::library().name;
-        let libraries: redis::Value =
-            redis::cmd("FUNCTION").arg("LIST").arg("LIBRARYNAME").arg(name).query_async(raw).await.expect("FUNCTION LIST");
+        let libraries: redis::Value = redis::cmd("FUNCTION")
+            .arg("LIST")
+            .arg("LIBRARYNAME")
+            .arg(name)
+            .query_async(raw)
+            .await
+            .expect("FUNCTION LIST");
         !matches!(libraries, redis::Value::Array(ref items) if items.is_empty())
     } else {
         let sha = runledger::scripts::Scripts::new().create_run.script.get_hash().to_string();
@@ -82,7 +87,8 @@ async fn another_builds_library_stays_beside_this_one() {
     let mut raw = common::raw(&redis).await;
     let ours = runledger::scripts::library();
     let hash = ours.name.trim_start_matches("runledger_");
-    let theirs = ours.code.replace(hash, "0123456789abcdef").replace("local QUEUES = 4096", "local QUEUES = 4096 -- v2");
+    let theirs =
+        ours.code.replace(hash, "0123456789abcdef").replace("local QUEUES = 4096", "local QUEUES = 4096 -- v2");
     let _: String = redis::cmd("FUNCTION").arg("LOAD").arg(&theirs).query_async(&mut raw).await.expect("load theirs");
     store.create_run(&NewRun::new("x", "agent").queue("q")).await.expect("create beside another build");
     let run = store.claim_next_run(&ClaimRequest::new("rt").queue("q")).await.expect("claim").expect("x");

@@ -303,7 +303,11 @@ async fn release_claim_back_to_queue_and_with_retry_delay() {
     let d1 = claim(&store, "rt-1").await.expect("claim r2");
     assert_eq!(d1.run_id, "r2", "r1 is still delayed");
     let soon = store
-        .release_claim("r2", &token_of(&d1), &Release { retry_in: Some(Duration::from_millis(300)), ..Default::default() })
+        .release_claim(
+            "r2",
+            &token_of(&d1),
+            &Release { retry_in: Some(Duration::from_millis(300)), ..Default::default() },
+        )
         .await
         .expect("release with a short retry_in");
     let due_ms = zscore(&mut raw, "rl:{q}:delayed", "r2").await.expect("r2 waits in the delayed set") as i64;

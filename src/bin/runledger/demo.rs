@@ -13,11 +13,11 @@ use runledger::{Backoff, Direction, Error, NewRun, Result, RunStatus, Store, Wor
 use serde::Serialize;
 use serde_json::json;
 
-use crate::target::Target;
 use crate::measure::percentile;
 use crate::output::{Output, redacted};
 use crate::private::PrivateRedis;
 use crate::simulate::{Simulation, handle};
+use crate::target::Target;
 
 #[derive(Args, Clone)]
 pub struct DemoArgs {

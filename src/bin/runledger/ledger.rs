@@ -9,8 +9,8 @@ use runledger::{
 };
 use serde_json::Value;
 
-use crate::target::Target;
 use crate::output::Output;
+use crate::target::Target;
 
 pub async fn connect(url: &str, target: &Target) -> Result<Store> {
     Store::connect_with(url, target.config(&target.prefix)).await.map_err(|e| match e {

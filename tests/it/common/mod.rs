@@ -303,9 +303,8 @@ pub async fn until_server_passes(store: &Store, ms: i64) {
 /// Clients blocked in a command (`blocked_clients` of INFO clients) on the
 /// Redis of `url`, summed over every node named in it on a cluster.
 pub async fn blocked_clients(url: &str) -> usize {
-    let nodes = runledger::store::conn::cluster_nodes(url, false)
-        .expect("test url")
-        .unwrap_or_else(|| vec![url.to_string()]);
+    let nodes =
+        runledger::store::conn::cluster_nodes(url, false).expect("test url").unwrap_or_else(|| vec![url.to_string()]);
     let mut blocked = 0;
     for node in &nodes {
         let client = redis::Client::open(node.as_str()).expect("client");

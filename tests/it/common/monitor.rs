@@ -53,8 +53,7 @@ impl Command {
     }
 
     pub fn is_script_call(&self) -> bool {
-        !self.is_inside_script()
-            && ["EVALSHA", "EVAL", "FCALL", "FCALL_RO"].iter().any(|name| self.name_is(name))
+        !self.is_inside_script() && ["EVALSHA", "EVAL", "FCALL", "FCALL_RO"].iter().any(|name| self.name_is(name))
     }
 
     /// For an EVAL/EVALSHA/FCALL/FCALL_RO: (its body, SHA or function name; KEYS; ARGV).
@@ -236,8 +235,8 @@ pub fn commands(lines: &[String]) -> Vec<Command> {
     for line in lines {
         let mut cmd = parse_line(line).unwrap_or_else(|| panic!("monitor: cannot parse line {line:?}"));
         if cmd.is_inside_script() {
-            let script =
-                current_script.unwrap_or_else(|| panic!("monitor: script command before any EVAL/EVALSHA/FCALL: {line:?}"));
+            let script = current_script
+                .unwrap_or_else(|| panic!("monitor: script command before any EVAL/EVALSHA/FCALL: {line:?}"));
             cmd.script = Some(script);
         } else {
             current_script = cmd.is_script_call().then_some(out.len());

@@ -12,12 +12,12 @@ use runledger::embedded::RedisServer;
 use runledger::{Result, Store};
 use serde::Serialize;
 
-use crate::target::Target;
 use super::BenchArgs;
 use super::probe::OPERATION_CALLS;
 use super::workload::{enqueue_batched, lifecycle};
 use crate::output::Output;
 use crate::private::PrivateRedis;
+use crate::target::Target;
 
 const PARTITIONS: u32 = 6;
 

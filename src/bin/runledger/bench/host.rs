@@ -15,14 +15,14 @@ use runledger::{Error, Finish, NewEvent, NewRun, Result, RunStatus, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::target::Target;
 use super::probe::Probe;
 use super::workload::remove_prefix;
 use super::{BenchArgs, METADATA_PAD};
 use crate::measure::median;
-use crate::output::redacted;
 use crate::output::Output;
+use crate::output::redacted;
 use crate::private::PrivateRedis;
+use crate::target::Target;
 
 /// The queue the host-shaped runs are created in.
 const QUEUE: &str = "bench-host";

@@ -7,9 +7,9 @@ use std::time::Instant;
 use runledger::embedded::RedisServer;
 use runledger::{Result, Store};
 
-use crate::target::Target;
 use super::probe::{OPERATION_CALLS, Probe, per_run};
 use super::workload::{enqueue_batched, lifecycle};
+use crate::target::Target;
 
 /// The queue of the purge phase (one of the bench's queues, see `standard.rs`).
 pub const PURGE_QUEUE: &str = "bench-purge";
@@ -59,8 +59,7 @@ pub async fn longest_script_us(store: &Store) -> Option<u64> {
 
 async fn longest_us_of(store: &Store, command: &str) -> Option<u64> {
     let mut conn = store.conn().await.ok()?;
-    let reply: redis::Value =
-        redis::cmd("LATENCY").arg("HISTOGRAM").arg(command).query_async(&mut conn).await.ok()?;
+    let reply: redis::Value = redis::cmd("LATENCY").arg("HISTOGRAM").arg(command).query_async(&mut conn).await.ok()?;
     // [name, [calls, n, histogram_usec, [bucket, cumulative count, ...]]] (maps on RESP3).
     let flat = |v: redis::Value| -> Vec<redis::Value> {
         match v {

@@ -21,12 +21,12 @@ use runledger::embedded::RedisServer;
 use runledger::{Error, Result, Store};
 use serde::Serialize;
 
-use crate::target::Target;
 use super::BenchArgs;
 use super::probe::{Probe, commands_between, per_run};
 use super::workload::{enqueue_batched, enqueue_single, idle_latency, lifecycle};
 use crate::measure::{median, percentile};
 use crate::output::Output;
+use crate::target::Target;
 
 /// One side's figures in one round (None: the phase was not run).
 #[derive(Serialize, Default, Clone)]
@@ -180,7 +180,8 @@ async fn measure(probe: &Probe<'_>, a: &BenchArgs, side: &impl Side) -> Result<S
         f.lifecycle_many_per_s = Some(a.runs as f64 / side.lifecycle("bench-many", a.many_workers, a.runs).await?);
     }
     side.enqueue_batched("bench-progress", a.runs).await?;
-    f.lifecycle_progress_per_s = Some(a.runs as f64 / side.lifecycle_progress("bench-progress", a.workers, a.runs).await?);
+    f.lifecycle_progress_per_s =
+        Some(a.runs as f64 / side.lifecycle_progress("bench-progress", a.workers, a.runs).await?);
     let latencies = side.idle_latency("bench-idle", a.latency_samples, a.workers).await?;
     if latencies.len() < a.latency_samples {
         return Err(Error::Server(format!(
@@ -329,7 +330,9 @@ impl Side for Bullmq<'_> {
 
 /// The per-figure medians of one side over the rounds.
 fn median_of(rounds: &[[SideFigures; 2]], side: usize) -> SideFigures {
-    let m = |get: fn(&SideFigures) -> Option<f64>| median(&rounds.iter().filter_map(|r| get(&r[side])).collect::<Vec<f64>>());
+    let m = |get: fn(&SideFigures) -> Option<f64>| {
+        median(&rounds.iter().filter_map(|r| get(&r[side])).collect::<Vec<f64>>())
+    };
     SideFigures {
         enqueue_single_per_s: m(|s| Some(s.enqueue_single_per_s)).unwrap_or_default(),
         enqueue_batched_per_s: m(|s| Some(s.enqueue_batched_per_s)).unwrap_or_default(),

@@ -107,9 +107,10 @@ impl<'a> Probe<'a> {
 
     /// Microseconds the server has spent running runledger's operations (either way in).
     pub(crate) async fn script_usec(&self) -> Result<Option<f64>> {
-        Ok(self.command_calls().await?.map(|c| {
-            OPERATION_CALLS.iter().map(|name| c.get(*name).map(|(_, usec)| *usec).unwrap_or(0.0)).sum()
-        }))
+        Ok(self
+            .command_calls()
+            .await?
+            .map(|c| OPERATION_CALLS.iter().map(|name| c.get(*name).map(|(_, usec)| *usec).unwrap_or(0.0)).sum()))
     }
 
     /// Per command: (calls, microseconds spent running it), from INFO commandstats.

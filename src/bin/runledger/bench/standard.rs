@@ -16,10 +16,10 @@ use super::probe::{OPERATION_CALLS, Probe, commands_between, per_run};
 use super::report::{Figures, na, print_check, print_table};
 use super::steps::STEPS_QUEUE;
 use super::workload::{self, enqueue_batched, enqueue_single, idle_latency, lifecycle, remove_prefix};
-use crate::target::Target;
 use crate::measure::percentile;
 use crate::output::{Output, redacted};
 use crate::private::PrivateRedis;
+use crate::target::Target;
 
 /// The queues the single-server bench fills (with `--shared`, under the given prefix).
 const QUEUES: [&str; 9] = [
@@ -371,8 +371,10 @@ async fn empty_bench_queues(store: &Store) -> Result<u64> {
             if run_ids.is_empty() {
                 continue;
             }
-            let own: Vec<String> =
-                run_ids.iter().flat_map(|id| [keys.run(id), keys.events(id)].into_iter().chain(keys.docs(id))).collect();
+            let own: Vec<String> = run_ids
+                .iter()
+                .flat_map(|id| [keys.run(id), keys.events(id)].into_iter().chain(keys.docs(id)))
+                .collect();
             let locators: Vec<String> = run_ids.iter().map(|id| global.locator(id)).collect();
             let _: () = redis::cmd("DEL").arg(&own).query_async(&mut conn).await?;
             let _: () = redis::cmd("DEL").arg(&locators).query_async(&mut conn).await?;

@@ -12,11 +12,11 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::target::Target;
 use super::probe::Probe;
 use crate::measure::percentile;
 use crate::output::Output;
 use crate::private::PrivateRedis;
+use crate::target::Target;
 
 const QUEUE_COUNTS: [usize; 2] = [10, 1000];
 
