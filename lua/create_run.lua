@@ -15,7 +15,7 @@
 -- ARGV[6..] 17 values per run:
 --   run_id, event_id, binding_id, runner_id, conversation_id, thread_id,
 --   workspace_id, bot_id, agent_id, deadline_at ms, authorization (JSON object),
---   metadata (JSON object), status (queued | running | created), priority [-1000, 1000],
+--   metadata (JSON object), status (queued | running | created | a terminal one), priority [-1000, 1000],
 --   requested_runtime_id, not_before ms, max_attempts (0 = unlimited)
 --   '' means "not set" for every optional value.
 -- Every run is checked before the first one is written.
@@ -81,8 +81,10 @@ for i = 0, n - 1 do
   check_json('authorization', r.authorization, '{', '}', max_bytes)
   check_json('metadata', r.metadata, '{', '}', max_bytes)
   -- `created` is stored and listed but enters no lane: nothing claims it.
-  if r.status ~= 'queued' and r.status ~= 'running' and r.status ~= 'created' then
-    fail('INVALID', "status must be 'queued', 'running' or 'created', got '" .. r.status .. "'")
+  -- A terminal status (LangBot's stats tests create failed runs) is recorded
+  -- as finished at once, without finished_at, as upstream leaves it.
+  if r.status ~= 'queued' and r.status ~= 'running' and r.status ~= 'created' and not TERMINAL[r.status] then
+    fail('INVALID', "status must be 'queued', 'running', 'created' or terminal, got '" .. r.status .. "'")
   end
   r.priority = check_int('priority', ARGV[a + 13], -1000, 1000)
   check_opt_int('not_before', r.not_before, 0, 1e15)
@@ -202,7 +204,13 @@ for i, r in ipairs(runs) do
       local v = r[scope[2]]
       if v ~= '' then redis.call('XADD', B .. 'idx:' .. scope[1] .. ':' .. v, entry, 'r', r.rid) end
     end
-    if r.deadline then redis.call('ZADD', K.deadlines, r.deadline, r.rid) end
+    if TERMINAL[r.status] then
+      -- In the finished index like any finished run, so the retention purges it.
+      redis.call('XADD', K.finished, '*', 'r', r.rid)
+      redis.call('HINCRBY', K.stats, r.status, '1')
+    elseif r.deadline then
+      redis.call('ZADD', K.deadlines, r.deadline, r.rid)
+    end
     -- Runs executed directly, by start time: the reaper times out those whose
     -- host never finished them (see reap.lua).
     if r.status == 'running' then redis.call('ZADD', B .. 'running', now_s, r.rid) end

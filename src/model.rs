@@ -93,7 +93,9 @@ pub struct Run {
     pub priority: i64,
     pub requested_runtime_id: Option<String>,
     pub claimed_by_runtime_id: Option<String>,
-    /// Only in the claimer's own results (claim, renew); reads show `null`.
+    /// Only in the result of a claim: every other result (renew, release,
+    /// finalize, reads) leaves the key out, as LangBot's store does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_token: Option<String>,
     pub claim_lease_expires_at: Option<i64>,
     pub dispatch_attempts: i64,

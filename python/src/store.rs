@@ -643,7 +643,7 @@ impl RunLedgerStore {
         limit: i64,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (start, end) = (window_end(&start_time, "start_time")?, window_end(&end_time, "end_time")?);
-        let limit = limit.clamp(1, 500) as usize;
+        let limit = limit.clamp(1, 100) as usize;
         let shared = self.shared.clone();
         awaitable(py, async move { shared.store().await?.get_runner_stats(start, end, limit).await.py_err() }, dict)
     }

@@ -14,10 +14,12 @@ import runledger
 
 RUN_KEYS = set(
     "id run_id event_id agent_id binding_id runner_id conversation_id thread_id workspace_id bot_id status "
-    "status_reason queue_name priority requested_runtime_id claimed_by_runtime_id claim_token "
+    "status_reason queue_name priority requested_runtime_id claimed_by_runtime_id "
     "claim_lease_expires_at dispatch_attempts last_claimed_at created_at started_at finished_at updated_at "
     "deadline_at cancel_requested_at usage cost metadata".split()
 )
+# As in LangBot's store, only claim_next_run's result has the token: everywhere else the key is absent.
+CLAIM_KEYS = RUN_KEYS | {"claim_token"}
 EVENT_KEYS = {"id", "run_id", "sequence", "type", "data", "usage", "created_at", "source", "metadata", "artifact_refs"}
 
 
@@ -45,7 +47,7 @@ async def test_create_run_has_the_seed_fields_and_defaults_to_running(store):
     assert (run["conversation_id"], run["thread_id"], run["workspace_id"], run["bot_id"]) == ("c1", "t1", "w1", "bot1")
     assert run["deadline_at"] == now + 300
     assert run["metadata"] == {"k": {"n": [1, 2.5, None, True]}}
-    assert run["claim_token"] is None and run["dispatch_attempts"] == 0
+    assert "claim_token" not in run and run["dispatch_attempts"] == 0
     assert isinstance(run["id"], int) and 0 < run["id"] < 2**53
     assert await store.get_run("r1") == run
 
@@ -100,12 +102,12 @@ async def test_claim_order_filters_pins_and_the_token_only_for_the_claimer(store
     claimed = await store.claim_next_run(runtime_id="rt-1", queue_name="default", lease_seconds=60)
     after = time.time()
     assert claimed["run_id"] == "high" and claimed["status"] == "claimed"
-    assert set(claimed) == RUN_KEYS
+    assert set(claimed) == CLAIM_KEYS
     assert len(claimed["claim_token"]) >= 32 and claimed["claimed_by_runtime_id"] == "rt-1"
     assert claimed["dispatch_attempts"] == 1 and claimed["started_at"] is not None
     # Whole seconds, 60 s after the claim (Redis here runs on this machine's clock).
     assert int(before) + 60 <= claimed["claim_lease_expires_at"] <= after + 60
-    assert (await store.get_run("high"))["claim_token"] is None
+    assert "claim_token" not in await store.get_run("high")
 
     assert (await store.claim_next_run(runtime_id="rt-1", queue_name="default", runner_ids=["b"]))["run_id"] == "old-low"
     assert await store.claim_next_run(runtime_id="rt-1", queue_name="default", runner_ids=["zzz"]) is None
@@ -137,7 +139,7 @@ async def test_renew_checks_token_holder_and_expiry(store):
     token = c["claim_token"]
     renewed = await store.renew_claim(run_id="r", claim_token=token, lease_seconds=120)
     assert renewed["claim_lease_expires_at"] >= c["claim_lease_expires_at"] + 60
-    assert renewed["claim_token"] == token
+    assert set(renewed) == RUN_KEYS, "renew leaves the token out"
     assert (await store.renew_claim(run_id="r", claim_token=token, runtime_id="rt"))["run_id"] == "r"
     assert await store.renew_claim(run_id="r", claim_token=token, runtime_id="someone-else") is None
     assert await store.renew_claim(run_id="r", claim_token="wrong") is None
@@ -156,6 +158,7 @@ async def test_release_claim_back_to_the_queue_or_to_an_end(store):
     assert await store.release_claim(run_id="r", claim_token=c["claim_token"], runtime_id="other") is None
     back = await store.release_claim(run_id="r", claim_token=c["claim_token"], runtime_id="rt", status_reason="later")
     assert back["status"] == "queued" and back["status_reason"] == "later"
+    assert set(back) == RUN_KEYS, "release leaves the token out"
     assert back["claimed_by_runtime_id"] is None and back["claim_lease_expires_at"] is None
     c2 = await store.claim_next_run(runtime_id="rt")
     assert c2["dispatch_attempts"] == 2
@@ -165,6 +168,7 @@ async def test_release_claim_back_to_the_queue_or_to_an_end(store):
     c3 = await store.claim_next_run(runtime_id="rt")
     done = await store.release_claim(run_id="r", claim_token=c3["claim_token"], status="failed", status_reason="gave up")
     assert done["status"] == "failed" and done["finished_at"] is not None
+    assert set(done) == RUN_KEYS
     assert await store.release_claim(run_id="r", claim_token=c3["claim_token"]) is None
 
 
@@ -260,7 +264,7 @@ async def test_finalize_run_merges_on_the_same_status_and_refuses_another(store)
     )
     assert (done["status"], done["status_reason"], done["usage"], done["cost"]) == ("completed", "ok", {"t": 1}, {"usd": 0.5})
     assert done["metadata"] == {"a": 1, "b": 2}
-    assert done["claim_token"] is None and done["claim_lease_expires_at"] is None
+    assert "claim_token" not in done and done["claim_lease_expires_at"] is None
     await asyncio.sleep(1.05)
     again = await store.finalize_run(run_id="r", status="completed", usage={"t": 9}, metadata={"c": 3})
     assert again["finished_at"] == done["finished_at"]
@@ -349,3 +353,24 @@ async def test_host_shaped_calls_with_uuid_run_ids(store):
         deadline_at=time.time() + 300, status="running",
     )
     assert run["status"] == "running"
+
+
+async def test_only_claim_next_run_carries_the_claim_token(store):
+    """LangBot's store: the key is absent (not null) from every other result."""
+    await store.create_run(run_id="r", runner_id="a", status="queued")
+    c = await store.claim_next_run(runtime_id="rt", lease_seconds=1)
+    assert set(c) == CLAIM_KEYS
+    renewed = await store.renew_claim(run_id="r", claim_token=c["claim_token"], lease_seconds=1)
+    assert "claim_token" not in renewed
+    assert "claim_token" not in await store.get_run("r")
+    items, _, _, _ = await store.list_runs()
+    assert all("claim_token" not in item for item in items)
+    await asyncio.sleep(1.2)
+    expired = await store.release_expired_claims()
+    assert [r["run_id"] for r in expired] == ["r"] and all("claim_token" not in r for r in expired)
+    c2 = await store.claim_next_run(runtime_id="rt")
+    released = await store.release_claim(run_id="r", claim_token=c2["claim_token"])
+    assert "claim_token" not in released
+    c3 = await store.claim_next_run(runtime_id="rt")
+    done = await store.finalize_run(run_id="r", status="completed", claim_token=c3["claim_token"])
+    assert set(done) == RUN_KEYS

@@ -3,6 +3,8 @@ the duration percentiles upstream leaves empty."""
 
 import time
 
+import pytest
+
 
 async def test_run_stats_and_runner_stats(store):
     start = int(time.time()) - 5
@@ -45,3 +47,33 @@ async def test_run_stats_and_runner_stats(store):
     assert (poor["total_runs"], poor["completed_runs"], poor["failed_runs"], poor["active_runs"]) == (3, 0, 2, 1)
     assert poor["success_rate"] == 0.0
     assert len(await store.get_runner_stats(start_time=start, end_time=end, limit=1)) == 1
+
+
+async def test_runs_created_terminal_count_and_are_never_claimed(store):
+    """LangBot's own stats tests create failed runs directly."""
+    start = int(time.time()) - 5
+    for i in range(3):
+        run = await store.create_run(run_id=f"f{i}", runner_id="r", status="failed")
+        assert run["status"] == "failed" and run["finished_at"] is None and "claim_token" not in run
+    await store.create_run(run_id="c0", runner_id="r", status="completed")
+    assert await store.claim_next_run(runtime_id="rt") is None
+    stats = await store.get_run_stats(start_time=start, end_time=int(time.time()) + 5)
+    assert (stats["total_count"], stats["failed_count"], stats["completed_count"]) == (4, 3, 1)
+    assert stats["failure_rate"] == 0.75 and stats["success_rate"] == 0.25
+    (runner,) = await store.get_runner_stats(start_time=start, end_time=int(time.time()) + 5)
+    assert (runner["failed_runs"], runner["active_runs"], runner["success_rate"]) == (3, 0, 0.25)
+    assert runner["runner_label"] is None and runner["plugin_identity"] is None
+    # A run is claimed only by claim_next_run.
+    with pytest.raises(ValueError):
+        await store.create_run(run_id="held", runner_id="r", status="claimed")
+
+
+async def test_throughput_is_per_window_hour_with_a_floor_and_two_decimals(store):
+    now = int(time.time())
+    await store.create_run(run_id="one", runner_id="r", status="queued")
+    stats = await store.get_run_stats(start_time=now - 3600, end_time=now + 3600)
+    assert stats["throughput_per_hour"] == 0.5
+    # A window of no length counts as 0.001 h.
+    same = await store.get_run_stats(start_time=now - 1, end_time=now - 1)
+    assert same["throughput_per_hour"] in (0, 1000.0)
+    assert (await store.get_run_stats(start_time=0, end_time=1))["throughput_per_hour"] == 0

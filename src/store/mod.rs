@@ -272,6 +272,14 @@ impl Store {
         };
         let mut conn = store.conn().await?;
         let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(Error::from_redis)?;
+        if !store.is_cluster() && conn::is_cluster_node(&mut conn).await {
+            // A plain URL of a cluster node: every key of another node's slots would answer
+            // MOVED, so talk to it as the cluster it belongs to (it seeds the slot map).
+            tracing::info!("the server is a Redis Cluster node; connecting to its cluster");
+            let cfg = StoreConfig { cluster: true, ..store.inner.cfg.clone() };
+            drop(conn);
+            return Box::pin(Store::connect_with(url, cfg)).await;
+        }
         Ok(store)
     }
 

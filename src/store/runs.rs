@@ -158,8 +158,12 @@ impl Store {
         }
         validate::priority(run.priority)?;
         let status = run.status.unwrap_or(RunStatus::Queued);
-        if !matches!(status, RunStatus::Queued | RunStatus::Running | RunStatus::Created) {
-            return Err(Error::Invalid(format!("a new run's status must be queued, running or created, got {status}")));
+        // Every status LangBot's store takes at create, terminal ones too (its stats tests
+        // create failed runs); not `claimed`: only a claim makes a holder and a lease.
+        if status == RunStatus::Claimed {
+            return Err(Error::Invalid(
+                "a new run's status cannot be claimed (claim_next_run claims a queued run); use queued, running, created or a terminal status".into(),
+            ));
         }
         let max = self.max_json();
         let authorization = validate::opt_object("authorization", run.authorization.as_ref(), max)?;
@@ -526,7 +530,8 @@ impl Store {
             runtime_id.unwrap_or_default().to_string(),
         ];
         let value = self.eval(&self.scripts().renew_claim, &k, &args).await?;
-        Run::from_fields(reply::fields(value)?, true)
+        // The holder has its token already: only a claim hands it out.
+        Run::from_fields(reply::fields(value)?, false)
     }
 
     /// Gives a claim back: to the queue (optionally after a delay) or to a

@@ -68,6 +68,10 @@ pub struct RunnerStats {
     pub failed_runs: u64,
     pub success_rate: f64,
     pub avg_duration_seconds: Option<f64>,
+    /// Always null, as upstream: runledger knows no runner labels.
+    pub runner_label: Option<String>,
+    /// Always null, as upstream: runledger knows no plugins.
+    pub plugin_identity: Option<String>,
 }
 
 /// One run of the window, as run_stats.lua reports it (times in ms).
@@ -96,8 +100,9 @@ fn round(value: f64, places: i32) -> f64 {
     (value * scale).round() / scale
 }
 
+/// The mean, rounded to 2 decimals as LangBot rounds its averages.
 fn mean(values: &[f64]) -> Option<f64> {
-    (!values.is_empty()).then(|| round(values.iter().sum::<f64>() / values.len() as f64, 3))
+    (!values.is_empty()).then(|| round(values.iter().sum::<f64>() / values.len() as f64, 2))
 }
 
 /// Nearest-rank percentile of sorted values: the ceil(p/100 * n)-th smallest.
@@ -193,10 +198,14 @@ impl Store {
         let total = runs.len() as u64;
         let mut durations: Vec<f64> = runs.iter().filter_map(WindowRun::duration).collect();
         durations.sort_by(f64::total_cmp);
-        let waits: Vec<f64> =
-            runs.iter().filter_map(|r| r.started_ms.map(|s| (s - r.created_ms) as f64 / 1000.0)).collect();
-        // A window of zero length counts as one second.
-        let hours = ((end_time - start_time).max(1)) as f64 / 3600.0;
+        // A wait below zero (a clock set back between create and claim) says nothing: skipped.
+        let waits: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| r.started_ms.map(|s| (s - r.created_ms) as f64 / 1000.0))
+            .filter(|w| *w >= 0.0)
+            .collect();
+        // As LangBot: the window counts as 0.001 h at least.
+        let hours = ((end_time - start_time) as f64 / 3600.0).max(0.001);
         Ok(RunStats {
             start_time,
             end_time,
@@ -209,7 +218,7 @@ impl Store {
             failed_count: count(RunStatus::Failed),
             cancelled_count: count(RunStatus::Cancelled),
             timeout_count: count(RunStatus::Timeout),
-            throughput_per_hour: round(total as f64 / hours, 4),
+            throughput_per_hour: round(total as f64 / hours, 2),
             success_rate: ratio(count(RunStatus::Completed), total),
             failure_rate: ratio(count(RunStatus::Failed) + count(RunStatus::Timeout), total),
             avg_duration_seconds: mean(&durations),
@@ -222,13 +231,13 @@ impl Store {
 
     /// LangBot's `get_runner_stats`: one item per runner with runs created in
     /// the window, most runs first (then by runner id), at most `limit`
-    /// (clamped to 1..=500). Reads every run of the window.
+    /// (clamped to 1..=100, as LangBot). Reads every run of the window.
     pub async fn get_runner_stats(&self, start_time: i64, end_time: i64, limit: usize) -> Result<Vec<RunnerStats>> {
         let (start_ms, end_ms) = check_window(start_time, end_time)?;
-        let limit = limit.clamp(1, 500);
+        let limit = limit.clamp(1, 100);
         let runs = self.window_runs(start_ms, end_ms, None).await?;
         let mut by_runner: BTreeMap<&str, Vec<&WindowRun>> = BTreeMap::new();
-        for run in &runs {
+        for run in runs.iter().filter(|r| !r.runner_id.is_empty()) {
             by_runner.entry(&run.runner_id).or_default().push(run);
         }
         let mut out: Vec<RunnerStats> = by_runner
@@ -246,6 +255,8 @@ impl Store {
                     failed_runs: with(&[RunStatus::Failed, RunStatus::Timeout]),
                     success_rate: ratio(completed, total).unwrap_or(0.0),
                     avg_duration_seconds: mean(&durations),
+                    runner_label: None,
+                    plugin_identity: None,
                 }
             })
             .collect();

@@ -724,7 +724,7 @@ async fn cancel_not_found_and_bad_input() {
         (&["enqueue", "--runner", "agent", "--run-id", "b-4", "--priority", "5000"], "priority"),
         (&["enqueue", "--runner", "agent", "--run-id", "b-5", "--priority", "-5000"], "priority"),
         (&["enqueue", "--runner", "agent", "--run-id", "b-6", "--status", "bogus"], "bogus"),
-        (&["enqueue", "--runner", "agent", "--run-id", "b-7", "--status", "completed"], "status"),
+        (&["enqueue", "--runner", "agent", "--run-id", "b-7", "--status", "claimed"], "status"),
         (&["--json", "enqueue", "--runner", "agent", "--run-id", "b-8", "--metadata", "[1]"], "--metadata"),
         (&["claim", "--runtime", "rt", "--lease", "0"], "--lease"),
         (&["claim", "--runtime", "rt", "--lease=-1"], "--lease"),

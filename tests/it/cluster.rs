@@ -213,6 +213,23 @@ async fn the_cli_runs_on_a_cluster_url_and_with_the_cluster_flag() {
     assert!(runs.contains("cli-1"));
     let reap = cli(&["--redis", &url, "reap"], &[]);
     assert!(!reap.is_empty());
+    // `--cluster` is a switch: the word after it is the command (README: `--cluster enqueue ...`).
+    cli(&["--redis", &plain, "--cluster", "enqueue", "--queue", "cq2", "--runner", "agent", "--run-id", "cli-2"], &[]);
+    // A plain URL of one node, no flag: the CLI sees a cluster node (INFO cluster) and
+    // follows it to every master; queues of every shard are written and read back.
+    let one_node = match plain.split_once("://").and_then(|(_, rest)| rest.split(',').next()) {
+        Some(host) => format!("redis://{}/", host.trim_end_matches('/')),
+        None => panic!("a cluster URL with nodes: {plain}"),
+    };
+    for i in 0..8 {
+        let (queue, id) = (format!("detect-{i}"), format!("detect-run-{i}"));
+        cli(&["--redis", &one_node, "enqueue", "--queue", &queue, "--runner", "agent", "--run-id", &id], &[]);
+        let got = cli(&["--redis", &one_node, "--json", "get", &id], &[]);
+        let run: serde_json::Value = serde_json::from_str(&got).expect("get prints JSON");
+        assert_eq!(run["queue_name"], queue.as_str(), "{got}");
+    }
+    let one = Store::connect(&one_node).await.expect("connect to one node");
+    assert!(one.is_cluster(), "a plain URL of a cluster node connects as a cluster");
 }
 
 /// Runs one of everything on the cluster, then reads every node's error

@@ -64,6 +64,47 @@ async fn a_created_run_is_stored_but_never_claimed() {
     assert_eq!(claim(&store, &req("rt")).await.as_deref(), Some("q1"));
 }
 
+/// LangBot's stats tests create failed runs directly: a run created with a
+/// terminal status is stored as finished (no finished_at, as upstream), is
+/// counted by the stats and the queue's finished counters, is never claimed,
+/// and stays terminal.
+async fn a_run_created_terminal_is_counted_and_never_claimed() {
+    let (_redis, store) = common::store().await;
+    let t0 = store.server_time_ms().await.expect("time") / 1000;
+    for (id, status) in [
+        ("f1", RunStatus::Failed),
+        ("f2", RunStatus::Failed),
+        ("c1", RunStatus::Completed),
+        ("x1", RunStatus::Cancelled),
+        ("t1", RunStatus::Timeout),
+    ] {
+        let created =
+            store.create_run(&run(id).status(status).deadline_at((t0 + 1) as f64)).await.expect("create terminal");
+        assert_eq!((created.status, created.finished_at, created.started_at), (status, None, None), "{id}");
+    }
+    assert_eq!(claim(&store, &req("rt")).await, None, "a terminal run is never claimable");
+    assert_eq!(claim(&store, &ClaimRequest::new("rt")).await, None);
+    let stats = store.get_run_stats(t0 - 5, t0 + 5, None).await.expect("run stats");
+    assert_eq!(
+        (stats.total_count, stats.failed_count, stats.completed_count, stats.cancelled_count, stats.timeout_count),
+        (5, 2, 1, 1, 1)
+    );
+    assert_eq!((stats.success_rate, stats.failure_rate), (Some(0.2), Some(0.6)));
+    assert_eq!(stats.avg_duration_seconds, None, "no finished_at: no duration");
+    let runners = store.get_runner_stats(t0 - 5, t0 + 5, 10).await.expect("runner stats");
+    assert_eq!((runners.len(), runners[0].failed_runs, runners[0].active_runs), (1, 3, 0));
+    let queue = store.queue_stats(Q, 10).await.expect("queue stats");
+    assert_eq!((queue.queued, queue.claimed, queue.running), (0, 0, 0));
+    // Its deadline is not enforced on a run that is over already: the reaper leaves it.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    store.reap(&[Q.to_string()], None).await.expect("reap");
+    assert_eq!(status_of(&store, "c1").await, RunStatus::Completed);
+    // Terminal stays terminal: the same status again merges, another is a conflict.
+    assert!(store.finalize_run("f1", &Finish::new(RunStatus::Failed), None).await.is_ok());
+    let err = store.finalize_run("f1", &Finish::new(RunStatus::Completed), None).await.expect_err("conflict");
+    assert!(matches!(err, Error::Conflict(_)), "{err:?}");
+}
+
 async fn an_unknown_status_lists_created() {
     let err = "nope".parse::<RunStatus>().expect_err("unknown status");
     let text = err.to_string();
@@ -447,6 +488,7 @@ backend_tests!(
     the_scripts_refuse_bad_new_arguments,
     the_cli_flags,
     a_created_run_is_stored_but_never_claimed,
+    a_run_created_terminal_is_counted_and_never_claimed,
     an_unknown_status_lists_created,
     claim_scope_filters_pick_the_first_matching_run_in_claim_order,
     strict_thread_without_a_thread_means_runs_without_one,

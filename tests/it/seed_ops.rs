@@ -770,7 +770,9 @@ async fn renew_extends_the_lease() {
     while now_ms(&store).await <= first_end {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let r = store.renew_claim("r1", &token, Duration::from_secs(4)).await.expect("renew within the lease");
-        assert_eq!(r.claim_token.as_deref(), Some(token.as_str()), "renew is the holder's own result");
+        assert_eq!(r.claim_token, None, "only a claim hands out the token (LangBot's renew leaves it out)");
+        let json = serde_json::to_value(&r).expect("serialize");
+        assert!(json.get("claim_token").is_none(), "the key is absent, not null: {json}");
         let score = zscore(&mut raw, "rl:{q}:leases", "r1").await.expect("lease index");
         assert_eq!(Some(score as i64), r.claim_lease_expires_at_ms);
     }
@@ -803,7 +805,8 @@ async fn get_run_never_shows_the_claim_token() {
     assert_eq!(read.claimed_by_runtime_id.as_deref(), Some("rt"), "reads show who holds the run");
     assert_eq!(read.claim_lease_expires_at, c.claim_lease_expires_at, "and until when");
     let json = serde_json::to_value(&read).expect("serialize");
-    assert_eq!(json["claim_token"], Value::Null);
+    assert!(json.get("claim_token").is_none(), "the key is absent, not null: {json}");
+    assert!(serde_json::to_value(&c).expect("serialize").get("claim_token").is_some(), "a claim's result has it");
     assert!(!json.to_string().contains(&token), "the token appears nowhere in a read");
 
     let page = store.list_runs(&RunFilter { limit: 10, ..Default::default() }).await.expect("list");
@@ -826,10 +829,15 @@ async fn run_json_has_the_seed_keys() {
         for key in seed_keys {
             assert!(obj.contains_key(*key), "key {key} missing from {json}");
         }
+        assert_eq!(
+            obj.contains_key(common::CLAIM_TOKEN_KEY),
+            std::ptr::eq(run, &claimed),
+            "only a claim has the token"
+        );
         for key in obj.keys() {
             assert!(
                 seed_keys.contains(&key.as_str())
-                    || ["not_before", "max_attempts", "authorization"].contains(&key.as_str()),
+                    || ["not_before", "max_attempts", "authorization", common::CLAIM_TOKEN_KEY].contains(&key.as_str()),
                 "unexpected key {key}"
             );
         }

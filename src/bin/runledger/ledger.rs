@@ -127,7 +127,8 @@ pub struct EnqueueArgs {
     /// A JSON object, handed only to the claimer.
     #[arg(long)]
     authorization: Option<String>,
-    /// queued (enters the queue), running (executed directly) or created (stored, not claimable).
+    /// queued (enters the queue), running (executed directly), created (stored, not claimable),
+    /// or a terminal status (recorded as finished: counted by the stats, never claimable).
     #[arg(long, default_value = "queued")]
     status: String,
     /// For a partitioned queue: runs with the same key share a partition (default: the run id).

@@ -30,7 +30,8 @@ pub struct Cli {
     redis: Option<String>,
     /// The URL names seed nodes of a Redis Cluster (demo and bench without a URL start a
     /// private 6-node cluster).
-    #[arg(long, global = true, env = "REDIS_CLUSTER", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    /// A plain redis:// URL of a cluster node is detected (INFO cluster) without it.
+    #[arg(long, global = true, env = "REDIS_CLUSTER", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     cluster: bool,
     /// Write concern: every write waits until N replicas have it (Redis WAIT, 1 s at most);
     /// fewer in time is an error. 0 = off.
@@ -146,7 +147,12 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(err) = run(cli).await {
-        eprintln!("runledger: {err}");
+        match &err {
+            Error::Redis(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Moved) => eprintln!(
+                "runledger: the server is a Redis Cluster node (it answered MOVED): pass --cluster, or a redis+cluster://host:port/ URL"
+            ),
+            _ => eprintln!("runledger: {err}"),
+        }
         std::process::exit(exit_code(&err));
     }
 }

@@ -223,6 +223,8 @@ pub async fn keyspace(raw: &mut Conn) -> std::collections::BTreeMap<String, Vec<
 }
 
 /// The seed's `_run_to_dict` keys: every run serialized to JSON has them all.
+/// `claim_token` is not among them: as in LangBot's store it is only in a
+/// claim's result (see CLAIM_TOKEN_KEY).
 pub const SEED_RUN_KEYS: &[&str] = &[
     "id",
     "run_id",
@@ -240,7 +242,6 @@ pub const SEED_RUN_KEYS: &[&str] = &[
     "priority",
     "requested_runtime_id",
     "claimed_by_runtime_id",
-    "claim_token",
     "claim_lease_expires_at",
     "dispatch_attempts",
     "last_claimed_at",
@@ -254,6 +255,9 @@ pub const SEED_RUN_KEYS: &[&str] = &[
     "cost",
     "metadata",
 ];
+
+/// The key only a claim's result has.
+pub const CLAIM_TOKEN_KEY: &str = "claim_token";
 
 /// The seed's `_runtime_to_dict` keys.
 pub const SEED_RUNTIME_KEYS: &[&str] = &[
