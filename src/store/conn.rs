@@ -92,18 +92,15 @@ impl Conn {
     }
 }
 
-/// True when the server says it is a Redis Cluster node: `INFO cluster`
-/// answers `cluster_enabled:1`, or, for an ACL user without `INFO` (the
-/// README's tenant has `cluster|slots`), `CLUSTER SLOTS` answers at all (a
-/// single server refuses it). A user with neither is taken for a single
-/// server; its first key of another node's slot then answers MOVED, which
-/// the CLI words as what to pass.
+/// True when the server is a node of a Redis Cluster that serves slots:
+/// `CLUSTER SLOTS` answers a slot map (a single server refuses it, a
+/// cluster node being set up answers an empty one). `CLUSTER SLOTS`, not
+/// `INFO`: the README's tenant ACL has it. A user without it is taken for a
+/// single server; its first key of another node's slot then answers MOVED,
+/// which the CLI words as what to pass.
 pub(crate) async fn is_cluster_node(conn: &mut impl ConnectionLike) -> bool {
-    let info: RedisResult<String> = redis::cmd("INFO").arg("cluster").query_async(conn).await;
-    match info {
-        Ok(text) => text.lines().any(|line| line.trim() == "cluster_enabled:1"),
-        Err(_) => redis::cmd("CLUSTER").arg("SLOTS").query_async::<Value>(conn).await.is_ok(),
-    }
+    let slots: RedisResult<Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await;
+    matches!(slots, Ok(Value::Array(ranges)) if !ranges.is_empty())
 }
 
 /// The seed nodes of a cluster URL (`redis+cluster://a:1,b:2/`), or of a

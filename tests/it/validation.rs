@@ -251,14 +251,11 @@ async fn bad_status_strings_and_statuses_are_refused() {
     for s in RunStatus::ALL {
         assert_eq!(s.as_str().parse::<RunStatus>().expect("round trip"), s);
     }
-    for status in
-        [RunStatus::Claimed, RunStatus::Completed, RunStatus::Failed, RunStatus::Cancelled, RunStatus::Timeout]
-    {
-        assert_invalid(
-            store.create_run(&NewRun::new("r", "agent").queue(Q).status(status)).await,
-            &format!("create with status {status}"),
-        );
-    }
+    // Only a claim makes a claimed run; terminal statuses are taken at create (LangBot's).
+    assert_invalid(
+        store.create_run(&NewRun::new("r", "agent").queue(Q).status(RunStatus::Claimed)).await,
+        "create with status claimed",
+    );
     assert_eq!(dbsize(&mut raw).await, 0);
 
     store.create_run(&NewRun::new("r1", "agent").queue(Q)).await.expect("create");
