@@ -97,10 +97,12 @@ end
 
 -- Promotes due delayed runs and takes back expired leases (at most 100
 -- each) when the hints say some may be due, and rebuilds the hints then.
--- Returns whether a pinned lane may hold runs. Most claims read one hash here.
+-- Returns whether a pinned lane may hold runs, and whether the queue is
+-- paused (see pause.lua). Most claims read one hash here.
 local function due_work(B, now)
   local hints = B .. 'hints'
-  local v = redis.call('HMGET', hints, 'next_due', 'pinned', 'lanes')
+  local v = redis.call('HMGET', hints, 'next_due', 'pinned', 'lanes', 'paused')
+  if v[4] == '1' then return false, true end
   local due = tonumber(v[1] or '')
   if due and due > now and v[2] and (v[3] == '0' or v[3] == '1') then
     hinted_due = due
@@ -120,7 +122,12 @@ local function due_work(B, now)
   local pins = redis.call('EXISTS', B .. 'pins') == 1
   redis.call('HSET', hints, 'next_due', fmt(due), 'pinned', pins and '1' or '0', 'lanes', lanes_mode)
   hinted_due = due
-  return pins
+  -- Hints rebuilt (lost, or never written): the pause mark comes from meta again.
+  if redis.call('HGET', B .. 'meta', 'paused') == '1' then
+    redis.call('HSET', hints, 'paused', '1')
+    return pins, true
+  end
+  return pins, false
 end
 
 -- Claims the next run of the queue for c (see this file's header for the
@@ -136,7 +143,9 @@ local function claim(B, c, now, first_send)
     local again = claim_again(B, token, now)
     if again then return again end
   end
-  local pins_maybe = due_work(B, now)
+  local pins_maybe, paused = due_work(B, now)
+  -- A paused queue hands out nothing; resume wakes its workers.
+  if paused then return { 0, '', fmt(now) } end
 
   local wanted = {}
   for _, r in ipairs(runners) do wanted[r] = true end
@@ -242,7 +251,7 @@ local function claim(B, c, now, first_send)
     elseif h.deadline_at and h.deadline_at <= now then
       finish(B, rid, h, 'timeout', 'deadline passed before the run was claimed', now)
     else
-      lane_remove(B, rid, h)
+      if h.group then group_remove(B, rid, h) else lane_remove(B, rid, h) end
       local attempts = h.dispatch_attempts + 1
       local now_s, expires = fmt(now), fmt(now + lease)
       local fields = { 'status', 'claimed', 'claimed_by_runtime_id', runtime, 'claim_token', token,
@@ -253,6 +262,8 @@ local function claim(B, c, now, first_send)
       fields[#fields + 1] = now_s
       redis.call('HSET', rk, unpack(fields))
       redis.call('ZADD', K.leases, expires, rid)
+      -- The group's slot is this lease (see groups in include/queue.lua).
+      if h.group then redis.call('ZADD', group_key(B, h.group, 'active'), expires, rid) end
       lower_next_due(B, now + lease)
       redis.call('SET', receipt_key(B, token), rid, 'PX', fmt(lease))
       -- Chain the wake-up: another idle worker can take the next run.

@@ -12,14 +12,15 @@
 -- ARGV[4] queue number (0 .. 4095, from register_queue.lua; checked against KEYS[8])
 -- ARGV[5] '1' when the client registered the queue just before this call
 --         (a queue without KEYS[8] is refused with UNREGISTERED otherwise)
--- ARGV[6..] 17 values per run:
+-- ARGV[6..] 18 values per run:
 --   run_id, event_id, binding_id, runner_id, conversation_id, thread_id,
 --   workspace_id, bot_id, agent_id, deadline_at ms, authorization (JSON object),
 --   metadata (JSON object), status (queued | running | created | a terminal one), priority [-1000, 1000],
---   requested_runtime_id, not_before ms, max_attempts (0 = unlimited)
+--   requested_runtime_id, not_before ms, max_attempts (0 = unlimited),
+--   group_key (the run's group when the queue groups by group_key)
 --   '' means "not set" for every optional value.
 -- Every run is checked before the first one is written.
--- Returns one reply per run: {1, id, created_at_ms} when created (the caller
+-- Returns one reply per run: {1, id, created_at_ms, group ('' = none)} when created (the caller
 -- knows the rest), {0, HGETALL...} when it existed, {2, queue} when its
 -- locator (given in KEYS) names another queue, which holds the run.
 --
@@ -38,7 +39,7 @@ local queue = ARGV[2]
 check_id('queue_name', queue)
 local max_bytes = check_int('max JSON bytes', ARGV[3], 1, 512 * 1024 * 1024)
 local number = check_int('queue number', ARGV[4], 0, QUEUES - 1)
-local meta = redis.call('HMGET', KEYS[8], 'number', 'clock', 'lanes')
+local meta = redis.call('HMGET', KEYS[8], 'number', 'clock', 'lanes', 'group_by')
 -- A new queue starts without lanes (see runner_lane in include/queue.lua).
 if not meta[1] then lanes_mode = '0' elseif meta[3] == '0' or meta[3] == '1' then lanes_mode = meta[3] end
 if meta[1] and tonumber(meta[1]) ~= number then
@@ -50,10 +51,10 @@ end
 if not meta[1] and ARGV[5] ~= '1' then
   fail('UNREGISTERED', 'queue ' .. queue .. ' is not registered on this server')
 end
-local WIDTH = 17
+local WIDTH = 18
 local n = (#ARGV - 5) / WIDTH
 if n < 1 or n ~= math.floor(n) or (#KEYS ~= 8 + n and #KEYS ~= 8 + 2 * n) then
-  fail('INVALID', 'runs must come as 17 values each with one key each (and one locator each), at least one')
+  fail('INVALID', 'runs must come as 18 values each with one key each (and one locator each), at least one')
 end
 local with_locators = #KEYS == 8 + 2 * n
 -- The client sends 500 per call; a bound keeps one call (and its unpacks) short.
@@ -69,7 +70,7 @@ for i = 0, n - 1 do
     conversation_id = ARGV[a + 4], thread_id = ARGV[a + 5], workspace_id = ARGV[a + 6],
     bot_id = ARGV[a + 7], agent_id = ARGV[a + 8], deadline_at = ARGV[a + 9],
     authorization = ARGV[a + 10], metadata = ARGV[a + 11], status = ARGV[a + 12],
-    requested_runtime_id = ARGV[a + 14], not_before = ARGV[a + 15], key = KEYS[9 + i],
+    requested_runtime_id = ARGV[a + 14], not_before = ARGV[a + 15], group_key = ARGV[a + 17], key = KEYS[9 + i],
     locator = with_locators and KEYS[9 + n + i] or nil,
   }
   check_id('run_id', r.rid)
@@ -89,6 +90,14 @@ for i = 0, n - 1 do
   r.priority = check_int('priority', ARGV[a + 13], -1000, 1000)
   check_opt_int('not_before', r.not_before, 0, 1e15)
   r.max_attempts = check_int('max_attempts', ARGV[a + 16], 0, 1000000)
+  if r.group_key == nil then fail('INVALID', 'a run needs its group_key value (empty for none)') end
+  check_opt_id('group_key', r.group_key)
+  -- Its group, when the queue groups runs (see groups in include/queue.lua).
+  local by = meta[4]
+  if by and by ~= '' then
+    local g = by == 'group_key' and r.group_key or r[by]
+    if g and g ~= '' then r.group = g end
+  end
   runs[#runs + 1] = r
 end
 
@@ -198,6 +207,10 @@ for i, r in ipairs(runs) do
       fields[#fields + 1] = 'started_at'
       fields[#fields + 1] = now_s
     end
+    if r.group then
+      fields[#fields + 1] = 'group'
+      fields[#fields + 1] = r.group
+    end
     redis.call('HSET', rk, unpack(fields))
 
     for _, scope in ipairs(SCOPES) do
@@ -214,7 +227,7 @@ for i, r in ipairs(runs) do
     -- Runs executed directly, by start time: the reaper times out those whose
     -- host never finished them (see reap.lua).
     if r.status == 'running' then redis.call('ZADD', B .. 'running', now_s, r.rid) end
-    if r.status == 'queued' and r.requested_runtime_id == '' and r.not_before == '' then
+    if r.status == 'queued' and r.requested_runtime_id == '' and r.not_before == '' and not r.group then
       local entries = by_runner[r.runner_id]
       if not entries then
         entries = {}
@@ -228,9 +241,10 @@ for i, r in ipairs(runs) do
       local h = { id = id, priority = r.priority, runner_id = r.runner_id }
       if r.not_before ~= '' then h.not_before = r.not_before end
       if r.requested_runtime_id ~= '' then h.requested_runtime_id = r.requested_runtime_id end
+      h.group = r.group
       requeue(B, r.rid, h, now)
     end
-    out[i] = { 1, id, now }
+    out[i] = { 1, id, now, r.group or '' }
   end
 end
 -- A run given twice in one batch is created once; the repeat sees it as existing.

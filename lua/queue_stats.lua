@@ -7,7 +7,9 @@
 -- Returns {queued, pinned, delayed, claimed, finished, oldest queued created_at ms
 -- ('' if none), {run_id, runtime_id, lease_expires_at_ms}..., stats HGETALL, server time ms,
 -- queued runs by runner HGETALL, running (directly executed, unfinished),
--- oldest running start ms ('' if none), dead (retained runs that died of expired leases)}.
+-- oldest running start ms ('' if none), dead (retained runs that died of expired leases),
+-- runs waiting for a slot of their group, paused (1|0), paused groups}.
+-- Cost O(groups with queued runs) beyond the rest.
 -- The oldest queued run is the head of the lowest-id priority band; the walk
 -- visits one entry per distinct priority, not every queued run.
 local B = ARGV[1]
@@ -41,8 +43,15 @@ if holders_wanted > 0 then
     holders[#holders + 1] = { l[i], redis.call('HGET', B .. 'run:' .. l[i], 'claimed_by_runtime_id') or '', l[i + 1] }
   end
 end
+-- Runs of groups at their limit wait outside `queued` (see groups in include/queue.lua).
+local waiting = 0
+for _, g in ipairs(redis.call('SMEMBERS', B .. 'groups')) do
+  waiting = waiting + redis.call('ZCARD', B .. 'group:' .. g .. ':queued') - redis.call('ZCARD', B .. 'group:' .. g .. ':admitted')
+end
+local paused = redis.call('HGET', B .. 'meta', 'paused') == '1' and 1 or 0
 local running = B .. 'running'
 local first_running = redis.call('ZRANGE', running, '0', '0', 'WITHSCORES')
 return { redis.call('ZCARD', K.queued), pinned, redis.call('ZCARD', K.delayed), redis.call('ZCARD', K.leases),
   redis.call('XLEN', K.finished), oldest, holders, redis.call('HGETALL', K.stats), now_ms(),
-  redis.call('HGETALL', B .. 'runners'), redis.call('ZCARD', running), first_running[2] or '', redis.call('ZCARD', B .. 'dead') }
+  redis.call('HGETALL', B .. 'runners'), redis.call('ZCARD', running), first_running[2] or '', redis.call('ZCARD', B .. 'dead'),
+  waiting, paused, redis.call('SCARD', B .. 'paused-groups') }

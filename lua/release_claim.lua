@@ -47,6 +47,7 @@ if TERMINAL[status] then
   return run_fields(B, rid)
 end
 redis.call('ZREM', K.leases, rid)
+if h.group then group_lease_ended(B, rid, h) end
 clear_claim(rk)
 redis.call('HSET', rk, 'status', 'queued', 'updated_at', now)
 if ARGV[5] ~= '' then redis.call('HSET', rk, 'status_reason', ARGV[5]) end

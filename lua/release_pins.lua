@@ -28,6 +28,8 @@ for _, rid in ipairs(redis.call('ZRANGE', lane, '0', fmt(limit - 1))) do
     redis.call('ZREM', lane, rid)
   elseif created and created <= now - grace then
     redis.call('ZREM', lane, rid)
+    -- An admitted run of a group is admitted again, into the shared lane.
+    if h.group then redis.call('ZREM', group_key(B, h.group, 'admitted'), rid) end
     redis.call('HDEL', rk, 'requested_runtime_id')
     redis.call('HSET', rk, 'status_reason', 'pinned runtime ' .. runtime ..
       ' is gone; released to any runtime', 'updated_at', fmt(now))

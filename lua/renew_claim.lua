@@ -30,6 +30,7 @@ if h.deadline_at and h.deadline_at <= now then
 end
 redis.call('HSET', rk, 'claim_lease_expires_at', now + lease, 'updated_at', now)
 redis.call('ZADD', K.leases, now + lease, rid)
+if h.group then redis.call('ZADD', group_key(B, h.group, 'active'), 'XX', now + lease, rid) end
 -- A shorter lease than the one it replaces can end before the hint says.
 if now + lease < h.lease_expires then lower_next_due(B, now + lease) end
 return run_fields(B, rid)

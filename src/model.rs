@@ -115,6 +115,9 @@ pub struct Run {
     /// Beyond the seed: claims allowed before an expiring lease makes the run dead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<i64>,
+    /// The run's group, when its queue groups runs (see [`crate::Store::set_groups`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_key: Option<String>,
     /// Only in the claimer's own results, like the claim token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization: Option<Value>,
@@ -213,6 +216,7 @@ impl Run {
             not_before: secs(f.int("not_before")?),
             max_attempts: f.int("max_attempts")?,
             authorization: if for_holder { authorization } else { None },
+            group_key: f.text("group"),
             claim_lease_expires_at_ms: lease_ms,
             created_at_ms: created_ms,
             last_sequence: 0,
@@ -251,8 +255,11 @@ pub struct NewRun {
     /// Claims allowed before a recurring lease expiry makes the run dead (0 = no limit).
     pub max_attempts: u32,
     /// For a partitioned queue: runs with the same key go to the same
-    /// partition, so they keep their order (default: the run id).
+    /// partition, so they keep their order (default: the group key, else the run id).
     pub partition_key: Option<String>,
+    /// The run's group in a queue grouped by `group_key` (see
+    /// [`crate::Store::set_groups`]).
+    pub group_key: Option<String>,
 }
 
 impl NewRun {
@@ -312,6 +319,11 @@ impl NewRun {
     }
     pub fn partition_key(mut self, key: impl Into<String>) -> Self {
         self.partition_key = Some(key.into());
+        self
+    }
+    /// The run's group in a queue grouped by `group_key`.
+    pub fn group_key(mut self, key: impl Into<String>) -> Self {
+        self.group_key = Some(key.into());
         self
     }
 }
@@ -658,7 +670,14 @@ fn oldest(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 #[derive(Clone, Debug, Serialize)]
 pub struct QueueStats {
     pub queue_name: String,
+    /// Unpinned queued runs that are due, with those waiting for a slot of their group.
     pub queued: i64,
+    /// Of `queued`, the runs whose group is at its limit (or paused).
+    pub waiting_for_group: i64,
+    /// The queue is paused: claims hand out nothing.
+    pub paused: bool,
+    /// Groups of the queue that are paused.
+    pub paused_groups: i64,
     pub pinned: i64,
     pub delayed: i64,
     pub claimed: i64,
@@ -697,6 +716,10 @@ impl QueueStats {
         let mut out = QueueStats {
             queue_name: queue_name.to_string(),
             queued: 0,
+            waiting_for_group: 0,
+            // Paused when every partition is (pause applies to them all).
+            paused: !parts.is_empty(),
+            paused_groups: 0,
             pinned: 0,
             delayed: 0,
             claimed: 0,
@@ -712,6 +735,9 @@ impl QueueStats {
         };
         for p in parts {
             out.queued += p.queued;
+            out.waiting_for_group += p.waiting_for_group;
+            out.paused &= p.paused;
+            out.paused_groups = out.paused_groups.max(p.paused_groups);
             out.pinned += p.pinned;
             out.delayed += p.delayed;
             out.claimed += p.claimed;

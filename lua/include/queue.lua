@@ -232,7 +232,7 @@ end
 local function route_fields(rk)
   local v = redis.call('HMGET', rk, 'id', 'status', 'priority', 'runner_id', 'requested_runtime_id',
     'claim_token', 'dispatch_attempts', 'max_attempts', 'deadline_at', 'not_before', 'started_at',
-    'claim_lease_expires_at', 'claimed_by_runtime_id')
+    'claim_lease_expires_at', 'claimed_by_runtime_id', 'group')
   if not v[1] then return nil end
   check_stored(rk, v[2], v[12])
   if not string.find(v[1], '^%d+$') then corrupt(rk, 'id', v[1]) end
@@ -245,7 +245,7 @@ local function route_fields(rk)
     id = v[1], status = v[2], priority = v[3], runner_id = v[4], requested_runtime_id = v[5] or nil,
     claim_token = v[6] or nil, dispatch_attempts = tonumber(v[7] or '0'), max_attempts = tonumber(v[8] or '0'),
     deadline_at = tonumber(v[9] or ''), not_before = v[10] or nil, started_at = v[11] or nil,
-    lease_expires = tonumber(v[12] or ''), holder = v[13] or nil,
+    lease_expires = tonumber(v[12] or ''), holder = v[13] or nil, group = v[14] or nil,
   }
 end
 
@@ -258,6 +258,94 @@ end
 
 local function clear_claim(rk)
   redis.call('HDEL', rk, 'claim_token', 'claimed_by_runtime_id', 'claim_lease_expires_at')
+end
+
+-- Groups: a queue may allow at most `limit` runs of one group (a run field or
+-- an explicit group_key, named by meta `group_by`; the run's value is its
+-- `group` field, written at create) to be claimed at once. Per group g:
+--   group:<g>:queued    ZSET every queued, due run of g (lane scores)
+--   group:<g>:admitted  ZSET those of them now in their claim lane
+--   group:<g>:active    ZSET claimed runs of g, score = lease expiry (ms)
+--   groups              SET the groups that have queued runs
+--   group-limits        HASH g -> limit (overrides meta `group_limit`)
+--   paused-groups       SET groups whose runs are not admitted
+-- A run waits in its group's ZSET and enters its claim lane (`queued`, a
+-- runner lane or a pinned lane) only while the group has a free slot: at
+-- most limit - (leases of g still running by the server's clock) of its best
+-- runs are admitted. So the claim itself is the same O(log n) pick as for
+-- any queue: runs of a group at its limit are not in the lanes, and never
+-- block, delay or cost the runs of other groups. The active count is read
+-- from the lease expiries, so a crashed worker's slot frees when its lease
+-- ends (the claim that takes the lease back admits the next run), and a
+-- purged or deleted run can never hold a slot past its lease.
+local function group_key(B, g, what)
+  return B .. 'group:' .. g .. ':' .. what
+end
+
+-- The limit of group g now (0 while it or its queue is paused; huge when the
+-- queue no longer groups, so that its waiting runs are all admitted).
+local function group_limit(B, g)
+  local meta = redis.call('HMGET', B .. 'meta', 'group_by', 'group_limit', 'paused')
+  if not meta[1] or meta[1] == '' then return 1e9 end
+  if redis.call('SISMEMBER', B .. 'paused-groups', g) == 1 then return 0 end
+  local own = redis.call('HGET', B .. 'group-limits', g)
+  return tonumber(own or '') or tonumber(meta[2] or '') or 1
+end
+
+-- Admits the best runs of group g while it has free slots, and takes back
+-- admitted runs past them (a better run arrived, the limit dropped, the
+-- group was paused). Cost O(limit log n).
+local function rebalance(B, g, now)
+  local limit = group_limit(B, g)
+  local queued = group_key(B, g, 'queued')
+  local admitted = group_key(B, g, 'admitted')
+  local active = redis.call('ZCOUNT', group_key(B, g, 'active'), '(' .. fmt(now), '+inf')
+  local free = math.min(limit - active, 1000)
+  local want = {}
+  if free > 0 then
+    local best = redis.call('ZRANGE', queued, '0', fmt(free - 1), 'WITHSCORES')
+    for i = 1, #best, 2 do want[best[i]] = best[i + 1] end
+  end
+  for _, rid in ipairs(redis.call('ZRANGE', admitted, '0', '-1')) do
+    if want[rid] then
+      want[rid] = nil
+    else
+      redis.call('ZREM', admitted, rid)
+      local h = route_fields(B .. 'run:' .. rid)
+      if h then lane_remove(B, rid, h) end
+    end
+  end
+  for rid, score in pairs(want) do
+    local h = route_fields(B .. 'run:' .. rid)
+    if h and h.status == 'queued' then
+      redis.call('ZADD', admitted, score, rid)
+      lane_add(B, rid, h)
+      wake_for(B, h, now)
+    else
+      redis.call('ZREM', queued, rid)
+    end
+  end
+  if redis.call('EXISTS', queued) == 0 then redis.call('SREM', B .. 'groups', g) end
+end
+
+-- A queued, due run of a group joins it (and its lane once admitted).
+local function group_add(B, rid, h, now)
+  local score = lane_score(tonumber(h.priority), tonumber(h.id))
+  redis.call('ZADD', group_key(B, h.group, 'queued'), score, rid)
+  redis.call('SADD', B .. 'groups', h.group)
+  rebalance(B, h.group, now)
+end
+
+-- A queued run of a group leaves it (and its lane when it was admitted).
+-- `claimed`: it leaves because a claim took it (its slot moves to active).
+local function group_remove(B, rid, h)
+  redis.call('ZREM', group_key(B, h.group, 'queued'), rid)
+  if redis.call('ZREM', group_key(B, h.group, 'admitted'), rid) == 1 then lane_remove(B, rid, h) end
+end
+
+-- A claimed run of a group no longer holds a slot (released, finished, taken back).
+local function group_lease_ended(B, rid, h)
+  redis.call('ZREM', group_key(B, h.group, 'active'), rid)
 end
 
 -- Events a finish compacts (see finish); runs purged by each finalize.
@@ -275,10 +363,11 @@ local function finish(B, rid, h, status, reason, now, extra)
   -- Whether the run keeps an updated_at of its own (only a claimed run's goes).
   local touched = true
   if h.status == 'queued' then
-    lane_remove(B, rid, h)
+    if h.group then group_remove(B, rid, h) else lane_remove(B, rid, h) end
     redis.call('ZREM', K.delayed, rid)
   elseif h.status == 'claimed' then
     redis.call('ZREM', K.leases, rid)
+    if h.group then group_lease_ended(B, rid, h) end
     -- The claim's receipt goes with the claim: its claimer has the run, or
     -- has lost it; either way no resend of that claim may get it back.
     if h.claim_token then redis.call('DEL', receipt_key(B, h.claim_token)) end
@@ -305,6 +394,8 @@ local function finish(B, rid, h, status, reason, now, extra)
   -- server's clock), which purge_finished trims from the old end.
   redis.call('XADD', K.finished, '*', 'r', rid)
   redis.call('HINCRBY', K.stats, status, '1')
+  -- Its slot, or its place among the admitted, goes to the group's next run.
+  if h.group and (h.status == 'queued' or h.status == 'claimed') then rebalance(B, h.group, now) end
   -- A finished run's stream is complete: a copy drops the preallocated
   -- space of its last node (about 4 KB for a short stream, down to its
   -- size). COPY and RENAME, not DUMP/RESTORE: RESTORE is @dangerous, and
@@ -364,6 +455,10 @@ local function requeue(B, rid, h, now, no_wake)
     lower_next_due(B, due)
     return false
   end
+  if h.group then
+    group_add(B, rid, h, now)
+    return true
+  end
   lane_add(B, rid, h)
   if not no_wake then wake_for(B, h, now) end
   return true
@@ -379,6 +474,7 @@ local function recover_expired(B, now, limit, status, reason)
     local rk = B .. 'run:' .. rid
     local h = route_fields(rk)
     redis.call('ZREM', K.leases, rid)
+    if h and h.group then group_lease_ended(B, rid, h) end
     if h and h.status == 'claimed' then
       if TERMINAL[status] then
         finish(B, rid, h, status, reason, now)
@@ -407,7 +503,9 @@ local function promote_delayed(B, now, limit)
   for _, rid in ipairs(ids) do
     redis.call('ZREM', K.delayed, rid)
     local h = route_fields(B .. 'run:' .. rid)
-    if h and h.status == 'queued' then
+    if h and h.status == 'queued' and h.group then
+      group_add(B, rid, h, now)
+    elseif h and h.status == 'queued' then
       lane_add(B, rid, h)
       wake_for(B, h, now)
     end

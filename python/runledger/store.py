@@ -32,6 +32,9 @@ _COROUTINES = (
     "get_runtime_stats",
     "get_runner_stats",
     "queue_stats",
+    "set_queue_groups",
+    "pause_queue",
+    "resume_queue",
 )
 
 

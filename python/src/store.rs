@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use pyo3::prelude::*;
 use runledger::{
-    ClaimRequest, Direction, Error, Finish, Heartbeat, NewEvent, NewRun, RegisterRuntime, Release, RunFilter,
-    RunStatus, Store, StoreConfig,
+    ClaimRequest, Direction, Error, Finish, GroupBy, GroupSettings, Heartbeat, NewEvent, NewRun, RegisterRuntime,
+    Release, RunFilter, RunStatus, Store, StoreConfig,
 };
 use serde_json::Value;
 
@@ -158,7 +158,7 @@ impl RunLedgerStore {
         format!("RunLedgerStore({:?}, prefix={:?})", redact(&self.shared.url), self.shared.cfg.prefix)
     }
 
-    #[pyo3(signature = (*, run_id, runner_id, event_id=None, binding_id=None, conversation_id=None, thread_id=None, workspace_id=None, bot_id=None, agent_id=None, deadline_at=None, authorization=None, metadata=None, status="running", queue_name=None, priority=0, requested_runtime_id=None, not_before=None, max_attempts=0))]
+    #[pyo3(signature = (*, run_id, runner_id, event_id=None, binding_id=None, conversation_id=None, thread_id=None, workspace_id=None, bot_id=None, agent_id=None, deadline_at=None, authorization=None, metadata=None, status="running", queue_name=None, priority=0, requested_runtime_id=None, not_before=None, max_attempts=0, group_key=None))]
     #[allow(clippy::too_many_arguments)]
     fn create_run<'py>(
         &self,
@@ -181,6 +181,7 @@ impl RunLedgerStore {
         requested_runtime_id: Option<String>,
         not_before: Option<Bound<'py, PyAny>>,
         max_attempts: u32,
+        group_key: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let status = self::status(status)?;
         let run = NewRun {
@@ -203,6 +204,7 @@ impl RunLedgerStore {
             not_before: epoch_ms(not_before.as_ref(), "not_before")?.map(|ms| ms as f64 / 1000.0),
             max_attempts,
             partition_key: None,
+            group_key,
         };
         let shared = self.shared.clone();
         awaitable(py, async move { shared.store().await?.create_run(&run).await.py_err() }, dict)
@@ -646,6 +648,65 @@ impl RunLedgerStore {
         let limit = limit.clamp(1, 100) as usize;
         let shared = self.shared.clone();
         awaitable(py, async move { shared.store().await?.get_runner_stats(start, end, limit).await.py_err() }, dict)
+    }
+
+    /// Configures the groups of a queue (beyond the SQL store): `group_by` a run
+    /// field or "group_key" ("none": no grouping; None keeps it), runs of one
+    /// group claimed at once, and per-group limits ({group: n}, None drops one).
+    #[pyo3(signature = (queue_name, *, group_by=None, group_concurrency=None, group_limits=None))]
+    fn set_queue_groups<'py>(
+        &self,
+        py: Python<'py>,
+        queue_name: String,
+        group_by: Option<String>,
+        group_concurrency: Option<u32>,
+        group_limits: Option<HashMap<String, Option<u32>>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let group_by = match group_by.as_deref() {
+            None => None,
+            Some("none") => Some(None),
+            Some(text) => Some(Some(text.parse::<GroupBy>().py_err()?)),
+        };
+        let mut overrides: Vec<(String, Option<u32>)> = group_limits.unwrap_or_default().into_iter().collect();
+        overrides.sort();
+        let settings = GroupSettings { group_by, concurrency: group_concurrency, overrides };
+        let shared = self.shared.clone();
+        awaitable(py, async move { shared.store().await?.set_groups(&queue_name, &settings).await.py_err() }, dict)
+    }
+
+    /// Pauses a queue, or one group of it: claims skip it, runs stay queued.
+    /// Returns False when it was paused already.
+    #[pyo3(signature = (queue_name, *, group=None, by=None))]
+    fn pause_queue<'py>(
+        &self,
+        py: Python<'py>,
+        queue_name: String,
+        group: Option<String>,
+        by: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let shared = self.shared.clone();
+        awaitable(
+            py,
+            async move { shared.store().await?.pause(&queue_name, group.as_deref(), by.as_deref()).await.py_err() },
+            dict,
+        )
+    }
+
+    /// Resumes what pause_queue paused. Returns False when it was not paused.
+    #[pyo3(signature = (queue_name, *, group=None, by=None))]
+    fn resume_queue<'py>(
+        &self,
+        py: Python<'py>,
+        queue_name: String,
+        group: Option<String>,
+        by: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let shared = self.shared.clone();
+        awaitable(
+            py,
+            async move { shared.store().await?.resume(&queue_name, group.as_deref(), by.as_deref()).await.py_err() },
+            dict,
+        )
     }
 
     /// Queue depths and counters of one queue (beyond the SQL store).

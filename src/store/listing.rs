@@ -226,10 +226,16 @@ impl Store {
         let running = parts.next().map(reply::int).transpose()?.unwrap_or(0);
         let oldest_running = parts.next().map(reply::opt_int).transpose()?.flatten();
         let dead = parts.next().map(reply::int).transpose()?.unwrap_or(0);
+        let waiting_for_group = parts.next().map(reply::int).transpose()?.unwrap_or(0);
+        let paused = parts.next().map(reply::int).transpose()?.unwrap_or(0) == 1;
+        let paused_groups = parts.next().map(reply::int).transpose()?.unwrap_or(0);
         let age = |ms: i64| ((now_ms - ms).max(0)) as f64 / 1000.0;
         Ok(QueueStats {
             queue_name: queue.to_string(),
-            queued,
+            queued: queued + waiting_for_group,
+            waiting_for_group,
+            paused,
+            paused_groups,
             pinned,
             delayed,
             claimed,

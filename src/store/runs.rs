@@ -77,7 +77,7 @@ fn check_claim(request: &ClaimRequest) -> Result<u64> {
 }
 
 /// A run to create with its position in the caller's list and its script values.
-type Indexed<'a> = (usize, (&'a NewRun, [String; 17]));
+type Indexed<'a> = (usize, (&'a NewRun, [String; 18]));
 
 /// The run exactly as create_run.lua stores it (epoch ms rounded to seconds).
 fn new_run_record(new: &NewRun, id: i64, now_ms: i64) -> Run {
@@ -117,6 +117,7 @@ fn new_run_record(new: &NewRun, id: i64, now_ms: i64) -> Run {
         not_before: new.not_before.map(|s| secs(ms(s))),
         max_attempts: (new.max_attempts > 0).then_some(i64::from(new.max_attempts)),
         authorization: None,
+        group_key: None,
         claim_lease_expires_at_ms: None,
         created_at_ms: now_ms,
         last_sequence: 0,
@@ -139,8 +140,8 @@ pub(crate) fn thread_filter(strict: bool, thread_id: Option<&str>) -> String {
 }
 
 impl Store {
-    /// Checks one run and returns its 17 script values (see lua/create_run.lua).
-    fn create_values(&self, run: &NewRun) -> Result<[String; 17]> {
+    /// Checks one run and returns its 18 script values (see lua/create_run.lua).
+    fn create_values(&self, run: &NewRun) -> Result<[String; 18]> {
         validate::id("queue_name", run.queue_name())?;
         validate::id("run_id", &run.run_id)?;
         validate::id("runner_id", &run.runner_id)?;
@@ -153,6 +154,7 @@ impl Store {
             ("bot_id", &run.bot_id),
             ("agent_id", &run.agent_id),
             ("requested_runtime_id", &run.requested_runtime_id),
+            ("group_key", &run.group_key),
         ] {
             validate::opt_id(name, value.as_deref())?;
         }
@@ -188,6 +190,7 @@ impl Store {
             opt(&run.requested_runtime_id),
             not_before.map(|d| d.to_string()).unwrap_or_default(),
             run.max_attempts.to_string(),
+            opt(&run.group_key),
         ])
     }
 
@@ -233,7 +236,8 @@ impl Store {
             let id =
                 parts.next().map(reply::int).transpose()?.ok_or_else(|| Error::Protocol("create_run: no id".into()))?;
             let now = parts.next().map(reply::int).transpose()?.unwrap_or(0);
-            new_run_record(new, id, now)
+            let group = parts.next().map(reply::string).transpose()?.filter(|g| !g.is_empty());
+            Run { group_key: group, ..new_run_record(new, id, now) }
         } else {
             let fields = parts.next().ok_or_else(|| Error::Protocol("create_run: short reply".into()))?;
             Run::from_fields(reply::fields(fields)?, false)?
@@ -270,7 +274,8 @@ impl Store {
             placed = runs
                 .iter()
                 .map(|r| {
-                    let key = r.partition_key.as_deref().unwrap_or(&r.run_id);
+                    // A group lives in one partition, so its limit is never multiplied.
+                    let key = r.partition_key.as_deref().or(r.group_key.as_deref()).unwrap_or(&r.run_id);
                     NewRun { queue: Some(Self::place(&counts, r.queue_name(), key)), ..r.clone() }
                 })
                 .collect();

@@ -24,6 +24,7 @@ mod compose;
 mod concurrency;
 mod durability;
 mod fencing_events;
+mod groups;
 mod hints;
 mod host_api;
 mod hostile_input;

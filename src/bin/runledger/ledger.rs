@@ -131,9 +131,13 @@ pub struct EnqueueArgs {
     /// or a terminal status (recorded as finished: counted by the stats, never claimable).
     #[arg(long, default_value = "queued")]
     status: String,
-    /// For a partitioned queue: runs with the same key share a partition (default: the run id).
+    /// For a partitioned queue: runs with the same key share a partition (default: the group
+    /// key, else the run id).
     #[arg(long)]
     partition_key: Option<String>,
+    /// The run's group, in a queue grouped by group_key (`runledger queue set Q --group-by group_key`).
+    #[arg(long)]
+    group_key: Option<String>,
 }
 
 pub async fn enqueue(store: &Store, out: &Output, a: EnqueueArgs) -> Result<()> {
@@ -157,6 +161,7 @@ pub async fn enqueue(store: &Store, out: &Output, a: EnqueueArgs) -> Result<()> 
         not_before: a.not_before,
         max_attempts: a.max_attempts,
         partition_key: a.partition_key,
+        group_key: a.group_key,
     };
     out.run(&store.create_run(&run).await?);
     Ok(())

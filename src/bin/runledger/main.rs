@@ -11,6 +11,7 @@ mod ledger;
 mod measure;
 mod output;
 mod private;
+mod queue_cmd;
 mod simulate;
 mod target;
 mod ui;
@@ -86,6 +87,9 @@ enum Command {
     Stats(ledger::StatsArgs),
     /// Spread a logical queue over N physical queues (QUEUE#0..), e.g. over a cluster's shards.
     Partition(ledger::PartitionArgs),
+    /// A queue's rules: groups (`queue set Q --group-by conversation_id --group-concurrency 1`),
+    /// pause and resume.
+    Queue(queue_cmd::QueueArgs),
     /// One pass of lease expiry, deadlines, delayed runs, stale runtimes, retention.
     Reap,
     /// Redis Functions: `functions load` loads this build's library (as an
@@ -185,6 +189,7 @@ async fn run(cli: Cli) -> runledger::Result<()> {
         Command::Queues => ledger::queues(&store().await?, &out).await,
         Command::Stats(a) => ledger::stats(&store().await?, &out, a).await,
         Command::Partition(a) => ledger::partition(&store().await?, &out, a).await,
+        Command::Queue(a) => queue_cmd::run(&store().await?, &out, a).await,
         Command::Reap => ledger::reap(&store().await?, &out).await,
         Command::Functions(a) => ledger::functions(&store().await?, &out, a).await,
         Command::Worker(a) => match ledger::connect_waiting(&url, &target).await? {
