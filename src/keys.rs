@@ -121,6 +121,36 @@ impl QueueKeys {
         self.key(&format!("pinned:{runtime_id}"))
     }
 
+    /// ZSET: the queued, due runs of one group (see groups in `lua/include/queue.lua`).
+    /// The word after the group is last, so no group's key is another's.
+    pub fn group_queued(&self, group: &str) -> String {
+        self.key(&format!("group:{group}:queued"))
+    }
+    /// ZSET: those of a group's runs now in their claim lane.
+    pub fn group_admitted(&self, group: &str) -> String {
+        self.key(&format!("group:{group}:admitted"))
+    }
+    /// ZSET: a group's claimed runs, score = lease expiry (ms).
+    pub fn group_active(&self, group: &str) -> String {
+        self.key(&format!("group:{group}:active"))
+    }
+    /// SET: the groups with queued runs.
+    pub fn groups(&self) -> String {
+        self.key("groups")
+    }
+    /// HASH group -> its own limit.
+    pub fn group_limits(&self) -> String {
+        self.key("group-limits")
+    }
+    /// SET: paused groups.
+    pub fn paused_groups(&self) -> String {
+        self.key("paused-groups")
+    }
+    /// STREAM: the queue's audit entries (pause, resume).
+    pub fn audit(&self) -> String {
+        self.key("audit")
+    }
+
     /// KEYS[1..7] of every queue script, in the order of `lua/include/queue.lua`.
     pub fn fixed(&self) -> [String; 7] {
         [self.queued(), self.leases(), self.delayed(), self.deadlines(), self.finished(), self.stats(), self.wake()]

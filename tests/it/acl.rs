@@ -35,7 +35,7 @@ use serde_json::{Value, json};
 /// the Worker, the demo and the bench need (`-@all` first, then these).
 const ACL_COMMANDS: &str = "+ping +time +wait +fcall +fcall_ro +evalsha +script|load +get +set +del +exists +pexpire +persist +copy \
     +rename +incr +mget +hget +hmget +hgetall +hkeys +hlen +hset +hsetnx +hdel +hincrby +lpush +llen +blpop +sadd +srem \
-    +smembers +zadd +zrem +zcard +zscore +zrange +zrangebyscore +zunionstore +xadd +xdel +xlen +xrange +xrevrange \
+    +smembers +sismember +scard +zadd +zrem +zcard +zcount +zscore +zrange +zrangebyscore +zunionstore +xadd +xdel +xlen +xrange +xrevrange \
     +xread +xinfo|stream +publish +subscribe +spublish +ssubscribe +cluster|slots";
 
 /// What an operator user adds for the bench's server-wide figures (and the
@@ -691,6 +691,16 @@ async fn tenant_runs_everything(way: WayIn) {
     let out = a(&["partition", "hot", "2"]).await.ok();
     assert!(out.stdout.contains("hot#0"), "{}", out.describe());
     a(&["enqueue", "--queue", "hot", "--runner", "r1", "--partition-key", "k"]).await.ok();
+    // Groups and pause (one run per conversation; a paused group, resumed).
+    a(&["queue", "set", "chat", "--group-by", "conversation_id", "--group-concurrency", "1"]).await.ok();
+    a(&["enqueue", "--queue", "chat", "--runner", "r1", "--run-id", "chat-1", "--conversation", "c"]).await.ok();
+    a(&["enqueue", "--queue", "chat", "--runner", "r1", "--run-id", "chat-2", "--conversation", "c"]).await.ok();
+    let held = a(&["--json", "claim", "--runtime", "rt-chat", "--queue", "chat"]).await.json();
+    assert_eq!(held["run_id"], "chat-1");
+    a(&["queue", "pause", "chat", "--group", "c"]).await.ok();
+    a(&["queue", "resume", "chat", "--group", "c"]).await.ok();
+    a(&["queue", "pause", "chat"]).await.ok();
+    a(&["queue", "resume", "chat"]).await.ok();
     let queues = a(&["queues"]).await.ok();
     assert!(queues.stdout.contains("q1") && queues.stdout.contains("hot"), "{}", queues.describe());
     a(&["reap"]).await.ok();

@@ -84,6 +84,10 @@ fn no_two_keys_collide() {
                 ("runners", q.runners()),
                 ("running", q.running()),
                 ("events-copy", q.events_copy()),
+                ("groups", q.groups()),
+                ("group-limits", q.group_limits()),
+                ("paused-groups", q.paused_groups()),
+                ("audit", q.audit()),
             ];
             for (family, key) in fixed {
                 claim(&mut seen, key, owner(family, ""));
@@ -97,6 +101,9 @@ fn no_two_keys_collide() {
                     ("wake:runner", q.runner_wake(arg)),
                     ("wake:pin", q.pin_wake(arg)),
                     ("receipt", q.receipt(arg)),
+                    ("group:queued", q.group_queued(arg)),
+                    ("group:admitted", q.group_admitted(arg)),
+                    ("group:active", q.group_active(arg)),
                 ];
                 for (family, key) in families {
                     claim(&mut seen, key, owner(family, arg));
@@ -165,6 +172,11 @@ fn scripts_derive_only_keys_the_test_knows() {
         "runners",
         "running",
         "events-copy",
+        "group:",
+        "groups",
+        "group-limits",
+        "paused-groups",
+        "audit",
     ];
     let mut found = 0;
     for dir in ["lua", "lua/include"] {

@@ -393,9 +393,9 @@ fn create_keys(qk: &QueueKeys, run_id: &str) -> Vec<String> {
 }
 
 /// ARGV of a valid create_run call for one run (see lua/create_run.lua):
-/// base, queue, JSON limit, queue number, registered flag, then the run's 17 values.
+/// base, queue, JSON limit, queue number, registered flag, then the run's 18 values.
 fn create_args(qk: &QueueKeys, run_id: &str) -> Vec<String> {
-    let mut args = vec![String::new(); 22];
+    let mut args = vec![String::new(); 23]; // the 18th value, group_key, stays empty
     args[0] = qk.base.clone();
     args[1] = Q.into(); // queue name
     args[2] = "1000".into(); // max JSON bytes
