@@ -290,7 +290,7 @@ impl Store {
             online_count: everyone.iter().filter(|r| r.status == "online").count() as u64,
             stale_count: everyone.iter().filter(|r| r.status == "stale").count() as u64,
             avg_heartbeat_age_seconds: mean(&ages),
-            max_heartbeat_age_seconds: ages.iter().copied().reduce(f64::max).map(|a| round(a, 3)),
+            max_heartbeat_age_seconds: ages.iter().copied().reduce(f64::max).map(|a| round(a, 2)),
             active_runs: claimed + running,
             claimed_runs: claimed,
         })

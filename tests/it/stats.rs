@@ -287,9 +287,9 @@ async fn runtime_stats_count_runtimes_ages_and_active_runs() {
     let newest = *heartbeats.iter().max().expect("heartbeats") as f64;
     let max = stats.max_heartbeat_age_seconds.expect("max age");
     let mean = stats.avg_heartbeat_age_seconds.expect("avg age");
-    assert!(max >= before - oldest - 0.001 && max <= after - oldest + 0.001, "max {max}");
-    // The mean is rounded to 2 decimals (LangBot's averages), the max to 3.
-    assert!(mean <= max + 0.005 && mean >= before - newest - 0.005, "avg {mean}");
+    assert!(max >= before - oldest - 0.005 && max <= after - oldest + 0.005, "max {max}");
+    // The mean and the max are rounded to 2 decimals (as LangBot rounds its averages).
+    assert!(mean <= max && mean >= before - newest - 0.005, "avg {mean}");
     let json = serde_json::to_value(&stats).expect("json");
     let keys: BTreeSet<&str> = json.as_object().expect("object").keys().map(String::as_str).collect();
     let expected: BTreeSet<&str> = [
