@@ -237,6 +237,20 @@ async fn actions_do_what_the_cli_does_and_are_audited() {
         assert_eq!(status, 409, "a second click finds it released");
         assert_eq!(audit_types(&store, "s1").await, ["operator.release"]);
 
+        // Pause and resume a queue: its page shows the badge and the other button.
+        let (status, _, location) = post(&ui.url("/queues/q/pause"), &[]).await;
+        assert_eq!((status, location.as_deref()), (303, Some("/queues/q")));
+        assert!(store.queue_stats("q", 0).await.unwrap().paused);
+        let (_, page) = get(&ui.url("/queues/q")).await;
+        assert!(page.contains("badge paused") && page.contains("Resume queue"), "{page}");
+        let (status, _, _) = post(&ui.url("/queues/q/resume"), &[]).await;
+        assert_eq!(status, 303);
+        assert!(!store.queue_stats("q", 0).await.unwrap().paused);
+        let (_, page) = get(&ui.url("/queues/q")).await;
+        assert!(page.contains("Pause queue") && !page.contains("badge paused"), "{page}");
+        let (status, _, _) = post(&ui.url("/queues/q/explode"), &[]).await;
+        assert_eq!(status, 404);
+
         // Requeue a dead run: a new run with its fields, the old one stays dead.
         dead_run(&store, "dq", "dead1").await;
         let (status, _, location) = post(&ui.url("/runs/dead1/requeue"), &[]).await;
@@ -296,6 +310,10 @@ async fn guards_refuse_actions_and_leave_redis_alone() {
         let read_only = Dashboard::start(&redis.url, &["--read-only"]).await;
         let (status, _, _) = post(&read_only.url("/runs/r/cancel"), &[]).await;
         assert_eq!(status, 403);
+        let (status, _, _) = post(&read_only.url("/queues/q/pause"), &[]).await;
+        assert_eq!(status, 403, "pausing is an action too");
+        let (_, page) = get(&read_only.url("/queues/q")).await;
+        assert!(!page.contains("Pause queue"), "no pause button on a read-only dashboard");
         let (_, page) = get(&read_only.url("/runs/r")).await;
         assert!(!page.contains("<form method=\"post\""), "no action forms on a read-only dashboard");
 
@@ -303,6 +321,8 @@ async fn guards_refuse_actions_and_leave_redis_alone() {
         let (status, _, _) = post(&guarded.url("/runs/r/cancel"), &[]).await;
         assert_eq!(status, 401);
         let (status, _, _) = post(&guarded.url("/runs/r/cancel"), &[("token", "wrong")]).await;
+        assert_eq!(status, 401);
+        let (status, _, _) = post(&guarded.url("/queues/q/pause"), &[("token", "wrong")]).await;
         assert_eq!(status, 401);
         let cross = client()
             .post(guarded.url("/runs/r/cancel"))
@@ -352,8 +372,17 @@ async fn metrics_parse_as_prometheus_text_with_the_values_set_up() {
             store.create_run(&NewRun::new(format!("w{i}"), "agent").queue("wide")).await.unwrap();
         }
         let _ = held;
+        // A paused queue, and a grouped one with a run waiting for its group.
+        store.pause("beta", None, Some("test")).await.unwrap();
+        let grouped = GroupSettings { group_by: Some(Some(GroupBy::GroupKey)), ..Default::default() };
+        store.set_groups("chat", &grouped).await.unwrap();
+        for i in 0..2 {
+            store.create_run(&NewRun::new(format!("g{i}"), "agent").queue("chat").group_key("G")).await.unwrap();
+        }
 
         let ui = Dashboard::start(&redis.url, &["--read-only"]).await;
+        let page = client().get(ui.url("/")).send().await.unwrap().text().await.unwrap();
+        assert_eq!(page.matches("badge paused").count(), 1, "one paused queue has its badge: {page}");
         let response = client().get(ui.url("/metrics")).send().await.unwrap();
         assert_eq!(response.status().as_u16(), 200);
         assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
@@ -380,6 +409,10 @@ async fn metrics_parse_as_prometheus_text_with_the_values_set_up() {
             l
         };
         assert_eq!(value("runledger_queue_runs", &with("queued")), 1.0);
+        assert_eq!(value("runledger_queue_paused", &[("queue", "beta")]), 1.0);
+        assert_eq!(value("runledger_queue_paused", &[("queue", "alpha")]), 0.0);
+        assert_eq!(value("runledger_queue_waiting_for_group", &[("queue", "chat")]), 1.0);
+        assert_eq!(value("runledger_queue_runs", &[("queue", "chat"), ("status", "queued")]), 2.0);
         assert_eq!(value("runledger_queue_runs", &with("delayed")), 1.0);
         assert_eq!(value("runledger_queue_runs", &with("claimed")), 1.0);
         assert_eq!(value("runledger_queue_runs", &with("finished")), 1.0);
@@ -400,7 +433,7 @@ async fn metrics_parse_as_prometheus_text_with_the_values_set_up() {
         assert!(!text.contains(r#"partition="wide""#), "no merged row counted twice");
         assert_eq!(value("runledger_runtimes", &[("status", "online")]), 1.0);
         assert_eq!(value("runledger_runtimes", &[("status", "stale")]), 0.0);
-        assert_eq!(value("runledger_queues", &[]), 3.0);
+        assert_eq!(value("runledger_queues", &[]), 4.0, "alpha, beta, wide and chat");
         let types: HashMap<&str, &str> =
             text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split_once(' ')).collect();
         assert_eq!(types.get("runledger_runs_total"), Some(&"counter"));

@@ -1,7 +1,8 @@
 //! The dashboard's actions: cancel a run, requeue one that ended badly,
-//! release a stuck claim. Each is the `Store` operator call the CLI makes
-//! (`cancel_by_operator`, `requeue_run`, `release_stuck_claim`), which
-//! records an audit event on the run, with actor `ui`.
+//! release a stuck claim, pause or resume a queue. Each is the `Store`
+//! operator call the CLI makes (`cancel_by_operator`, `requeue_run`,
+//! `release_stuck_claim`, `pause`, `resume`), which records an audit event
+//! (on the run, or in the queue's audit stream), with actor `ui`.
 //!
 //! Guards, in order: `--read-only` refuses every action (403); a request
 //! from another site (`Sec-Fetch-Site: cross-site`, or an `Origin` that is
@@ -62,6 +63,45 @@ pub async fn act(
         Ok(run) => to_run(&run.run_id),
         Err(e) => error_page(&e),
     }
+}
+
+/// `POST /queues/{queue}/{action}`: `pause` or `resume` the queue; a
+/// redirect to the queue's page when done.
+pub async fn queue_act(
+    State(ui): State<Shared>,
+    Path((queue, action)): Path<(String, String)>,
+    headers: HeaderMap,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    if let Err((status, why)) = guard(&ui, &headers, &form) {
+        return message(status, &why);
+    }
+    let done = match action.as_str() {
+        "pause" => ui.store.pause(&queue, None, Some(ACTOR)).await,
+        "resume" => ui.store.resume(&queue, None, Some(ACTOR)).await,
+        other => return message(StatusCode::NOT_FOUND, &format!("no queue action {other:?}: pause or resume")),
+    };
+    match done {
+        Ok(_) => Redirect::to(&format!("/queues/{}", enc(&queue))).into_response(),
+        Err(e) => error_page(&e),
+    }
+}
+
+/// The pause or resume button of a queue's page (none on a read-only dashboard).
+pub fn queue_forms(ui: &Ui, queue: &str, paused: bool) -> String {
+    if ui.read_only {
+        return String::new();
+    }
+    let token = if ui.token.is_some() {
+        r#"<input type="password" name="token" placeholder="token" required size="10">"#
+    } else {
+        ""
+    };
+    let (action, label) = if paused { ("resume", "Resume queue") } else { ("pause", "Pause queue") };
+    format!(
+        r#"<div class="actions"><form method="post" action="/queues/{}/{action}" id="{action}">{token}<button>{label}</button></form></div>"#,
+        enc(queue)
+    )
 }
 
 fn to_run(run_id: &str) -> Response {

@@ -26,6 +26,9 @@ pub const LEASES: &str = "runledger_queue_leases";
 pub const RUNS_TOTAL: &str = "runledger_runs_total";
 pub const RUNTIMES: &str = "runledger_runtimes";
 pub const QUEUES: &str = "runledger_queues";
+pub const PAUSED: &str = "runledger_queue_paused";
+pub const PAUSED_GROUPS: &str = "runledger_queue_paused_groups";
+pub const WAITING_FOR_GROUP: &str = "runledger_queue_waiting_for_group";
 
 pub async fn scrape(State(ui): State<Shared>) -> Response {
     let read = async {
@@ -58,6 +61,9 @@ pub fn render(rows: &[QueueStats], runtimes: &RuntimeStats) -> String {
         );
         describe_gauge!(RUNTIMES, "Registered runtimes by status.");
         describe_gauge!(QUEUES, "Logical queues.");
+        describe_gauge!(PAUSED, "1 while the queue is paused (claims hand out nothing), else 0.");
+        describe_gauge!(PAUSED_GROUPS, "Paused groups of the queue.");
+        describe_gauge!(WAITING_FOR_GROUP, "Queued runs waiting for a slot of their group (at its limit or paused).");
         gauge!(QUEUES).set(rows.iter().filter(|s| s.partition_of.is_none()).count() as f64);
         for s in QueueStats::physical(rows) {
             let queue = s.partition_of.clone().unwrap_or_else(|| s.queue_name.clone());
@@ -77,6 +83,12 @@ pub fn render(rows: &[QueueStats], runtimes: &RuntimeStats) -> String {
             gauge!(OLDEST_QUEUED, "queue" => queue.clone(), "partition" => partition.clone())
                 .set(s.oldest_queued_age.unwrap_or(0.0));
             gauge!(LEASES, "queue" => queue.clone(), "partition" => partition.clone()).set(s.claimed as f64);
+            gauge!(PAUSED, "queue" => queue.clone(), "partition" => partition.clone())
+                .set(f64::from(u8::from(s.paused)));
+            gauge!(PAUSED_GROUPS, "queue" => queue.clone(), "partition" => partition.clone())
+                .set(s.paused_groups as f64);
+            gauge!(WAITING_FOR_GROUP, "queue" => queue.clone(), "partition" => partition.clone())
+                .set(s.waiting_for_group as f64);
             for (status, n) in &s.counters {
                 counter!(RUNS_TOTAL, "queue" => queue.clone(), "partition" => partition.clone(), "status" => status.clone())
                     .absolute(*n as u64);

@@ -115,6 +115,7 @@ fn router(ui: Shared) -> Router {
     Router::new()
         .route("/", get(pages::queues))
         .route("/queues/{queue}", get(pages::queue))
+        .route("/queues/{queue}/{action}", post(actions::queue_act))
         .route("/runs", get(pages::runs))
         .route("/runs/{run_id}", get(pages::run))
         .route("/runs/{run_id}/live", get(live::events))

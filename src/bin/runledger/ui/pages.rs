@@ -64,7 +64,7 @@ pub async fn queues(State(ui): State<Shared>) -> Response {
             body,
             r#"<tr{class} data-queue="{}"><td>{}</td>{}<td>{}</td><td>{}</td><td>{}</td></tr>"#,
             esc(&s.queue_name),
-            queue_link(&s.queue_name),
+            queue_link(&s.queue_name) + if s.paused { r#" <span class="badge paused">paused</span>"# } else { "" },
             depth_cells(s),
             counter(s, "completed"),
             counter(s, "failed") + counter(s, "timeout"),
@@ -111,6 +111,10 @@ pub async fn queue(State(ui): State<Shared>, Path(queue): Path<String>) -> Respo
         }
     }
     body.push_str("</tbody></table>");
+    if merged.paused {
+        body.push_str(r#"<p><span class="badge paused">paused</span> claims hand out nothing until it is resumed</p>"#);
+    }
+    body.push_str(&super::actions::queue_forms(&ui, &queue, merged.paused));
     let _ = write!(
         body,
         r#"<p><a href="/runs?queue={}">runs of {}</a> · last 10 min: {}</p>"#,
