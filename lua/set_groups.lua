@@ -41,8 +41,11 @@ for i = 4, #ARGV, 2 do
     redis.call('HSET', B .. 'group-limits', ARGV[i], ARGV[i + 1])
   end
 end
-local now = now_ms()
-for _, g in ipairs(redis.call('SMEMBERS', B .. 'groups')) do rebalance(B, g, now) end
+-- A call that changes nothing (`queue show`) reads only.
+if by ~= '-' or limit or #ARGV > 3 then
+  local now = now_ms()
+  for _, g in ipairs(redis.call('SMEMBERS', B .. 'groups')) do rebalance(B, g, now) end
+end
 local v = redis.call('HMGET', meta, 'group_by', 'group_limit')
 local out = { v[1] or '', v[2] or '1' }
 for _, x in ipairs(redis.call('HGETALL', B .. 'group-limits')) do out[#out + 1] = x end

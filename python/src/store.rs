@@ -684,12 +684,7 @@ impl RunLedgerStore {
         group: Option<String>,
         by: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let shared = self.shared.clone();
-        awaitable(
-            py,
-            async move { shared.store().await?.pause(&queue_name, group.as_deref(), by.as_deref()).await.py_err() },
-            dict,
-        )
+        self.set_paused(py, queue_name, group, by, true)
     }
 
     /// Resumes what pause_queue paused. Returns False when it was not paused.
@@ -701,12 +696,7 @@ impl RunLedgerStore {
         group: Option<String>,
         by: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let shared = self.shared.clone();
-        awaitable(
-            py,
-            async move { shared.store().await?.resume(&queue_name, group.as_deref(), by.as_deref()).await.py_err() },
-            dict,
-        )
+        self.set_paused(py, queue_name, group, by, false)
     }
 
     /// Queue depths and counters of one queue (beyond the SQL store).
@@ -719,6 +709,28 @@ impl RunLedgerStore {
 }
 
 impl RunLedgerStore {
+    /// pause_queue and resume_queue.
+    fn set_paused<'py>(
+        &self,
+        py: Python<'py>,
+        queue: String,
+        group: Option<String>,
+        by: Option<String>,
+        pause: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let shared = self.shared.clone();
+        awaitable(
+            py,
+            async move {
+                let store = shared.store().await?;
+                let (group, by) = (group.as_deref(), by.as_deref());
+                if pause { store.pause(&queue, group, by).await } else { store.resume(&queue, group, by).await }
+                    .py_err()
+            },
+            dict,
+        )
+    }
+
     /// The connected library store (for the Worker).
     pub async fn store(&self) -> PyResult<Store> {
         self.shared.store().await

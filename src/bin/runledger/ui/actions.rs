@@ -92,11 +92,7 @@ pub fn queue_forms(ui: &Ui, queue: &str, paused: bool) -> String {
     if ui.read_only {
         return String::new();
     }
-    let token = if ui.token.is_some() {
-        r#"<input type="password" name="token" placeholder="token" required size="10">"#
-    } else {
-        ""
-    };
+    let token = token_input(ui);
     let (action, label) = if paused { ("resume", "Resume queue") } else { ("pause", "Pause queue") };
     format!(
         r#"<div class="actions"><form method="post" action="/queues/{}/{action}" id="{action}">{token}<button>{label}</button></form></div>"#,
@@ -140,16 +136,21 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The token field of an action form, when the dashboard has a token.
+fn token_input(ui: &Ui) -> &'static str {
+    if ui.token.is_some() {
+        r#"<input type="password" name="token" placeholder="token" required size="10">"#
+    } else {
+        ""
+    }
+}
+
 /// The action forms a run's status allows (none on a read-only dashboard).
 pub fn forms(ui: &Ui, run: &Run) -> String {
     if ui.read_only {
         return r#"<p class="muted">read-only dashboard: no actions</p>"#.into();
     }
-    let token = if ui.token.is_some() {
-        r#"<input type="password" name="token" placeholder="token" required size="10">"#
-    } else {
-        ""
-    };
+    let token = token_input(ui);
     let id = enc(&run.run_id);
     let mut out = String::from(r#"<div class="actions">"#);
     if !run.status.is_terminal() {
