@@ -101,29 +101,40 @@ end
 -- paused (see pause.lua). Most claims read one hash here.
 local function due_work(B, now)
   local hints = B .. 'hints'
-  local v = redis.call('HMGET', hints, 'next_due', 'pinned', 'lanes', 'paused')
+  local v = redis.call('HMGET', hints, 'next_due', 'pinned', 'lanes', 'paused', 'limits')
   if v[4] == '1' then return false, true end
+  -- A queue without rate limits or caps reads none (see Limits in include/queue.lua).
+  if v[5] ~= '1' then limits_read = false end
   local due = tonumber(v[1] or '')
   if due and due > now and v[2] and (v[3] == '0' or v[3] == '1') then
     hinted_due = due
     lanes_mode = v[3]
     return v[2] ~= '0'
   end
+  -- Hints rebuilt (lost, or never written): the pause and limits marks come
+  -- from meta again.
+  local marks = redis.call('HMGET', B .. 'meta', 'paused', 'limits')
+  limits_read = nil
   shared_lanes(B)
   promote_delayed(B, now, '100')
   recover_expired(B, now, '100', 'queued', 'claim lease expired')
+  local due_keys = { K.delayed, K.leases }
+  if marks[2] == '1' and read_limits(B) and limits_read.group_rate then
+    rearm_groups(B, now)
+    due_keys[3] = B .. 'group-rates'
+  end
   -- What is left is exact now; past the limit of 100 the head is due still,
   -- and the next claim probes again.
   due = now + HINT_MS
-  for _, key in ipairs({ K.delayed, K.leases }) do
+  for _, key in ipairs(due_keys) do
     local head = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
     if head[2] and tonumber(head[2]) < due then due = tonumber(head[2]) end
   end
   local pins = redis.call('EXISTS', B .. 'pins') == 1
   redis.call('HSET', hints, 'next_due', fmt(due), 'pinned', pins and '1' or '0', 'lanes', lanes_mode)
   hinted_due = due
-  -- Hints rebuilt (lost, or never written): the pause mark comes from meta again.
-  if redis.call('HGET', B .. 'meta', 'paused') == '1' then
+  if marks[2] == '1' then redis.call('HSET', hints, 'limits', '1') end
+  if marks[1] == '1' then
     redis.call('HSET', hints, 'paused', '1')
     return pins, true
   end
@@ -146,6 +157,9 @@ local function claim(B, c, now, first_send)
   local pins_maybe, paused = due_work(B, now)
   -- A paused queue hands out nothing; resume wakes its workers.
   if paused then return { 0, '', fmt(now) } end
+  -- A queue at its rate limit answers when it allows the next claim.
+  local allowed = rate_refused(B, now)
+  if allowed then return { 0, fmt(allowed), fmt(now) } end
 
   local wanted = {}
   for _, r in ipairs(runners) do wanted[r] = true end
@@ -266,9 +280,13 @@ local function claim(B, c, now, first_send)
       if h.group then redis.call('ZADD', group_key(B, h.group, 'active'), expires, rid) end
       lower_next_due(B, now + lease)
       redis.call('SET', receipt_key(B, token), rid, 'PX', fmt(lease))
-      -- Chain the wake-up: another idle worker can take the next run.
+      -- Chain the wake-up: another idle worker can take the next run (not
+      -- while the queue's rate window is full: the next claim would be refused).
+      local window_full = claimed_limits(B, h, now)
       local left
-      if queued_seen then
+      if window_full then
+        left = 0
+      elseif queued_seen then
         left = queued_seen - (best[3] and 1 or 0)
       else
         left = redis.call('ZCARD', K.queued)
@@ -290,8 +308,13 @@ local function claim(B, c, now, first_send)
   local due = ''
   local d = redis.call('ZRANGE', K.delayed, '0', '0', 'WITHSCORES')
   if d[2] then due = tonumber(d[2]) end
-  local l = redis.call('ZRANGE', K.leases, '0', '0', 'WITHSCORES')
-  if l[2] and (due == '' or tonumber(l[2]) < due) then due = tonumber(l[2]) end
+  local later = { K.leases }
+  -- A group waiting for its rate window: its runs come back at the window's end.
+  if read_limits(B) and limits_read.group_rate then later[2] = B .. 'group-rates' end
+  for _, key in ipairs(later) do
+    local l = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
+    if l[2] and (due == '' or tonumber(l[2]) < due) then due = tonumber(l[2]) end
+  end
   return { 0, due == '' and '' or fmt(due), fmt(now) }
 end
 

@@ -19,7 +19,8 @@
 --   requested_runtime_id, not_before ms, max_attempts (0 = unlimited),
 --   group_key (the run's group when the queue groups by group_key)
 --   '' means "not set" for every optional value.
--- Every run is checked before the first one is written.
+-- Every run is checked before the first one is written, and so are the
+-- queue's caps: a batch past one fails with QUEUE_FULL and writes nothing.
 -- Returns one reply per run: {1, id, created_at_ms, group ('' = none)} when created (the caller
 -- knows the rest), {0, HGETALL...} when it existed, {2, queue} when its
 -- locator (given in KEYS) names another queue, which holds the run.
@@ -39,7 +40,10 @@ local queue = ARGV[2]
 check_id('queue_name', queue)
 local max_bytes = check_int('max JSON bytes', ARGV[3], 1, 512 * 1024 * 1024)
 local number = check_int('queue number', ARGV[4], 0, QUEUES - 1)
-local meta = redis.call('HMGET', KEYS[8], 'number', 'clock', 'lanes', 'group_by')
+local meta = redis.call('HMGET', KEYS[8], 'number', 'clock', 'lanes', 'group_by', 'cap', 'group_cap', 'workspace_cap')
+-- The queue's caps (see Limits in include/queue.lua); none on most queues.
+local caps = { queue = tonumber(meta[5] or ''), group = tonumber(meta[6] or ''), workspace = tonumber(meta[7] or '') }
+local capped = caps.queue or caps.group or caps.workspace
 -- A new queue starts without lanes (see runner_lane in include/queue.lua).
 if not meta[1] then lanes_mode = '0' elseif meta[3] == '0' or meta[3] == '1' then lanes_mode = meta[3] end
 if meta[1] and tonumber(meta[1]) ~= number then
@@ -123,6 +127,39 @@ for i, r in ipairs(runs) do
     fresh = fresh + 1
   end
   first[r.key] = first[r.key] or i
+end
+-- A batch that would take the queue, a group or a workspace past its cap is
+-- refused whole, before anything is written.
+local count_add, count_order = {}, {}
+local function tally(r)
+  for _, field in ipairs(count_fields(r.group, r.workspace_id)) do
+    if not count_add[field] then
+      count_add[field] = 0
+      count_order[#count_order + 1] = field
+    end
+    count_add[field] = count_add[field] + 1
+  end
+end
+if capped then
+  for i, r in ipairs(runs) do
+    if not out[i] and r.status == 'queued' then tally(r) end
+  end
+  if #count_order > 0 then
+    local have = redis.call('HMGET', B .. 'queued-count', unpack(count_order))
+    for j, field in ipairs(count_order) do
+      local kind, name = string.match(field, '^(%a):(.*)$')
+      local cap = kind == 'g' and caps.group or kind == 'w' and caps.workspace or not kind and caps.queue
+      local held = tonumber(have[j] or '0')
+      if cap and held + count_add[field] > cap then
+        local what = kind == 'g' and ('group ' .. name .. ' of queue ' .. queue)
+          or kind == 'w' and ('workspace ' .. name .. ' in queue ' .. queue) or ('queue ' .. queue)
+        fail('QUEUE_FULL', what .. ' holds ' .. held .. ' queued runs (its cap is ' .. cap .. '): ' ..
+          count_add[field] .. ' more refused')
+      end
+    end
+  end
+  -- Counted again below as they are written (a locator held elsewhere drops one).
+  count_add, count_order = {}, {}
 end
 -- The clocks of the whole batch, in order (see the header).
 local clock = math.max(tonumber(meta[2] or '0'), now - ID_EPOCH)
@@ -244,6 +281,7 @@ for i, r in ipairs(runs) do
       h.group = r.group
       requeue(B, r.rid, h, now)
     end
+    if capped and r.status == 'queued' then tally(r) end
     out[i] = { 1, id, now, r.group or '' }
   end
 end
@@ -257,6 +295,9 @@ for _, runner in ipairs(runner_order) do queue_runs(B, runner, by_runner[runner]
 if claimable then
   wake()
   for _, runner in ipairs(runner_order) do wake_runner(B, runner, now) end
+end
+for _, field in ipairs(count_order) do
+  redis.call('HINCRBY', B .. 'queued-count', field, count_add[field])
 end
 if fresh > 0 then
   if meta[1] then

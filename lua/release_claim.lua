@@ -59,5 +59,6 @@ else
   redis.call('HDEL', rk, 'not_before')
 end
 h.status = 'queued'
+count_queued(B, h, 1)
 requeue(B, rid, h, now)
 return run_fields(B, rid)

@@ -28,6 +28,10 @@ pub enum Error {
     /// written. Not transient: the same call fails again.
     #[error("limit reached: {0}")]
     Limit(String),
+    /// A create would take a queue, a group or a workspace past its cap of
+    /// queued runs: nothing was written. Not transient until runs leave.
+    #[error("queue full: {0}")]
+    QueueFull(String),
     /// The run passed its deadline; it is now `timeout`.
     #[error("deadline passed: {0}")]
     DeadlinePassed(String),
@@ -72,6 +76,7 @@ impl Error {
             Some("OUT_OF_ORDER") => Error::OutOfOrder(message()),
             Some("DEADLINE") => Error::DeadlinePassed(message()),
             Some("LIMIT") => Error::Limit(message()),
+            Some("QUEUE_FULL") => Error::QueueFull(message()),
             Some("CORRUPT") => Error::Protocol(message()),
             _ if err.kind() == redis::ErrorKind::Client
                 && err.detail().is_some_and(|d| d.starts_with("WRITE_CONCERN ")) =>

@@ -150,6 +150,23 @@ impl QueueKeys {
     pub fn audit(&self) -> String {
         self.key("audit")
     }
+    /// STRING: claims in the queue's rate window; expires at the window's end.
+    pub fn rate(&self) -> String {
+        self.key("rate")
+    }
+    /// STRING: claims of one group in its rate window.
+    pub fn group_rate(&self, group: &str) -> String {
+        self.key(&format!("group:{group}:rate"))
+    }
+    /// ZSET: groups whose rate window ends, score = its end (ms).
+    pub fn group_rates(&self) -> String {
+        self.key("group-rates")
+    }
+    /// HASH while a cap is set: queued runs of the queue (`queue`), of a
+    /// group (`g:<group>`), of a workspace (`w:<workspace>`).
+    pub fn queued_count(&self) -> String {
+        self.key("queued-count")
+    }
 
     /// KEYS[1..7] of every queue script, in the order of `lua/include/queue.lua`.
     pub fn fixed(&self) -> [String; 7] {

@@ -18,5 +18,5 @@ pub mod worker;
 pub use error::{Error, Result};
 pub use model::*;
 pub use store::{ClaimOutcome, ConfigAdvice, Release, RunStats, RunnerStats, RuntimeStats, Waiter};
-pub use store::{GroupBy, GroupSettings, QueueGroups, Store, StoreConfig};
+pub use store::{GroupBy, GroupSettings, LimitSettings, QueueGroups, QueueLimits, RateLimit, Store, StoreConfig};
 pub use worker::{Backoff, Done, Failure, HandlerResult, RunContext, StopReason, Worker, WorkerReport};

@@ -62,6 +62,10 @@ local HINT_MS = 1000
 -- next_due as this call last read or wrote it (nil: not read yet, false: unknown).
 local hinted_due
 
+-- The queue's rate limits and caps as this call read them (see read_limits;
+-- nil: not read yet, false: the queue has none).
+local limits_read
+
 -- Binds the queue keys of this call and forgets what an earlier call read.
 -- A script runs it once as it starts; the Functions library (which defines
 -- these locals once, see src/scripts.rs) runs it at the start of every call.
@@ -70,6 +74,7 @@ local function bind_call()
   K.finished, K.stats, K.wake = KEYS[5], KEYS[6], KEYS[7]
   hinted_due = nil
   lanes_mode = nil
+  limits_read = nil
 end
 bind_call()
 
@@ -232,7 +237,7 @@ end
 local function route_fields(rk)
   local v = redis.call('HMGET', rk, 'id', 'status', 'priority', 'runner_id', 'requested_runtime_id',
     'claim_token', 'dispatch_attempts', 'max_attempts', 'deadline_at', 'not_before', 'started_at',
-    'claim_lease_expires_at', 'claimed_by_runtime_id', 'group')
+    'claim_lease_expires_at', 'claimed_by_runtime_id', 'group', 'workspace_id')
   if not v[1] then return nil end
   check_stored(rk, v[2], v[12])
   if not string.find(v[1], '^%d+$') then corrupt(rk, 'id', v[1]) end
@@ -246,6 +251,7 @@ local function route_fields(rk)
     claim_token = v[6] or nil, dispatch_attempts = tonumber(v[7] or '0'), max_attempts = tonumber(v[8] or '0'),
     deadline_at = tonumber(v[9] or ''), not_before = v[10] or nil, started_at = v[11] or nil,
     lease_expires = tonumber(v[12] or ''), holder = v[13] or nil, group = v[14] or nil,
+    workspace = v[15] or nil,
   }
 end
 
@@ -283,24 +289,30 @@ local function group_key(B, g, what)
 end
 
 -- The limit of group g now (0 while it or its queue is paused; huge when the
--- queue no longer groups, so that its waiting runs are all admitted).
+-- queue no longer groups, so that its waiting runs are all admitted), and
+-- the claims its rate limit still allows in its window (nil: no rate limit).
 local function group_limit(B, g)
-  local meta = redis.call('HMGET', B .. 'meta', 'group_by', 'group_limit', 'paused')
+  local meta = redis.call('HMGET', B .. 'meta', 'group_by', 'group_limit', 'group_rate')
   if not meta[1] or meta[1] == '' then return 1e9 end
   if redis.call('SISMEMBER', B .. 'paused-groups', g) == 1 then return 0 end
   local own = redis.call('HGET', B .. 'group-limits', g)
-  return tonumber(own or '') or tonumber(meta[2] or '') or 1
+  local limit = tonumber(own or '') or tonumber(meta[2] or '') or 1
+  local rate = tonumber(meta[3] or '')
+  if rate then rate = rate - tonumber(redis.call('GET', group_key(B, g, 'rate')) or '0') end
+  return limit, rate
 end
 
--- Admits the best runs of group g while it has free slots, and takes back
--- admitted runs past them (a better run arrived, the limit dropped, the
+-- Admits the best runs of group g while it has free slots (and, with a
+-- group rate limit, claims left in its window: see count_claim), and takes
+-- back admitted runs past them (a better run arrived, the limit dropped, the
 -- group was paused). Cost O(limit log n).
 local function rebalance(B, g, now)
-  local limit = group_limit(B, g)
+  local limit, rate_left = group_limit(B, g)
   local queued = group_key(B, g, 'queued')
   local admitted = group_key(B, g, 'admitted')
   local active = redis.call('ZCOUNT', group_key(B, g, 'active'), '(' .. fmt(now), '+inf')
   local free = math.min(limit - active, 1000)
+  if rate_left then free = math.min(free, rate_left) end
   local want = {}
   if free > 0 then
     local best = redis.call('ZRANGE', queued, '0', fmt(free - 1), 'WITHSCORES')
@@ -348,6 +360,115 @@ local function group_lease_ended(B, rid, h)
   redis.call('ZREM', group_key(B, h.group, 'active'), rid)
 end
 
+-- Limits: rate limits and caps of a queue (set_limits.lua), in meta:
+--   rate_limit, rate_window   at most rate_limit claims per window (ms)
+--   group_rate, group_rate_window   the same for each group
+--   cap, group_cap, workspace_cap   at most so many queued runs in the
+--             queue, in one group, of one workspace (create refuses more)
+--   limits    '1' while any is set; copied to the hints that every claim
+--             reads, so a queue without limits reads nothing more
+-- Keys:
+--   rate             STRING claims in the queue's window; expires at its end
+--   group:<g>:rate   STRING the same for group g
+--   group-rates      ZSET groups whose window ends, score = its end (ms): the
+--                    claim that finds it due rebalances them (see due_work)
+--   queued-count     HASH while a cap is set: queued runs ('queue'), of a
+--                    group ('g:<g>'), of a workspace ('w:<w>'); set_limits
+--                    counts them once when a first cap is set
+-- Windows are fixed: the first claim starts one, for rate_window ms.
+
+-- The queue's limits (see above), once per call; false when it has none.
+local function read_limits(B)
+  if limits_read == nil then
+    local v = redis.call('HMGET', B .. 'meta', 'limits', 'rate_limit', 'rate_window', 'group_rate',
+      'group_rate_window', 'cap', 'group_cap', 'workspace_cap')
+    if v[1] ~= '1' then
+      limits_read = false
+    else
+      limits_read = {
+        rate = tonumber(v[2] or ''), window = tonumber(v[3] or ''), group_rate = tonumber(v[4] or ''),
+        group_window = tonumber(v[5] or ''), cap = tonumber(v[6] or ''), group_cap = tonumber(v[7] or ''),
+        workspace_cap = tonumber(v[8] or ''),
+      }
+      limits_read.counted = limits_read.cap or limits_read.group_cap or limits_read.workspace_cap
+    end
+  end
+  return limits_read
+end
+
+-- The fields of queued-count that a queued run with group g and workspace
+-- w counts in.
+local function count_fields(g, w)
+  local fields = { 'queue' }
+  if g and g ~= '' then fields[#fields + 1] = 'g:' .. g end
+  if w and w ~= '' then fields[#fields + 1] = 'w:' .. w end
+  return fields
+end
+
+-- Counts run h in (delta 1) or out (-1) of the queued runs, while a cap is set.
+local function count_queued(B, h, delta)
+  local L = read_limits(B)
+  if not (L and L.counted) then return end
+  local key = B .. 'queued-count'
+  for _, field in ipairs(count_fields(h.group, h.workspace)) do
+    if redis.call('HINCRBY', key, field, delta) <= 0 then redis.call('HDEL', key, field) end
+  end
+end
+
+-- Adds one claim to a rate window (key k, window ms), starting the window
+-- with the first. Returns the claims in the window and, when this one
+-- started it, its end.
+local function count_claim(k, window, now)
+  local n = redis.call('INCR', k)
+  if n == 1 then
+    redis.call('PEXPIRE', k, fmt(window))
+    return n, now + window
+  end
+  return n
+end
+
+-- A claim of run h counts in the rate windows (a group's first claim in a
+-- window schedules the group's rebalance at its end) and leaves the queued
+-- count. Returns true when the queue's window is full now.
+local function claimed_limits(B, h, now)
+  local L = read_limits(B)
+  if not L then return false end
+  count_queued(B, h, -1)
+  if h.group and L.group_rate then
+    local _, ends = count_claim(group_key(B, h.group, 'rate'), L.group_window, now)
+    if ends then
+      redis.call('ZADD', B .. 'group-rates', fmt(ends), h.group)
+      lower_next_due(B, ends)
+    end
+  end
+  if L.rate then return count_claim(B .. 'rate', L.window, now) >= L.rate end
+  return false
+end
+
+-- When a claim of the queue is allowed again (ms), or nil when it is now.
+local function rate_refused(B, now)
+  local L = read_limits(B)
+  if not (L and L.rate) then return nil end
+  local k = B .. 'rate'
+  if tonumber(redis.call('GET', k) or '0') < L.rate then return nil end
+  local left = redis.call('PTTL', k)
+  -- A window without an end (set by hand) would hold the queue for good.
+  if left < 0 then
+    redis.call('PEXPIRE', k, fmt(L.window))
+    left = L.window
+  end
+  return now + left
+end
+
+-- Rebalances the groups whose rate window ended (at most 100 per call).
+local function rearm_groups(B, now)
+  local key = B .. 'group-rates'
+  for _, g in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', fmt(now), 'LIMIT', '0', '100')) do
+    redis.call('ZREM', key, g)
+    rebalance(B, g, now)
+  end
+end
+
 -- Events a finish compacts (see finish); runs purged by each finalize.
 local COMPACT_EVENTS = 1000
 local PURGE_PER_FINISH = 2
@@ -365,6 +486,7 @@ local function finish(B, rid, h, status, reason, now, extra)
   if h.status == 'queued' then
     if h.group then group_remove(B, rid, h) else lane_remove(B, rid, h) end
     redis.call('ZREM', K.delayed, rid)
+    count_queued(B, h, -1)
   elseif h.status == 'claimed' then
     redis.call('ZREM', K.leases, rid)
     if h.group then group_lease_ended(B, rid, h) end
@@ -490,6 +612,7 @@ local function recover_expired(B, now, limit, status, reason)
         redis.call('HSET', rk, 'status', 'queued', 'status_reason', reason, 'updated_at', now)
         redis.call('HINCRBY', K.stats, 'reclaimed', 1)
         h.status = 'queued'
+        count_queued(B, h, 1)
         requeue(B, rid, h, now)
       end
     end

@@ -52,6 +52,12 @@ class LimitExceeded(Error):
     was written."""
 
 
+class QueueFull(Error):
+    """A create would take the queue, one of its groups or a workspace past
+    its cap of queued runs (``set_queue_limits``); nothing was written. The
+    same create succeeds once runs have left the queue."""
+
+
 class RedisError(Error):
     """Redis refused the call or answered with an error of its own."""
 
@@ -87,6 +93,7 @@ __all__ = [
     "RunFinished",
     "DeadlinePassed",
     "LimitExceeded",
+    "QueueFull",
     "RedisError",
     "Unavailable",
     "WriteConcernError",

@@ -33,6 +33,7 @@ _COROUTINES = (
     "get_runner_stats",
     "queue_stats",
     "set_queue_groups",
+    "set_queue_limits",
     "pause_queue",
     "resume_queue",
 )

@@ -20,6 +20,7 @@ pub fn to_py_err(err: Error) -> PyErr {
         Error::Finished(_) => "RunFinished",
         Error::DeadlinePassed(_) => "DeadlinePassed",
         Error::Limit(_) => "LimitExceeded",
+        Error::QueueFull(_) => "QueueFull",
         Error::WriteConcern(_) => "WriteConcernError",
         Error::Protocol(_) => "ProtocolError",
         e if e.is_transient() => "Unavailable",
@@ -36,6 +37,7 @@ pub fn to_py_err(err: Error) -> PyErr {
         | Error::Finished(m)
         | Error::DeadlinePassed(m)
         | Error::Limit(m)
+        | Error::QueueFull(m)
         | Error::WriteConcern(m)
         | Error::Protocol(m) => m.clone(),
         other => other.to_string(),

@@ -14,14 +14,14 @@ use std::time::Duration;
 
 use pyo3::prelude::*;
 use runledger::{
-    ClaimRequest, Direction, Error, Finish, GroupBy, GroupSettings, Heartbeat, NewEvent, NewRun, RegisterRuntime,
-    Release, RunFilter, RunStatus, Store, StoreConfig,
+    ClaimRequest, Direction, Error, Finish, GroupBy, GroupSettings, Heartbeat, LimitSettings, NewEvent, NewRun,
+    RateLimit, RegisterRuntime, Release, RunFilter, RunStatus, Store, StoreConfig,
 };
 use serde_json::Value;
 
 use crate::completion::awaitable;
 use crate::convert::{epoch_ms, opt_json, serialize};
-use crate::errors::{IntoPy, internal, to_py_err};
+use crate::errors::{IntoPy, internal, invalid, to_py_err};
 
 /// One connected store per distinct URL and settings, shared by every
 /// `RunLedgerStore` built with them.
@@ -672,6 +672,46 @@ impl RunLedgerStore {
         let settings = GroupSettings { group_by, concurrency: group_concurrency, overrides };
         let shared = self.shared.clone();
         awaitable(py, async move { shared.store().await?.set_groups(&queue_name, &settings).await.py_err() }, dict)
+    }
+
+    /// Sets a queue's rate limits (claims per window, of the queue and of
+    /// each group; 0 removes one) and caps (queued runs in the queue, a
+    /// group, a workspace; 0 removes one). None keeps what is set.
+    #[pyo3(signature = (queue_name, *, rate_limit=None, rate_window=1.0, group_rate_limit=None,
+        group_rate_window=1.0, cap=None, group_cap=None, workspace_cap=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn set_queue_limits<'py>(
+        &self,
+        py: Python<'py>,
+        queue_name: String,
+        rate_limit: Option<u32>,
+        rate_window: f64,
+        group_rate_limit: Option<u32>,
+        group_rate_window: f64,
+        cap: Option<u32>,
+        group_cap: Option<u32>,
+        workspace_cap: Option<u32>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let rate = |max: Option<u32>, window: f64, name: &str| -> PyResult<Option<Option<RateLimit>>> {
+            let Some(max) = max else { return Ok(None) };
+            if max == 0 {
+                return Ok(Some(None));
+            }
+            if !window.is_finite() || window <= 0.0 || window > 86_400.0 {
+                return Err(invalid(format!("{name} must be more than 0 and at most 86400 seconds, got {window}")));
+            }
+            Ok(Some(Some(RateLimit { max, window: Duration::from_secs_f64(window) })))
+        };
+        let cap_of = |n: Option<u32>| n.map(|n| (n > 0).then_some(n));
+        let settings = LimitSettings {
+            rate: rate(rate_limit, rate_window, "rate_window")?,
+            group_rate: rate(group_rate_limit, group_rate_window, "group_rate_window")?,
+            cap: cap_of(cap),
+            group_cap: cap_of(group_cap),
+            workspace_cap: cap_of(workspace_cap),
+        };
+        let shared = self.shared.clone();
+        awaitable(py, async move { shared.store().await?.set_limits(&queue_name, &settings).await.py_err() }, dict)
     }
 
     /// Pauses a queue, or one group of it: claims skip it, runs stay queued.

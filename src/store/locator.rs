@@ -26,8 +26,11 @@ use crate::error::{Error, Result};
 /// What taking a locator found.
 #[derive(Clone)]
 pub(crate) enum Reservation {
-    /// The id is ours in this queue (new, or a retry of our own create).
+    /// The id is ours in this queue (a retry of our own create, or taken by
+    /// the create script itself).
     Ours,
+    /// The id is ours in this queue: this call took its locator just now.
+    Taken,
     /// The run id belongs to another queue.
     Elsewhere(String),
 }
@@ -76,7 +79,7 @@ impl Store {
             .into_iter()
             .zip(runs)
             .map(|(value, (run_id, queue))| match value {
-                redis::Value::Nil => Ok(Reservation::Ours),
+                redis::Value::Nil => Ok(Reservation::Taken),
                 other => {
                     let held = super::reply::string(other)?;
                     if held != *queue {

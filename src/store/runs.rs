@@ -301,7 +301,9 @@ impl Store {
         let mut by_queue: Vec<(&str, Vec<Indexed<'_>>)> = Vec::new();
         for (i, (run, values)) in runs.iter().zip(values).enumerate() {
             let owner = owner_of[run.run_id.as_str()];
-            if !matches!(reservations[owner], Reservation::Ours) || owners[owner].1 != run.queue_name() {
+            if !matches!(reservations[owner], Reservation::Ours | Reservation::Taken)
+                || owners[owner].1 != run.queue_name()
+            {
                 continue;
             }
             let queue = run.queue_name();
@@ -315,6 +317,18 @@ impl Store {
         let mut held_by: Vec<Option<String>> = vec![None; runs.len()];
         // Queues live in different slots: their calls go out side by side.
         let replies = join_all(by_queue.iter().map(|(queue, group)| self.create_in(queue, group, PER_CALL))).await;
+        // A queue that refused its runs (a cap) wrote nothing: the locators
+        // taken for them go too, so that nothing of the refused create remains.
+        for (result, (queue, group)) in replies.iter().zip(&by_queue) {
+            if matches!(result, Err(Error::QueueFull(_))) {
+                let taken: Vec<String> = group
+                    .iter()
+                    .filter(|(_, (run, _))| matches!(reservations[owner_of[run.run_id.as_str()]], Reservation::Taken))
+                    .map(|(_, (run, _))| run.run_id.clone())
+                    .collect();
+                self.drop_locators(queue, &taken).await?;
+            }
+        }
         for (values, (_, group)) in replies.into_iter().zip(&by_queue) {
             let order = group.chunks(PER_CALL).map(|chunk| chunk.iter().map(|(i, _)| *i).collect::<Vec<_>>());
             for (value, indexes) in values?.into_iter().zip(order) {
@@ -344,7 +358,7 @@ impl Store {
             let queue = match (&reservations[owner], holder) {
                 (_, Some(queue)) => queue,
                 (Reservation::Elsewhere(queue), None) => queue.as_str(),
-                (Reservation::Ours, None) => owners[owner].1,
+                (Reservation::Ours | Reservation::Taken, None) => owners[owner].1,
             };
             let first = runs.iter().position(|r| r.run_id == run.run_id && r.queue_name() == queue);
             out[i] = match first.and_then(|j| out[j].clone()) {

@@ -198,10 +198,10 @@ async fn a_filtered_waiter_is_woken_by_its_run_and_does_not_spin() {
     let request = req("rt").conversation("c1");
     let mut waiter = Waiter::new(&store).await.expect("waiter");
     // A run that does not match: the wait ends empty, after few claims.
-    let before = claims_sent(&mut raw).await;
+    let before = common::scripts_sent(&mut raw).await;
     let got = waiter.claim(&request, Duration::from_secs(3)).await.expect("wait");
     assert_eq!(got.map(|r| r.run_id), None);
-    let sent = claims_sent(&mut raw).await - before;
+    let sent = common::scripts_sent(&mut raw).await - before;
     // A busy-polling waiter sends thousands in 3 s; wake-ups and the safety poll a handful.
     assert!(sent <= 10, "the filtered waiter sent {sent} claims while nothing matched");
     // A matching run created during the wait is claimed.
@@ -214,30 +214,6 @@ async fn a_filtered_waiter_is_woken_by_its_run_and_does_not_spin() {
     maker.await.expect("maker");
     assert_eq!(got.map(|r| r.run_id).as_deref(), Some("mine"));
     assert_eq!(status_of(&store, "foreign").await, RunStatus::Queued);
-}
-
-/// How many scripts the server (every master) ran, from INFO commandstats.
-async fn claims_sent(raw: &mut runledger::store::Conn) -> u64 {
-    let mut text = String::new();
-    match raw {
-        runledger::store::Conn::Single(_) => {
-            text = redis::cmd("INFO").arg("commandstats").query_async(raw).await.expect("INFO");
-        }
-        runledger::store::Conn::Cluster(_) => {
-            let nodes =
-                runledger::store::conn::cluster_nodes(common::cluster_url(), false).expect("url").expect("nodes");
-            for node in nodes {
-                let client = redis::Client::open(node).expect("node");
-                let mut conn = client.get_multiplexed_async_connection().await.expect("node conn");
-                let part: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.expect("INFO");
-                text.push_str(&part);
-            }
-        }
-    }
-    text.lines()
-        .filter(|l| ["evalsha", "eval", "fcall", "fcall_ro"].iter().any(|c| l.starts_with(&format!("cmdstat_{c}:"))))
-        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
-        .sum()
 }
 
 async fn list_runs_filters_by_runner_and_binding_with_a_total_on_every_page() {

@@ -88,6 +88,9 @@ fn no_two_keys_collide() {
                 ("group-limits", q.group_limits()),
                 ("paused-groups", q.paused_groups()),
                 ("audit", q.audit()),
+                ("rate", q.rate()),
+                ("group-rates", q.group_rates()),
+                ("queued-count", q.queued_count()),
             ];
             for (family, key) in fixed {
                 claim(&mut seen, key, owner(family, ""));
@@ -104,6 +107,7 @@ fn no_two_keys_collide() {
                     ("group:queued", q.group_queued(arg)),
                     ("group:admitted", q.group_admitted(arg)),
                     ("group:active", q.group_active(arg)),
+                    ("group:rate", q.group_rate(arg)),
                 ];
                 for (family, key) in families {
                     claim(&mut seen, key, owner(family, arg));
@@ -177,6 +181,9 @@ fn scripts_derive_only_keys_the_test_knows() {
         "group-limits",
         "paused-groups",
         "audit",
+        "rate",
+        "group-rates",
+        "queued-count",
     ];
     let mut found = 0;
     for dir in ["lua", "lua/include"] {

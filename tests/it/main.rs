@@ -30,6 +30,7 @@ mod host_api;
 mod hostile_input;
 mod keys;
 mod layout;
+mod limits;
 mod listing;
 mod outage;
 mod redis_settings;

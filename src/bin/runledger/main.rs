@@ -228,6 +228,7 @@ fn exit_code(err: &Error) -> i32 {
         Error::NotFound(_) => 3,
         Error::Conflict(_) | Error::Finished(_) | Error::OutOfOrder(_) | Error::Limit(_) => 4,
         Error::StaleToken(_) | Error::DeadlinePassed(_) => 5,
+        Error::QueueFull(_) => 6,
         Error::Redis(_)
         | Error::WriteConcern(_)
         | Error::Protocol(_)

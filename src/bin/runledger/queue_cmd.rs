@@ -1,10 +1,13 @@
 //! `runledger queue`: a queue's rules. `set` configures its groups (which
 //! run field is the group, how many runs of one group are claimed at once,
-//! per-group limits), `pause` and `resume` stop and restart its claims (the
-//! whole queue or one group), `show` prints the settings.
+//! per-group limits), its rate limits and its caps; `pause` and `resume` stop
+//! and restart its claims (the whole queue or one group), `show` prints the
+//! settings.
+
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use runledger::{Error, GroupBy, GroupSettings, QueueGroups, Result, Store};
+use runledger::{Error, GroupBy, GroupSettings, LimitSettings, QueueGroups, QueueLimits, RateLimit, Result, Store};
 
 use crate::output::Output;
 
@@ -16,9 +19,9 @@ pub struct QueueArgs {
 
 #[derive(Subcommand)]
 enum QueueAction {
-    /// Configure the queue's groups; what is not given is kept.
+    /// Configure the queue's groups, rate limits and caps; what is not given is kept.
     Set(SetArgs),
-    /// Print the queue's group settings.
+    /// Print the queue's group settings, rate limits and caps.
     Show { queue: String },
     /// Stop claims of the queue, or of one group of it; runs stay queued.
     Pause(PauseArgs),
@@ -38,6 +41,21 @@ struct SetArgs {
     /// GROUP=N: a limit of one group's own (0 holds it); GROUP= drops it. Repeat.
     #[arg(long = "group-limit", value_name = "GROUP=N")]
     group_limits: Vec<String>,
+    /// At most N claims of the queue per SECS seconds (N alone: per second); 0 removes it.
+    #[arg(long, value_name = "N[/SECS]")]
+    rate_limit: Option<String>,
+    /// At most N claims of each group per SECS seconds; 0 removes it.
+    #[arg(long, value_name = "N[/SECS]")]
+    group_rate_limit: Option<String>,
+    /// At most N runs queued in the queue (a create past it fails, exit 6); 0 removes it.
+    #[arg(long, value_name = "N")]
+    cap: Option<u32>,
+    /// At most N runs queued in each group; 0 removes it.
+    #[arg(long, value_name = "N")]
+    group_cap: Option<u32>,
+    /// At most N runs queued of each workspace (workspace_id); 0 removes it.
+    #[arg(long, value_name = "N")]
+    workspace_cap: Option<u32>,
 }
 
 #[derive(Args)]
@@ -60,10 +78,22 @@ pub async fn run(store: &Store, out: &Output, a: QueueArgs) -> Result<()> {
                 Some(text) => Some(Some(text.parse::<GroupBy>()?)),
             };
             let overrides = a.group_limits.iter().map(|pair| group_limit(pair)).collect::<Result<Vec<_>>>()?;
-            let settings = GroupSettings { group_by, concurrency: a.group_concurrency, overrides };
-            print_groups(out, &store.set_groups(&a.queue, &settings).await?);
+            let groups = GroupSettings { group_by, concurrency: a.group_concurrency, overrides };
+            let limits = LimitSettings {
+                rate: a.rate_limit.as_deref().map(|v| rate_limit("--rate-limit", v)).transpose()?,
+                group_rate: a.group_rate_limit.as_deref().map(|v| rate_limit("--group-rate-limit", v)).transpose()?,
+                cap: a.cap.map(|n| (n > 0).then_some(n)),
+                group_cap: a.group_cap.map(|n| (n > 0).then_some(n)),
+                workspace_cap: a.workspace_cap.map(|n| (n > 0).then_some(n)),
+            };
+            // Limits first: a refused limit leaves the groups as they were too.
+            let limits = store.set_limits(&a.queue, &limits).await?;
+            print_rules(out, &store.set_groups(&a.queue, &groups).await?, &limits);
         }
-        QueueAction::Show { queue } => print_groups(out, &store.queue_groups(&queue).await?),
+        QueueAction::Show { queue } => {
+            let limits = store.queue_limits(&queue).await?;
+            print_rules(out, &store.queue_groups(&queue).await?, &limits);
+        }
         QueueAction::Pause(a) => pause(store, out, a, true).await?,
         QueueAction::Resume(a) => pause(store, out, a, false).await?,
     }
@@ -80,6 +110,21 @@ fn group_limit(pair: &str) -> Result<(String, Option<u32>)> {
     }
     let n = limit.parse().map_err(|_| Error::Invalid(format!("--group-limit {pair:?}: N must be a whole number")))?;
     Ok((group.to_string(), Some(n)))
+}
+
+/// `N` (per second), `N/SECS`, or `0` (no limit).
+fn rate_limit(flag: &str, text: &str) -> Result<Option<RateLimit>> {
+    let bad = || Error::Invalid(format!("{flag} takes N or N/SECS (claims per seconds), got {text:?}"));
+    let (max, secs) = text.split_once('/').unwrap_or((text, "1"));
+    let max: u32 = max.trim().parse().map_err(|_| bad())?;
+    let secs: f64 = secs.trim().parse().map_err(|_| bad())?;
+    if max == 0 {
+        return Ok(None);
+    }
+    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
+        return Err(Error::Invalid(format!("{flag} {text:?}: the window must be more than 0 and at most 86400 s")));
+    }
+    Ok(Some(RateLimit { max, window: Duration::from_secs_f64(secs) }))
 }
 
 async fn pause(store: &Store, out: &Output, a: PauseArgs, paused: bool) -> Result<()> {
@@ -104,9 +149,13 @@ async fn pause(store: &Store, out: &Output, a: PauseArgs, paused: bool) -> Resul
     Ok(())
 }
 
-fn print_groups(out: &Output, groups: &QueueGroups) {
+fn print_rules(out: &Output, groups: &QueueGroups, limits: &QueueLimits) {
     if out.json {
-        out.json(groups);
+        let mut value = serde_json::json!(groups);
+        if let (Some(object), serde_json::Value::Object(more)) = (value.as_object_mut(), serde_json::json!(limits)) {
+            object.extend(more);
+        }
+        out.json(&value);
         return;
     }
     match &groups.group_by {
@@ -116,6 +165,18 @@ fn print_groups(out: &Output, groups: &QueueGroups) {
             for (g, n) in &groups.group_limits {
                 println!("  group {g}: {n}");
             }
+        }
+    }
+    let rate = |r: &RateLimit| format!("{} claims per {} s", r.max, r.window.as_secs_f64());
+    if let Some(r) = &limits.rate {
+        println!("  rate limit: {}", rate(r));
+    }
+    if let Some(r) = &limits.group_rate {
+        println!("  rate limit per group: {}", rate(r));
+    }
+    for (what, cap) in [("queue", limits.cap), ("group", limits.group_cap), ("workspace", limits.workspace_cap)] {
+        if let Some(n) = cap {
+            println!("  cap per {what}: {n} queued runs");
         }
     }
 }

@@ -337,3 +337,26 @@ pub async fn until_blocked(url: &str, n: usize) {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// How many scripts the server (every master) ran, from INFO commandstats.
+pub async fn scripts_sent(raw: &mut runledger::store::Conn) -> u64 {
+    let mut text = String::new();
+    match raw {
+        runledger::store::Conn::Single(_) => {
+            text = redis::cmd("INFO").arg("commandstats").query_async(raw).await.expect("INFO");
+        }
+        runledger::store::Conn::Cluster(_) => {
+            let nodes = runledger::store::conn::cluster_nodes(cluster_url(), false).expect("url").expect("nodes");
+            for node in nodes {
+                let client = redis::Client::open(node).expect("node");
+                let mut conn = client.get_multiplexed_async_connection().await.expect("node conn");
+                let part: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.expect("INFO");
+                text.push_str(&part);
+            }
+        }
+    }
+    text.lines()
+        .filter(|l| ["evalsha", "eval", "fcall", "fcall_ro"].iter().any(|c| l.starts_with(&format!("cmdstat_{c}:"))))
+        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .sum()
+}

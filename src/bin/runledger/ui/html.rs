@@ -83,6 +83,7 @@ pub fn error_page(err: &Error) -> Response {
         Error::Invalid(_) => StatusCode::BAD_REQUEST,
         Error::Conflict(_) | Error::Finished(_) | Error::OutOfOrder(_) | Error::StaleToken(_) => StatusCode::CONFLICT,
         Error::DeadlinePassed(_) | Error::Limit(_) => StatusCode::CONFLICT,
+        Error::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
         _ => StatusCode::BAD_GATEWAY,
     };
     message(status, &err.to_string())

@@ -1,0 +1,127 @@
+-- set_limits: configure a queue's rate limits and caps (see Limits in
+-- include/queue.lua).
+--
+-- KEYS[1..7]  the queue keys (see include/queue.lua)
+-- ARGV[1] key base <P>:{Q}:
+-- ARGV[2] rate limit: claims of the queue per window (1 .. 1000000000), '0' = none, '' = keep
+-- ARGV[3] its window in ms (1 .. 86400000), '' = keep (1000 when none is set)
+-- ARGV[4] group rate limit: claims of one group per window, as ARGV[2]
+-- ARGV[5] its window in ms, as ARGV[3]
+-- ARGV[6] cap: queued runs in the queue (1 .. 1000000000), '0' = none, '' = keep
+-- ARGV[7] group cap: queued runs of one group, as ARGV[6]
+-- ARGV[8] workspace cap: queued runs of one workspace, as ARGV[6]
+-- A rate limit holds from the next claim on; a window under way keeps its
+-- count. A cap refuses creates from now on (runs queued past a new, lower
+-- cap stay). Setting a first cap counts the queued runs once: O(queued runs),
+-- an operator's call; while a cap is set every move in or out of `queued`
+-- keeps the counts. A call that changes nothing (`queue show`) reads only.
+-- Returns {rate limit, window, group rate limit, group window, cap, group
+-- cap, workspace cap}, '' for each one not set.
+local B = ARGV[1]
+local function limit_arg(name, v)
+  if v == nil then fail('INVALID', name .. ' is missing') end
+  if v == '' then return nil end
+  return check_int(name, v, 0, 1000000000)
+end
+local function window_arg(name, v)
+  if v == nil then fail('INVALID', name .. ' is missing') end
+  if v == '' then return nil end
+  return check_int(name, v, 1, 86400000)
+end
+local rate, window = limit_arg('rate limit', ARGV[2]), window_arg('rate window', ARGV[3])
+local group_rate, group_window = limit_arg('group rate limit', ARGV[4]), window_arg('group rate window', ARGV[5])
+local caps = { cap = limit_arg('cap', ARGV[6]), group_cap = limit_arg('group cap', ARGV[7]),
+  workspace_cap = limit_arg('workspace cap', ARGV[8]) }
+
+local meta = B .. 'meta'
+local FIELDS = { 'rate_limit', 'rate_window', 'group_rate', 'group_rate_window', 'cap', 'group_cap', 'workspace_cap' }
+local function current()
+  return redis.call('HMGET', meta, unpack(FIELDS))
+end
+local before = current()
+local changes = {}
+local function want(field, v)
+  if v ~= nil then changes[field] = v end
+end
+want('rate_limit', rate)
+want('rate_window', window or (rate and rate > 0 and not before[2] and 1000) or nil)
+want('group_rate', group_rate)
+want('group_rate_window', group_window or (group_rate and group_rate > 0 and not before[4] and 1000) or nil)
+for field, v in pairs(caps) do want(field, v) end
+
+local changed = false
+for i, field in ipairs(FIELDS) do
+  local v = changes[field]
+  if v ~= nil then
+    -- A limit of 0 is no limit; a window stays with its limit gone (harmless).
+    local stored = fmt(v)
+    if v == 0 and not string.find(field, 'window') then stored = nil end
+    if stored ~= before[i] then
+      changed = true
+      if stored then redis.call('HSET', meta, field, stored) else redis.call('HDEL', meta, field) end
+    end
+  end
+end
+if not changed then
+  local out = {}
+  for i = 1, #FIELDS do out[i] = before[i] or '' end
+  return out
+end
+
+local after = current()
+local any = after[1] or after[3] or after[5] or after[6] or after[7]
+if any then
+  redis.call('HSET', meta, 'limits', '1')
+  redis.call('HSET', B .. 'hints', 'limits', '1')
+else
+  redis.call('HDEL', meta, 'limits')
+  redis.call('HDEL', B .. 'hints', 'limits')
+end
+
+-- Counting queued runs starts with the first cap and stops with the last.
+local counted_before = before[5] or before[6] or before[7]
+local counted_after = after[5] or after[6] or after[7]
+local count_key = B .. 'queued-count'
+if counted_after and not counted_before then
+  redis.call('DEL', count_key)
+  local seen, counts, order = {}, {}, {}
+  local function visit(rid)
+    if seen[rid] then return end
+    seen[rid] = true
+    local v = redis.call('HMGET', B .. 'run:' .. rid, 'status', 'group', 'workspace_id')
+    if v[1] ~= 'queued' then return end
+    for _, field in ipairs(count_fields(v[2], v[3])) do
+      if not counts[field] then
+        counts[field] = 0
+        order[#order + 1] = field
+      end
+      counts[field] = counts[field] + 1
+    end
+  end
+  -- Every queued run is in one of these: the claim lane (runner lanes are
+  -- copies of it), the delayed set, a pinned lane, or its group's waiting set.
+  local sources = { K.queued, K.delayed }
+  for _, runtime in ipairs(redis.call('SMEMBERS', B .. 'pins')) do sources[#sources + 1] = B .. 'pinned:' .. runtime end
+  for _, g in ipairs(redis.call('SMEMBERS', B .. 'groups')) do sources[#sources + 1] = group_key(B, g, 'queued') end
+  for _, key in ipairs(sources) do
+    for _, rid in ipairs(redis.call('ZRANGE', key, '0', '-1')) do visit(rid) end
+  end
+  for _, field in ipairs(order) do redis.call('HSET', count_key, field, counts[field]) end
+elseif counted_before and not counted_after then
+  redis.call('DEL', count_key)
+end
+
+local now = now_ms()
+if not after[1] and before[1] then
+  redis.call('DEL', B .. 'rate')
+  if redis.call('ZCARD', K.queued) > 0 then wake() end
+end
+-- A group rate limit set, changed or dropped: every waiting group is
+-- rebalanced by it now.
+if after[3] ~= before[3] or after[4] ~= before[4] then
+  if not after[3] then redis.call('DEL', B .. 'group-rates') end
+  for _, g in ipairs(redis.call('SMEMBERS', B .. 'groups')) do rebalance(B, g, now) end
+end
+local out = {}
+for i = 1, #FIELDS do out[i] = after[i] or '' end
+return out
