@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 
 /// The commands of the README's ACL line: everything the library, the CLI,
 /// the Worker, the demo and the bench need (`-@all` first, then these).
-const ACL_COMMANDS: &str = "+ping +time +wait +fcall +fcall_ro +evalsha +script|load +get +set +del +exists +pexpire +persist +copy \
+const ACL_COMMANDS: &str = "+ping +time +wait +fcall +fcall_ro +evalsha +script|load +get +set +del +exists +pexpire +pttl +persist +copy \
     +rename +incr +mget +hget +hmget +hgetall +hkeys +hlen +hset +hsetnx +hdel +hincrby +lpush +llen +blpop +sadd +srem \
     +smembers +sismember +scard +zadd +zrem +zcard +zcount +zscore +zrange +zrangebyscore +zunionstore +xadd +xdel +xlen +xrange +xrevrange \
     +xread +xinfo|stream +publish +subscribe +spublish +ssubscribe +cluster|slots";
@@ -701,6 +701,14 @@ async fn tenant_runs_everything(way: WayIn) {
     a(&["queue", "resume", "chat", "--group", "c"]).await.ok();
     a(&["queue", "pause", "chat"]).await.ok();
     a(&["queue", "resume", "chat"]).await.ok();
+    // Rate limits and caps: a claim refused by the rate reads its window's end (PTTL).
+    a(&["queue", "set", "limited", "--rate-limit", "1/60", "--group-rate-limit", "1/60", "--cap", "3"]).await.ok();
+    a(&["enqueue", "--queue", "limited", "--runner", "r1", "--run-id", "lim-1"]).await.ok();
+    a(&["enqueue", "--queue", "limited", "--runner", "r1", "--run-id", "lim-2"]).await.ok();
+    a(&["claim", "--runtime", "rt-lim", "--queue", "limited"]).await.ok();
+    let refused = a(&["--json", "claim", "--runtime", "rt-lim", "--queue", "limited"]).await.json();
+    assert!(refused.is_null(), "the rate allows one claim a minute: {refused}");
+    a(&["queue", "set", "limited", "--rate-limit", "0", "--cap", "0"]).await.ok();
     let queues = a(&["queues"]).await.ok();
     assert!(queues.stdout.contains("q1") && queues.stdout.contains("hot"), "{}", queues.describe());
     a(&["reap"]).await.ok();

@@ -1057,3 +1057,31 @@ async fn claim_wait_without_queue_notices_a_new_queue() {
     let run: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("JSON ({e}): {}", out.describe()));
     assert_eq!(str_of(&run, "run_id"), "fresh", "{}", out.describe());
 }
+
+// `queue set` with a rate limit and caps; a create past a cap exits 6, one
+// line, and writes nothing; bad limits exit 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_limits_and_a_full_queue_exit_6() {
+    let redis = common::redis().await;
+    let url = redis.url.as_str();
+    let args = ["--json", "queue", "set", "q", "--rate-limit", "3/2", "--cap", "1", "--workspace-cap", "1"];
+    let shown = rl(url, &args).await.json();
+    assert_eq!((shown["rate"]["max"].as_i64(), shown["rate"]["window"].as_f64()), (Some(3), Some(2.0)), "{shown}");
+    assert_eq!((shown["cap"].as_i64(), shown["workspace_cap"].as_i64()), (Some(1), Some(1)), "{shown}");
+    let text = rl(url, &["queue", "show", "q"]).await.ok();
+    assert!(text.stdout.contains("rate limit: 3 claims per 2 s"), "{}", text.describe());
+    rl(url, &["enqueue", "--queue", "q", "--runner", "r", "--run-id", "a"]).await.ok();
+    let mut raw = common::raw(&redis).await;
+    let before = common::keyspace(&mut raw).await;
+    let line = rl(url, &["enqueue", "--queue", "q", "--runner", "r", "--run-id", "b"]).await.fails(6);
+    assert!(line.contains("queue q holds 1 queued runs (its cap is 1)"), "{line}");
+    for bad in [["--rate-limit", "3/0"], ["--rate-limit", "x"], ["--cap", "-1"]] {
+        let mut args = vec!["queue", "set", "q"];
+        args.extend(bad);
+        let out = rl(url, &args).await;
+        assert_eq!(out.code, Some(2), "{}", out.describe());
+    }
+    assert_eq!(common::keyspace(&mut raw).await, before, "a refused call wrote something");
+    rl(url, &["queue", "set", "q", "--cap", "0"]).await.ok();
+    rl(url, &["enqueue", "--queue", "q", "--runner", "r", "--run-id", "b"]).await.ok();
+}
