@@ -12,7 +12,7 @@ from conftest import redis_cli
 def keyspace(port, prefix):
     """Every key of the test's prefix with its DUMP: what a refused call must leave as it was."""
     keys = sorted(redis_cli(port, "--scan", "--pattern", f"{prefix}:*").split())
-    return {key: redis_cli(port, "DUMP", key) for key in keys}
+    return {key: redis_cli(port, "--no-raw", "DUMP", key) for key in keys}
 
 
 def queued(run_id, **fields):
