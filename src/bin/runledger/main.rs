@@ -210,6 +210,9 @@ async fn run_bench(target: &Target, out: &output::Output, a: bench::BenchArgs) -
     if a.dashboard {
         return bench::ui::run(target, out).await;
     }
+    if a.groups {
+        return bench::groups::run(target, out, &a).await;
+    }
     if a.peer.is_some() {
         return bench::peer::run(target, out, &a).await;
     }

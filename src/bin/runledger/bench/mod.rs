@@ -8,10 +8,11 @@
 //! a file of its own and uses only these: [`standard`] (the default figures,
 //! with [`report`] printing them and `--check`), [`limit`] (the yardsticks),
 //! [`memory`], [`steps`], [`peer`] (`--peer`), [`host`] (`--host-shape`),
-//! [`cluster`] (`--cluster`) and [`ui`] (`--dashboard`). The CLI's `main.rs`
+//! [`cluster`] (`--cluster`), [`ui`] (`--dashboard`) and [`groups`] (`--groups`). The CLI's `main.rs`
 //! picks the part the flags name.
 
 pub mod cluster;
+pub mod groups;
 pub mod host;
 pub mod limit;
 pub mod memory;
@@ -87,6 +88,11 @@ pub struct BenchArgs {
     /// page of `runledger ui`, at 10 and at 1,000 queues (a private redis-server).
     #[arg(long)]
     pub dashboard: bool,
+    /// Only what groups cost: the claim on 10,000 runs without groups, with 10,000 and 100
+    /// groups and with 1 and 100 groups at their limit, and the lifecycle (4 workers, --runs)
+    /// without groups and with --group-concurrency 1 over 100 conversations, in --rounds rounds.
+    #[arg(long)]
+    pub groups: bool,
 }
 
 pub(crate) const METADATA_PAD: &str = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore magna aliqua ut enim ad minim veniam quis nostrud exercitation";

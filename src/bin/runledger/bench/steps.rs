@@ -33,7 +33,7 @@ pub struct Steps {
 }
 
 /// Runs `work` and returns what it cost Redis per run.
-async fn measure<F, Fut>(probe: &Probe<'_>, runs: usize, work: F) -> Result<StepCost>
+pub(crate) async fn measure<F, Fut>(probe: &Probe<'_>, runs: usize, work: F) -> Result<StepCost>
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<()>>,
