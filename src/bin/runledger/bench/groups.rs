@@ -147,8 +147,7 @@ async fn claim_case(store: &Store, probe: &Probe<'_>, case: &Case, n: usize) -> 
         group_by_conversation(store, &queue).await?;
     }
     let mut runs = Vec::with_capacity(DEPTH);
-    if case.held > 0 {
-        let per = DEPTH / 2 / case.held;
+    if let Some(per) = (DEPTH / 2).checked_div(case.held) {
         for g in 0..case.held {
             runs.extend((0..per).map(|i| run_in(&queue, format!("held-{g}-{i}"), Some(format!("held-{g}")), 10)));
         }
@@ -169,7 +168,7 @@ async fn claim_case(store: &Store, probe: &Probe<'_>, case: &Case, n: usize) -> 
     let cost: StepCost = measure(probe, CLAIMS, move || async move {
         for _ in 0..CLAIMS {
             let start = Instant::now();
-            let outcome = store.claim_from(&queue, &request).await?;
+            let outcome = store.claim_from(queue, request).await?;
             samples.push(start.elapsed().as_secs_f64() * 1e6);
             let ClaimOutcome::Claimed(run) = outcome else {
                 return Err(Error::Server(format!("bench: {queue} ({}) had nothing claimable", case.name)));
