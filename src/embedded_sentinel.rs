@@ -272,7 +272,10 @@ impl RedisSentinel {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(Error::Server(format!("Sentinel setup not ready after {timeout:?}: {}", problems.join("; "))));
+                return Err(Error::Server(format!(
+                    "Sentinel setup not ready after {timeout:?}: {}",
+                    problems.join("; ")
+                )));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -324,7 +327,8 @@ impl RedisSentinel {
             match query_maps(port, &["SENTINEL", "REPLICAS", MASTER_NAME]) {
                 Ok(known) => {
                     for &replica in &replicas {
-                        let seen = known.iter().find(|r| r.get("port").map(String::as_str) == Some(&replica.to_string()));
+                        let seen =
+                            known.iter().find(|r| r.get("port").map(String::as_str) == Some(&replica.to_string()));
                         match seen.and_then(|r| r.get("flags")) {
                             Some(flags) if !flags.contains("down") && !flags.contains("disconnected") => {}
                             other => problems.push(format!("sentinel {port} sees replica {replica} as {other:?}")),
@@ -424,7 +428,8 @@ fn spawn_sentinel(binary: &Path, port: u16, dir: &Path, master: u16, quorum: usi
     let mut command = Command::new(binary);
     command.arg(&conf).arg("--sentinel").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     die_with_parent(&mut command);
-    let mut child = command.spawn().map_err(|e| Error::Server(format!("spawn {} --sentinel: {e}", binary.display())))?;
+    let mut child =
+        command.spawn().map_err(|e| Error::Server(format!("spawn {} --sentinel: {e}", binary.display())))?;
     if let Err(e) = wait_until_up(&mut child, port, &log, STARTUP_TIMEOUT) {
         let _ = child.kill();
         let _ = child.wait();

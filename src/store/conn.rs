@@ -116,7 +116,9 @@ pub fn cluster_nodes(url: &str, cluster: bool) -> Result<Option<Vec<String>>> {
         Some(("redis+cluster", rest)) => ("redis", rest),
         Some(("rediss+cluster", rest)) => ("rediss", rest),
         Some((scheme @ ("redis" | "rediss"), rest)) if cluster => (scheme, rest),
-        Some(("redis" | "rediss" | "redis+unix" | "unix" | "redis+sentinel" | "rediss+sentinel", _)) => return Ok(None),
+        Some(("redis" | "rediss" | "redis+unix" | "unix" | "redis+sentinel" | "rediss+sentinel", _)) => {
+            return Ok(None);
+        }
         _ => return Err(Error::Invalid(format!("not a Redis URL: {url} (expected redis://host:port/)"))),
     };
     let (authority, _path) = rest.split_once('/').unwrap_or((rest, ""));
@@ -315,9 +317,7 @@ pub fn sentinel_target(url: &str, master: Option<&str>) -> Result<Option<Sentine
             "sentinel_username" => sentinel_username = nonempty(decode(value)?),
             "sentinel_password" => sentinel_password = nonempty(decode(value)?),
             other => {
-                return Err(bad(&format!(
-                    "unknown parameter {other:?} (known: sentinel_username, sentinel_password)"
-                )));
+                return Err(bad(&format!("unknown parameter {other:?} (known: sentinel_username, sentinel_password)")));
             }
         }
     }
@@ -419,12 +419,9 @@ mod tests {
         assert_eq!(t.master, "mymaster");
         assert!(!t.tls && t.username.is_none() && t.password.is_none());
 
-        let t = sentinel_target(
-            "rediss+sentinel://app:p%40ss@[::1]:5000,c/m1/?sentinel_password=s3#insecure",
-            None,
-        )
-        .expect("ok")
-        .expect("sentinel");
+        let t = sentinel_target("rediss+sentinel://app:p%40ss@[::1]:5000,c/m1/?sentinel_password=s3#insecure", None)
+            .expect("ok")
+            .expect("sentinel");
         assert_eq!(t.sentinels, vec![("::1".to_string(), 5000), ("c".to_string(), SENTINEL_PORT)]);
         assert_eq!((t.master.as_str(), t.tls, t.insecure), ("m1", true, true));
         assert_eq!((t.username.as_deref(), t.password.as_deref()), (Some("app"), Some("p@ss")));

@@ -136,8 +136,9 @@ impl SentinelLink {
     /// A connection of its own to the master, without reply timeout (for
     /// blocking commands).
     pub async fn dedicated(&self) -> Result<MultiplexedConnection> {
-        let config =
-            AsyncConnectionConfig::new().set_connection_timeout(Some(Duration::from_secs(5))).set_response_timeout(None);
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(None);
         self.open(&config).await
     }
 

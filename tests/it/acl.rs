@@ -282,14 +282,12 @@ fn the_list_is_what_the_code_sends() {
     let list = commands_of(ACL_COMMANDS);
     let sent: BTreeSet<String> =
         by_scripts.iter().chain(&by_client).cloned().chain(SENT_BY_THE_CRATE.iter().map(|c| c.to_string())).collect();
-    let missing: Vec<&String> =
-        sent.iter()
-            .filter(|c| {
-                !list.contains(*c)
-                    && !OPTIONAL_CLIENT.contains(&c.as_str())
-                    && !SENT_TO_SENTINELS.contains(&c.as_str())
-            })
-            .collect();
+    let missing: Vec<&String> = sent
+        .iter()
+        .filter(|c| {
+            !list.contains(*c) && !OPTIONAL_CLIENT.contains(&c.as_str()) && !SENT_TO_SENTINELS.contains(&c.as_str())
+        })
+        .collect();
     assert!(
         missing.is_empty(),
         "runledger sends {missing:?}, which the ACL list lacks (add them to ACL_COMMANDS and the README's lines)"

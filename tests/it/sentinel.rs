@@ -217,7 +217,9 @@ async fn killing_the_master_mid_workload_loses_nothing_acknowledged() {
                 for n in 0..RUNS {
                     match host.get_run(&format!("s-{n}")).await {
                         Ok(run) if run.status == RunStatus::Completed => {}
-                        Ok(run) => stuck.push(format!("{} {} attempts {}", run.run_id, run.status, run.dispatch_attempts)),
+                        Ok(run) => {
+                            stuck.push(format!("{} {} attempts {}", run.run_id, run.status, run.dispatch_attempts))
+                        }
                         Err(e) => stuck.push(format!("s-{n}: {e}")),
                     }
                 }
@@ -229,14 +231,17 @@ async fn killing_the_master_mid_workload_loses_nothing_acknowledged() {
             token.cancel();
             let ended =
                 tokio::time::timeout(Duration::from_secs(30), task).await.expect("hang guard: a worker never stopped");
-            ended.expect("worker task panicked").unwrap_or_else(|e| panic!("worker {w} failed during the failover: {e}"));
+            ended
+                .expect("worker task panicked")
+                .unwrap_or_else(|e| panic!("worker {w} failed during the failover: {e}"));
         }
 
         let acked = lock(&acked).clone();
         assert_eq!(acked.len(), RUNS, "every batch was acknowledged in the end");
         let mut reclaimed_runs = 0;
         for run_id in &acked {
-            let run = host.get_run(run_id).await.unwrap_or_else(|e| panic!("acknowledged run {run_id} is missing: {e}"));
+            let run =
+                host.get_run(run_id).await.unwrap_or_else(|e| panic!("acknowledged run {run_id} is missing: {e}"));
             assert_eq!(run.status, RunStatus::Completed, "{run_id}");
             if run.dispatch_attempts > 1 {
                 reclaimed_runs += 1;
@@ -258,7 +263,11 @@ async fn killing_the_master_mid_workload_loses_nothing_acknowledged() {
             let stored: HashMap<i64, i64> =
                 page.items.iter().map(|e| (e.sequence, e.data["n"].as_i64().unwrap_or(-1))).collect();
             for (seq, n) in events {
-                assert_eq!(stored.get(&seq), Some(&n), "{run_id}: acknowledged event {seq} (step {n}) is lost or changed");
+                assert_eq!(
+                    stored.get(&seq),
+                    Some(&n),
+                    "{run_id}: acknowledged event {seq} (step {n}) is lost or changed"
+                );
             }
         }
         assert_eq!(completed(&host, &QUEUES).await, RUNS as i64, "one completion per run");

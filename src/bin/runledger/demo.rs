@@ -117,7 +117,8 @@ pub async fn run(target: &Target, out: &Output, a: DemoArgs) -> Result<()> {
             return Err(Error::Invalid("demo: --sentinel and --cluster exclude each other".into()));
         }
         None => {
-            let server = if a.sentinel { PrivateRedis::start_sentinel()? } else { PrivateRedis::start(target.cluster)? };
+            let server =
+                if a.sentinel { PrivateRedis::start_sentinel()? } else { PrivateRedis::start(target.cluster)? };
             let url = server.url();
             (Some(server), url, prefix.to_string())
         }
