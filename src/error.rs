@@ -103,7 +103,12 @@ impl Error {
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
                     || Error::is_cluster_transient(e)
-                    || matches!(e.code(), Some("LOADING" | "BUSY" | "READONLY" | "OOM" | "MASTERDOWN"))
+                    || matches!(
+                        e.code(),
+                        Some("LOADING" | "BUSY" | "READONLY" | "OOM" | "MASTERDOWN" | "UNBLOCKED" | "NOREPLICAS")
+                    )
+                    // Sentinel: no master named yet (a failover under way).
+                    || matches!(e.kind(), redis::ErrorKind::MasterNameNotFoundBySentinel)
             }
             _ => false,
         }

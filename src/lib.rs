@@ -7,6 +7,7 @@
 
 pub mod embedded;
 pub mod embedded_cluster;
+pub mod embedded_sentinel;
 pub mod error;
 pub mod keys;
 pub mod model;

@@ -9,7 +9,13 @@
 //! [`super::StoreConfig::cluster`] with a plain `redis://` URL; either form
 //! accepts several comma-separated seed nodes.
 //!
-//! TLS: a `rediss://` (or `rediss+cluster://`) URL connects over TLS
+//! A master with replicas under Redis Sentinel is chosen by a
+//! `redis+sentinel://host:port,host:port/<master-name>` URL naming the
+//! sentinels, or by [`super::StoreConfig::sentinel_master`] with a plain URL
+//! of them (see [`super::sentinel`]). Its connections are [`Conn::Single`]
+//! ones to whichever server the sentinels name as master now.
+//!
+//! TLS: a `rediss://` (or `rediss+cluster://`, `rediss+sentinel://`) URL connects over TLS
 //! (rustls), verifying the server's certificate against the system's roots,
 //! or against the CA of [`super::StoreConfig::tls_ca_file`] when set; the
 //! redis crate's `rediss://host:port/#insecure` skips verification.
@@ -110,7 +116,9 @@ pub fn cluster_nodes(url: &str, cluster: bool) -> Result<Option<Vec<String>>> {
         Some(("redis+cluster", rest)) => ("redis", rest),
         Some(("rediss+cluster", rest)) => ("rediss", rest),
         Some((scheme @ ("redis" | "rediss"), rest)) if cluster => (scheme, rest),
-        Some(("redis" | "rediss" | "redis+unix" | "unix", _)) => return Ok(None),
+        Some(("redis" | "rediss" | "redis+unix" | "unix" | "redis+sentinel" | "rediss+sentinel", _)) => {
+            return Ok(None);
+        }
         _ => return Err(Error::Invalid(format!("not a Redis URL: {url} (expected redis://host:port/)"))),
     };
     let (authority, _path) = rest.split_once('/').unwrap_or((rest, ""));
@@ -132,7 +140,7 @@ pub fn cluster_nodes(url: &str, cluster: bool) -> Result<Option<Vec<String>>> {
 
 /// True for a URL that asks for TLS.
 fn is_tls_url(url: &str) -> bool {
-    matches!(url.split_once("://"), Some(("rediss" | "rediss+cluster", _)))
+    matches!(url.split_once("://"), Some(("rediss" | "rediss+cluster" | "rediss+sentinel", _)))
 }
 
 /// The TLS settings of every connection a store makes to `url`: `None` to
@@ -199,4 +207,244 @@ pub(crate) fn cluster_client(
         builder = builder.use_protocol(redis::ProtocolVersion::RESP3).push_sender(push);
     }
     Ok(builder.build()?)
+}
+
+/// Where a Sentinel-managed master is found: the sentinels, the name they
+/// monitor it by, and how to talk to the master and to the sentinels.
+#[derive(Clone)]
+pub struct SentinelTarget {
+    /// `(host, port)` of each sentinel, in the URL's order (the first that
+    /// answers is asked first).
+    pub sentinels: Vec<(String, u16)>,
+    /// The master's name in the sentinels' `sentinel monitor` line.
+    pub master: String,
+    /// TLS to the master and to the sentinels (`rediss+sentinel://`).
+    pub tls: bool,
+    /// `#insecure`: TLS without verifying the certificates.
+    pub insecure: bool,
+    /// The URL's user and password, for the master (and its replicas).
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// `?sentinel_username=..&sentinel_password=..`: the sentinels' own
+    /// credentials, which a deployment usually sets apart from the data
+    /// nodes' (`requirepass` in sentinel.conf); none by default.
+    pub sentinel_username: Option<String>,
+    pub sentinel_password: Option<String>,
+}
+
+impl std::fmt::Debug for SentinelTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the passwords: this ends up in logs.
+        f.debug_struct("SentinelTarget")
+            .field("sentinels", &self.sentinels)
+            .field("master", &self.master)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The port a sentinel listens on when the URL gives none.
+pub const SENTINEL_PORT: u16 = 26379;
+
+/// The Sentinel setup a URL names: a `redis+sentinel://` (or
+/// `rediss+sentinel://`) URL `[user:password@]host:port,host:port/<master-name>`,
+/// or a plain `redis://` / `rediss://` URL of the sentinels with the master's
+/// name given apart (`master`, from `--sentinel-master`). `None` for any
+/// other URL (one server, a cluster).
+pub fn sentinel_target(url: &str, master: Option<&str>) -> Result<Option<SentinelTarget>> {
+    let bad = |why: &str| Error::Invalid(format!("Sentinel URL {}: {why}", redact_url(url)));
+    let (tls, rest) = match url.split_once("://") {
+        Some(("redis+sentinel", rest)) => (false, rest),
+        Some(("rediss+sentinel", rest)) => (true, rest),
+        Some(("redis", rest)) if master.is_some() => (false, rest),
+        Some(("rediss", rest)) if master.is_some() => (true, rest),
+        _ if master.is_some() => {
+            return Err(bad("a sentinel master name needs a redis:// URL of the sentinels"));
+        }
+        _ => return Ok(None),
+    };
+    let (rest, fragment) = match rest.split_once('#') {
+        Some((rest, fragment)) => (rest, Some(fragment)),
+        None => (rest, None),
+    };
+    let (rest, query) = match rest.split_once('?') {
+        Some((rest, query)) => (rest, Some(query)),
+        None => (rest, None),
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((user, hosts)) => (Some(user), hosts),
+        None => (None, authority),
+    };
+    let decode = |s: &str| -> Result<String> {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|s| s.into_owned())
+            .map_err(|_| bad("a percent-encoded part is not UTF-8"))
+    };
+    let nonempty = |s: String| (!s.is_empty()).then_some(s);
+    let (username, password) = match userinfo {
+        None => (None, None),
+        Some(info) => match info.split_once(':') {
+            Some((user, pass)) => (nonempty(decode(user)?), nonempty(decode(pass)?)),
+            None => (nonempty(decode(info)?), None),
+        },
+    };
+    let mut sentinels = Vec::new();
+    for host in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+        sentinels.push(host_port(host).ok_or_else(|| bad(&format!("{host:?} is not host:port")))?);
+    }
+    if sentinels.is_empty() {
+        return Err(bad("it names no sentinel (expected host:port,host:port)"));
+    }
+    let named = decode(path.trim_end_matches('/'))?;
+    let master = match (master, named.as_str()) {
+        (Some(given), "") => given.to_string(),
+        (Some(given), named) if given == named => given.to_string(),
+        (Some(given), named) => {
+            return Err(bad(&format!("it names master {named:?} but the sentinel master is {given:?}")));
+        }
+        (None, "") => return Err(bad("it names no master (expected .../<master-name>)")),
+        (None, named) => named.to_string(),
+    };
+    if master.contains('/') {
+        return Err(bad(&format!("{master:?} is not a master name")));
+    }
+    let (mut sentinel_username, mut sentinel_password) = (None, None);
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "sentinel_username" => sentinel_username = nonempty(decode(value)?),
+            "sentinel_password" => sentinel_password = nonempty(decode(value)?),
+            other => {
+                return Err(bad(&format!("unknown parameter {other:?} (known: sentinel_username, sentinel_password)")));
+            }
+        }
+    }
+    let insecure = match fragment {
+        None | Some("") => false,
+        Some("insecure") if tls => true,
+        Some(other) => return Err(bad(&format!("unknown fragment #{other}"))),
+    };
+    Ok(Some(SentinelTarget {
+        sentinels,
+        master,
+        tls,
+        insecure,
+        username,
+        password,
+        sentinel_username,
+        sentinel_password,
+    }))
+}
+
+/// `host:port`, `[v6]:port`, or a host alone (the sentinel port).
+fn host_port(text: &str) -> Option<(String, u16)> {
+    if let Some(v6) = text.strip_prefix('[') {
+        let (host, rest) = v6.split_once(']')?;
+        let port = match rest.strip_prefix(':') {
+            Some(port) => port.parse().ok()?,
+            None if rest.is_empty() => SENTINEL_PORT,
+            None => return None,
+        };
+        return Some((host.to_string(), port));
+    }
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.contains(':') => Some((host.to_string(), port.parse().ok()?)),
+        Some(_) => None,
+        None => Some((text.to_string(), SENTINEL_PORT)),
+    }
+}
+
+/// A URL with its password (if any) replaced, for error messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// The redis crate's Sentinel client for `target`: it asks the sentinels for
+/// the master (checking with `ROLE` that the server it names is one) and
+/// hands back a client for it, with the target's credentials and TLS.
+pub(crate) fn sentinel_client(
+    target: &SentinelTarget,
+    certs: Option<redis::TlsCertificates>,
+) -> Result<redis::sentinel::SentinelClient> {
+    use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
+    let addrs = target.sentinels.iter().map(|(host, port)| {
+        if target.tls {
+            redis::ConnectionAddr::TcpTls {
+                host: host.clone(),
+                port: *port,
+                insecure: target.insecure,
+                tls_params: None,
+            }
+        } else {
+            redis::ConnectionAddr::Tcp(host.clone(), *port)
+        }
+    });
+    let mut builder = SentinelClientBuilder::new(addrs, &target.master, SentinelServerType::Master)?;
+    if let Some(user) = &target.username {
+        builder = builder.set_client_to_redis_username(user);
+    }
+    if let Some(password) = &target.password {
+        builder = builder.set_client_to_redis_password(password);
+    }
+    if let Some(user) = &target.sentinel_username {
+        builder = builder.set_client_to_sentinel_username(user);
+    }
+    if let Some(password) = &target.sentinel_password {
+        builder = builder.set_client_to_sentinel_password(password);
+    }
+    if target.tls {
+        let mode = if target.insecure { redis::TlsMode::Insecure } else { redis::TlsMode::Secure };
+        builder = builder.set_client_to_redis_tls_mode(mode).set_client_to_sentinel_tls_mode(mode);
+        if let Some(certs) = certs {
+            builder =
+                builder.set_client_to_redis_certificates(certs.clone()).set_client_to_sentinel_certificates(certs);
+        }
+    }
+    Ok(builder.build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_sentinel_urls() {
+        let t = sentinel_target("redis+sentinel://a:26379,b:26380/mymaster", None).expect("ok").expect("sentinel");
+        assert_eq!(t.sentinels, vec![("a".to_string(), 26379), ("b".to_string(), 26380)]);
+        assert_eq!(t.master, "mymaster");
+        assert!(!t.tls && t.username.is_none() && t.password.is_none());
+
+        let t = sentinel_target("rediss+sentinel://app:p%40ss@[::1]:5000,c/m1/?sentinel_password=s3#insecure", None)
+            .expect("ok")
+            .expect("sentinel");
+        assert_eq!(t.sentinels, vec![("::1".to_string(), 5000), ("c".to_string(), SENTINEL_PORT)]);
+        assert_eq!((t.master.as_str(), t.tls, t.insecure), ("m1", true, true));
+        assert_eq!((t.username.as_deref(), t.password.as_deref()), (Some("app"), Some("p@ss")));
+        assert_eq!(t.sentinel_password.as_deref(), Some("s3"));
+        assert!(!format!("{t:?}").contains("p@ss"), "no password in Debug");
+
+        let t = sentinel_target("redis://:pw@h1:1,h2:2/", Some("mm")).expect("ok").expect("sentinel");
+        assert_eq!((t.master.as_str(), t.password.as_deref(), t.sentinels.len()), ("mm", Some("pw"), 2));
+
+        assert!(sentinel_target("redis://h:1/", None).expect("ok").is_none());
+        assert!(sentinel_target("redis+cluster://h:1/", None).expect("ok").is_none());
+        for bad in [
+            "redis+sentinel://h:1/",
+            "redis+sentinel:///m",
+            "redis+sentinel://h:x/m",
+            "redis+sentinel://h:1/m?db=2",
+            "redis+sentinel://h:1/a/b",
+        ] {
+            assert!(matches!(sentinel_target(bad, None), Err(Error::Invalid(_))), "{bad}");
+        }
+        assert!(matches!(sentinel_target("redis+sentinel://h:1/a", Some("b")), Err(Error::Invalid(_))));
+        assert!(matches!(sentinel_target("redis+cluster://h:1/", Some("b")), Err(Error::Invalid(_))));
+        let err = sentinel_target("redis+sentinel://u:secret@h:x/m", None).err().map(|e| e.to_string());
+        assert!(err.is_some_and(|e| !e.contains("secret")), "no password in errors");
+    }
 }

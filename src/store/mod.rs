@@ -9,6 +9,9 @@
 //! replaced from the pool. A cluster connection mostly repairs itself (it
 //! follows MOVED/ASK and reconnects after a failover); one that still times
 //! out or breaks is replaced by a new one, which reads the slots afresh.
+//! Under Redis Sentinel the connections go to the master the sentinels
+//! name, and are opened again on the new one after a failover (see
+//! [`sentinel`]).
 
 mod advice;
 pub use advice::ConfigAdvice;
@@ -35,6 +38,7 @@ pub use runs::{ClaimOutcome, MAX_RUNS_PER_BATCH, Release};
 mod waiting;
 pub use waiting::{SAFETY_POLL, Waiter};
 mod runtimes;
+pub mod sentinel;
 mod stats;
 pub use stats::{RunStats, RunnerStats, RuntimeStats};
 
@@ -73,6 +77,10 @@ pub struct StoreConfig {
     /// Treat a plain `redis://` URL as the seed node(s) of a Redis Cluster
     /// (a `redis+cluster://` URL always is one). Default false.
     pub cluster: bool,
+    /// Treat a plain `redis://` URL as the sentinels (`host:port,host:port`)
+    /// of a Sentinel-managed master of this name (a
+    /// `redis+sentinel://.../<name>` URL always is one). Default `None`.
+    pub sentinel_master: Option<String>,
     /// Write concern: every acknowledged write waits (Redis `WAIT`) until this
     /// many replicas have it, at most `replica_timeout`. 0 (default) = off.
     pub wait_replicas: u32,
@@ -111,6 +119,7 @@ impl Default for StoreConfig {
             connections: 2,
             response_timeout: Duration::from_secs(30),
             cluster: false,
+            sentinel_master: None,
             wait_replicas: 0,
             replica_timeout: Duration::from_secs(1),
             running_timeout: Some(Duration::from_secs(86_400)),
@@ -145,6 +154,8 @@ enum Backend {
         /// Without reply timeout: BLPOP waits longer than ordinary replies.
         blocking: redis::cluster::ClusterClient,
     },
+    /// A master with replicas under Redis Sentinel.
+    Sentinel(sentinel::SentinelLink),
 }
 
 struct Inner {
@@ -229,7 +240,17 @@ impl Store {
         }
         let tls = conn::tls_certificates(url, cfg.tls_ca_file.as_deref())?;
         let functions = cfg.functions;
+        let sentinel = conn::sentinel_target(url, cfg.sentinel_master.as_deref())?;
+        if sentinel.is_some() && cfg.cluster {
+            return Err(Error::Invalid("a Sentinel master and a Redis Cluster exclude each other".into()));
+        }
         let backend = match conn::cluster_nodes(url, cfg.cluster)? {
+            _ if sentinel.is_some() => {
+                let target = sentinel.ok_or_else(|| Error::Invalid("no Sentinel target".into()))?;
+                let link = sentinel::SentinelLink::new(target, tls, cfg.connections, cfg.response_timeout)?;
+                link.check_master_name().await?;
+                Backend::Sentinel(link)
+            }
             Some(urls) => {
                 let nodes = conn::Seeds { urls, tls };
                 let client = conn::cluster_client(&nodes, Some(cfg.response_timeout), None)?;
@@ -276,7 +297,7 @@ impl Store {
         };
         let mut conn = store.conn().await?;
         let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(Error::from_redis)?;
-        if !store.is_cluster() && conn::is_cluster_node(&mut conn).await {
+        if !store.is_cluster() && !store.is_sentinel() && conn::is_cluster_node(&mut conn).await {
             // A plain URL of a cluster node: every key of another node's slots would answer
             // MOVED, so talk to it as the cluster it belongs to (it seeds the slot map).
             tracing::info!("the server is a Redis Cluster node; connecting to its cluster");
@@ -296,11 +317,25 @@ impl Store {
         matches!(self.inner.backend, Backend::Cluster { .. })
     }
 
+    /// True when the store finds its master through Redis Sentinel.
+    pub fn is_sentinel(&self) -> bool {
+        matches!(self.inner.backend, Backend::Sentinel(_))
+    }
+
+    /// Under Sentinel, the master's `host:port` as the sentinels named it
+    /// last (`None` while a failover is being waited out, and elsewhere).
+    pub fn sentinel_master_addr(&self) -> Option<String> {
+        match &self.inner.backend {
+            Backend::Sentinel(link) => link.master_addr(),
+            _ => None,
+        }
+    }
+
     /// The seed nodes of a cluster store (empty for a single server).
     pub fn cluster_nodes(&self) -> &[String] {
         match &self.inner.backend {
             Backend::Cluster { nodes, .. } => &nodes.urls,
-            Backend::Single { .. } => &[],
+            Backend::Single { .. } | Backend::Sentinel(_) => &[],
         }
     }
 
@@ -328,6 +363,7 @@ impl Store {
                 *lock(conn) = Some(fresh.clone());
                 return Ok(Conn::Cluster(fresh));
             }
+            Backend::Sentinel(link) => return Ok(Conn::Single(link.shared().await?)),
             Backend::Single { pool, conns, next, .. } => (pool, conns, next),
         };
         let slot = next.fetch_add(1, Ordering::Relaxed) % conns.len();
@@ -355,6 +391,7 @@ impl Store {
                 Ok(Conn::Single(client.get_multiplexed_async_connection_with_config(&config).await?))
             }
             Backend::Cluster { blocking, .. } => Ok(Conn::Cluster(blocking.get_async_connection().await?)),
+            Backend::Sentinel(link) => Ok(Conn::Single(link.dedicated().await?)),
         }
     }
 
@@ -362,8 +399,37 @@ impl Store {
     pub(crate) fn failed(&self, err: redis::RedisError) -> Error {
         if Error::is_connection_failure(&err) {
             self.drop_connections();
+        } else if let Backend::Sentinel(link) = &self.inner.backend
+            && sentinel::is_role_change(&err)
+        {
+            link.forget(&err);
         }
         Error::from_redis(err)
+    }
+
+    /// True when a connection of its own (a blocking wait's) must be
+    /// dropped after `err`: it broke, or under Sentinel it leads to a
+    /// server that is no longer the master, which is then forgotten.
+    pub(crate) fn blocking_conn_lost(&self, err: &redis::RedisError) -> bool {
+        match &self.inner.backend {
+            Backend::Sentinel(link) if Error::is_connection_failure(err) || sentinel::is_role_change(err) => {
+                link.forget(err);
+                true
+            }
+            _ => Error::is_connection_failure(err),
+        }
+    }
+
+    /// True when, under Sentinel, `err` says the server is no longer the
+    /// master (it has been forgotten, and the call may be sent again).
+    fn master_moved(&self, err: &redis::RedisError) -> bool {
+        match &self.inner.backend {
+            Backend::Sentinel(link) if sentinel::is_role_change(err) => {
+                link.forget(err);
+                true
+            }
+            _ => false,
+        }
     }
 
     fn drop_connections(&self) {
@@ -374,6 +440,11 @@ impl Store {
                 }
             }
             Backend::Cluster { conn, .. } => *lock(conn) = None,
+            Backend::Sentinel(link) => link.forget(&redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "connection",
+                "connection lost or reply timed out".to_string(),
+            ))),
         }
     }
 
@@ -495,6 +566,13 @@ impl Store {
                     self.drop_connections();
                     tokio::time::sleep(cluster_backoff(moved)).await;
                 }
+                // A demoted (or not yet writable) Sentinel master refused the
+                // call without running it: ask the sentinels again and resend.
+                Err(e) if moved < CLUSTER_RETRIES && self.master_moved(&e) => {
+                    moved += 1;
+                    tracing::debug!(error = %e, "the Sentinel master refused the call; resending to the new one");
+                    tokio::time::sleep(cluster_backoff(moved)).await;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -547,6 +625,10 @@ impl Store {
                 Err(Error::Redis(e)) if Error::is_cluster_transient(&e) && moved < CLUSTER_RETRIES => {
                     moved += 1;
                     self.drop_connections();
+                    tokio::time::sleep(cluster_backoff(moved)).await;
+                }
+                Err(Error::Redis(e)) if moved < CLUSTER_RETRIES && self.master_moved(&e) => {
+                    moved += 1;
                     tokio::time::sleep(cluster_backoff(moved)).await;
                 }
                 other => return other,

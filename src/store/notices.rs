@@ -6,7 +6,10 @@
 //! cluster the channel is a sharded one (SPUBLISH/SSUBSCRIBE): it lives in
 //! its queue's slot, so a notice stays on the shard that owns the queue
 //! instead of being broadcast to every node, and the cluster client
-//! subscribes again on the new master after a failover.
+//! subscribes again on the new master after a failover. Under Sentinel a
+//! feed ends when the sentinels name a new master (a demoted master stays
+//! up as a replica, and nothing is published there any more), so the
+//! worker subscribes again on the new one.
 
 use tokio::sync::mpsc;
 
@@ -20,6 +23,10 @@ pub struct CancelNotices {
 
 enum Feed {
     Single(redis::aio::PubSub),
+    Sentinel {
+        pubsub: redis::aio::PubSub,
+        switches: tokio::sync::watch::Receiver<u64>,
+    },
     Cluster {
         pushes: mpsc::UnboundedReceiver<redis::PushInfo>,
         /// Kept alive: dropping it would end the subscriptions.
@@ -37,6 +44,15 @@ impl CancelNotices {
                 use futures_util::StreamExt;
                 let msg = pubsub.on_message().next().await?;
                 Some(msg.get_payload::<String>().unwrap_or_default())
+            }
+            Feed::Sentinel { pubsub, switches } => {
+                use futures_util::StreamExt;
+                let mut messages = pubsub.on_message();
+                tokio::select! {
+                    msg = messages.next() => Some(msg?.get_payload::<String>().unwrap_or_default()),
+                    // A sender dropped with its store ends the feed too.
+                    _ = switches.changed() => None,
+                }
             }
             Feed::Cluster { pushes, .. } => loop {
                 let push = pushes.recv().await?;
@@ -66,6 +82,16 @@ impl Store {
                     pubsub.subscribe(channel).await?;
                 }
                 Feed::Single(pubsub)
+            }
+            Backend::Sentinel(link) => {
+                // Taken before the subscription: a switch while subscribing ends the feed.
+                let mut switches = link.switches();
+                switches.mark_unchanged();
+                let mut pubsub = link.pubsub().await?;
+                for channel in &channels {
+                    pubsub.subscribe(channel).await?;
+                }
+                Feed::Sentinel { pubsub, switches }
             }
             Backend::Cluster { nodes, .. } => {
                 let (tx, pushes) = mpsc::unbounded_channel();

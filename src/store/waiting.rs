@@ -252,12 +252,13 @@ impl Waiter {
         });
         let queue = queue.to_string();
         let waiting = self.waiting.clone();
+        let store = self.store.clone();
         self.blocked.insert(queue.clone());
         self.in_flight.spawn(async move {
             if let Some(cmd) = listening
                 && let Err(e) = cmd.query_async::<i64>(&mut conn).await
             {
-                let kept = (!Error::is_connection_failure(&e)).then_some(conn);
+                let kept = (!store.blocking_conn_lost(&e)).then_some(conn);
                 return (queue, kept, Err(Error::from_redis(e)));
             }
             let mut cmd = redis::cmd("BLPOP");
@@ -271,8 +272,10 @@ impl Waiter {
                     (queue, Some(conn), pushed.map(|_| false).map_err(Error::from_redis))
                 }
                 Ok(popped) => (queue, Some(conn), Ok(popped.is_some())),
-                // A broken connection is dropped; the next start opens a new one.
-                Err(e) if Error::is_connection_failure(&e) => (queue, None, Err(Error::from_redis(e))),
+                // A broken connection (or, under Sentinel, one to a demoted
+                // master, which answers UNBLOCKED) is dropped; the next start
+                // opens a new one, on the master the sentinels name then.
+                Err(e) if store.blocking_conn_lost(&e) => (queue, None, Err(Error::from_redis(e))),
                 Err(e) => (queue, Some(conn), Err(Error::from_redis(e))),
             }
         });

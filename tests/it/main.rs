@@ -41,6 +41,7 @@ mod runner_lanes;
 mod runs_end;
 mod runtimes;
 mod seed_ops;
+mod sentinel;
 mod smoke;
 mod stats;
 mod tls;

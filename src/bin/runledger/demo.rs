@@ -43,6 +43,10 @@ pub struct DemoArgs {
     /// already serving alpha/beta/gamma under it (docker compose's) join in.
     #[arg(long)]
     pub shared: bool,
+    /// Without REDIS_URL: start a private Redis Sentinel setup (a master, 2
+    /// replicas, 3 sentinels) instead of one redis-server.
+    #[arg(long, conflicts_with = "shared")]
+    pub sentinel: bool,
     /// Give up if the runs are not all finished after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
@@ -99,11 +103,22 @@ pub async fn run(target: &Target, out: &Output, a: DemoArgs) -> Result<()> {
     }
     // Run ids are unique per demo, so demos can share a prefix.
     let tag = format!("{:08x}", rand::rng().random::<u32>());
+    if a.sentinel && target.url.is_some() {
+        return Err(Error::Invalid(
+            "demo --sentinel starts a private Sentinel setup; with --redis / REDIS_URL pass a \
+             redis+sentinel:// URL (or --sentinel-master) instead"
+                .into(),
+        ));
+    }
     let (server, url, prefix) = match target.url.clone() {
         Some(url) if a.shared => (None, url, prefix.to_string()),
         Some(url) => (None, url, format!("{prefix}-demo-{tag}")),
+        None if a.sentinel && target.cluster => {
+            return Err(Error::Invalid("demo: --sentinel and --cluster exclude each other".into()));
+        }
         None => {
-            let server = PrivateRedis::start(target.cluster)?;
+            let server =
+                if a.sentinel { PrivateRedis::start_sentinel()? } else { PrivateRedis::start(target.cluster)? };
             let url = server.url();
             (Some(server), url, prefix.to_string())
         }

@@ -27,6 +27,8 @@ pub struct Cli {
     /// Redis server URL [default: redis://127.0.0.1:6379/; demo and bench start a private
     /// redis-server when neither this nor REDIS_URL is given]. A cluster:
     /// redis+cluster://host:port,host:port/ (or --cluster with redis://host:port,host:port/).
+    /// Redis Sentinel: redis+sentinel://host:port,host:port/MASTER-NAME, the sentinels'
+    /// addresses (or --sentinel-master NAME with redis://host:port,host:port/).
     #[arg(long, global = true, env = "REDIS_URL")]
     redis: Option<String>,
     /// The URL names seed nodes of a Redis Cluster (demo and bench without a URL start a
@@ -34,6 +36,10 @@ pub struct Cli {
     /// A plain redis:// URL of a cluster node is detected (INFO cluster) without it.
     #[arg(long, global = true, env = "REDIS_CLUSTER", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     cluster: bool,
+    /// The URL names the sentinels of a Redis Sentinel setup, which monitor the master by
+    /// this name (like a redis+sentinel://.../NAME URL).
+    #[arg(long, global = true, env = "REDIS_SENTINEL_MASTER", value_name = "NAME", conflicts_with = "cluster")]
+    sentinel_master: Option<String>,
     /// Write concern: every write waits until N replicas have it (Redis WAIT, 1 s at most);
     /// fewer in time is an error. 0 = off.
     #[arg(long, global = true, env = "RUNLEDGER_WAIT_REPLICAS", default_value_t = 0)]
@@ -167,6 +173,7 @@ async fn run(cli: Cli) -> runledger::Result<()> {
         url: cli.redis.clone(),
         prefix: cli.prefix.clone(),
         cluster: cli.cluster,
+        sentinel_master: cli.sentinel_master.clone(),
         wait_replicas: cli.wait_replicas,
         tls_ca: cli.tls_ca.clone(),
     };

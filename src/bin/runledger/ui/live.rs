@@ -27,6 +27,12 @@ use super::html::error_page;
 /// How long one XREAD blocks before the run's status is looked at again.
 const BLOCK: Duration = Duration::from_secs(2);
 
+/// How many times in a row the stream's connection is opened again after
+/// Redis went away (a restart, a Sentinel failover) before the page is told
+/// the live view failed; with the pause, about a minute.
+const RECONNECTS: u32 = 60;
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+
 #[derive(Deserialize)]
 pub struct LiveQuery {
     after: Option<i64>,
@@ -57,10 +63,12 @@ struct Follow {
     run_id: String,
     after: i64,
     done: bool,
+    /// Failed reads in a row (see [`RECONNECTS`]).
+    failures: u32,
 }
 
 fn follow(ui: Shared, conn: Conn, run_id: String, after: i64) -> impl Stream<Item = Result<Event, Infallible>> {
-    let state = Follow { ui, conn, run_id, after, done: false };
+    let state = Follow { ui, conn, run_id, after, done: false, failures: 0 };
     stream::unfold(state, |mut s| async move {
         if s.done {
             return None;
@@ -78,8 +86,22 @@ fn follow(ui: Shared, conn: Conn, run_id: String, after: i64) -> impl Stream<Ite
 /// The next messages: new events, or the end once the run is finished.
 async fn next_batch(s: &mut Follow) -> Vec<Event> {
     match s.ui.store.wait_run_events(&mut s.conn, &s.run_id, s.after, BLOCK).await {
-        Ok(events) if !events.is_empty() => return messages(s, &events),
-        Ok(_) => {}
+        Ok(events) if !events.is_empty() => {
+            s.failures = 0;
+            return messages(s, &events);
+        }
+        Ok(_) => s.failures = 0,
+        // Redis away, or a new master being elected: follow the stream on a
+        // new connection (which, under Sentinel, goes to the new master).
+        Err(e) if e.is_transient() && s.failures < RECONNECTS => {
+            s.failures += 1;
+            tracing::debug!(run_id = %s.run_id, error = %e, "live events: reading again on a new connection");
+            tokio::time::sleep(RECONNECT_PAUSE).await;
+            if let Ok(conn) = s.ui.store.dedicated_conn().await {
+                s.conn = conn;
+            }
+            return Vec::new();
+        }
         Err(e) => return failed(s, &e),
     }
     let run = match s.ui.store.get_run(&s.run_id).await {
