@@ -132,13 +132,7 @@ end
 -- refused whole, before anything is written.
 local count_add, count_order = {}, {}
 local function tally(r)
-  for _, field in ipairs(count_fields(r.group, r.workspace_id)) do
-    if not count_add[field] then
-      count_add[field] = 0
-      count_order[#count_order + 1] = field
-    end
-    count_add[field] = count_add[field] + 1
-  end
+  tally_queued(count_add, count_order, r.group, r.workspace_id)
 end
 if capped then
   for i, r in ipairs(runs) do

@@ -89,14 +89,7 @@ if counted_after and not counted_before then
     if seen[rid] then return end
     seen[rid] = true
     local v = redis.call('HMGET', B .. 'run:' .. rid, 'status', 'group', 'workspace_id')
-    if v[1] ~= 'queued' then return end
-    for _, field in ipairs(count_fields(v[2], v[3])) do
-      if not counts[field] then
-        counts[field] = 0
-        order[#order + 1] = field
-      end
-      counts[field] = counts[field] + 1
-    end
+    if v[1] == 'queued' then tally_queued(counts, order, v[2], v[3]) end
   end
   -- Every queued run is in one of these: the claim lane (runner lanes are
   -- copies of it), the delayed set, a pinned lane, or its group's waiting set.

@@ -405,6 +405,18 @@ local function count_fields(g, w)
   return fields
 end
 
+-- Adds one run with group g and workspace w to `counts` (field -> runs),
+-- `order` keeping the fields in the order first met.
+local function tally_queued(counts, order, g, w)
+  for _, field in ipairs(count_fields(g, w)) do
+    if not counts[field] then
+      counts[field] = 0
+      order[#order + 1] = field
+    end
+    counts[field] = counts[field] + 1
+  end
+end
+
 -- Counts run h in (delta 1) or out (-1) of the queued runs, while a cap is set.
 local function count_queued(B, h, delta)
   local L = read_limits(B)

@@ -183,43 +183,16 @@ async fn many_workers_never_exceed_a_group_limit() {
         let from = to - 800;
         abandoned.push((held.run_id, held.group_key.expect("group"), from, to));
     }
-    let handled: std::sync::Arc<std::sync::Mutex<HashMap<String, u32>>> = Default::default();
-    let mut workers = Vec::new();
-    for w in 0..6 {
-        let handled = handled.clone();
-        let worker = Worker::builder(&store)
-            .runtime_id(format!("gw-{w}"))
-            .queue(Q)
-            .concurrency(4)
-            .lease(Duration::from_secs(5))
-            .handle_signals(false)
-            .build(move |ctx| {
-                let handled = handled.clone();
-                async move {
-                    *handled.lock().expect("lock").entry(ctx.run_id().to_string()).or_default() += 1;
-                    tokio::time::sleep(Duration::from_millis(3)).await;
-                    Ok(Done::default())
-                }
-            })
-            .expect("build worker");
-        let token = worker.shutdown_token();
-        workers.push((token, tokio::spawn(worker.run())));
-    }
-    // A hang guard, not a speed limit.
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let stats = store.queue_stats(Q, 10).await.expect("stats");
-        if stats.counters.get("completed").copied().unwrap_or(0) == (GROUPS * PER) as i64 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "hang guard: not every run completed: {stats:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    for (token, task) in workers {
-        token.cancel();
-        tokio::time::timeout(Duration::from_secs(20), task).await.expect("worker stops").expect("join").expect("run");
-    }
-    let handled = handled.lock().expect("lock").clone();
+    let handled = common::run_counting_workers(
+        &store,
+        Q,
+        "gw",
+        (6, 4),
+        Duration::from_secs(5),
+        Duration::from_millis(3),
+        GROUPS * PER,
+    )
+    .await;
     assert_eq!(handled.len(), GROUPS * PER, "every run handled");
     assert!(handled.values().all(|&n| n == 1), "each run handled once: {handled:?}");
     // Intervals in server ms: each run from its last claim to its finish, and each abandoned lease.

@@ -8,7 +8,6 @@
 
 use crate::common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use runledger::*;
@@ -90,42 +89,8 @@ async fn many_workers_keep_the_rate_over_the_whole_history() {
         .expect("set");
     let runs: Vec<NewRun> = (0..RUNS).map(|i| run(&format!("r{i:02}"))).collect();
     store.create_runs(&runs).await.expect("create");
-    let handled: std::sync::Arc<std::sync::Mutex<HashMap<String, u32>>> = Default::default();
-    let mut workers = Vec::new();
-    for w in 0..4 {
-        let handled = handled.clone();
-        let worker = Worker::builder(&store)
-            .runtime_id(format!("rw-{w}"))
-            .queue(Q)
-            .concurrency(2)
-            .lease(Duration::from_secs(10))
-            .handle_signals(false)
-            .build(move |ctx| {
-                let handled = handled.clone();
-                async move {
-                    *handled.lock().expect("lock").entry(ctx.run_id().to_string()).or_default() += 1;
-                    Ok(Done::default())
-                }
-            })
-            .expect("build worker");
-        let token = worker.shutdown_token();
-        workers.push((token, tokio::spawn(worker.run())));
-    }
-    // A hang guard, not a speed limit.
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let stats = store.queue_stats(Q, 10).await.expect("stats");
-        if stats.counters.get("completed").copied().unwrap_or(0) == RUNS as i64 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "hang guard: not every run completed: {stats:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    for (token, task) in workers {
-        token.cancel();
-        tokio::time::timeout(Duration::from_secs(20), task).await.expect("worker stops").expect("join").expect("run");
-    }
-    let handled = handled.lock().expect("lock").clone();
+    let handled =
+        common::run_counting_workers(&store, Q, "rw", (4, 2), Duration::from_secs(10), Duration::ZERO, RUNS).await;
     assert_eq!(handled.len(), RUNS, "every run handled");
     assert!(handled.values().all(|&n| n == 1), "each run handled once: {handled:?}");
     let mut times = Vec::new();

@@ -95,10 +95,8 @@ async fn a_sentinel_url_reaches_the_master() {
         let other = Store::connect_with(&plain, cfg).await.expect("connect with sentinel_master");
         assert_eq!(other.get_run("s-1").await.expect("get").run_id, "s-1");
 
-        let started = Instant::now();
         let wrong = Store::connect(&format!("redis+sentinel://{}/nosuchmaster", hosts.join(","))).await;
         assert!(matches!(wrong, Err(Error::Invalid(_))), "an unknown master name is bad input");
-        assert!(started.elapsed() < Duration::from_secs(10), "not waited out like a failover");
     })
     .await
     .expect("hang guard: the test took over 120 s");

@@ -360,3 +360,57 @@ pub async fn scripts_sent(raw: &mut runledger::store::Conn) -> u64 {
         .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
         .sum()
 }
+
+/// Runs `workers` Workers (each of `concurrency`, leases of `lease`, named
+/// `<name>-<i>`) on `queue` until its `completed` counter reaches `expected`,
+/// then stops them; returns how many times each run id was handled. Each
+/// handler sleeps `work` first. A 120 s hang guard, not a speed limit.
+pub async fn run_counting_workers(
+    store: &runledger::Store,
+    queue: &str,
+    name: &str,
+    (workers, concurrency): (usize, usize),
+    lease: std::time::Duration,
+    work: std::time::Duration,
+    expected: usize,
+) -> std::collections::HashMap<String, u32> {
+    use std::time::Duration;
+    let handled: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>> = Default::default();
+    let mut running = Vec::new();
+    for w in 0..workers {
+        let handled = handled.clone();
+        let worker = runledger::Worker::builder(store)
+            .runtime_id(format!("{name}-{w}"))
+            .queue(queue)
+            .concurrency(concurrency)
+            .lease(lease)
+            .handle_signals(false)
+            .build(move |ctx| {
+                let handled = handled.clone();
+                async move {
+                    *handled.lock().expect("lock").entry(ctx.run_id().to_string()).or_default() += 1;
+                    if !work.is_zero() {
+                        tokio::time::sleep(work).await;
+                    }
+                    Ok(runledger::Done::default())
+                }
+            })
+            .expect("build worker");
+        let token = worker.shutdown_token();
+        running.push((token, tokio::spawn(worker.run())));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let stats = store.queue_stats(queue, 10).await.expect("stats");
+        if stats.counters.get("completed").copied().unwrap_or(0) == expected as i64 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "hang guard: not every run completed: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (token, task) in running {
+        token.cancel();
+        tokio::time::timeout(Duration::from_secs(20), task).await.expect("worker stops").expect("join").expect("run");
+    }
+    handled.lock().expect("lock").clone()
+}
