@@ -50,11 +50,15 @@ local quiet = ARGV[13] == '1'
 local next_claim = (ARGV[14] or '') ~= '' and parse_claim(14) or nil
 
 local rk = KEYS[8]
--- The run's metadata as stored (read back from its doc key when moved out).
-local function current_metadata()
-  return doc_text(B, rid, 'metadata', redis.call('HGET', rk, 'metadata') or '')
-end
 local h = load_run(rk, rid)
+-- The run's metadata as stored (read back from where it was moved).
+local function current_metadata()
+  return doc_text(B, rid, 'metadata', h.stored.metadata)
+end
+-- A document field's new stored value (see doc_value).
+local function doc(field, v)
+  return doc_value(B, rid, field, v, h.stored[field])
+end
 if TERMINAL[h.status] then
   -- A fenced call on a finished run is a retry only from the claim that
   -- finished it; any other token lost the run (its usage would be dropped).
@@ -70,9 +74,9 @@ if TERMINAL[h.status] then
     end
     local again_now = now_ms()
     local fields = { 'updated_at', fmt(again_now) }
-    if with_meta then fields[#fields + 1] = 'metadata'; fields[#fields + 1] = doc_value(B, rid, 'metadata', ARGV[9]) end
-    if ARGV[5] ~= '' then fields[#fields + 1] = 'usage'; fields[#fields + 1] = doc_value(B, rid, 'usage', ARGV[5]) end
-    if ARGV[6] ~= '' then fields[#fields + 1] = 'cost'; fields[#fields + 1] = doc_value(B, rid, 'cost', ARGV[6]) end
+    if with_meta then fields[#fields + 1] = 'metadata'; fields[#fields + 1] = doc('metadata', ARGV[9]) end
+    if ARGV[5] ~= '' then fields[#fields + 1] = 'usage'; fields[#fields + 1] = doc('usage', ARGV[5]) end
+    if ARGV[6] ~= '' then fields[#fields + 1] = 'cost'; fields[#fields + 1] = doc('cost', ARGV[6]) end
     if ARGV[4] ~= '' then fields[#fields + 1] = 'status_reason'; fields[#fields + 1] = ARGV[4] end
     if #fields > 2 then redis.call('HSET', rk, unpack(fields)) end
     -- A resend after a lost reply answers as the first call did, with the run
@@ -90,9 +94,9 @@ end
 -- The documents go in the finish's own HSET.
 local extra = {}
 if token ~= '' then extra[#extra + 1] = 'finish_token'; extra[#extra + 1] = token end
-if with_meta then extra[#extra + 1] = 'metadata'; extra[#extra + 1] = doc_value(B, rid, 'metadata', ARGV[9]) end
-if ARGV[5] ~= '' then extra[#extra + 1] = 'usage'; extra[#extra + 1] = doc_value(B, rid, 'usage', ARGV[5]) end
-if ARGV[6] ~= '' then extra[#extra + 1] = 'cost'; extra[#extra + 1] = doc_value(B, rid, 'cost', ARGV[6]) end
+if with_meta then extra[#extra + 1] = 'metadata'; extra[#extra + 1] = doc('metadata', ARGV[9]) end
+if ARGV[5] ~= '' then extra[#extra + 1] = 'usage'; extra[#extra + 1] = doc('usage', ARGV[5]) end
+if ARGV[6] ~= '' then extra[#extra + 1] = 'cost'; extra[#extra + 1] = doc('cost', ARGV[6]) end
 finish(B, rid, h, status, ARGV[4], now, extra)
 if KEYS[9] then redis.call('PEXPIRE', KEYS[9], fmt(retention + 86400000)) end
 -- Each finish purges up to two runs past the retention: the finished

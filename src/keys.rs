@@ -97,14 +97,20 @@ impl QueueKeys {
     pub fn events(&self, run_id: &str) -> String {
         self.key(&format!("events:{run_id}"))
     }
-    /// STRING: one JSON document of a run (`metadata`, `authorization`,
-    /// `usage`, `cost`: [`DOCUMENTS`]) too long to stay in its hash, which
-    /// holds [`DOC_MARK`] in that field instead.
+    /// HASH: the JSON documents of this queue's runs (`metadata`,
+    /// `authorization`, `usage`, `cost`: [`DOCUMENTS`]) too long to stay in
+    /// their run hash, which holds [`DOCS_MARK`] in that field instead; the
+    /// field here is [`doc_field`].
+    pub fn docs_hash(&self) -> String {
+        self.key("docs")
+    }
+    /// STRING: where an earlier build kept one long document of a run (its
+    /// hash holds [`DOC_MARK`] then); still read, and deleted with the run.
     pub fn doc(&self, field: &str, run_id: &str) -> String {
         format!("{}doc:{field}:{run_id}", self.base)
     }
 
-    /// The doc keys of one run, in the order of [`DOCUMENTS`].
+    /// The earlier build's doc keys of one run, in the order of [`DOCUMENTS`].
     pub fn docs(&self, run_id: &str) -> [String; 4] {
         DOCUMENTS.map(|field| self.doc(field, run_id))
     }
@@ -179,8 +185,35 @@ impl QueueKeys {
 /// lua/include/common.lua), so the run hash stays a listpack.
 pub const DOCUMENTS: [&str; 4] = ["metadata", "authorization", "usage", "cost"];
 
-/// What a run hash holds in a document field whose document lives in its doc key.
+/// What a run hash holds in a document field whose document lives in the
+/// queue's docs hash ([`QueueKeys::docs_hash`]).
+pub const DOCS_MARK: &str = "@docs";
+
+/// What a run hash of an earlier build holds in a document field whose
+/// document lives in a key of its own ([`QueueKeys::doc`]).
 pub const DOC_MARK: &str = "@doc";
+
+/// The field of the docs hash that holds document `field` (one of
+/// [`DOCUMENTS`]) of a run: its initial, `:`, the run id (short: a field per
+/// long document of every run).
+pub fn doc_field(field: &str, run_id: &str) -> String {
+    format!("{}:{run_id}", &field[..1])
+}
+
+/// The docs hash fields of one run, in the order of [`DOCUMENTS`].
+pub fn doc_fields(run_id: &str) -> [String; 4] {
+    DOCUMENTS.map(|field| doc_field(field, run_id))
+}
+
+/// A stored document field's text: `stored` itself, or the document it
+/// points to (`in_hash` from the docs hash, `in_key` from an earlier build's doc key).
+pub fn doc_text(stored: String, in_hash: Option<String>, in_key: Option<String>) -> String {
+    match stored.as_str() {
+        DOCS_MARK => in_hash.unwrap_or_default(),
+        DOC_MARK => in_key.unwrap_or_default(),
+        _ => stored,
+    }
+}
 
 /// The most queues one prefix may have: a queue's number is the low part of
 /// every run id it creates (see `lua/create_run.lua`).

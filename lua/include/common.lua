@@ -116,31 +116,57 @@ local function hgetall(rk)
 end
 
 -- A run's documents (metadata, authorization, usage, cost) longer than
--- DOC_INLINE_MAX bytes live in STRING keys of their own,
--- <P>:{Q}:doc:<field>:<run_id>, and the run hash holds DOC_MARK in their
--- field (no JSON document starts with '@'). So the run hash keeps to short
--- values and stays a listpack at Redis's stock hash-max-listpack-value (64),
--- about half the memory of a hash table. A run written by an earlier build
--- keeps its documents inline, which every reader takes as they are.
+-- DOC_INLINE_MAX bytes live in the queue's HASH <P>:{Q}:docs, in field
+-- <letter>:<run_id> (m, a, u, c: DOC_FIELD), and the run hash holds DOCS_MARK
+-- in their field (no JSON document starts with '@'). So the run hash keeps to
+-- short values and stays a listpack at Redis's stock hash-max-listpack-value
+-- (64), about half the memory of a hash table; and a field of one shared hash
+-- costs about 45 bytes less than a key of its own (no key object, a shorter name).
+-- Runs of earlier builds read as they were written: documents inline, or
+-- DOC_MARK with the document in its own STRING key <P>:{Q}:doc:<field>:<run_id>.
 local DOC_INLINE_MAX = 64
+local DOCS_MARK = '@docs'
 local DOC_MARK = '@doc'
+local DOC_FIELD = { metadata = 'm:', authorization = 'a:', usage = 'u:', cost = 'c:' }
 
 local function doc_key(B, rid, field)
   return B .. 'doc:' .. field .. ':' .. rid
 end
 
 -- The value to store in document field `field` of run rid: `v` itself when
--- short, else DOC_MARK, with `v` written to its doc key.
-local function doc_value(B, rid, field, v)
-  if #v <= DOC_INLINE_MAX then return v end
-  redis.call('SET', doc_key(B, rid, field), v)
-  return DOC_MARK
+-- short, else DOCS_MARK, with `v` written to the queue's docs hash. `old` is
+-- the field as stored before (nil for a new run): a copy it points to that
+-- `v` does not overwrite is deleted, so no document outlives its field.
+local function doc_value(B, rid, field, v, old)
+  if old == DOC_MARK then redis.call('DEL', doc_key(B, rid, field)) end
+  if #v <= DOC_INLINE_MAX then
+    if old == DOCS_MARK then redis.call('HDEL', B .. 'docs', DOC_FIELD[field] .. rid) end
+    return v
+  end
+  redis.call('HSET', B .. 'docs', DOC_FIELD[field] .. rid, v)
+  return DOCS_MARK
 end
 
--- A document field's stored value, read back from its doc key when moved out.
+-- A document field's stored value, read back from where it was moved.
 local function doc_text(B, rid, field, stored)
-  if stored ~= DOC_MARK then return stored end
-  return redis.call('GET', doc_key(B, rid, field)) or ''
+  if stored == DOCS_MARK then return redis.call('HGET', B .. 'docs', DOC_FIELD[field] .. rid) or '' end
+  if stored == DOC_MARK then return redis.call('GET', doc_key(B, rid, field)) or '' end
+  return stored
+end
+
+-- The fields of DOCUMENTS_ORDER hold documents (see DOC_INLINE_MAX).
+local DOCUMENTS_ORDER = { 'metadata', 'authorization', 'usage', 'cost' }
+
+-- Deletes the documents run rid moved out; `stored` holds its document
+-- fields as stored, in DOCUMENTS_ORDER.
+local function drop_docs(B, rid, stored)
+  local fields, keys = {}, {}
+  for i, field in ipairs(DOCUMENTS_ORDER) do
+    if stored[i] == DOCS_MARK then fields[#fields + 1] = DOC_FIELD[field] .. rid end
+    if stored[i] == DOC_MARK then keys[#keys + 1] = doc_key(B, rid, field) end
+  end
+  if fields[1] then redis.call('HDEL', B .. 'docs', unpack(fields)) end
+  if keys[1] then redis.call('DEL', unpack(keys)) end
 end
 
 -- Every field of run rid as HGETALL gives them, documents read back in place,
@@ -151,7 +177,8 @@ local function run_fields(B, rid)
   local f = redis.call('HGETALL', B .. 'run:' .. rid)
   if #f == 0 then return f end
   for i = 2, #f, 2 do
-    if f[i] == DOC_MARK then f[i] = doc_text(B, rid, f[i - 1], DOC_MARK) end
+    local v = f[i]
+    if v == DOCS_MARK or v == DOC_MARK then f[i] = doc_text(B, rid, f[i - 1], v) end
   end
   f[#f + 1] = 'run_id'
   f[#f + 1] = rid

@@ -237,7 +237,7 @@ end
 local function route_fields(rk)
   local v = redis.call('HMGET', rk, 'id', 'status', 'priority', 'runner_id', 'requested_runtime_id',
     'claim_token', 'dispatch_attempts', 'max_attempts', 'deadline_at', 'not_before', 'started_at',
-    'claim_lease_expires_at', 'claimed_by_runtime_id', 'group', 'workspace_id')
+    'claim_lease_expires_at', 'claimed_by_runtime_id', 'group', 'workspace_id', 'metadata', 'usage', 'cost')
   if not v[1] then return nil end
   check_stored(rk, v[2], v[12])
   if not string.find(v[1], '^%d+$') then corrupt(rk, 'id', v[1]) end
@@ -252,6 +252,8 @@ local function route_fields(rk)
     deadline_at = tonumber(v[9] or ''), not_before = v[10] or nil, started_at = v[11] or nil,
     lease_expires = tonumber(v[12] or ''), holder = v[13] or nil, group = v[14] or nil,
     workspace = v[15] or nil,
+    -- The documents a finish may rewrite, as stored (see doc_value).
+    stored = { metadata = v[16] or '', usage = v[17] or '', cost = v[18] or '' },
   }
 end
 
@@ -555,7 +557,8 @@ local function purge_finished(B, now, retention, limit)
   for _, entry in ipairs(redis.call('XRANGE', K.finished, '-', fmt(now - retention), 'COUNT', limit)) do
     local rid = entry[2][2]
     local rk = B .. 'run:' .. rid
-    local v = redis.call('HMGET', rk, 'id', 'conversation_id', 'bot_id', 'workspace_id', 'thread_id', 'status')
+    local v = redis.call('HMGET', rk, 'id', 'conversation_id', 'bot_id', 'workspace_id', 'thread_id', 'status',
+      'metadata', 'authorization', 'usage', 'cost')
     -- A finished entry whose run is live again is impossible by the
     -- scripts; a hand-edited one is skipped rather than destroyed.
     if v[1] and TERMINAL[v[6] or ''] then
@@ -570,8 +573,8 @@ local function purge_finished(B, now, retention, limit)
         end
       end
       redis.call('ZREM', B .. 'dead', rid)
-      redis.call('DEL', rk, B .. 'events:' .. rid, doc_key(B, rid, 'metadata'), doc_key(B, rid, 'authorization'),
-        doc_key(B, rid, 'usage'), doc_key(B, rid, 'cost'))
+      redis.call('DEL', rk, B .. 'events:' .. rid)
+      drop_docs(B, rid, { v[7], v[8], v[9], v[10] })
       ids[#ids + 1] = rid
     end
     redis.call('XDEL', K.finished, entry[1])

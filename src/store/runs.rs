@@ -9,6 +9,7 @@ use serde_json::Value;
 use super::locator::Reservation;
 use super::{Store, lock, reply};
 use crate::error::{Error, Result};
+use crate::keys::QueueKeys;
 use crate::model::{ClaimRequest, Finish, NewRun, Run, RunStatus};
 use crate::validate;
 
@@ -717,8 +718,7 @@ impl Store {
             let (flag, expected, merged) = match &finish.metadata {
                 None => ("0", String::new(), String::new()),
                 Some(patch) => {
-                    let doc = keys.doc("metadata", run_id);
-                    let (expected, merged) = self.merged_metadata(&k[7], Some(&doc), patch).await?;
+                    let (expected, merged) = self.merged_metadata(&k[7], Some((&keys, run_id)), patch).await?;
                     ("1", expected, merged)
                 }
             };
@@ -779,28 +779,27 @@ impl Store {
         Err(Error::Conflict(format!("metadata of run {run_id} kept changing; finalize gave up")))
     }
 
-    /// Reads a hash's `metadata` (from `doc`, its doc key, when the hash
-    /// holds [`crate::keys::DOC_MARK`]) and merges `patch` into it (top-level
-    /// keys). Returns (what was read, the merged JSON) for the script's
-    /// compare-and-set.
+    /// Reads a hash's `metadata` (from the docs of `run`, a run's queue keys
+    /// and id, when the hash holds a mark: see [`crate::keys::DOCS_MARK`]) and
+    /// merges `patch` into it (top-level keys). Returns (what was read, the
+    /// merged JSON) for the script's compare-and-set.
     pub(crate) async fn merged_metadata(
         &self,
         key: &str,
-        doc: Option<&str>,
+        run: Option<(&QueueKeys, &str)>,
         patch: &Value,
     ) -> Result<(String, String)> {
         let mut conn = self.conn().await?;
         let mut pipe = redis::pipe();
         pipe.cmd("HGET").arg(key).arg("metadata");
-        if let Some(doc) = doc {
-            pipe.cmd("GET").arg(doc);
+        if let Some((keys, run_id)) = run {
+            pipe.cmd("HGET").arg(keys.docs_hash()).arg(crate::keys::doc_field("metadata", run_id));
+            pipe.cmd("GET").arg(keys.doc("metadata", run_id));
         }
         let read: Vec<Option<String>> = pipe.query_async(&mut conn).await.map_err(|e| self.failed(e))?;
         let mut read = read.into_iter();
-        let current = match (read.next().flatten(), read.next().flatten()) {
-            (Some(mark), Some(text)) if mark == crate::keys::DOC_MARK => text,
-            (stored, _) => stored.unwrap_or_default(),
-        };
+        let stored = read.next().flatten().unwrap_or_default();
+        let current = crate::keys::doc_text(stored, read.next().flatten(), read.next().flatten());
         let mut merged = match serde_json::from_str::<Value>(&current) {
             Ok(Value::Object(map)) => map,
             _ => Default::default(),
@@ -847,15 +846,17 @@ impl Store {
         Run::from_fields(self.run_hash(run_id, queue).await?, false)
     }
 
-    /// A run's hash, with its long documents read back from their doc keys
-    /// (see `crate::keys::DOCUMENTS`), in one round trip. NOT_FOUND when it
-    /// does not exist.
+    /// A run's hash, with its long documents read back from the docs hash
+    /// (or an earlier build's doc keys; see `crate::keys::DOCUMENTS`), in one
+    /// round trip. NOT_FOUND when it does not exist.
     pub(crate) async fn run_hash(&self, run_id: &str, queue: &str) -> Result<crate::model::Fields> {
         let keys = self.queue_keys(queue);
         let mut pipe = redis::pipe();
-        pipe.cmd("HGETALL").arg(keys.run(run_id)).cmd("MGET").arg(&keys.docs(run_id)[..]);
+        pipe.cmd("HGETALL").arg(keys.run(run_id));
+        pipe.cmd("HMGET").arg(keys.docs_hash()).arg(&crate::keys::doc_fields(run_id)[..]);
+        pipe.cmd("MGET").arg(&keys.docs(run_id)[..]);
         let mut conn = self.conn().await?;
-        let (value, docs): (redis::Value, Vec<Option<String>>) =
+        let (value, in_hash, in_keys): (redis::Value, Vec<Option<String>>, Vec<Option<String>>) =
             pipe.query_async(&mut conn).await.map_err(|e| self.failed(e))?;
         let mut fields = reply::fields(value)?;
         if fields.0.is_empty() {
@@ -864,11 +865,9 @@ impl Store {
         // The key names these two (see run_fields in lua/include/common.lua).
         fields.0.entry("run_id".to_string()).or_insert_with(|| run_id.to_string());
         fields.0.entry("queue_name".to_string()).or_insert_with(|| queue.to_string());
-        for (field, doc) in crate::keys::DOCUMENTS.iter().zip(docs) {
-            if let Some(stored) = fields.0.get_mut(*field)
-                && stored == crate::keys::DOC_MARK
-            {
-                *stored = doc.unwrap_or_default();
+        for ((field, in_hash), in_key) in crate::keys::DOCUMENTS.iter().zip(in_hash).zip(in_keys) {
+            if let Some(stored) = fields.0.get_mut(*field) {
+                *stored = crate::keys::doc_text(std::mem::take(stored), in_hash, in_key);
             }
         }
         Ok(fields)

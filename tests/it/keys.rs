@@ -91,6 +91,7 @@ fn no_two_keys_collide() {
                 ("rate", q.rate()),
                 ("group-rates", q.group_rates()),
                 ("queued-count", q.queued_count()),
+                ("docs", q.docs_hash()),
             ];
             for (family, key) in fixed {
                 claim(&mut seen, key, owner(family, ""));
@@ -184,6 +185,7 @@ fn scripts_derive_only_keys_the_test_knows() {
         "rate",
         "group-rates",
         "queued-count",
+        "docs",
     ];
     let mut found = 0;
     for dir in ["lua", "lua/include"] {

@@ -330,9 +330,10 @@ fn assert_layout(keys: &[String], q: &str) {
             "meta",
             "running",
             "listeners",
+            "docs",
         ]
         .contains(&rest)
-            || ["run:", "events:", "idx:", "runner:", "pinned:", "receipt:", "wake:runner:", "wake:pin:"]
+            || ["run:", "events:", "doc:", "idx:", "runner:", "pinned:", "receipt:", "wake:runner:", "wake:pin:"]
                 .iter()
                 .any(|p| rest.starts_with(p));
         assert!(known, "undocumented queue key {key}");
@@ -557,8 +558,8 @@ async fn a_create_and_a_finish_are_one_round_trip_each_on_one_server() {
 
 /// A run an earlier build wrote, its documents inline in the hash, is read,
 /// merged and finished as one of this build's: the finish moves its long
-/// metadata out to its doc key (an upgrade in place), and a purge leaves no
-/// key of it behind.
+/// metadata out to the queue's docs hash (an upgrade in place), and a purge
+/// leaves no key or docs field of it behind.
 #[tokio::test]
 async fn a_run_with_inline_documents_is_upgraded_in_place() {
     let (redis, store) = common::store().await;
@@ -593,7 +594,7 @@ async fn a_run_with_inline_documents_is_upgraded_in_place() {
         .await
         .expect("finalize merges into inline metadata");
     let stored = hgetall(&mut raw, &keys.run("r")).await;
-    assert_eq!(stored["metadata"], runledger::keys::DOC_MARK, "the finish moved the long metadata out");
+    assert_eq!(stored["metadata"], runledger::keys::DOCS_MARK, "the finish moved the long metadata out");
     let mut merged = metadata.clone();
     merged["done"] = json!(1);
     assert_eq!(store.get_run("r").await.expect("get").metadata, merged);
@@ -603,4 +604,48 @@ async fn a_run_with_inline_documents_is_upgraded_in_place() {
     assert_eq!(report.purged, 1, "{report:?}");
     let left: Vec<String> = all_keys(&mut raw).await.into_iter().filter(|k| k.ends_with(":r")).collect();
     assert!(left.is_empty(), "the purge left {left:?}");
+    assert_eq!(key_type(&mut raw, &keys.docs_hash()).await, "none", "the purge left the docs of r");
+}
+
+/// A run the previous build wrote, its long documents in keys of their own
+/// (`@doc` in the hash), reads as it did through every reader, takes a
+/// metadata merge and a finish, and its purge deletes those keys too.
+#[tokio::test]
+async fn a_run_with_documents_in_doc_keys_is_read_and_purged() {
+    let (redis, store) = common::store().await;
+    let mut raw = common::raw(&redis).await;
+    let keys = store.queue_keys("prev");
+    let metadata = json!({ "user": "ada", "text": "x".repeat(200) });
+    let authorization = json!({ "token": "t".repeat(100) });
+    store.create_run(&NewRun::new("p", "agent").queue("prev")).await.expect("create");
+    // As the previous build left it: the marks in the hash, the documents in doc keys.
+    for (field, doc) in [("metadata", &metadata), ("authorization", &authorization)] {
+        let text = serde_json::to_string(doc).expect("json");
+        let _: () = redis::cmd("SET").arg(keys.doc(field, "p")).arg(&text).query_async(&mut raw).await.expect("SET");
+        let _: () = redis::cmd("HSET")
+            .arg(keys.run("p"))
+            .arg(field)
+            .arg(runledger::keys::DOC_MARK)
+            .query_async(&mut raw)
+            .await
+            .expect("HSET");
+    }
+    assert_eq!(store.get_run("p").await.expect("get").metadata, metadata, "get_run reads the doc key");
+    let listed = store.list_runs(&RunFilter { limit: 10, ..Default::default() }).await.expect("list");
+    assert_eq!(listed.items[0].metadata, metadata, "list_runs reads the doc key");
+    let claimed = store.claim_next_run(&ClaimRequest::new("rt").queue("prev")).await.expect("claim").expect("p");
+    assert_eq!(claimed.metadata, metadata, "the claim reads the doc key");
+    let finish = Finish::new(RunStatus::Completed).metadata(json!({ "done": 1 }));
+    store.finalize_run("p", &finish, claimed.claim_token.as_deref()).await.expect("finalize merges");
+    let mut merged = metadata.clone();
+    merged["done"] = json!(1);
+    assert_eq!(store.get_run("p").await.expect("get").metadata, merged, "merged into the doc key's document");
+    assert_eq!(hgetall(&mut raw, &keys.run("p")).await["metadata"], runledger::keys::DOCS_MARK, "rewritten here");
+
+    let later = now_ms(&store).await + store.config().retention.as_millis() as i64 + 86_400_000;
+    let report = store.reap(&[], Some(later)).await.expect("reap");
+    assert_eq!(report.purged, 1, "{report:?}");
+    let left: Vec<String> = all_keys(&mut raw).await.into_iter().filter(|k| k.ends_with(":p")).collect();
+    assert!(left.is_empty(), "the purge left {left:?}");
+    assert_eq!(key_type(&mut raw, &keys.docs_hash()).await, "none", "the purge left the docs of p");
 }

@@ -39,7 +39,7 @@ async fn a_run_with_metadata_stays_a_listpack_at_recommended_and_stock_settings(
     let mut raw = common::raw(&redis).await;
     let metadata = json!({ "user": "ada", "text": "x".repeat(200) });
     let usage = json!({ "tokens": 812, "detail": "y".repeat(100) });
-    // At Redis's stock limit too: the long documents live in their doc keys.
+    // At Redis's stock limit too: the long documents live in the queue's docs hash.
     for (run_id, limit) in [("big", "1024"), ("big2", "64")] {
         set(&mut raw, "hash-max-listpack-value", limit).await;
         store.create_run(&NewRun::new(run_id, "agent").queue("q").metadata(metadata.clone())).await.expect("create");
@@ -51,10 +51,15 @@ async fn a_run_with_metadata_stays_a_listpack_at_recommended_and_stock_settings(
         assert_eq!(encoding(&mut raw, &key).await, "listpack", "{key} at hash-max-listpack-value {limit}");
         for field in ["metadata", "usage"] {
             let stored: String = redis::cmd("HGET").arg(&key).arg(field).query_async(&mut raw).await.expect("HGET");
-            assert_eq!(stored, runledger::keys::DOC_MARK, "{field} moved out of {key}");
-            let doc = store.queue_keys("q").doc(field, &claimed.run_id);
-            let text: String = redis::cmd("GET").arg(&doc).query_async(&mut raw).await.expect("GET doc");
-            assert!(text.starts_with('{'), "{doc} holds the document: {text}");
+            assert_eq!(stored, runledger::keys::DOCS_MARK, "{field} moved out of {key}");
+            let docs = store.queue_keys("q").docs_hash();
+            let text: String = redis::cmd("HGET")
+                .arg(&docs)
+                .arg(runledger::keys::doc_field(field, &claimed.run_id))
+                .query_async(&mut raw)
+                .await
+                .expect("HGET doc");
+            assert!(text.starts_with('{'), "{docs} holds the document: {text}");
         }
         let run = store.get_run(&claimed.run_id).await.expect("get");
         let mut merged = metadata.clone();

@@ -394,6 +394,7 @@ async fn empty_bench_queues(store: &Store) -> Result<u64> {
             keys.pins(),
             keys.hints(),
             keys.runs_index(),
+            keys.docs_hash(),
         ];
         for i in 0..workload::runner_count() {
             own.push(keys.runner_lane(&workload::bench_runner(i)));
