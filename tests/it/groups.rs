@@ -272,6 +272,12 @@ async fn killed_worker_processes_never_exceed_a_group_limit() {
     let killed = fleet.killed.clone();
     let lapsed = history.lapsed_claims_came_back(|rt| killed.contains(rt));
     assert!(lapsed > 0, "no killed worker held a run when it died ({killed:?}): the kills tested nothing");
+    eprintln!(
+        "group kill test: {} runs, {} claims, {} kills, {lapsed} claims lapsed with their killed holders, peaks {peaks:?}",
+        runs.len(),
+        history.held.len(),
+        killed.len()
+    );
 }
 
 // ---------------------------------------------------------------- the recorded history
