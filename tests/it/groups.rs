@@ -425,7 +425,11 @@ impl History {
         for dead in &lapsed {
             let again = self.held.iter().find(|h| h.run_id == dead.run_id && h.from > dead.from);
             let again = again.unwrap_or_else(|| panic!("{} was never claimed again after {dead:?}", dead.run_id));
-            assert!(again.from >= dead.to, "{} claimed again before the lapsed lease ended: {again:?} {dead:?}", dead.run_id);
+            assert!(
+                again.from >= dead.to,
+                "{} claimed again before the lapsed lease ended: {again:?} {dead:?}",
+                dead.run_id
+            );
         }
         lapsed.len()
     }

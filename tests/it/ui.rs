@@ -503,7 +503,8 @@ async fn a_group_is_paused_and_resumed_from_its_queue_page() {
         assert!(!home.contains("badge paused"), "the queue itself is not paused: {home}");
 
         // Resume through the button's route.
-        let (status, body, location) = post(&ui.url(&format!("/queues/chat/groups/{ODD_GROUP_PATH}/resume")), &[]).await;
+        let (status, body, location) =
+            post(&ui.url(&format!("/queues/chat/groups/{ODD_GROUP_PATH}/resume")), &[]).await;
         assert_eq!((status, location.as_deref()), (303, Some("/queues/chat")), "{body}");
         let odd = claim(&store, "chat", "rt", Duration::from_secs(60)).await;
         assert_eq!(odd.run_id, "odd-1", "the resumed group's run is claimable again");
