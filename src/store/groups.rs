@@ -137,6 +137,39 @@ impl Store {
         self.set_paused(queue, group, by, false).await
     }
 
+    /// The paused groups of `queue` (of any of its partitions), sorted; at
+    /// most `limit` of them (1 ..= 1000), which ones unspecified when more are
+    /// paused. For the dashboard's list: [`QueueStats::paused_groups`] counts them all.
+    ///
+    /// [`QueueStats::paused_groups`]: crate::QueueStats::paused_groups
+    pub async fn paused_groups(&self, queue: &str, limit: usize) -> Result<Vec<String>> {
+        validate::id("queue_name", queue)?;
+        let limit = limit.clamp(1, 1000);
+        let mut found = std::collections::BTreeSet::new();
+        let mut conn = self.conn().await?;
+        for physical in self.physical_queues(&[queue.to_string()]).await? {
+            let key = self.queue_keys(&physical).paused_groups();
+            // SSCAN, not SMEMBERS: an operator may have paused any number of groups.
+            let mut cursor = 0u64;
+            loop {
+                let (next, members): (u64, Vec<String>) = redis::cmd("SSCAN")
+                    .arg(&key)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(100)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.failed(e))?;
+                found.extend(members);
+                cursor = next;
+                if cursor == 0 || found.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(found.into_iter().take(limit).collect())
+    }
+
     async fn set_paused(&self, queue: &str, group: Option<&str>, by: Option<&str>, pause: bool) -> Result<bool> {
         validate::id("queue_name", queue)?;
         validate::opt_id("group", group)?;

@@ -2,13 +2,14 @@
 //! blocks no other group, even with 10,000 of its runs ahead in priority; a
 //! lapsed lease gives its slot back; limits change at once; many concurrent
 //! Workers, some of whose claims are abandoned as a crashed worker's would
-//! be, never hold more runs of one group than its limit over the whole
-//! recorded history (server times); pause and resume of a queue and of a
+//! be, and real `runledger worker` processes SIGKILLed mid-run, never hold
+//! more runs of one group than its limit over the whole history the server
+//! recorded (MONITOR, server times); pause and resume of a queue and of a
 //! group; refused settings write nothing. Both backends.
 
 use crate::common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use runledger::*;
@@ -160,28 +161,21 @@ async fn refused_settings_write_nothing() {
 
 /// Many concurrent Workers over 20 conversations of 12 runs each, plus a
 /// crasher that claims runs under short leases and abandons them. Over the
-/// whole history (server times from each run's hash and each abandoned
-/// lease), no conversation ever has two runs held at once, and every run
-/// completes exactly once.
+/// whole recorded history (the server's, see [`ClaimRecorder`]), no
+/// conversation ever has two runs held at once, every run completes exactly
+/// once, and each abandoned claim's run is claimed again once its lease ran out.
 async fn many_workers_never_exceed_a_group_limit() {
     const GROUPS: usize = 20;
     const PER: usize = 12;
-    let (_redis, store) = common::store().await;
+    let (redis, store) = common::store().await;
+    let recorder = ClaimRecorder::start(&redis.url).await;
     group_by(&store, GroupBy::ConversationId, 1).await;
     let runs: Vec<NewRun> =
         (0..GROUPS * PER).map(|i| msg(&format!("r{i:03}"), &format!("c{}", i % GROUPS), 0)).collect();
     store.create_runs(&runs).await.expect("create");
     // The crasher: takes a few runs and never comes back (its leases lapse).
-    let mut abandoned: Vec<(String, String, i64, i64)> = Vec::new(); // run, group, from ms, to ms
     for _ in 0..5 {
-        let held = store
-            .claim_next_run(&req("crasher").lease(Duration::from_millis(800)))
-            .await
-            .expect("claim")
-            .expect("a run");
-        let to = held.claim_lease_expires_at_ms.expect("lease");
-        let from = to - 800;
-        abandoned.push((held.run_id, held.group_key.expect("group"), from, to));
+        store.claim_next_run(&req("crasher").lease(Duration::from_millis(800))).await.expect("claim").expect("a run");
     }
     let handled = common::run_counting_workers(
         &store,
@@ -195,34 +189,411 @@ async fn many_workers_never_exceed_a_group_limit() {
     .await;
     assert_eq!(handled.len(), GROUPS * PER, "every run handled");
     assert!(handled.values().all(|&n| n == 1), "each run handled once: {handled:?}");
-    // Intervals in server ms: each run from its last claim to its finish, and each abandoned lease.
-    let mut by_group: HashMap<String, Vec<(i64, i64, String)>> = HashMap::new();
-    for (run, group, from, to) in &abandoned {
-        by_group.entry(group.clone()).or_default().push((*from, *to, format!("{run} (abandoned)")));
+    let history = recorder.stop(&runs).await;
+    history.assert_completed_once(&runs);
+    history.assert_within_limits(|_| 1);
+    assert_eq!(history.lapsed_claims_came_back(|rt| rt == "crasher"), 5, "the crasher's five claims lapsed");
+}
+
+/// Real `runledger worker` processes (the CLI, its simulated handler) on a
+/// queue set up with `runledger queue set --group-by conversation_id
+/// --group-concurrency 1` and two conversations of limit 2; the test
+/// SIGKILLs workers while they hold runs and starts replacements. Over the
+/// whole recorded history: no conversation ever held more than its limit (a
+/// killed worker's claim counts until its lease ran out), every run
+/// completed exactly once, and each killed worker's claims came back to
+/// their groups once their leases ran out.
+async fn killed_worker_processes_never_exceed_a_group_limit() {
+    const GROUPS: usize = 15;
+    const PER: usize = 8;
+    const WORKERS: usize = 4;
+    const KILLS: usize = 4;
+    const WIDE: [&str; 2] = ["c0", "c1"];
+    let redis = common::redis().await;
+    let store = Store::connect(&redis.url).await.expect("connect");
+    let recorder = ClaimRecorder::start(&redis.url).await;
+    let mut set: Vec<String> =
+        ["queue", "set", Q, "--group-by", "conversation_id", "--group-concurrency", "1"].map(String::from).into();
+    for g in WIDE {
+        set.extend(["--group-limit".to_string(), format!("{g}=2")]);
     }
-    let mut raw = store.conn().await.expect("conn");
-    for r in &runs {
-        let key = store.queue_keys(Q).run(&r.run_id);
-        let v: Vec<Option<i64>> = redis::cmd("HMGET")
-            .arg(&key)
-            .arg(&["last_claimed_at", "started_at", "finished_at"])
-            .query_async(&mut raw)
-            .await
-            .expect("HMGET");
-        let from = v[0].or(v[1]).expect("claimed");
-        let to = v[2].expect("finished");
-        by_group.entry(r.conversation_id.clone().expect("conversation")).or_default().push((
-            from,
-            to,
-            r.run_id.clone(),
-        ));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runledger"))
+        .args(["--redis", &redis.url])
+        .args(&set)
+        .env_remove("REDIS_URL")
+        .output()
+        .expect("run runledger queue set");
+    assert!(out.status.success(), "queue set: {}", String::from_utf8_lossy(&out.stderr));
+    // The wide groups' runs first in priority: their two slots fill at once.
+    let runs: Vec<NewRun> = (0..GROUPS * PER)
+        .map(|i| {
+            let group = format!("c{}", i % GROUPS);
+            let priority = if WIDE.contains(&group.as_str()) { 5 } else { 0 };
+            msg(&format!("k{i:03}"), &group, priority)
+        })
+        .collect();
+    store.create_runs(&runs).await.expect("create");
+
+    let logs = tempfile::tempdir().expect("temp dir for worker logs");
+    let mut fleet = Fleet::new(&redis.url, logs.path());
+    for slot in 0..WORKERS {
+        fleet.start(slot);
     }
-    for (group, mut spans) in by_group {
-        spans.sort();
-        for pair in spans.windows(2) {
-            assert!(pair[1].0 >= pair[0].1, "group {group}: {} and {} held at once: {pair:?}", pair[0].2, pair[1].2);
+    let completed = |stats: &QueueStats| stats.counters.get("completed").copied().unwrap_or(0) as usize;
+    let hang_guard = tokio::time::Instant::now() + Duration::from_secs(180);
+    while fleet.killed.len() < KILLS {
+        let stats = store.queue_stats(Q, 100).await.expect("stats");
+        if completed(&stats) == runs.len() {
+            break;
+        }
+        // A worker holding a run right now: the kill lands mid-run.
+        let victim = stats.lease_holders.iter().find_map(|h| fleet.slot_of(&h.runtime_id));
+        if let Some(slot) = victim {
+            fleet.kill_and_replace(slot);
+        }
+        assert!(tokio::time::Instant::now() < hang_guard, "hang guard: {} kills in 180 s", fleet.killed.len());
+        tokio::time::sleep(Duration::from_millis(if victim.is_some() { 700 } else { 50 })).await;
+    }
+    loop {
+        let stats = store.queue_stats(Q, 10).await.expect("stats");
+        if completed(&stats) == runs.len() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < hang_guard, "hang guard: not every run completed in 180 s: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fleet.stop_all().await;
+    assert!(fleet.died.is_empty(), "workers exited on their own: {:?}\n{}", fleet.died, fleet.log_tails());
+
+    let history = recorder.stop(&runs).await;
+    history.assert_completed_once(&runs);
+    let peaks = history.assert_within_limits(|g| if WIDE.contains(&g) { 2 } else { 1 });
+    assert!(WIDE.iter().any(|g| peaks.get(*g) == Some(&2)), "a group of limit 2 never held 2: {peaks:?}");
+    let killed = fleet.killed.clone();
+    let lapsed = history.lapsed_claims_came_back(|rt| killed.contains(rt));
+    assert!(lapsed > 0, "no killed worker held a run when it died ({killed:?}): the kills tested nothing");
+    eprintln!(
+        "group kill test: {} runs, {} claims, {} kills, {lapsed} claims lapsed with their killed holders, peaks {peaks:?}",
+        runs.len(),
+        history.held.len(),
+        killed.len()
+    );
+}
+
+// ---------------------------------------------------------------- the recorded history
+
+/// A run's claim as the server recorded it, in server ms: held from `from`
+/// until `to`, its holder's finish or release, or else its lease's (last
+/// renewed) expiry, after which the group's slot is free again.
+#[derive(Clone, Debug)]
+struct Held {
+    run_id: String,
+    group: String,
+    runtime: String,
+    from: i64,
+    to: i64,
+    /// Ended by its lease running out, not by its holder.
+    lapsed: bool,
+}
+
+/// What the server did to the runs of [`Q`], from MONITOR on the node that
+/// holds the queue's slot: a claim a SIGKILLed worker never heard the reply
+/// to is there too.
+struct ClaimRecorder {
+    monitor: common::monitor::Monitor,
+}
+
+struct History {
+    held: Vec<Held>,
+    /// Run id -> the terminal statuses written to it, in order.
+    terminal: HashMap<String, Vec<String>>,
+}
+
+const TERMINAL: [&str; 4] = ["completed", "failed", "cancelled", "timeout"];
+
+impl ClaimRecorder {
+    async fn start(redis_url: &str) -> ClaimRecorder {
+        ClaimRecorder { monitor: common::monitor::Monitor::start(&queue_node(redis_url).await).await }
+    }
+
+    async fn stop(self, runs: &[NewRun]) -> History {
+        let lines = self.monitor.stop().await;
+        let cmds = common::monitor::commands(&lines);
+        let histories = common::monitor::run_histories(&cmds, "rl", Q);
+        let mut held = Vec::new();
+        let mut terminal: HashMap<String, Vec<String>> = HashMap::new();
+        for run in runs {
+            let group = run.conversation_id.clone().expect("a conversation");
+            let mut open: Option<Held> = None;
+            for w in histories.get(&run.run_id).into_iter().flatten().filter(|w| w.is_hset()) {
+                let t = server_ms(w);
+                let expires = w.field("claim_lease_expires_at").and_then(|v| v.parse::<f64>().ok()).map(|v| v as i64);
+                match w.field("status") {
+                    Some("claimed") => {
+                        // A claim over an open one: only its expiry can have ended that.
+                        held.extend(open.take().map(|prev| Held { lapsed: true, ..prev }));
+                        open = Some(Held {
+                            run_id: run.run_id.clone(),
+                            group: group.clone(),
+                            runtime: w.field("claimed_by_runtime_id").unwrap_or_default().to_string(),
+                            from: t,
+                            to: expires.expect("a claim writes its lease expiry"),
+                            lapsed: false,
+                        });
+                    }
+                    Some(status) => {
+                        if TERMINAL.contains(&status) {
+                            terminal.entry(run.run_id.clone()).or_default().push(status.to_string());
+                        }
+                        if let Some(mut prev) = open.take() {
+                            prev.lapsed = t >= prev.to;
+                            prev.to = prev.to.min(t);
+                            held.push(prev);
+                        }
+                    }
+                    // A renewal extends the lease (a renewal the script should
+                    // have refused would make the check stricter, not blind).
+                    None => {
+                        if let (Some(c), Some(e)) = (open.as_mut(), expires) {
+                            c.to = e;
+                        }
+                    }
+                }
+            }
+            held.extend(open.map(|prev| Held { lapsed: true, ..prev }));
+        }
+        History { held, terminal }
+    }
+}
+
+/// The server clock reading a write carries: the `now` its script decided
+/// with (`updated_at`, or `finished_at` on a finish, which drops
+/// `updated_at`); else MONITOR's time, a few µs later.
+fn server_ms(w: &common::monitor::RunWrite) -> i64 {
+    ["updated_at", "finished_at"]
+        .iter()
+        .find_map(|f| w.field(f).and_then(|v| v.parse::<f64>().ok()))
+        .map(|v| v as i64)
+        .unwrap_or((w.time_us / 1000) as i64)
+}
+
+impl History {
+    /// Each run was claimed, and finished once, completed.
+    fn assert_completed_once(&self, runs: &[NewRun]) {
+        for run in runs {
+            assert!(self.held.iter().any(|h| h.run_id == run.run_id), "{}: no claim recorded", run.run_id);
+            let ends = self.terminal.get(&run.run_id).map(Vec::as_slice).unwrap_or_default();
+            assert_eq!(ends, ["completed"], "{}: terminal writes", run.run_id);
         }
     }
+
+    /// The group-limit check: at no instant (each claim held over
+    /// `[from, to)`) does a group hold more claims than `limit_of` it.
+    /// Returns the most each group held at once.
+    fn assert_within_limits(&self, limit_of: impl Fn(&str) -> usize) -> HashMap<String, usize> {
+        assert!(!self.held.is_empty(), "no claim recorded: the check would be vacuous");
+        let mut by_group: HashMap<&str, Vec<&Held>> = HashMap::new();
+        for h in &self.held {
+            by_group.entry(h.group.as_str()).or_default().push(h);
+        }
+        let mut peaks = HashMap::new();
+        for (group, mut claims) in by_group {
+            claims.sort_by_key(|h| (h.from, h.to));
+            let mut active: Vec<&Held> = Vec::new();
+            for h in claims {
+                active.retain(|a| a.to > h.from);
+                active.push(h);
+                let limit = limit_of(group);
+                assert!(
+                    active.len() <= limit,
+                    "group {group} (limit {limit}) held {} runs at once at {} ms: {active:#?}",
+                    active.len(),
+                    h.from
+                );
+                let peak = peaks.entry(group.to_string()).or_insert(0);
+                *peak = active.len().max(*peak);
+            }
+        }
+        peaks
+    }
+
+    /// Every claim of a runtime `gone` names that its lease ended (the holder
+    /// died): its run was claimed again, from the lease's end on (the
+    /// group's slot came back). Returns how many there were.
+    fn lapsed_claims_came_back(&self, gone: impl Fn(&str) -> bool) -> usize {
+        let lapsed: Vec<&Held> = self.held.iter().filter(|h| h.lapsed && gone(&h.runtime)).collect();
+        for dead in &lapsed {
+            let again = self.held.iter().find(|h| h.run_id == dead.run_id && h.from > dead.from);
+            let again = again.unwrap_or_else(|| panic!("{} was never claimed again after {dead:?}", dead.run_id));
+            assert!(
+                again.from >= dead.to,
+                "{} claimed again before the lapsed lease ended: {again:?} {dead:?}",
+                dead.run_id
+            );
+        }
+        lapsed.len()
+    }
+}
+
+/// `host:port` of the node that runs the scripts of [`Q`]: the server, or
+/// on a cluster the master of the queue's slot.
+async fn queue_node(redis_url: &str) -> String {
+    let Some(nodes) = runledger::store::conn::cluster_nodes(redis_url, false).expect("test url") else {
+        let rest = redis_url.split_once("://").map(|(_, r)| r).unwrap_or(redis_url);
+        return rest.trim_end_matches('/').rsplit('@').next().unwrap_or(rest).to_string();
+    };
+    let client = redis::Client::open(nodes[0].as_str()).expect("node client");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("node connection");
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(format!("rl:{{{Q}}}:queued"))
+        .query_async(&mut conn)
+        .await
+        .expect("CLUSTER KEYSLOT");
+    let table: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut conn).await.expect("CLUSTER NODES");
+    for line in table.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(addr), Some(flags)) = (fields.get(1), fields.get(2)) else { continue };
+        if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+            continue;
+        }
+        let owns = fields.iter().skip(8).any(|range| {
+            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+            matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+        });
+        if owns {
+            return addr.split('@').next().unwrap_or(addr).to_string();
+        }
+    }
+    panic!("no master holds slot {slot}:\n{table}");
+}
+
+// ---------------------------------------------------------------- worker processes
+
+/// `runledger worker` processes, one per slot, started and stopped by this
+/// test only (by their PIDs, through their child handles).
+struct Fleet {
+    url: String,
+    log_dir: std::path::PathBuf,
+    slots: Vec<Option<(String, std::process::Child)>>,
+    generation: u32,
+    logs: Vec<(String, std::path::PathBuf)>,
+    killed: HashSet<String>,
+    /// Workers that exited before the test stopped or killed them.
+    died: Vec<String>,
+}
+
+impl Fleet {
+    fn new(url: &str, log_dir: &std::path::Path) -> Fleet {
+        Fleet {
+            url: url.to_string(),
+            log_dir: log_dir.to_path_buf(),
+            slots: Vec::new(),
+            generation: 0,
+            logs: Vec::new(),
+            killed: HashSet::new(),
+            died: Vec::new(),
+        }
+    }
+
+    fn start(&mut self, slot: usize) {
+        self.generation += 1;
+        let runtime_id = format!("gk-{slot}-{}", self.generation);
+        let log = self.log_dir.join(format!("{runtime_id}.log"));
+        let stderr = std::fs::File::create(&log).expect("worker log file");
+        // Short leases, so a killed worker's runs come back quickly; no
+        // simulated failures, so every run completes.
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_runledger"))
+            .args(["worker", "--redis", &self.url, "--queue", Q, "--concurrency", "3", "--runtime-id", &runtime_id])
+            .args(["--lease", "2", "--heartbeat", "0.4", "--work-ms", "600", "--steps", "2"])
+            .args(["--fail-rate", "0", "--grace", "1"])
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .env_remove("REDIS_URL")
+            .env_remove("RUNLEDGER_PREFIX")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn runledger worker");
+        self.logs.push((runtime_id.clone(), log));
+        if self.slots.len() <= slot {
+            self.slots.resize_with(slot + 1, || None);
+        }
+        self.slots[slot] = Some((runtime_id, child));
+    }
+
+    /// The slot of a live worker of this fleet with that runtime id.
+    fn slot_of(&self, runtime_id: &str) -> Option<usize> {
+        self.slots.iter().position(|s| s.as_ref().is_some_and(|(id, _)| id == runtime_id))
+    }
+
+    fn kill_and_replace(&mut self, slot: usize) {
+        if let Some((runtime_id, mut child)) = self.slots[slot].take() {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.died.push(format!("{runtime_id} ({status})"));
+            }
+            // Child::kill is SIGKILL to its PID: no shutdown code runs, as in a crash.
+            child.kill().expect("SIGKILL a worker");
+            child.wait().expect("reap a killed worker");
+            self.killed.insert(runtime_id);
+        }
+        self.start(slot);
+    }
+
+    /// SIGTERM to each worker, then waits for it (SIGKILL after 30 s).
+    async fn stop_all(&mut self) {
+        let mut workers: Vec<(String, std::process::Child)> = self.slots.iter_mut().filter_map(Option::take).collect();
+        for (id, child) in &mut workers {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.died.push(format!("{id} ({status})"));
+                continue;
+            }
+            // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        for (id, child) in &mut workers {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while child.try_wait().expect("wait for a worker").is_none() {
+                if tokio::time::Instant::now() >= deadline {
+                    eprintln!("worker {id} ignored SIGTERM for 30 s; killing it");
+                    child.kill().expect("SIGKILL a stuck worker");
+                    child.wait().expect("reap a stuck worker");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    fn log_tails(&self) -> String {
+        let mut out = String::new();
+        for (id, path) in &self.logs {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            if !lines.is_empty() {
+                out.push_str(&format!("--- {id}:\n{}\n", lines[lines.len().saturating_sub(10)..].join("\n")));
+            }
+        }
+        out
+    }
+}
+
+#[test]
+fn the_limit_check_refuses_an_overlap_and_accepts_a_handover() {
+    let claim = |run: &str, from: i64, to: i64| Held {
+        run_id: run.into(),
+        group: "g".into(),
+        runtime: "rt".into(),
+        from,
+        to,
+        lapsed: false,
+    };
+    let handover = History { held: vec![claim("a", 0, 10), claim("b", 10, 20)], terminal: HashMap::new() };
+    assert_eq!(handover.assert_within_limits(|_| 1)["g"], 1, "a slot taken as it ends is no overlap");
+    let overlap = History { held: vec![claim("a", 0, 10), claim("b", 9, 20)], terminal: HashMap::new() };
+    assert!(std::panic::catch_unwind(|| overlap.assert_within_limits(|_| 1)).is_err(), "an overlap passed");
+    assert_eq!(overlap.assert_within_limits(|_| 2)["g"], 2);
 }
 
 backend_tests!(
@@ -232,4 +603,5 @@ backend_tests!(
     pause_and_resume_a_queue_and_a_group,
     refused_settings_write_nothing,
     many_workers_never_exceed_a_group_limit,
+    killed_worker_processes_never_exceed_a_group_limit,
 );

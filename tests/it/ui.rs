@@ -441,3 +441,145 @@ async fn metrics_parse_as_prometheus_text_with_the_values_set_up() {
     })
     .await;
 }
+
+/// A group key that needs escaping in a URL path and in HTML alike.
+const ODD_GROUP: &str = r#"a/b ?&<x>"'#%"#;
+/// ODD_GROUP as one path segment.
+const ODD_GROUP_PATH: &str = "a%2Fb%20%3F%26%3Cx%3E%22%27%23%25";
+
+/// A queue grouped by conversation (one run of a group at a time) with one
+/// queued run in ODD_GROUP and one in `B`.
+async fn grouped_queue(store: &Store, queue: &str) {
+    let settings =
+        GroupSettings { group_by: Some(Some(GroupBy::ConversationId)), concurrency: Some(1), ..Default::default() };
+    store.set_groups(queue, &settings).await.expect("set groups");
+    store.create_run(&NewRun::new("odd-1", "agent").queue(queue).conversation(ODD_GROUP)).await.expect("create");
+    store.create_run(&NewRun::new("b-1", "agent").queue(queue).conversation("B")).await.expect("create");
+}
+
+/// The queue's audit stream as (type, group, by).
+async fn queue_audit(store: &Store, raw: &mut runledger::store::Conn, queue: &str) -> Vec<(String, String, String)> {
+    let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(store.queue_keys(queue).base.clone() + "audit")
+        .arg("-")
+        .arg("+")
+        .query_async(raw)
+        .await
+        .expect("XRANGE audit");
+    entries.into_iter().map(|(_, f)| (f["type"].clone(), f["group"].clone(), f["by"].clone())).collect()
+}
+
+#[tokio::test]
+async fn a_group_is_paused_and_resumed_from_its_queue_page() {
+    bounded(async {
+        let (redis, store) = common::store().await;
+        let mut raw = common::raw(&redis).await;
+        grouped_queue(&store, "chat").await;
+        let ui = Dashboard::start(&redis.url, &[]).await;
+        let (_, home) = get(&ui.url("/")).await;
+        assert!(!home.contains("groups-paused"), "no group paused yet: {home}");
+        let (_, page) = get(&ui.url("/queues/chat")).await;
+        assert!(page.contains("grouped by <b>conversation_id</b>"), "{page}");
+        assert!(page.contains(r#"id="pause-group""#) && page.contains(r#"action="/queues/chat/groups/pause""#));
+
+        // Pause by key, as the form posts it.
+        let (status, body, location) = post(&ui.url("/queues/chat/groups/pause"), &[("group", ODD_GROUP)]).await;
+        assert_eq!((status, location.as_deref()), (303, Some("/queues/chat")), "{body}");
+        assert_eq!(queue_audit(&store, &mut raw, "chat").await, [("paused".into(), ODD_GROUP.into(), "ui".into())]);
+        let b = claim(&store, "chat", "rt", Duration::from_secs(60)).await;
+        assert_eq!(b.run_id, "b-1", "claims skip the paused group");
+        let none = store.claim_next_run(&ClaimRequest::new("rt").queue("chat")).await.expect("claim");
+        assert!(none.is_none(), "only the paused group's run is left: {none:?}");
+        assert_eq!(store.get_run("odd-1").await.expect("get").status, RunStatus::Queued, "it stays queued");
+
+        // The page lists it, escaped, with a Resume button that names it encoded.
+        let (_, page) = get(&ui.url("/queues/chat")).await;
+        let shown = r#"a/b ?&amp;&lt;x&gt;&quot;&#39;#%"#;
+        assert!(page.contains(&format!(r#"<tr data-group="{shown}"><td>{shown}</td>"#)), "{page}");
+        assert!(page.contains(&format!(r#"action="/queues/chat/groups/{ODD_GROUP_PATH}/resume""#)), "{page}");
+        assert!(!page.contains("<x>"), "the key is escaped everywhere: {page}");
+        let (_, home) = get(&ui.url("/")).await;
+        assert!(home.contains(r#"<span class="badge groups-paused">1 group paused</span>"#), "{home}");
+        assert!(!home.contains("badge paused"), "the queue itself is not paused: {home}");
+
+        // Resume through the button's route.
+        let (status, body, location) =
+            post(&ui.url(&format!("/queues/chat/groups/{ODD_GROUP_PATH}/resume")), &[]).await;
+        assert_eq!((status, location.as_deref()), (303, Some("/queues/chat")), "{body}");
+        let odd = claim(&store, "chat", "rt", Duration::from_secs(60)).await;
+        assert_eq!(odd.run_id, "odd-1", "the resumed group's run is claimable again");
+        assert_eq!(
+            queue_audit(&store, &mut raw, "chat").await,
+            [("paused".into(), ODD_GROUP.into(), "ui".into()), ("resumed".into(), ODD_GROUP.into(), "ui".into())]
+        );
+        let (_, page) = get(&ui.url("/queues/chat")).await;
+        assert!(!page.contains("data-group="), "no group paused any more: {page}");
+        let (_, home) = get(&ui.url("/")).await;
+        assert!(!home.contains("groups-paused"), "{home}");
+
+        // Two paused groups: the badge counts them.
+        for g in ["G1", "G2"] {
+            let (status, _, _) = post(&ui.url(&format!("/queues/chat/groups/{g}/pause")), &[]).await;
+            assert_eq!(status, 303);
+        }
+        let (_, home) = get(&ui.url("/")).await;
+        assert!(home.contains("2 groups paused"), "{home}");
+        assert_eq!(store.paused_groups("chat", 10).await.expect("paused groups"), ["G1", "G2"]);
+
+        let (status, _, _) = post(&ui.url("/queues/chat/groups/G1/explode"), &[]).await;
+        assert_eq!(status, 404);
+        let (status, _, _) = post(&ui.url("/queues/chat/groups/pause"), &[("group", "")]).await;
+        assert_eq!(status, 400, "a pause needs a key");
+        let (status, _, _) = post(&ui.url("/queues/chat/groups/pause"), &[("group", "x{y}")]).await;
+        assert_eq!(status, 400, "a key the store refuses");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn group_actions_are_guarded_like_every_action() {
+    bounded(async {
+        let (redis, store) = common::store().await;
+        grouped_queue(&store, "chat").await;
+        store.pause("chat", Some(ODD_GROUP), Some("test")).await.expect("pause");
+        let mut raw = common::raw(&redis).await;
+        let before = common::keyspace(&mut raw).await;
+        let resume = format!("/queues/chat/groups/{ODD_GROUP_PATH}/resume");
+
+        let read_only = Dashboard::start(&redis.url, &["--read-only"]).await;
+        for (path, form) in [(resume.as_str(), vec![]), ("/queues/chat/groups/pause", vec![("group", "B")])] {
+            let (status, _, _) = post(&read_only.url(path), &form).await;
+            assert_eq!(status, 403, "read-only refuses {path}");
+        }
+        let (_, page) = get(&read_only.url("/queues/chat")).await;
+        assert!(page.contains(r#"<tr data-group="a/b"#), "the paused group is listed: {page}");
+        assert!(!page.contains("Resume</button>") && !page.contains(r#"id="pause-group""#), "no buttons: {page}");
+
+        let guarded = Dashboard::start(&redis.url, &["--token", "s3cret"]).await;
+        let (_, page) = get(&guarded.url("/queues/chat")).await;
+        assert!(page.contains(r#"name="token""#) && page.contains("Resume</button>"), "{page}");
+        for token in [None, Some("wrong")] {
+            let mut form: Vec<(&str, &str)> = token.map(|t| ("token", t)).into_iter().collect();
+            let (status, _, _) = post(&guarded.url(&resume), &form).await;
+            assert_eq!(status, 401, "resume with token {token:?}");
+            form.push(("group", "B"));
+            let (status, _, _) = post(&guarded.url("/queues/chat/groups/pause"), &form).await;
+            assert_eq!(status, 401, "pause with token {token:?}");
+        }
+        for (name, value) in [("Origin", "http://evil.example"), ("Sec-Fetch-Site", "cross-site")] {
+            for (path, group) in [(resume.as_str(), None), ("/queues/chat/groups/pause", Some("B"))] {
+                let mut form = vec![("token", "s3cret")];
+                form.extend(group.map(|g| ("group", g)));
+                let response =
+                    client().post(guarded.url(path)).header(name, value).form(&form).send().await.expect("POST");
+                assert_eq!(response.status().as_u16(), 403, "{name}: {value} on {path}");
+            }
+        }
+        assert_eq!(common::keyspace(&mut raw).await, before, "refused group actions wrote nothing");
+
+        let (status, _, _) = post(&guarded.url(&resume), &[("token", "s3cret")]).await;
+        assert_eq!(status, 303, "the right token is let through");
+        assert!(store.paused_groups("chat", 10).await.expect("paused groups").is_empty());
+    })
+    .await;
+}

@@ -1,5 +1,5 @@
 //! The dashboard's actions: cancel a run, requeue one that ended badly,
-//! release a stuck claim, pause or resume a queue. Each is the `Store`
+//! release a stuck claim, pause or resume a queue or one group of it. Each is the `Store`
 //! operator call the CLI makes (`cancel_by_operator`, `requeue_run`,
 //! `release_stuck_claim`, `pause`, `resume`), which records an audit event
 //! (on the run, or in the queue's audit stream), with actor `ui`.
@@ -28,6 +28,8 @@ pub struct ActionForm {
     reason: Option<String>,
     /// For a release: the claim attempt the operator saw.
     attempt: Option<i64>,
+    /// For a group's pause or resume posted as a form: the group's key.
+    group: Option<String>,
 }
 
 impl ActionForm {
@@ -85,6 +87,88 @@ pub async fn queue_act(
         Ok(_) => Redirect::to(&format!("/queues/{}", enc(&queue))).into_response(),
         Err(e) => error_page(&e),
     }
+}
+
+/// `POST /queues/{queue}/groups/{group}/{action}` (the Resume buttons: the
+/// key percent-encoded in the path): `pause` or `resume` one group of the
+/// queue; a redirect to the queue's page when done.
+pub async fn group_act(
+    State(ui): State<Shared>,
+    Path((queue, group, action)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    set_group_paused(&ui, &queue, &group, &action, &headers, &form).await
+}
+
+/// `POST /queues/{queue}/groups/{action}` with the key in the form field
+/// `group` (the pause form, where the operator types the key).
+pub async fn group_form_act(
+    State(ui): State<Shared>,
+    Path((queue, action)): Path<(String, String)>,
+    headers: HeaderMap,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    let group = form.group.clone().unwrap_or_default();
+    set_group_paused(&ui, &queue, &group, &action, &headers, &form).await
+}
+
+async fn set_group_paused(
+    ui: &Ui,
+    queue: &str,
+    group: &str,
+    action: &str,
+    headers: &HeaderMap,
+    form: &ActionForm,
+) -> Response {
+    if let Err((status, why)) = guard(ui, headers, form) {
+        return message(status, &why);
+    }
+    // Not trimmed: a key is matched exactly, and " A" pausing "A" would be a surprise.
+    if group.trim().is_empty() {
+        return message(StatusCode::BAD_REQUEST, "give the key of the group to pause or resume (form field group)");
+    }
+    let done = match action {
+        "pause" => ui.store.pause(queue, Some(group), Some(ACTOR)).await,
+        "resume" => ui.store.resume(queue, Some(group), Some(ACTOR)).await,
+        other => return message(StatusCode::NOT_FOUND, &format!("no group action {other:?}: pause or resume")),
+    };
+    match done {
+        Ok(_) => Redirect::to(&format!("/queues/{}", enc(queue))).into_response(),
+        Err(e) => error_page(&e),
+    }
+}
+
+/// The paused groups of a queue's page, each with its Resume button, and a
+/// form to pause a group by its key (no buttons on a read-only dashboard).
+/// `more`: paused groups beyond those listed.
+pub fn group_forms(ui: &Ui, queue: &str, paused: &[String], more: i64) -> String {
+    let token = token_input(ui);
+    let q = enc(queue);
+    let mut out = String::from(r#"<h2>Paused groups</h2><table id="paused-groups"><tbody>"#);
+    for g in paused {
+        out.push_str(&format!(r#"<tr data-group="{}"><td>{}</td><td>"#, esc(g), esc(g)));
+        if !ui.read_only {
+            out.push_str(&format!(
+                r#"<form method="post" action="/queues/{q}/groups/{}/resume">{token}<button>Resume</button></form>"#,
+                enc(g)
+            ));
+        }
+        out.push_str("</td></tr>");
+    }
+    if paused.is_empty() {
+        out.push_str(r#"<tr><td colspan="2" class="muted">none</td></tr>"#);
+    }
+    out.push_str("</tbody></table>");
+    if more > 0 {
+        out.push_str(&format!(r#"<p class="muted">and {more} more paused groups</p>"#));
+    }
+    if !ui.read_only {
+        out.push_str(&format!(
+            r#"<div class="actions"><form method="post" action="/queues/{q}/groups/pause" id="pause-group"><input name="group" placeholder="group key" required size="16">{token}<button>Pause group</button></form></div>"#
+        ));
+    }
+    out
 }
 
 /// The pause or resume button of a queue's page (none on a read-only dashboard).

@@ -3,9 +3,10 @@
 //! JavaScript; no build step).
 //!
 //! Every page reads Redis through the same `Store` calls as the CLI, and
-//! every action (cancel, requeue, release) is the `Store` operator call the
-//! CLI's `cancel`/`requeue`/`release --attempt` make, which records an audit
-//! event on the run. Pages: `pages.rs`; the live event view: `live.rs`;
+//! every action (cancel, requeue, release; pause and resume of a queue or of
+//! one group) is the `Store` operator call the CLI's `cancel`/`requeue`/
+//! `release --attempt`/`queue pause|resume` make, which records an audit
+//! event (on the run, or in the queue's audit stream). Pages: `pages.rs`; the live event view: `live.rs`;
 //! actions and their guards: `actions.rs`; `/metrics`: `metrics.rs`; the
 //! throughput chart's samples: `throughput.rs`; markup helpers: `html.rs`.
 
@@ -116,6 +117,8 @@ fn router(ui: Shared) -> Router {
         .route("/", get(pages::queues))
         .route("/queues/{queue}", get(pages::queue))
         .route("/queues/{queue}/{action}", post(actions::queue_act))
+        .route("/queues/{queue}/groups/{action}", post(actions::group_form_act))
+        .route("/queues/{queue}/groups/{group}/{action}", post(actions::group_act))
         .route("/runs", get(pages::runs))
         .route("/runs/{run_id}", get(pages::run))
         .route("/runs/{run_id}/live", get(live::events))

@@ -37,6 +37,23 @@ fn counter(s: &QueueStats, name: &str) -> i64 {
     s.counters.get(name).copied().unwrap_or(0)
 }
 
+/// The badges of a queue's row: paused, and how many of its groups are.
+fn badges(s: &QueueStats) -> String {
+    let mut out = String::new();
+    if s.paused {
+        out.push_str(r#" <span class="badge paused">paused</span>"#);
+    }
+    // Its own class: "badge paused" means the whole queue.
+    match s.paused_groups {
+        0 => {}
+        1 => out.push_str(r#" <span class="badge groups-paused">1 group paused</span>"#),
+        n => {
+            let _ = write!(out, r#" <span class="badge groups-paused">{n} groups paused</span>"#);
+        }
+    }
+    out
+}
+
 /// `/`: every queue, a partitioned queue as one row with its partitions under it.
 pub async fn queues(State(ui): State<Shared>) -> Response {
     let rows = match ui.store.queue_overview(0).await {
@@ -64,7 +81,7 @@ pub async fn queues(State(ui): State<Shared>) -> Response {
             body,
             r#"<tr{class} data-queue="{}"><td>{}</td>{}<td>{}</td><td>{}</td><td>{}</td></tr>"#,
             esc(&s.queue_name),
-            queue_link(&s.queue_name) + if s.paused { r#" <span class="badge paused">paused</span>"# } else { "" },
+            queue_link(&s.queue_name) + &badges(s),
             depth_cells(s),
             counter(s, "completed"),
             counter(s, "failed") + counter(s, "timeout"),
@@ -115,6 +132,10 @@ pub async fn queue(State(ui): State<Shared>, Path(queue): Path<String>) -> Respo
         body.push_str(r#"<p><span class="badge paused">paused</span> claims hand out nothing until it is resumed</p>"#);
     }
     body.push_str(&super::actions::queue_forms(&ui, &queue, merged.paused));
+    match group_section(&ui, &queue, &merged).await {
+        Ok(section) => body.push_str(&section),
+        Err(e) => return error_page(&e),
+    }
     let _ = write!(
         body,
         r#"<p><a href="/runs?queue={}">runs of {}</a> · last 10 min: {}</p>"#,
@@ -166,6 +187,35 @@ pub async fn queue(State(ui): State<Shared>, Path(queue): Path<String>) -> Respo
     }
     body.push_str("</tbody></table>");
     page(&format!("Queue {queue}"), &body, true).into_response()
+}
+
+/// Paused groups listed on a queue's page.
+const PAUSED_GROUPS_SHOWN: usize = 100;
+
+/// A grouped queue's settings, its paused groups and the forms to pause and
+/// resume one; nothing for a queue that never grouped nor paused a group.
+async fn group_section(ui: &super::Ui, queue: &str, merged: &QueueStats) -> runledger::Result<String> {
+    let groups = ui.store.queue_groups(queue).await?;
+    let Some(by) = groups.group_by.as_deref().or((merged.paused_groups > 0).then_some("")) else {
+        return Ok(String::new());
+    };
+    let paused = ui.store.paused_groups(queue, PAUSED_GROUPS_SHOWN).await?;
+    let mut out = String::new();
+    if by.is_empty() {
+        out.push_str(r#"<p id="groups">not grouped any more; groups paused while it was stay paused</p>"#);
+    } else {
+        let _ = write!(
+            out,
+            r#"<p id="groups">grouped by <b>{}</b>: at most {} runs of one group claimed at once ({} groups with a limit of their own) · {} queued runs waiting for their group</p>"#,
+            esc(by),
+            groups.group_concurrency,
+            groups.group_limits.len(),
+            merged.waiting_for_group
+        );
+    }
+    let more = merged.paused_groups - paused.len() as i64;
+    out.push_str(&super::actions::group_forms(ui, queue, &paused, more));
+    Ok(out)
 }
 
 /// The filters of `/runs` (the `list_runs` filters); empty fields are unset.
