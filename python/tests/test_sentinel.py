@@ -63,7 +63,8 @@ async def test_store_and_worker_through_sentinel_survive_a_planned_failover(sent
         return {"metadata": {"master": "any"}}
 
     worker = runledger.Worker(
-        store, handler, concurrency=2, lease_seconds=10, heartbeat_seconds=1, runtime_id="py-sentinel"
+        store, handler, runner_ids=["echo"], concurrency=2, lease_seconds=10, heartbeat_seconds=1,
+        runtime_id="py-sentinel",
     )
     task = asyncio.create_task(worker.run())
     try:
@@ -89,6 +90,9 @@ async def test_store_and_worker_through_sentinel_survive_a_planned_failover(sent
         await asyncio.to_thread(sentinel_setup.failover)
         new = await asyncio.to_thread(sentinel_setup.wait_new_master, old, 60.0)
         assert new != old
+        # Until the sentinels demote the old master it still takes writes
+        # (README, "Why no +switch-master subscription"): wait for that.
+        await asyncio.to_thread(sentinel_setup.wait_ready, 60.0)
 
         # The same store and the same worker, on the new master.
         after = [f"after-{i}" for i in range(5)]
