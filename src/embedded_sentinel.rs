@@ -177,7 +177,8 @@ impl RedisSentinel {
         }
         let quorum = options.sentinels / 2 + 1;
         for _ in 0..options.sentinels {
-            setup.spawn(Role::Sentinel, |binary, port, dir| spawn_sentinel(binary, port, dir, master, quorum, &probe))?;
+            setup
+                .spawn(Role::Sentinel, |binary, port, dir| spawn_sentinel(binary, port, dir, master, quorum, &probe))?;
         }
         setup.wait_ready(READY_TIMEOUT)?;
         Ok(setup)
@@ -588,7 +589,9 @@ fn wait_answers(child: &mut Child, role: Role, port: u16, log: &Path, probe: &Pr
             Err(e) => e,
         };
         if started.elapsed() > STARTUP_TIMEOUT {
-            return Err(Error::Server(format!("redis-server on port {port}: no answer after {STARTUP_TIMEOUT:?}: {last}")));
+            return Err(Error::Server(format!(
+                "redis-server on port {port}: no answer after {STARTUP_TIMEOUT:?}: {last}"
+            )));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -641,19 +644,17 @@ impl Probe {
             Role::Sentinel => self.options.sentinel_password.as_deref(),
         };
         let addr = match self.options.tls {
-            Some(_) => redis::ConnectionAddr::TcpTls {
-                host: "127.0.0.1".into(),
-                port,
-                insecure: false,
-                tls_params: None,
-            },
+            Some(_) => {
+                redis::ConnectionAddr::TcpTls { host: "127.0.0.1".into(), port, insecure: false, tls_params: None }
+            }
             None => redis::ConnectionAddr::Tcp("127.0.0.1".into(), port),
         };
         let mut redis_settings = redis::RedisConnectionInfo::default();
         if let Some(password) = password {
             redis_settings = redis_settings.set_password(password);
         }
-        let info = redis::IntoConnectionInfo::into_connection_info(addr).map_err(failed)?.set_redis_settings(redis_settings);
+        let info =
+            redis::IntoConnectionInfo::into_connection_info(addr).map_err(failed)?.set_redis_settings(redis_settings);
         let client = match &self.certs {
             Some(certs) => redis::Client::build_with_tls(info, certs.clone()),
             None => redis::Client::open(info),

@@ -149,9 +149,8 @@ impl RedisSentinel {
     #[new]
     #[pyo3(signature = (replicas=2, sentinels=3))]
     fn new(py: Python<'_>, replicas: usize, sentinels: usize) -> PyResult<Self> {
-        let setup = py
-            .detach(|| runledger::embedded_sentinel::RedisSentinel::start_with(replicas, sentinels))
-            .py_err()?;
+        let setup =
+            py.detach(|| runledger::embedded_sentinel::RedisSentinel::start_with(replicas, sentinels)).py_err()?;
         Ok(RedisSentinel { url: setup.url(), setup: Mutex::new(Some(setup)) })
     }
 
