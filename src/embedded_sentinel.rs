@@ -6,6 +6,12 @@
 //! or when the thread that started it dies. The sentinels detect a dead
 //! master after [`DOWN_AFTER_MS`], so a test can kill the master, wait for
 //! a replica's promotion and restart the old master as a replica.
+//!
+//! [`SentinelOptions`] make it look like a production setup: a password on
+//! the data nodes (the replicas and the sentinels authenticate with it),
+//! more ACL users on every data node (ACL is not replicated), a password on
+//! the sentinels, and TLS everywhere (every process listens on a TLS port
+//! only, replication and the sentinels' links included).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::embedded::{INSTALL_HINT, die_with_parent, find_redis_server, free_port, server_command, wait_until_up};
+use crate::embedded::{INSTALL_HINT, die_with_parent, find_redis_server, free_port, server_command};
 use crate::error::{Error, Result};
 
 /// The name the sentinels monitor the master by.
@@ -28,6 +34,60 @@ pub const FAILOVER_TIMEOUT_MS: u64 = 3000;
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Certificate files for a setup on TLS: every process presents `cert_file`
+/// (its key in `key_file`; a certificate for 127.0.0.1) and trusts `ca_file`.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub ca_file: PathBuf,
+}
+
+/// How a [`RedisSentinel`] is set up.
+#[derive(Clone, Debug)]
+pub struct SentinelOptions {
+    /// Replicas of the master (default 2).
+    pub replicas: usize,
+    /// Sentinels (default 3; quorum: a majority of them).
+    pub sentinels: usize,
+    /// `requirepass` of the data nodes (the `default` user's password). The
+    /// replicas (`masterauth`) and the sentinels (`sentinel auth-pass`)
+    /// authenticate with it. Default none.
+    pub data_password: Option<String>,
+    /// More users on every data node, each the rules of one `ACL SETUSER`
+    /// (`"tenant on >pw resetkeys ~rl:* -@all +get"`), as `user` lines of
+    /// their config: ACL is not replicated, so each node has its own.
+    pub acl_users: Vec<String>,
+    /// `requirepass` of the sentinels (clients then pass it as the URL's
+    /// `sentinel_password`; the sentinels use it with each other too).
+    pub sentinel_password: Option<String>,
+    /// Every process on a TLS port only (`port 0`), replication and the
+    /// sentinels' links over TLS too (`tls-replication yes`).
+    pub tls: Option<TlsFiles>,
+}
+
+impl Default for SentinelOptions {
+    fn default() -> Self {
+        SentinelOptions {
+            replicas: 2,
+            sentinels: 3,
+            data_password: None,
+            acl_users: Vec::new(),
+            sentinel_password: None,
+            tls: None,
+        }
+    }
+}
+
+/// How this module talks to its own processes: the options' passwords
+/// and CA, for its probes (`ROLE`, `INFO`, `SENTINEL ...`).
+#[derive(Clone)]
+struct Probe {
+    options: SentinelOptions,
+    /// The CA's PEM, read once.
+    certs: Option<redis::TlsCertificates>,
+}
 
 /// What a process of the setup is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +141,7 @@ impl SentinelNode {
 pub struct RedisSentinel {
     nodes: Vec<SentinelNode>,
     binary: PathBuf,
+    probe: Probe,
 }
 
 impl RedisSentinel {
@@ -94,19 +155,30 @@ impl RedisSentinel {
     /// A master with `replicas` replicas, watched by `sentinels` sentinels
     /// (quorum: a majority of them).
     pub fn start_with(replicas: usize, sentinels: usize) -> Result<RedisSentinel> {
-        if sentinels == 0 {
+        RedisSentinel::start_with_options(SentinelOptions { replicas, sentinels, ..Default::default() })
+    }
+
+    /// A setup as `options` say, ready as [`RedisSentinel::start`]'s is.
+    pub fn start_with_options(options: SentinelOptions) -> Result<RedisSentinel> {
+        if options.sentinels == 0 {
             return Err(Error::Server("a Sentinel setup needs at least one sentinel".into()));
         }
         let binary = find_redis_server().ok_or_else(|| Error::Server(INSTALL_HINT.into()))?;
+        let certs = match &options.tls {
+            Some(tls) => crate::store::conn::tls_certificates("rediss://", Some(&tls.ca_file))?,
+            None => None,
+        };
+        let probe = Probe { options: options.clone(), certs };
         // Built first so that Drop stops whatever started on every error path.
-        let mut setup = RedisSentinel { nodes: Vec::new(), binary };
-        let master = setup.spawn(Role::Data, |binary, port, dir| spawn_data(binary, port, dir, None))?;
-        for _ in 0..replicas {
-            setup.spawn(Role::Data, |binary, port, dir| spawn_data(binary, port, dir, Some(master)))?;
+        let mut setup = RedisSentinel { nodes: Vec::new(), binary, probe: probe.clone() };
+        let master = setup.spawn(Role::Data, |binary, port, dir| spawn_data(binary, port, dir, None, &probe))?;
+        for _ in 0..options.replicas {
+            setup.spawn(Role::Data, |binary, port, dir| spawn_data(binary, port, dir, Some(master), &probe))?;
         }
-        let quorum = sentinels / 2 + 1;
-        for _ in 0..sentinels {
-            setup.spawn(Role::Sentinel, |binary, port, dir| spawn_sentinel(binary, port, dir, master, quorum))?;
+        let quorum = options.sentinels / 2 + 1;
+        for _ in 0..options.sentinels {
+            setup
+                .spawn(Role::Sentinel, |binary, port, dir| spawn_sentinel(binary, port, dir, master, quorum, &probe))?;
         }
         setup.wait_ready(READY_TIMEOUT)?;
         Ok(setup)
@@ -136,10 +208,31 @@ impl RedisSentinel {
         Err(Error::Server(format!("could not start a {role:?} node: {last_error}")))
     }
 
-    /// `redis+sentinel://127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3/runledger`.
+    /// `redis+sentinel://127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3/runledger`
+    /// (`rediss+sentinel://` on TLS), with no credentials (see
+    /// [`RedisSentinel::url_as`]).
     pub fn url(&self) -> String {
+        let scheme = if self.probe.options.tls.is_some() { "rediss+sentinel" } else { "redis+sentinel" };
+        format!("{scheme}://{}/{MASTER_NAME}", self.sentinel_hosts())
+    }
+
+    /// [`RedisSentinel::url`] as the data nodes' user `user` with `password`,
+    /// passing the sentinels' password (when they have one) as
+    /// `sentinel_password`. Both are percent-encoded.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        let scheme = if self.probe.options.tls.is_some() { "rediss+sentinel" } else { "redis+sentinel" };
+        let enc = |s: &str| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string();
+        let mut url = format!("{scheme}://{}:{}@{}/{MASTER_NAME}", enc(user), enc(password), self.sentinel_hosts());
+        if let Some(sentinel) = &self.probe.options.sentinel_password {
+            url.push_str(&format!("?sentinel_password={}", enc(sentinel)));
+        }
+        url
+    }
+
+    /// `127.0.0.1:p1,127.0.0.1:p2,...`: the sentinels, as a URL lists them.
+    pub fn sentinel_hosts(&self) -> String {
         let hosts: Vec<String> = self.sentinel_ports().iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("redis+sentinel://{}/{MASTER_NAME}", hosts.join(","))
+        hosts.join(",")
     }
 
     pub fn master_name(&self) -> &str {
@@ -175,7 +268,7 @@ impl RedisSentinel {
     pub fn master_port(&self) -> Result<u16> {
         let mut named = HashMap::new();
         for port in self.running(Role::Sentinel) {
-            let addr = query(port, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME])?;
+            let addr = self.probe.query(Role::Sentinel, port, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME])?;
             let master = match addr.as_slice() {
                 [_, p] => p.parse::<u16>().map_err(|_| Error::Server(format!("sentinel {port} named port {p:?}")))?,
                 other => return Err(Error::Server(format!("sentinel {port} names no master: {other:?}"))),
@@ -227,6 +320,7 @@ impl RedisSentinel {
     /// a replica from its first second, it never serves as a second master).
     pub fn restart_as_replica(&mut self, port: u16, master: u16) -> Result<()> {
         let binary = self.binary.clone();
+        let probe = self.probe.clone();
         let node = self.node_mut(port)?;
         if node.running || node.role != Role::Data {
             return Err(Error::Server(format!("127.0.0.1:{port} is running or not a data node")));
@@ -234,7 +328,7 @@ impl RedisSentinel {
         let started = Instant::now();
         loop {
             // The old socket may linger for a moment after the kill.
-            match spawn_data(&binary, port, node.dir.path(), Some(master)) {
+            match spawn_data(&binary, port, node.dir.path(), Some(master), &probe) {
                 Ok(child) => {
                     node.child = child;
                     node.running = true;
@@ -253,7 +347,7 @@ impl RedisSentinel {
             .first()
             .copied()
             .ok_or_else(|| Error::Server("no sentinel is running".into()))?;
-        let reply = query(port, &["SENTINEL", "FAILOVER", MASTER_NAME])?;
+        let reply = self.probe.query(Role::Sentinel, port, &["SENTINEL", "FAILOVER", MASTER_NAME])?;
         match reply.first().map(String::as_str) {
             Some("OK") => Ok(()),
             other => Err(Error::Server(format!("SENTINEL FAILOVER answered {other:?}"))),
@@ -289,7 +383,7 @@ impl RedisSentinel {
         let mut problems = Vec::new();
         let replicas: Vec<u16> = self.running(Role::Data).into_iter().filter(|&p| p != master).collect();
         for &port in &replicas {
-            match query(port, &["INFO", "replication"]).map(|lines| lines.join("\n")) {
+            match self.probe.query(Role::Data, port, &["INFO", "replication"]).map(|lines| lines.join("\n")) {
                 Ok(info) => {
                     let field = |name: &str| info_field(&info, name).map(str::to_string);
                     if field("role").as_deref() != Some("slave") || field("master_port") != Some(master.to_string()) {
@@ -301,7 +395,7 @@ impl RedisSentinel {
                 Err(e) => problems.push(e.to_string()),
             }
         }
-        match query(master, &["INFO", "replication"]).map(|lines| lines.join("\n")) {
+        match self.probe.query(Role::Data, master, &["INFO", "replication"]).map(|lines| lines.join("\n")) {
             Ok(info) => {
                 let connected = info_field(&info, "connected_slaves").and_then(|n| n.parse::<usize>().ok());
                 if connected != Some(replicas.len()) {
@@ -312,7 +406,7 @@ impl RedisSentinel {
         }
         let sentinels = self.running(Role::Sentinel);
         for &port in &sentinels {
-            match query_map(port, &["SENTINEL", "MASTER", MASTER_NAME]) {
+            match self.probe.query_map(port, &["SENTINEL", "MASTER", MASTER_NAME]) {
                 Ok(info) => {
                     let others = info.get("num-other-sentinels").and_then(|n| n.parse::<usize>().ok());
                     if others != Some(sentinels.len() - 1) {
@@ -324,7 +418,7 @@ impl RedisSentinel {
                 }
                 Err(e) => problems.push(e.to_string()),
             }
-            match query_maps(port, &["SENTINEL", "REPLICAS", MASTER_NAME]) {
+            match self.probe.query_maps(port, &["SENTINEL", "REPLICAS", MASTER_NAME]) {
                 Ok(known) => {
                     for &replica in &replicas {
                         let seen =
@@ -343,7 +437,7 @@ impl RedisSentinel {
 
     /// `ROLE`'s first word (`master`, `slave`), or None when it does not answer.
     fn role_of(&self, port: u16) -> Option<String> {
-        query(port, &["ROLE"]).ok().and_then(|words| words.into_iter().next())
+        self.probe.query(Role::Data, port, &["ROLE"]).ok().and_then(|words| words.into_iter().next())
     }
 
     /// Every process's log, each after a `==> role 127.0.0.1:p <==` header.
@@ -389,7 +483,8 @@ fn tempdir(prefix: &str) -> Result<TempDir> {
 }
 
 /// A data node: a master, or with `master` a replica of 127.0.0.1:`master`.
-fn spawn_data(binary: &Path, port: u16, dir: &Path, master: Option<u16>) -> Result<Child> {
+fn spawn_data(binary: &Path, port: u16, dir: &Path, master: Option<u16>, probe: &Probe) -> Result<Child> {
+    let options = &probe.options;
     let mut command = server_command(binary, port, dir);
     // No persistence: a killed master comes back as a replica and takes
     // the new master's data; a replica that was promoted has what it had.
@@ -401,8 +496,25 @@ fn spawn_data(binary: &Path, port: u16, dir: &Path, master: Option<u16>) -> Resu
     if let Some(master) = master {
         command.args(["--replicaof", "127.0.0.1"]).arg(master.to_string());
     }
+    if let Some(password) = &options.data_password {
+        // Any node may become the master: each replica can authenticate to any.
+        command.arg("--requirepass").arg(password).arg("--masterauth").arg(password);
+    }
+    if !options.acl_users.is_empty() {
+        // In a file of their own: a rule may hold characters a command line would split.
+        let file = dir.join("users.conf");
+        let lines: String = options.acl_users.iter().map(|rules| format!("user {rules}\n")).collect();
+        std::fs::write(&file, lines).map_err(|e| Error::Server(format!("write {}: {e}", file.display())))?;
+        command.arg("--include").arg(&file);
+    }
+    if let Some(tls) = &options.tls {
+        command.args(["--port", "0", "--tls-port"]).arg(port.to_string());
+        command.arg("--tls-cert-file").arg(&tls.cert_file).arg("--tls-key-file").arg(&tls.key_file);
+        command.arg("--tls-ca-cert-file").arg(&tls.ca_file);
+        command.args(["--tls-auth-clients", "no", "--tls-replication", "yes"]);
+    }
     let mut child = command.spawn().map_err(|e| Error::Server(format!("spawn {}: {e}", binary.display())))?;
-    if let Err(e) = wait_until_up(&mut child, port, &dir.join("redis.log"), STARTUP_TIMEOUT) {
+    if let Err(e) = wait_answers(&mut child, Role::Data, port, &dir.join("redis.log"), probe) {
         let _ = child.kill();
         let _ = child.wait();
         return Err(e);
@@ -412,11 +524,12 @@ fn spawn_data(binary: &Path, port: u16, dir: &Path, master: Option<u16>) -> Resu
 
 /// A sentinel (`redis-server <dir>/sentinel.conf --sentinel`): it rewrites
 /// its config file as it learns the setup, so the file lives in its dir.
-fn spawn_sentinel(binary: &Path, port: u16, dir: &Path, master: u16, quorum: usize) -> Result<Child> {
+fn spawn_sentinel(binary: &Path, port: u16, dir: &Path, master: u16, quorum: usize, probe: &Probe) -> Result<Child> {
+    let options = &probe.options;
     let conf = dir.join("sentinel.conf");
     let log = dir.join("redis.log");
-    let text = format!(
-        "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile {log}\n\
+    let mut text = format!(
+        "bind 127.0.0.1\ndir {dir}\nlogfile {log}\n\
          sentinel monitor {MASTER_NAME} 127.0.0.1 {master} {quorum}\n\
          sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n\
          sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n\
@@ -424,13 +537,31 @@ fn spawn_sentinel(binary: &Path, port: u16, dir: &Path, master: u16, quorum: usi
         dir = dir.display(),
         log = log.display(),
     );
+    match &options.tls {
+        // tls-replication: the sentinels reach the data nodes and each other over TLS.
+        Some(tls) => text.push_str(&format!(
+            "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+             tls-auth-clients no\ntls-replication yes\n",
+            tls.cert_file.display(),
+            tls.key_file.display(),
+            tls.ca_file.display()
+        )),
+        None => text.push_str(&format!("port {port}\n")),
+    }
+    if let Some(password) = &options.data_password {
+        text.push_str(&format!("sentinel auth-pass {MASTER_NAME} {password}\n"));
+    }
+    if let Some(password) = &options.sentinel_password {
+        // Also what a sentinel sends the other sentinels (no sentinel-pass set).
+        text.push_str(&format!("requirepass {password}\n"));
+    }
     std::fs::write(&conf, text).map_err(|e| Error::Server(format!("write {}: {e}", conf.display())))?;
     let mut command = Command::new(binary);
     command.arg(&conf).arg("--sentinel").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     die_with_parent(&mut command);
     let mut child =
         command.spawn().map_err(|e| Error::Server(format!("spawn {} --sentinel: {e}", binary.display())))?;
-    if let Err(e) = wait_until_up(&mut child, port, &log, STARTUP_TIMEOUT) {
+    if let Err(e) = wait_answers(&mut child, Role::Sentinel, port, &log, probe) {
         let _ = child.kill();
         let _ = child.wait();
         return Err(e);
@@ -438,57 +569,109 @@ fn spawn_sentinel(binary: &Path, port: u16, dir: &Path, master: u16, quorum: usi
     Ok(child)
 }
 
-/// One command on a fresh connection with timeouts, its reply as words
-/// (a bulk string's lines, an array's items; nil is empty).
-fn query(port: u16, args: &[&str]) -> Result<Vec<String>> {
-    let value = query_value(port, args)?;
-    let failed = |e: redis::ParsingError| Error::Server(format!("{} on 127.0.0.1:{port}: {e}", args.join(" ")));
-    Ok(match value {
-        redis::Value::Nil => Vec::new(),
-        redis::Value::Array(items) => {
-            let mut words = Vec::new();
-            for item in items {
-                match item {
-                    // ROLE's nested arrays (a master's replicas) are not needed here.
-                    redis::Value::Array(_) => {}
-                    redis::Value::Int(n) => words.push(n.to_string()),
-                    other => words.push(redis::from_redis_value::<String>(other).map_err(failed)?),
-                }
-            }
-            words
+/// Waits until a just-spawned process answers `PING` as this module talks
+/// to it (its password, TLS); an error with the end of its log when it
+/// exits first or stays silent for [`STARTUP_TIMEOUT`].
+fn wait_answers(child: &mut Child, role: Role, port: u16, log: &Path, probe: &Probe) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(Error::Server(format!(
+                "redis-server on port {port} exited with {status}: {}",
+                tail.join(" | ")
+            )));
         }
-        redis::Value::Okay => vec!["OK".to_string()],
-        redis::Value::SimpleString(s) => vec![s],
-        other => redis::from_redis_value::<String>(other).map_err(failed)?.lines().map(str::to_string).collect(),
-    })
-}
-
-/// A reply that is one field/value map (`SENTINEL MASTER`).
-fn query_map(port: u16, args: &[&str]) -> Result<HashMap<String, String>> {
-    let value = query_value(port, args)?;
-    redis::from_redis_value(value).map_err(|e| Error::Server(format!("{} on 127.0.0.1:{port}: {e}", args.join(" "))))
-}
-
-/// A reply that is a list of field/value maps (`SENTINEL REPLICAS`).
-fn query_maps(port: u16, args: &[&str]) -> Result<Vec<HashMap<String, String>>> {
-    let value = query_value(port, args)?;
-    redis::from_redis_value(value).map_err(|e| Error::Server(format!("{} on 127.0.0.1:{port}: {e}", args.join(" "))))
-}
-
-fn query_value(port: u16, args: &[&str]) -> Result<redis::Value> {
-    let failed = |e: redis::RedisError| Error::Server(format!("{} on 127.0.0.1:{port}: {e}", args.join(" ")));
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).map_err(failed)?;
-    let mut con = client.get_connection_with_timeout(QUERY_TIMEOUT).map_err(failed)?;
-    con.set_read_timeout(Some(QUERY_TIMEOUT)).map_err(failed)?;
-    con.set_write_timeout(Some(QUERY_TIMEOUT)).map_err(failed)?;
-    let Some((name, rest)) = args.split_first() else {
-        return Err(Error::Server("empty command".into()));
-    };
-    let mut cmd = redis::cmd(name);
-    for arg in rest {
-        cmd.arg(*arg);
+        let last = match probe.query(role, port, &["PING"]) {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        if started.elapsed() > STARTUP_TIMEOUT {
+            return Err(Error::Server(format!(
+                "redis-server on port {port}: no answer after {STARTUP_TIMEOUT:?}: {last}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    cmd.query::<redis::Value>(&mut con).map_err(failed)
+}
+
+impl Probe {
+    /// One command on a fresh connection with timeouts, its reply as words
+    /// (a bulk string's lines, an array's items; nil is empty).
+    fn query(&self, role: Role, port: u16, args: &[&str]) -> Result<Vec<String>> {
+        let value = self.query_value(role, port, args)?;
+        let failed = |e: redis::ParsingError| Error::Server(format!("{} on 127.0.0.1:{port}: {e}", args.join(" ")));
+        Ok(match value {
+            redis::Value::Nil => Vec::new(),
+            redis::Value::Array(items) => {
+                let mut words = Vec::new();
+                for item in items {
+                    match item {
+                        // ROLE's nested arrays (a master's replicas) are not needed here.
+                        redis::Value::Array(_) => {}
+                        redis::Value::Int(n) => words.push(n.to_string()),
+                        other => words.push(redis::from_redis_value::<String>(other).map_err(failed)?),
+                    }
+                }
+                words
+            }
+            redis::Value::Okay => vec!["OK".to_string()],
+            redis::Value::SimpleString(s) => vec![s],
+            other => redis::from_redis_value::<String>(other).map_err(failed)?.lines().map(str::to_string).collect(),
+        })
+    }
+
+    /// A sentinel's reply that is one field/value map (`SENTINEL MASTER`).
+    fn query_map(&self, port: u16, args: &[&str]) -> Result<HashMap<String, String>> {
+        let value = self.query_value(Role::Sentinel, port, args)?;
+        redis::from_redis_value(value)
+            .map_err(|e| Error::Server(format!("{} on 127.0.0.1:{port}: {e}", args.join(" "))))
+    }
+
+    /// A sentinel's reply that is a list of field/value maps (`SENTINEL REPLICAS`).
+    fn query_maps(&self, port: u16, args: &[&str]) -> Result<Vec<HashMap<String, String>>> {
+        let value = self.query_value(Role::Sentinel, port, args)?;
+        redis::from_redis_value(value)
+            .map_err(|e| Error::Server(format!("{} on 127.0.0.1:{port}: {e}", args.join(" "))))
+    }
+
+    fn query_value(&self, role: Role, port: u16, args: &[&str]) -> Result<redis::Value> {
+        let failed = |e: redis::RedisError| Error::Server(format!("{} on 127.0.0.1:{port}: {e}", args.join(" ")));
+        let password = match role {
+            Role::Data => self.options.data_password.as_deref(),
+            Role::Sentinel => self.options.sentinel_password.as_deref(),
+        };
+        let addr = match self.options.tls {
+            Some(_) => {
+                redis::ConnectionAddr::TcpTls { host: "127.0.0.1".into(), port, insecure: false, tls_params: None }
+            }
+            None => redis::ConnectionAddr::Tcp("127.0.0.1".into(), port),
+        };
+        let mut redis_settings = redis::RedisConnectionInfo::default();
+        if let Some(password) = password {
+            redis_settings = redis_settings.set_password(password);
+        }
+        let info =
+            redis::IntoConnectionInfo::into_connection_info(addr).map_err(failed)?.set_redis_settings(redis_settings);
+        let client = match &self.certs {
+            Some(certs) => redis::Client::build_with_tls(info, certs.clone()),
+            None => redis::Client::open(info),
+        }
+        .map_err(failed)?;
+        let mut con = client.get_connection_with_timeout(QUERY_TIMEOUT).map_err(failed)?;
+        con.set_read_timeout(Some(QUERY_TIMEOUT)).map_err(failed)?;
+        con.set_write_timeout(Some(QUERY_TIMEOUT)).map_err(failed)?;
+        let Some((name, rest)) = args.split_first() else {
+            return Err(Error::Server("empty command".into()));
+        };
+        let mut cmd = redis::cmd(name);
+        for arg in rest {
+            cmd.arg(*arg);
+        }
+        cmd.query::<redis::Value>(&mut con).map_err(failed)
+    }
 }
 
 /// The value of `name:value` in an INFO-style reply.

@@ -19,6 +19,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<worker::RunContext>()?;
     m.add_class::<server::RedisServer>()?;
     m.add_class::<server::RedisCluster>()?;
+    m.add_class::<server::RedisSentinel>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -117,3 +117,91 @@ impl RedisCluster {
         format!("RedisCluster(url={:?})", self.url)
     }
 }
+
+/// A private Redis Sentinel setup (a master, 2 replicas, 3 sentinels by
+/// default), the one the Rust tests and `runledger demo --sentinel` use,
+/// stopped by the PIDs of its processes. `failover()` and
+/// `wait_new_master()` let a test switch masters the way an operator would.
+#[pyclass(module = "runledger._native", name = "RedisSentinel", frozen)]
+pub struct RedisSentinel {
+    setup: Mutex<Option<runledger::embedded_sentinel::RedisSentinel>>,
+    url: String,
+}
+
+impl RedisSentinel {
+    fn with<T>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&runledger::embedded_sentinel::RedisSentinel) -> runledger::Result<T> + Send,
+    ) -> PyResult<T>
+    where
+        T: Send,
+    {
+        let setup = self.setup.lock().map_err(|_| internal("sentinel lock poisoned"))?;
+        let setup = setup.as_ref().ok_or_else(|| internal("the Sentinel setup is stopped"))?;
+        // The probes block (bounded by their timeouts): off the GIL.
+        py.detach(|| f(setup)).py_err()
+    }
+}
+
+#[pymethods]
+impl RedisSentinel {
+    #[new]
+    #[pyo3(signature = (replicas=2, sentinels=3))]
+    fn new(py: Python<'_>, replicas: usize, sentinels: usize) -> PyResult<Self> {
+        let setup =
+            py.detach(|| runledger::embedded_sentinel::RedisSentinel::start_with(replicas, sentinels)).py_err()?;
+        Ok(RedisSentinel { url: setup.url(), setup: Mutex::new(Some(setup)) })
+    }
+
+    /// `redis+sentinel://127.0.0.1:p1,.../<master-name>`.
+    #[getter]
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// The master's port, once every sentinel names it and it says it is one.
+    fn master_port(&self, py: Python<'_>) -> PyResult<u16> {
+        self.with(py, |s| s.master_port())
+    }
+
+    /// A planned switch: `SENTINEL FAILOVER` on a sentinel.
+    fn failover(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, |s| s.failover())
+    }
+
+    /// Waits (at most `timeout` seconds) until the sentinels agree on a
+    /// master other than `old`; its port.
+    #[pyo3(signature = (old, timeout=60.0))]
+    fn wait_new_master(&self, py: Python<'_>, old: u16, timeout: f64) -> PyResult<u16> {
+        let timeout = std::time::Duration::from_secs_f64(timeout.clamp(0.0, 600.0));
+        self.with(py, move |s| s.wait_new_master(old, timeout))
+    }
+
+    /// Waits (at most `timeout` seconds) until the setup could fail over again.
+    #[pyo3(signature = (timeout=60.0))]
+    fn wait_ready(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
+        let timeout = std::time::Duration::from_secs_f64(timeout.clamp(0.0, 600.0));
+        self.with(py, move |s| s.wait_ready(timeout))
+    }
+
+    fn stop(&self) -> PyResult<()> {
+        let mut setup = self.setup.lock().map_err(|_| internal("sentinel lock poisoned"))?;
+        drop(setup.take());
+        Ok(())
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, _exc: Vec<Py<PyAny>>) -> PyResult<bool> {
+        self.stop()?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("RedisSentinel(url={:?})", self.url)
+    }
+}

@@ -803,10 +803,8 @@ fn window_end(value: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
     Ok(ms.div_euclid(1000))
 }
 
-/// The URL without its password, for reprs and messages.
+/// The URL without its passwords (the user's and a Sentinel URL's
+/// `sentinel_password`), for reprs and messages.
 fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
-        _ => url.to_string(),
-    }
+    runledger::store::conn::redact_url(url)
 }

@@ -356,11 +356,43 @@ fn host_port(text: &str) -> Option<(String, u16)> {
     }
 }
 
-/// A URL with its password (if any) replaced, for error messages and logs.
+/// A URL with every password in it replaced by `***`, for error messages,
+/// logs and whatever the CLI and the dashboard print: the user's password
+/// (`user:***@`) and the sentinels' (`?sentinel_password=***`, a query
+/// parameter, which stripping the userinfo alone would leave in plain view).
+/// The user names and the hosts stay: they tell the reader which setup it is.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
-        _ => url.to_string(),
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    // The authority ends at the first '/', '?' or '#'; a password may hold '@'.
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
+        Some((user, hosts)) => match user.split_once(':') {
+            Some((name, _password)) => format!("{name}:***@{hosts}"),
+            None => format!("{user}@{hosts}"),
+        },
+        None => authority.to_string(),
+    };
+    let (tail, fragment) = match tail.split_once('#') {
+        Some((tail, fragment)) => (tail, Some(fragment)),
+        None => (tail, None),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, _)) if name.to_ascii_lowercase().contains("password") => format!("{name}=***"),
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", pairs.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    match fragment {
+        Some(fragment) => format!("{scheme}://{authority}{tail}#{fragment}"),
+        None => format!("{scheme}://{authority}{tail}"),
     }
 }
 
@@ -446,5 +478,26 @@ mod tests {
         assert!(matches!(sentinel_target("redis+cluster://h:1/", Some("b")), Err(Error::Invalid(_))));
         let err = sentinel_target("redis+sentinel://u:secret@h:x/m", None).err().map(|e| e.to_string());
         assert!(err.is_some_and(|e| !e.contains("secret")), "no password in errors");
+        let err = sentinel_target("redis+sentinel://h:x/m?sentinel_password=sentpw", None).err().map(|e| e.to_string());
+        assert!(err.is_some_and(|e| !e.contains("sentpw")), "no sentinel password in errors");
+    }
+
+    #[test]
+    fn redacts_every_password() {
+        for (url, shown) in [
+            ("redis://h:1/", "redis://h:1/"),
+            ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
+            ("rediss://app:p@ss@h:1/", "rediss://app:***@h:1/"),
+            ("redis://app@h:1/", "redis://app@h:1/"),
+            (
+                "redis+sentinel://app:pw@a:1,b:2/mm?sentinel_username=s&sentinel_password=sp#insecure",
+                "redis+sentinel://app:***@a:1,b:2/mm?sentinel_username=s&sentinel_password=***#insecure",
+            ),
+            ("rediss+sentinel://a:1/mm/?sentinel_password=sp", "rediss+sentinel://a:1/mm/?sentinel_password=***"),
+            ("redis://a:1,b:2?sentinel_password=sp", "redis://a:1,b:2?sentinel_password=***"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
     }
 }

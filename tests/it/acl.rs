@@ -139,7 +139,7 @@ fn commands_of(list: &str) -> BTreeSet<String> {
 // ---------------------------------------------------------------- the list
 
 /// The `ACL SETUSER` lines of the README's section "Security: ACL user", from its fenced blocks.
-fn readme_acl_lines() -> Vec<String> {
+pub(crate) fn readme_acl_lines() -> Vec<String> {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).expect("README.md");
     let start = readme.find("### Security: ACL user").expect("README has a section \"### Security: ACL user\"");
     let section = &readme[start + 3..];

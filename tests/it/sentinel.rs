@@ -492,3 +492,278 @@ async fn the_demo_runs_on_sentinel() {
     assert_eq!(summary["check_ok"], json!(true), "{summary}");
     assert!(summary["redis"].as_str().is_some_and(|u| u.starts_with("redis+sentinel://")), "{summary}");
 }
+
+/// Runs a Worker on `queue` until every run of `ids` (created here, retried
+/// while a switch is under way) is completed; the worker keeps running.
+async fn enqueue_and_wait(host: &Store, queue: &str, ids: &[String], what: &str) {
+    for id in ids {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match host.create_run(&NewRun::new(id, "agent").queue(queue)).await {
+                Ok(_) => break,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "{what}: enqueue of {id} not acknowledged in 60 s: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for id in ids {
+        loop {
+            if let Ok(run) = host.get_run(id).await
+                && run.status == RunStatus::Completed
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{what}: {id} was not completed within 90 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A Worker on `queue` that emits one event per run; its shutdown token and task.
+fn spawn_worker(
+    store: &Store,
+    queue: &str,
+    runtime: &str,
+) -> (tokio_util::sync::CancellationToken, tokio::task::JoinHandle<Result<WorkerReport>>) {
+    let worker = Worker::builder(store)
+        .runtime_id(runtime)
+        .queues([queue])
+        .concurrency(2)
+        .lease(Duration::from_secs(10))
+        .heartbeat(Duration::from_secs(1))
+        // A tenant has no CONFIG GET: nothing to check, and no ACL LOG entry.
+        .check_settings(false)
+        .handle_signals(false)
+        .build(|ctx| async move {
+            ctx.emit("step", json!({ "run": ctx.run_id() })).await?;
+            Ok(Done::default())
+        })
+        .expect("worker");
+    let token = worker.shutdown_token();
+    (token, tokio::spawn(worker.run()))
+}
+
+async fn stop_worker(
+    token: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Result<WorkerReport>>,
+) -> WorkerReport {
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("hang guard: the worker never stopped")
+        .expect("worker task panicked")
+        .expect("the worker ran through the switch")
+}
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// `(major, minor)` of the redis-server on PATH (`redis-server --version`).
+fn server_version() -> (u32, u32) {
+    let binary = runledger::embedded::find_redis_server().expect("redis-server on PATH");
+    let out = std::process::Command::new(binary).arg("--version").output().expect("redis-server --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text.split_whitespace().find_map(|w| w.strip_prefix("v=")).expect("v=... in redis-server --version");
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+// 5. The README's tenant ACL user on the data nodes (plus `+role`, which
+// the README adds under Sentinel), the sentinels behind a password of their
+// own: the store and a Worker work as that user through the sentinels,
+// across a planned switch, and are refused what the ACL denies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)]
+async fn an_acl_user_works_through_the_sentinels_and_is_refused_the_rest() {
+    let _turn = turn();
+    let line = crate::acl::readme_acl_lines().into_iter().next().expect("the README's tenant line");
+    let mut rules = line.strip_prefix("ACL SETUSER ").expect("ACL SETUSER ...").replace(">CHANGE-ME", ">tenant-pw");
+    rules.push_str(" +role");
+    if server_version() >= (7, 2) {
+        rules.push_str(" +client|setinfo");
+    }
+    let options = runledger::embedded_sentinel::SentinelOptions {
+        data_password: Some("admin-pw".into()),
+        acl_users: vec![rules],
+        sentinel_password: Some("sentinel-pw".into()),
+        ..Default::default()
+    };
+    let setup = tokio::task::block_in_place(|| RedisSentinel::start_with_options(options))
+        .unwrap_or_else(|e| panic!("start the Sentinel setup with ACL users: {e}"));
+    let url = setup.url_as("runledger", "tenant-pw");
+    assert!(url.contains("sentinel_password=") && url.contains("runledger:tenant%2Dpw@"), "{url}");
+    tokio::time::timeout(Duration::from_secs(400), async {
+        let host = Store::connect(&url).await.expect("connect as the tenant through the sentinels");
+        let worker_store = Store::connect(&url).await.expect("worker store");
+        let (token, task) = spawn_worker(&worker_store, "acl", "acl-w");
+        enqueue_and_wait(&host, "acl", &ids("acl-before", 4), "before the switch").await;
+
+        let old = tokio::task::block_in_place(|| setup.master_port()).expect("master");
+        tokio::task::block_in_place(|| setup.failover()).expect("SENTINEL FAILOVER");
+        let new = tokio::task::block_in_place(|| setup.wait_new_master(old, Duration::from_secs(60)))
+            .unwrap_or_else(|e| panic!("no new master: {e}\n{}", setup.logs()));
+        // Until the sentinels demote the old master it still takes writes
+        // (see the README on +switch-master): the runs after the switch are
+        // enqueued once it is a replica.
+        tokio::task::block_in_place(|| setup.wait_ready(Duration::from_secs(60)))
+            .unwrap_or_else(|e| panic!("setup not whole again: {e}"));
+        // ACL is not replicated: the new master has the user from its own config.
+        enqueue_and_wait(&host, "acl", &ids("acl-after", 4), "after the switch").await;
+        let report = stop_worker(token, task).await;
+        assert_eq!(report.failed, 0, "{report:?}");
+        assert_eq!(host.sentinel_master_addr(), Some(format!("127.0.0.1:{new}")));
+
+        // Refused: keys outside the tenant's prefix.
+        let other = Store::connect_with(&url, StoreConfig { prefix: "other".into(), ..Default::default() })
+            .await
+            .expect("connecting needs no key");
+        let err = other.create_run(&NewRun::new("x", "agent").queue("q")).await.expect_err("another prefix");
+        assert!(format!("{err:?} {err}").to_lowercase().contains("noperm"), "refused by the ACL: {err:?}");
+        // Refused: server-wide commands, as that user on the master itself.
+        let tenant = redis::Client::open(format!("redis://runledger:tenant-pw@127.0.0.1:{new}/")).expect("client");
+        let mut conn = tenant.get_multiplexed_async_connection().await.expect("tenant connection to the master");
+        for cmd in [redis::cmd("CONFIG").arg("GET").arg("requirepass").clone(), redis::cmd("FLUSHALL")] {
+            let refused: redis::RedisResult<redis::Value> = cmd.query_async(&mut conn).await;
+            let e = refused.expect_err("the tenant ACL refuses it");
+            assert_eq!(e.code(), Some("NOPERM"), "{e}");
+        }
+
+        // The sentinels' password is needed, and the tenant's must be right.
+        let without = url.split('?').next().expect("url").to_string();
+        let refused = Store::connect(&without).await.err().expect("sentinels without their password refuse");
+        assert!(!refused.is_transient(), "a refusal, not an outage to wait out: {refused:?}");
+        // The URL is percent-encoded (`-` is `%2D`).
+        let wrong = url.replace("tenant%2Dpw", "wrong%2Dpw");
+        assert_ne!(wrong, url);
+        let refused = Store::connect(&wrong).await.err().expect("a wrong tenant password is refused");
+        let shown = format!("{refused:?} {refused}");
+        assert!(!shown.contains("wrong-pw") && !shown.contains("wrong%2Dpw"), "no password in the error: {shown}");
+    })
+    .await
+    .expect("hang guard: the test took over 400 s");
+}
+
+// 6. TLS everywhere (`rediss+sentinel://`): master, replicas and sentinels
+// on TLS ports only, with replication and the sentinels' links over TLS, a
+// private CA trusted with `tls_ca_file`; across a planned switch. A
+// redis-server built without TLS fails here (the setup does not come up),
+// as tests/it/tls.rs does: never a skip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)]
+async fn rediss_sentinel_with_a_private_ca() {
+    let _turn = turn();
+    let dir = tempfile::Builder::new().prefix("runledger-sentinel-tls-").tempdir().expect("temp dir");
+    let (ca_pem, ca) = crate::tls::new_ca("runledger sentinel test CA");
+    let (cert_pem, key_pem) = crate::tls::server_cert(&ca);
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write a certificate file");
+        path
+    };
+    let tls = runledger::embedded_sentinel::TlsFiles {
+        ca_file: write("ca.pem", &ca_pem),
+        cert_file: write("server.pem", &cert_pem),
+        key_file: write("server.key", &key_pem),
+    };
+    let ca_file = tls.ca_file.clone();
+    let options = runledger::embedded_sentinel::SentinelOptions { tls: Some(tls), ..Default::default() };
+    let setup = tokio::task::block_in_place(|| RedisSentinel::start_with_options(options)).unwrap_or_else(|e| {
+        panic!("start the Sentinel setup on TLS (a redis-server built without TLS, BUILD_TLS=yes, fails here): {e}")
+    });
+    let url = setup.url();
+    assert!(url.starts_with("rediss+sentinel://"), "{url}");
+    tokio::time::timeout(Duration::from_secs(400), async {
+        let cfg = || StoreConfig { tls_ca_file: Some(ca_file.clone()), ..Default::default() };
+        let host = Store::connect_with(&url, cfg()).await.expect("rediss+sentinel:// with the CA");
+        let worker_store = Store::connect_with(&url, cfg()).await.expect("worker store");
+        let (token, task) = spawn_worker(&worker_store, "tls", "tls-w");
+        enqueue_and_wait(&host, "tls", &ids("tls-before", 4), "before the switch").await;
+        let old = tokio::task::block_in_place(|| setup.master_port()).expect("master");
+        tokio::task::block_in_place(|| setup.failover()).expect("SENTINEL FAILOVER");
+        let new = tokio::task::block_in_place(|| setup.wait_new_master(old, Duration::from_secs(60)))
+            .unwrap_or_else(|e| panic!("no new master over TLS: {e}\n{}", setup.logs()));
+        // The old master is demoted (over TLS too) before the next runs go in.
+        tokio::task::block_in_place(|| setup.wait_ready(Duration::from_secs(60)))
+            .unwrap_or_else(|e| panic!("setup not whole again over TLS: {e}\n{}", setup.logs()));
+        enqueue_and_wait(&host, "tls", &ids("tls-after", 4), "after the switch").await;
+        let report = stop_worker(token, task).await;
+        assert_eq!(report.failed, 0, "{report:?}");
+        assert_eq!(host.sentinel_master_addr(), Some(format!("127.0.0.1:{new}")));
+
+        // Really verified: without the CA the sentinels' certificate is refused.
+        let refused = Store::connect(&url).await.err().expect("rediss+sentinel:// without the CA must fail");
+        assert!(format!("{refused:?}").to_lowercase().contains("certificate"), "{refused:?}");
+        // And nothing answers in plain text.
+        let plain = url.replacen("rediss+sentinel://", "redis+sentinel://", 1);
+        assert!(Store::connect(&plain).await.is_err(), "plain text to TLS-only sentinels must fail");
+    })
+    .await
+    .expect("hang guard: the test took over 400 s");
+}
+
+// 7. Why no `+switch-master` subscription is needed for a planned switch:
+// the sentinels disconnect the demoted master's clients, so even a store
+// that only reads (which a replica would serve without complaint) finds
+// the new master on its next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)]
+async fn a_store_that_only_reads_follows_a_planned_switch() {
+    let _turn = turn();
+    let setup = start_setup();
+    tokio::time::timeout(Duration::from_secs(200), async {
+        let writer = Store::connect(&setup.url()).await.expect("writer");
+        writer.create_run(&NewRun::new("read-me", "agent").queue("r")).await.expect("create");
+        let reader = Store::connect(&setup.url()).await.expect("reader");
+        assert_eq!(reader.get_run("read-me").await.expect("read").status, RunStatus::Queued);
+        let old = tokio::task::block_in_place(|| setup.master_port()).expect("master");
+        tokio::task::block_in_place(|| setup.failover()).expect("SENTINEL FAILOVER");
+        let new = tokio::task::block_in_place(|| setup.wait_new_master(old, Duration::from_secs(60)))
+            .unwrap_or_else(|e| panic!("no new master: {e}\n{}", setup.logs()));
+        let want = format!("127.0.0.1:{new}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            // Reads only: nothing here answers READONLY.
+            let _ = reader.get_run("read-me").await;
+            if reader.sentinel_master_addr().as_deref() == Some(want.as_str()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the reading store still uses {:?}, not the new master {want}",
+                reader.sentinel_master_addr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("hang guard: the test took over 200 s");
+}
+
+// 8. No password of a Sentinel URL (the data nodes' nor the sentinels') in
+// what the CLI prints when it cannot connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_prints_no_password_of_a_sentinel_url() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let url = format!("redis+sentinel://app:user-secret-1@127.0.0.1:{port}/mm?sentinel_password=sentinel-secret-2");
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_runledger"));
+    cmd.env_remove("REDIS_URL").env_remove("REDIS_SENTINEL_MASTER").env("RUST_LOG", "debug");
+    cmd.args(["--redis", &url, "get", "x"]).stdin(Stdio::null()).kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("hang guard: the CLI ran over 60 s")
+        .expect("run runledger");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "no sentinel listens there: {stderr}");
+    for secret in ["user-secret-1", "sentinel-secret-2"] {
+        assert!(!stderr.contains(secret) && !stdout.contains(secret), "{secret} printed:\n{stdout}\n{stderr}");
+    }
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "the error still names the sentinels: {stderr}");
+}

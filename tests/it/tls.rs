@@ -24,7 +24,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A CA: its certificate (PEM) and the issuer that signs leaf certificates.
-fn new_ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
+pub(crate) fn new_ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
     let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.distinguished_name.push(DnType::CommonName, name);
@@ -35,7 +35,7 @@ fn new_ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
 }
 
 /// A server certificate for 127.0.0.1 signed by `ca`: (certificate PEM, key PEM).
-fn server_cert(ca: &Issuer<'static, KeyPair>) -> (String, String) {
+pub(crate) fn server_cert(ca: &Issuer<'static, KeyPair>) -> (String, String) {
     let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("server params");
     params.distinguished_name.push(DnType::CommonName, "127.0.0.1");
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];

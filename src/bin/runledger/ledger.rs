@@ -13,17 +13,19 @@ use crate::output::Output;
 use crate::target::Target;
 
 pub async fn connect(url: &str, target: &Target) -> Result<Store> {
+    // What the errors show (on stderr, in logs): never a password.
+    let shown = crate::output::redacted(url);
     Store::connect_with(url, target.config(&target.prefix)).await.map_err(|e| match e {
         Error::Redis(err) if err.kind() == redis::ErrorKind::InvalidClientConfig => {
-            Error::Invalid(format!("--redis / REDIS_URL is not a valid Redis URL: {url} ({err})"))
+            Error::Invalid(format!("--redis / REDIS_URL is not a valid Redis URL: {shown} ({err})"))
         }
         // rustls reports an untrusted certificate as an I/O error: it is not
         // an outage, and waiting will not fix it.
         Error::Redis(err) if err.to_string().contains("certificate") => {
-            Error::Invalid(format!("TLS: {url} did not present a trusted certificate: {err} (see --tls-ca)"))
+            Error::Invalid(format!("TLS: {shown} did not present a trusted certificate: {err} (see --tls-ca)"))
         }
         Error::Redis(err) if err.is_connection_refusal() || err.is_io_error() || err.is_timeout() => {
-            Error::Unreachable { url: url.to_string(), reason: format!("{err} (set --redis or REDIS_URL)") }
+            Error::Unreachable { url: shown, reason: format!("{err} (set --redis or REDIS_URL)") }
         }
         other => other,
     })

@@ -186,16 +186,7 @@ impl Output {
     }
 }
 
-/// The URL without its password, to print.
+/// The URL without its passwords (the user's and the sentinels'), to print.
 pub fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
-    match authority.rsplit_once('@') {
-        Some((user, hosts)) if user.contains(':') => {
-            let name = user.split(':').next().unwrap_or_default();
-            format!("{scheme}://{name}:***@{hosts}/{path}")
-        }
-        Some((_, hosts)) => format!("{scheme}://***@{hosts}/{path}"),
-        None => url.to_string(),
-    }
+    runledger::store::conn::redact_url(url)
 }
