@@ -40,10 +40,13 @@ local queue = ARGV[2]
 check_id('queue_name', queue)
 local max_bytes = check_int('max JSON bytes', ARGV[3], 1, 512 * 1024 * 1024)
 local number = check_int('queue number', ARGV[4], 0, QUEUES - 1)
-local meta = redis.call('HMGET', KEYS[8], 'number', 'clock', 'lanes', 'group_by', 'cap', 'group_cap', 'workspace_cap')
+local meta = redis.call('HMGET', KEYS[8], 'number', 'clock', 'lanes', 'group_by', 'cap', 'group_cap', 'workspace_cap',
+  'group_cap_overrides')
 -- The queue's caps (see Limits in include/queue.lua); none on most queues.
-local caps = { queue = tonumber(meta[5] or ''), group = tonumber(meta[6] or ''), workspace = tonumber(meta[7] or '') }
-local capped = caps.queue or caps.group or caps.workspace
+-- `own`: some groups have caps of their own (read only then).
+local caps = { queue = tonumber(meta[5] or ''), group = tonumber(meta[6] or ''), workspace = tonumber(meta[7] or ''),
+  own = meta[8] == '1' }
+local capped = caps.queue or caps.group or caps.workspace or caps.own
 -- A new queue starts without lanes (see runner_lane in include/queue.lua).
 if not meta[1] then lanes_mode = '0' elseif meta[3] == '0' or meta[3] == '1' then lanes_mode = meta[3] end
 if meta[1] and tonumber(meta[1]) ~= number then
@@ -140,9 +143,24 @@ if capped then
   end
   if #count_order > 0 then
     local have = redis.call('HMGET', B .. 'queued-count', unpack(count_order))
+    -- The groups' own caps, one HMGET for the groups of the batch.
+    local own = {}
+    if caps.own then
+      local names = {}
+      for _, field in ipairs(count_order) do
+        local name = string.match(field, '^g:(.*)$')
+        if name then names[#names + 1] = name end
+      end
+      if #names > 0 then
+        for j, v in ipairs(redis.call('HMGET', B .. 'group-caps', unpack(names))) do
+          if v then own[names[j]] = tonumber(v) end
+        end
+      end
+    end
     for j, field in ipairs(count_order) do
       local kind, name = string.match(field, '^(%a):(.*)$')
-      local cap = kind == 'g' and caps.group or kind == 'w' and caps.workspace or not kind and caps.queue
+      local cap = kind == 'g' and (own[name] or caps.group) or kind == 'w' and caps.workspace
+        or not kind and caps.queue
       local held = tonumber(have[j] or '0')
       if cap and held + count_add[field] > cap then
         local what = kind == 'g' and ('group ' .. name .. ' of queue ' .. queue)
