@@ -12,7 +12,12 @@
 -- ARGV[4] queue number (0 .. 4095, from register_queue.lua; checked against KEYS[8])
 -- ARGV[5] '1' when the client registered the queue just before this call
 --         (a queue without KEYS[8] is refused with UNREGISTERED otherwise)
--- ARGV[6..] 18 values per run:
+-- ARGV[6] the group_by ('' = none) the client placed the runs by, when this
+--         queue is a partition of a partitioned queue (see
+--         src/store/partitions.rs); '-' = not placed, not checked. A
+--         partition whose meta group_by differs refuses the call (MISPLACED,
+--         nothing written): the client reads the setting again and places anew.
+-- ARGV[7..] 18 values per run:
 --   run_id, event_id, binding_id, runner_id, conversation_id, thread_id,
 --   workspace_id, bot_id, agent_id, deadline_at ms, authorization (JSON object),
 --   metadata (JSON object), status (queued | running | created | a terminal one), priority [-1000, 1000],
@@ -58,8 +63,14 @@ end
 if not meta[1] and ARGV[5] ~= '1' then
   fail('UNREGISTERED', 'queue ' .. queue .. ' is not registered on this server')
 end
+local placed_by = ARGV[6]
+if placed_by == nil then fail('INVALID', 'the placement (ARGV[6]) is missing') end
+if placed_by ~= '-' and placed_by ~= (meta[4] or '') then
+  fail('MISPLACED', 'queue ' .. queue .. " groups by '" .. (meta[4] or '') .. "', the runs were placed by '" ..
+    placed_by .. "'")
+end
 local WIDTH = 18
-local n = (#ARGV - 5) / WIDTH
+local n = (#ARGV - 6) / WIDTH
 if n < 1 or n ~= math.floor(n) or (#KEYS ~= 8 + n and #KEYS ~= 8 + 2 * n) then
   fail('INVALID', 'runs must come as 18 values each with one key each (and one locator each), at least one')
 end
@@ -71,7 +82,7 @@ local OPTIONAL_IDS = { 'event_id', 'binding_id', 'conversation_id', 'thread_id',
   'agent_id', 'requested_runtime_id' }
 local runs = {}
 for i = 0, n - 1 do
-  local a = 6 + i * WIDTH
+  local a = 7 + i * WIDTH
   local r = {
     rid = ARGV[a], event_id = ARGV[a + 1], binding_id = ARGV[a + 2], runner_id = ARGV[a + 3],
     conversation_id = ARGV[a + 4], thread_id = ARGV[a + 5], workspace_id = ARGV[a + 6],
