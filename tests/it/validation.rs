@@ -473,6 +473,16 @@ async fn create_run_script_rejects_bad_argv_before_writing() {
     );
     assert_eq!(dbsize(&mut raw).await, 0);
 
+    // A placement by a group setting the queue does not have (a partition
+    // whose group_by changed since the client read it) is refused, unwritten.
+    for placed in ["conversation_id", "group_key"] {
+        let mut args = create_args(&qk, "r1");
+        args[5] = placed.into();
+        let err = eval(&mut raw, &scripts.create_run.script, &keys, &args).await.expect_err("misplaced");
+        assert_eq!(err.code(), Some("MISPLACED"), "{err:?}");
+        assert_eq!(dbsize(&mut raw).await, 0, "a misplaced create wrote something");
+    }
+
     // The same call with good arguments goes through: the harness above is right.
     let ok = eval(&mut raw, &scripts.create_run.script, &keys, &create_args(&qk, "r1")).await.expect("a valid create");
     assert!(matches!(ok, redis::Value::Array(_)), "{ok:?}");
