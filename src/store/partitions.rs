@@ -81,11 +81,7 @@ pub fn placement_key<'a>(run: &'a NewRun, group_by: &str) -> &'a str {
         "group_key" => run.group_key.as_deref(),
         _ => None,
     };
-    group
-        .filter(|g| !g.is_empty())
-        .or(run.partition_key.as_deref())
-        .or(run.group_key.as_deref())
-        .unwrap_or(&run.run_id)
+    group.filter(|g| !g.is_empty()).or(run.partition_key.as_deref()).or(run.group_key.as_deref()).unwrap_or(&run.run_id)
 }
 
 impl Store {

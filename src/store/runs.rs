@@ -361,10 +361,11 @@ impl Store {
         // Run ids whose locator the create script found naming another queue.
         let mut held_by: Vec<Option<String>> = vec![None; runs.len()];
         // Queues live in different slots: their calls go out side by side.
-        let replies = join_all(by_queue.iter().map(|(queue, group)| {
-            self.create_in(queue, group, PER_CALL, placed_by.get(*queue).map(String::as_str))
-        }))
-        .await;
+        let replies =
+            join_all(by_queue.iter().map(|(queue, group)| {
+                self.create_in(queue, group, PER_CALL, placed_by.get(*queue).map(String::as_str))
+            }))
+            .await;
         // A queue that refused its runs (a cap, a placement by an old group
         // setting) wrote nothing: the locators taken for them go too, so that
         // nothing of the refused create remains.

@@ -1088,8 +1088,9 @@ async fn queue_group_overrides() {
     rl(url, &["enqueue", "--queue", "q", "--runner", "r", "--run-id", "a", "--conversation", "vip"]).await.ok();
     let mut raw = common::raw(&redis).await;
     let before = common::keyspace(&mut raw).await;
-    let line =
-        rl(url, &["enqueue", "--queue", "q", "--runner", "r", "--run-id", "b", "--conversation", "closed"]).await.fails(6);
+    let line = rl(url, &["enqueue", "--queue", "q", "--runner", "r", "--run-id", "b", "--conversation", "closed"])
+        .await
+        .fails(6);
     assert!(line.contains("group closed"), "{line}");
     for bad in [
         ["--group-rate-limit-for", "vip"],

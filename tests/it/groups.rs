@@ -237,11 +237,8 @@ async fn a_partitioned_queue_places_each_group_in_one_partition() {
     const PER: usize = 8;
     let (_redis, store) = common::store().await;
     store.declare_partitions(P, 4).await.expect("partitions");
-    let settings = GroupSettings {
-        group_by: Some(Some(GroupBy::ConversationId)),
-        concurrency: Some(1),
-        ..Default::default()
-    };
+    let settings =
+        GroupSettings { group_by: Some(Some(GroupBy::ConversationId)), concurrency: Some(1), ..Default::default() };
     store.set_groups(P, &settings).await.expect("groups");
     let runs: Vec<NewRun> = (0..GROUPS * PER)
         .map(|i| {
@@ -325,7 +322,11 @@ async fn a_create_placed_by_an_old_group_setting_is_placed_anew() {
     assert_eq!(partitions.len(), 1, "group G in one partition: {partitions:?}");
     assert_eq!(
         partitions.into_iter().next(),
-        Some(store.partitions(P).await.expect("partitions")[runledger::store::partitions::partition_index("G", 4) as usize].as_str())
+        Some(
+            store.partitions(P).await.expect("partitions")
+                [runledger::store::partitions::partition_index("G", 4) as usize]
+                .as_str()
+        )
     );
 }
 

@@ -415,8 +415,9 @@ async fn a_queue_without_overrides_runs_the_same_commands() {
     let plain = create_and_claim_commands(&store, &port, "plain").await;
     let dropped = create_and_claim_commands(&store, &port, "dropped").await;
     let other = create_and_claim_commands(&store, &port, "other").await;
-    let reads_overrides =
-        |cmds: &[(String, String)]| cmds.iter().any(|(_, k)| k.ends_with(":group-rate-limits") || k.ends_with(":group-caps"));
+    let reads_overrides = |cmds: &[(String, String)]| {
+        cmds.iter().any(|(_, k)| k.ends_with(":group-rate-limits") || k.ends_with(":group-caps"))
+    };
     assert!(plain.len() > 10, "recorded too little: {plain:?}");
     assert!(!reads_overrides(&plain), "{plain:?}");
     assert_eq!(dropped, plain, "a queue whose overrides were dropped runs other commands");

@@ -87,11 +87,8 @@ pub async fn run(store: &Store, out: &Output, a: QueueArgs) -> Result<()> {
             };
             let overrides =
                 a.group_limits.iter().map(|pair| group_value("--group-limit", pair)).collect::<Result<Vec<_>>>()?;
-            let group_rate_overrides = a
-                .group_rate_limits_for
-                .iter()
-                .map(|pair| group_rate_limit(pair))
-                .collect::<Result<Vec<_>>>()?;
+            let group_rate_overrides =
+                a.group_rate_limits_for.iter().map(|pair| group_rate_limit(pair)).collect::<Result<Vec<_>>>()?;
             let group_cap_overrides =
                 a.group_caps_for.iter().map(|pair| group_value("--group-cap-for", pair)).collect::<Result<Vec<_>>>()?;
             let groups = GroupSettings { group_by, concurrency: a.group_concurrency, overrides };
