@@ -119,7 +119,7 @@ local function due_work(B, now)
   promote_delayed(B, now, '100')
   recover_expired(B, now, '100', 'queued', 'claim lease expired')
   local due_keys = { K.delayed, K.leases }
-  if marks[2] == '1' and read_limits(B) and limits_read.group_rate then
+  if marks[2] == '1' and read_limits(B) and limits_read.group_rated then
     rearm_groups(B, now)
     due_keys[3] = B .. 'group-rates'
   end
@@ -310,7 +310,7 @@ local function claim(B, c, now, first_send)
   if d[2] then due = tonumber(d[2]) end
   local later = { K.leases }
   -- A group waiting for its rate window: its runs come back at the window's end.
-  if read_limits(B) and limits_read.group_rate then later[2] = B .. 'group-rates' end
+  if read_limits(B) and limits_read.group_rated then later[2] = B .. 'group-rates' end
   for _, key in ipairs(later) do
     local l = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
     if l[2] and (due == '' or tonumber(l[2]) < due) then due = tonumber(l[2]) end

@@ -12,7 +12,12 @@
 -- ARGV[4] queue number (0 .. 4095, from register_queue.lua; checked against KEYS[8])
 -- ARGV[5] '1' when the client registered the queue just before this call
 --         (a queue without KEYS[8] is refused with UNREGISTERED otherwise)
--- ARGV[6..] 18 values per run:
+-- ARGV[6] the group_by ('' = none) the client placed the runs by, when this
+--         queue is a partition of a partitioned queue (see
+--         src/store/partitions.rs); '-' = not placed, not checked. A
+--         partition whose meta group_by differs refuses the call (MISPLACED,
+--         nothing written): the client reads the setting again and places anew.
+-- ARGV[7..] 18 values per run:
 --   run_id, event_id, binding_id, runner_id, conversation_id, thread_id,
 --   workspace_id, bot_id, agent_id, deadline_at ms, authorization (JSON object),
 --   metadata (JSON object), status (queued | running | created | a terminal one), priority [-1000, 1000],
@@ -40,10 +45,13 @@ local queue = ARGV[2]
 check_id('queue_name', queue)
 local max_bytes = check_int('max JSON bytes', ARGV[3], 1, 512 * 1024 * 1024)
 local number = check_int('queue number', ARGV[4], 0, QUEUES - 1)
-local meta = redis.call('HMGET', KEYS[8], 'number', 'clock', 'lanes', 'group_by', 'cap', 'group_cap', 'workspace_cap')
+local meta = redis.call('HMGET', KEYS[8], 'number', 'clock', 'lanes', 'group_by', 'cap', 'group_cap', 'workspace_cap',
+  'group_cap_overrides')
 -- The queue's caps (see Limits in include/queue.lua); none on most queues.
-local caps = { queue = tonumber(meta[5] or ''), group = tonumber(meta[6] or ''), workspace = tonumber(meta[7] or '') }
-local capped = caps.queue or caps.group or caps.workspace
+-- `own`: some groups have caps of their own (read only then).
+local caps = { queue = tonumber(meta[5] or ''), group = tonumber(meta[6] or ''), workspace = tonumber(meta[7] or ''),
+  own = meta[8] == '1' }
+local capped = caps.queue or caps.group or caps.workspace or caps.own
 -- A new queue starts without lanes (see runner_lane in include/queue.lua).
 if not meta[1] then lanes_mode = '0' elseif meta[3] == '0' or meta[3] == '1' then lanes_mode = meta[3] end
 if meta[1] and tonumber(meta[1]) ~= number then
@@ -55,8 +63,14 @@ end
 if not meta[1] and ARGV[5] ~= '1' then
   fail('UNREGISTERED', 'queue ' .. queue .. ' is not registered on this server')
 end
+local placed_by = ARGV[6]
+if placed_by == nil then fail('INVALID', 'the placement (ARGV[6]) is missing') end
+if placed_by ~= '-' and placed_by ~= (meta[4] or '') then
+  fail('MISPLACED', 'queue ' .. queue .. " groups by '" .. (meta[4] or '') .. "', the runs were placed by '" ..
+    placed_by .. "'")
+end
 local WIDTH = 18
-local n = (#ARGV - 5) / WIDTH
+local n = (#ARGV - 6) / WIDTH
 if n < 1 or n ~= math.floor(n) or (#KEYS ~= 8 + n and #KEYS ~= 8 + 2 * n) then
   fail('INVALID', 'runs must come as 18 values each with one key each (and one locator each), at least one')
 end
@@ -68,7 +82,7 @@ local OPTIONAL_IDS = { 'event_id', 'binding_id', 'conversation_id', 'thread_id',
   'agent_id', 'requested_runtime_id' }
 local runs = {}
 for i = 0, n - 1 do
-  local a = 6 + i * WIDTH
+  local a = 7 + i * WIDTH
   local r = {
     rid = ARGV[a], event_id = ARGV[a + 1], binding_id = ARGV[a + 2], runner_id = ARGV[a + 3],
     conversation_id = ARGV[a + 4], thread_id = ARGV[a + 5], workspace_id = ARGV[a + 6],
@@ -140,9 +154,24 @@ if capped then
   end
   if #count_order > 0 then
     local have = redis.call('HMGET', B .. 'queued-count', unpack(count_order))
+    -- The groups' own caps, one HMGET for the groups of the batch.
+    local own = {}
+    if caps.own then
+      local names = {}
+      for _, field in ipairs(count_order) do
+        local name = string.match(field, '^g:(.*)$')
+        if name then names[#names + 1] = name end
+      end
+      if #names > 0 then
+        for j, v in ipairs(redis.call('HMGET', B .. 'group-caps', unpack(names))) do
+          if v then own[names[j]] = tonumber(v) end
+        end
+      end
+    end
     for j, field in ipairs(count_order) do
       local kind, name = string.match(field, '^(%a):(.*)$')
-      local cap = kind == 'g' and caps.group or kind == 'w' and caps.workspace or not kind and caps.queue
+      local cap = kind == 'g' and (own[name] or caps.group) or kind == 'w' and caps.workspace
+        or not kind and caps.queue
       local held = tonumber(have[j] or '0')
       if cap and held + count_add[field] > cap then
         local what = kind == 'g' and ('group ' .. name .. ' of queue ' .. queue)

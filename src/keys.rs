@@ -148,6 +148,14 @@ impl QueueKeys {
     pub fn group_limits(&self) -> String {
         self.key("group-limits")
     }
+    /// HASH group -> its own rate limit, `N/MS` (see Limits in `lua/include/queue.lua`).
+    pub fn group_rate_limits(&self) -> String {
+        self.key("group-rate-limits")
+    }
+    /// HASH group -> its own cap of queued runs.
+    pub fn group_caps(&self) -> String {
+        self.key("group-caps")
+    }
     /// SET: paused groups.
     pub fn paused_groups(&self) -> String {
         self.key("paused-groups")

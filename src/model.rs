@@ -255,7 +255,9 @@ pub struct NewRun {
     /// Claims allowed before a recurring lease expiry makes the run dead (0 = no limit).
     pub max_attempts: u32,
     /// For a partitioned queue: runs with the same key go to the same
-    /// partition, so they keep their order (default: the group key, else the run id).
+    /// partition, so they keep their order (default: the group key, else the
+    /// run id). Not used for a run of a grouped queue that has a group: its
+    /// group chooses the partition (see `store::partitions::placement_key`).
     pub partition_key: Option<String>,
     /// The run's group in a queue grouped by `group_key` (see
     /// [`crate::Store::set_groups`]).

@@ -293,13 +293,15 @@ end
 -- The limit of group g now (0 while it or its queue is paused; huge when the
 -- queue no longer groups, so that its waiting runs are all admitted), and
 -- the claims its rate limit still allows in its window (nil: no rate limit).
+local group_rate_of -- defined with the limits, below
+
 local function group_limit(B, g)
-  local meta = redis.call('HMGET', B .. 'meta', 'group_by', 'group_limit', 'group_rate')
+  local meta = redis.call('HMGET', B .. 'meta', 'group_by', 'group_limit', 'group_rate', 'group_rate_overrides')
   if not meta[1] or meta[1] == '' then return 1e9 end
   if redis.call('SISMEMBER', B .. 'paused-groups', g) == 1 then return 0 end
   local own = redis.call('HGET', B .. 'group-limits', g)
   local limit = tonumber(own or '') or tonumber(meta[2] or '') or 1
-  local rate = tonumber(meta[3] or '')
+  local rate = group_rate_of(B, g, tonumber(meta[3] or ''), nil, meta[4] == '1')
   if rate then rate = rate - tonumber(redis.call('GET', group_key(B, g, 'rate')) or '0') end
   return limit, rate
 end
@@ -367,11 +369,17 @@ end
 --   group_rate, group_rate_window   the same for each group
 --   cap, group_cap, workspace_cap   at most so many queued runs in the
 --             queue, in one group, of one workspace (create refuses more)
+--   group_rate_overrides, group_cap_overrides   '1' while the hashes
+--             below hold an entry, so a queue without overrides reads neither
 --   limits    '1' while any is set; copied to the hints that every claim
 --             reads, so a queue without limits reads nothing more
 -- Keys:
 --   rate             STRING claims in the queue's window; expires at its end
 --   group:<g>:rate   STRING the same for group g
+--   group-rate-limits  HASH g -> 'N/MS': group g's own rate limit (N claims
+--                    per MS ms; N = 0 holds the group), in place of group_rate
+--   group-caps       HASH g -> N: group g's own cap (0: it takes no new
+--                    queued run), in place of group_cap
 --   group-rates      ZSET groups whose window ends, score = its end (ms): the
 --                    claim that finds it due rebalances them (see due_work)
 --   queued-count     HASH while a cap is set: queued runs ('queue'), of a
@@ -383,19 +391,37 @@ end
 local function read_limits(B)
   if limits_read == nil then
     local v = redis.call('HMGET', B .. 'meta', 'limits', 'rate_limit', 'rate_window', 'group_rate',
-      'group_rate_window', 'cap', 'group_cap', 'workspace_cap')
+      'group_rate_window', 'cap', 'group_cap', 'workspace_cap', 'group_rate_overrides', 'group_cap_overrides')
     if v[1] ~= '1' then
       limits_read = false
     else
       limits_read = {
         rate = tonumber(v[2] or ''), window = tonumber(v[3] or ''), group_rate = tonumber(v[4] or ''),
         group_window = tonumber(v[5] or ''), cap = tonumber(v[6] or ''), group_cap = tonumber(v[7] or ''),
-        workspace_cap = tonumber(v[8] or ''),
+        workspace_cap = tonumber(v[8] or ''), rate_own = v[9] == '1', cap_own = v[10] == '1',
       }
       limits_read.counted = limits_read.cap or limits_read.group_cap or limits_read.workspace_cap
+        or limits_read.cap_own
+      -- Some group has a rate limit: the queue's for every group, or one's own.
+      limits_read.group_rated = limits_read.group_rate or limits_read.rate_own
     end
   end
   return limits_read
+end
+
+-- The rate limit of group g: claims per window (ms), its own when `own`
+-- (the queue has overrides) and it has one, else the queue's `base` per
+-- `window`; nil when neither is set.
+group_rate_of = function(B, g, base, window, own)
+  if own then
+    local v = redis.call('HGET', B .. 'group-rate-limits', g)
+    if v then
+      local max, ms = string.match(v, '^(%d+)/(%d+)$')
+      if not max then corrupt(B .. 'group-rate-limits', g, v) end
+      return tonumber(max), tonumber(ms)
+    end
+  end
+  return base, window
 end
 
 -- The fields of queued-count that a queued run with group g and workspace
@@ -448,11 +474,14 @@ local function claimed_limits(B, h, now)
   local L = read_limits(B)
   if not L then return false end
   count_queued(B, h, -1)
-  if h.group and L.group_rate then
-    local _, ends = count_claim(group_key(B, h.group, 'rate'), L.group_window, now)
-    if ends then
-      redis.call('ZADD', B .. 'group-rates', fmt(ends), h.group)
-      lower_next_due(B, ends)
+  if h.group and L.group_rated then
+    local max, window = group_rate_of(B, h.group, L.group_rate, L.group_window, L.rate_own)
+    if max and window then
+      local _, ends = count_claim(group_key(B, h.group, 'rate'), window, now)
+      if ends then
+        redis.call('ZADD', B .. 'group-rates', fmt(ends), h.group)
+        lower_next_due(B, ends)
+      end
     end
   end
   if L.rate then return count_claim(B .. 'rate', L.window, now) >= L.rate end

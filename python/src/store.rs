@@ -677,8 +677,13 @@ impl RunLedgerStore {
     /// Sets a queue's rate limits (claims per window, of the queue and of
     /// each group; 0 removes one) and caps (queued runs in the queue, a
     /// group, a workspace; 0 removes one). None keeps what is set.
+    /// `group_rate_limits` ({group: (n, seconds)}) and `group_caps` ({group:
+    /// n}) give groups their own, in place of the queue's per-group ones (an
+    /// n of 0 holds the group's claims, or refuses its new runs); None as a
+    /// value drops a group's own.
     #[pyo3(signature = (queue_name, *, rate_limit=None, rate_window=1.0, group_rate_limit=None,
-        group_rate_window=1.0, cap=None, group_cap=None, workspace_cap=None))]
+        group_rate_window=1.0, cap=None, group_cap=None, workspace_cap=None, group_rate_limits=None,
+        group_caps=None))]
     #[allow(clippy::too_many_arguments)]
     fn set_queue_limits<'py>(
         &self,
@@ -691,6 +696,8 @@ impl RunLedgerStore {
         cap: Option<u32>,
         group_cap: Option<u32>,
         workspace_cap: Option<u32>,
+        group_rate_limits: Option<HashMap<String, Option<(u32, f64)>>>,
+        group_caps: Option<HashMap<String, Option<u32>>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let rate = |max: Option<u32>, window: f64, name: &str| -> PyResult<Option<Option<RateLimit>>> {
             let Some(max) = max else { return Ok(None) };
@@ -703,12 +710,32 @@ impl RunLedgerStore {
             Ok(Some(Some(RateLimit { max, window: Duration::from_secs_f64(window) })))
         };
         let cap_of = |n: Option<u32>| n.map(|n| (n > 0).then_some(n));
+        let mut group_rate_overrides = Vec::new();
+        for (group, limit) in group_rate_limits.unwrap_or_default() {
+            let limit = match limit {
+                None => None,
+                Some((max, window)) => {
+                    if !window.is_finite() || window <= 0.0 || window > 86_400.0 {
+                        return Err(invalid(format!(
+                            "the window of group_rate_limits[{group:?}] must be more than 0 and at most 86400 seconds, got {window}"
+                        )));
+                    }
+                    Some(RateLimit { max, window: Duration::from_secs_f64(window) })
+                }
+            };
+            group_rate_overrides.push((group, limit));
+        }
+        group_rate_overrides.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut group_cap_overrides: Vec<(String, Option<u32>)> = group_caps.unwrap_or_default().into_iter().collect();
+        group_cap_overrides.sort();
         let settings = LimitSettings {
             rate: rate(rate_limit, rate_window, "rate_window")?,
             group_rate: rate(group_rate_limit, group_rate_window, "group_rate_window")?,
             cap: cap_of(cap),
             group_cap: cap_of(group_cap),
             workspace_cap: cap_of(workspace_cap),
+            group_rate_overrides,
+            group_cap_overrides,
         };
         let shared = self.shared.clone();
         awaitable(py, async move { shared.store().await?.set_limits(&queue_name, &settings).await.py_err() }, dict)

@@ -63,3 +63,34 @@ async def test_bad_limits_are_refused(store):
     with pytest.raises(ValueError):
         await store.set_queue_limits("bad{queue}", cap=1)
     assert (await store.set_queue_limits("chat"))["cap"] is None
+
+
+async def test_a_groups_own_rate_and_cap_take_the_place_of_the_queues(redis_server, prefix):
+    store = runledger.RunLedgerStore(redis_server.url, prefix=prefix)
+    await store.set_queue_groups("chat", group_by="conversation_id", group_concurrency=10)
+    shown = await store.set_queue_limits(
+        "chat", group_rate_limit=1, group_rate_window=60, group_cap=2,
+        group_rate_limits={"vip": (2, 60), "held": (0, 1)}, group_caps={"vip": 3, "closed": 0},
+    )
+    assert shown["group_rate_limits"] == [["held", {"max": 0, "window": 1.0}], ["vip", {"max": 2, "window": 60.0}]]
+    assert shown["group_caps"] == [["closed", 0], ["vip", 3]]
+    for i in range(3):
+        await store.create_run(**queued(f"v{i}", conversation_id="vip"))
+    await store.create_run(**queued("h0", conversation_id="held"))
+    before = keyspace(redis_server.port, prefix)
+    with pytest.raises(runledger.QueueFull, match="group vip"):
+        await store.create_run(**queued("v3", conversation_id="vip"))
+    with pytest.raises(runledger.QueueFull, match="group closed"):
+        await store.create_run(**queued("x", conversation_id="closed"))
+    assert keyspace(redis_server.port, prefix) == before
+    got = []
+    while (run := await store.claim_next_run(runtime_id="rt", queue_name="chat")) is not None:
+        got.append(run["run_id"])
+    assert sorted(got) == ["v0", "v1"], "vip's own rate of 2, held's 0"
+    shown = await store.set_queue_limits("chat", group_rate_limits={"held": None}, group_caps={"vip": None})
+    assert shown["group_rate_limits"] == [["vip", {"max": 2, "window": 60.0}]] and shown["group_caps"] == [["closed", 0]]
+    assert (await store.claim_next_run(runtime_id="rt", queue_name="chat"))["run_id"] == "h0"
+    with pytest.raises(ValueError, match="window"):
+        await store.set_queue_limits("chat", group_rate_limits={"vip": (1, 0)})
+    with pytest.raises(ValueError):
+        await store.set_queue_limits("chat", group_caps={"bad{group}": 1})

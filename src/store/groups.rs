@@ -7,7 +7,9 @@
 //! of a group enters its claim lane only while its group has a free slot
 //! (see "Groups" in `lua/include/queue.lua`), so the claim stays one
 //! O(log n) pick and every host and worker sees the same limits. For a
-//! partitioned queue each call applies to every partition.
+//! partitioned queue each call applies to every partition, and its runs are
+//! placed by their group (see `partitions.rs`), so a group's limit holds in
+//! the one partition that holds the group.
 
 use serde::Serialize;
 
@@ -105,7 +107,9 @@ impl Store {
             Some(Some(by)) => by.as_str().to_string(),
         };
         let mut last = None;
-        for physical in self.physical_queues(&[queue.to_string()]).await? {
+        let physical_queues = self.physical_queues(&[queue.to_string()]).await?;
+        let partitioned = physical_queues.len() > 1;
+        for physical in physical_queues {
             let keys = self.queue_keys(&physical);
             let mut args =
                 vec![keys.base.clone(), by.clone(), settings.concurrency.map(|n| n.to_string()).unwrap_or_default()];
@@ -116,7 +120,14 @@ impl Store {
             last = Some(self.eval(&self.scripts().set_groups, &keys.fixed(), &args).await?);
         }
         let value = last.ok_or_else(|| Error::Protocol("set_groups: a queue without partitions".into()))?;
-        parse_groups(queue, value)
+        let groups = parse_groups(queue, value)?;
+        // This process places the queue's next runs by the new setting at once
+        // (others within the partition cache's refresh, or at their next
+        // create the script refuses as misplaced).
+        if partitioned {
+            self.remember_group_by(queue, groups.group_by.as_deref().unwrap_or_default());
+        }
+        Ok(groups)
     }
 
     /// The group settings of `queue` (of its first partition, which every

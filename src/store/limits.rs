@@ -11,8 +11,9 @@
 //! A partitioned queue holds its runs in several slots: its queue-wide rate
 //! limit and cap are split over the partitions (their sum is the limit, so
 //! partitions never multiply it). Groups and workspaces are counted where
-//! their runs live: a group that spans partitions (runs placed by run id) is
-//! limited in each.
+//! their runs live: a run of a grouped queue is placed by its group, so a
+//! group lives in one partition and its limits (its own ones too) hold
+//! whole; a workspace that spans partitions is capped in each.
 
 use std::time::Duration;
 
@@ -48,6 +49,12 @@ pub struct LimitSettings {
     pub group_cap: Option<Option<u32>>,
     /// Queued runs of one workspace (`workspace_id`).
     pub workspace_cap: Option<Option<u32>>,
+    /// Groups' own rate limits, in place of `group_rate` for them: `Some`
+    /// sets one (a `max` of 0 holds the group's claims), `None` drops it.
+    pub group_rate_overrides: Vec<(String, Option<RateLimit>)>,
+    /// Groups' own caps, in place of `group_cap` for them: `Some(n)` sets
+    /// one (0 refuses every new queued run of the group), `None` drops it.
+    pub group_cap_overrides: Vec<(String, Option<u32>)>,
 }
 
 /// A queue's limits as stored (for a partitioned queue: the sum over its partitions).
@@ -59,7 +66,15 @@ pub struct QueueLimits {
     pub cap: Option<u32>,
     pub group_cap: Option<u32>,
     pub workspace_cap: Option<u32>,
+    /// Groups with a rate limit of their own, sorted by name.
+    pub group_rate_limits: Vec<(String, RateLimit)>,
+    /// Groups with a cap of their own, sorted by name.
+    pub group_caps: Vec<(String, u32)>,
 }
+
+/// The most per-group overrides of one kind in one call (one script call
+/// carries them all).
+pub const MAX_OVERRIDES: usize = 1000;
 
 const MAX_LIMIT: u32 = 1_000_000_000;
 const MAX_WINDOW: Duration = Duration::from_secs(86_400);
@@ -81,6 +96,7 @@ impl Store {
                 return Err(Error::Invalid(format!("{name} must be in 1..={MAX_LIMIT}, got {n}")));
             }
         }
+        check_overrides(settings)?;
         let partitions = self.physical_queues(&[queue.to_string()]).await?;
         let count = partitions.len() as u32;
         for (name, limit) in [("rate limit", settings.rate.flatten().map(|r| r.max)), ("cap", settings.cap.flatten())] {
@@ -98,7 +114,7 @@ impl Store {
             let keys = self.queue_keys(physical);
             let (rate, window) = rate_args(settings.rate, share);
             let (group_rate, group_window) = rate_args(settings.group_rate, |n| n);
-            let args = vec![
+            let mut args = vec![
                 keys.base.clone(),
                 rate,
                 window,
@@ -107,7 +123,21 @@ impl Store {
                 cap_arg(settings.cap, share),
                 cap_arg(settings.group_cap, |n| n),
                 cap_arg(settings.workspace_cap, |n| n),
+                settings.group_rate_overrides.len().to_string(),
             ];
+            // A group lives in one partition (see runs.rs, placement): its own
+            // limits are not split.
+            for (group, rate) in &settings.group_rate_overrides {
+                args.push(group.clone());
+                match rate {
+                    Some(r) => args.extend([r.max.to_string(), r.window.as_millis().to_string()]),
+                    None => args.extend([String::new(), String::new()]),
+                }
+            }
+            for (group, cap) in &settings.group_cap_overrides {
+                args.push(group.clone());
+                args.push(cap.map(|n| n.to_string()).unwrap_or_default());
+            }
             let value = self.eval(&self.scripts().set_limits, &keys.fixed(), &args).await?;
             let limits = parse_limits(queue, value)?;
             total = Some(match total {
@@ -128,15 +158,51 @@ impl Store {
     }
 }
 
+fn check_overrides(settings: &LimitSettings) -> Result<()> {
+    for (what, n) in
+        [("rate limits", settings.group_rate_overrides.len()), ("caps", settings.group_cap_overrides.len())]
+    {
+        if n > MAX_OVERRIDES {
+            return Err(Error::Invalid(format!("at most {MAX_OVERRIDES} groups' own {what} per call, got {n}")));
+        }
+    }
+    for (group, rate) in &settings.group_rate_overrides {
+        validate::id("group", group)?;
+        if let Some(rate) = rate {
+            if rate.max > MAX_LIMIT {
+                return Err(Error::Invalid(format!(
+                    "the rate limit of group {group} must be in 0..={MAX_LIMIT} claims, got {}",
+                    rate.max
+                )));
+            }
+            check_window(&format!("rate limit of group {group}"), rate.window)?;
+        }
+    }
+    for (group, cap) in &settings.group_cap_overrides {
+        validate::id("group", group)?;
+        if let Some(n) = cap
+            && *n > MAX_LIMIT
+        {
+            return Err(Error::Invalid(format!("the cap of group {group} must be in 0..={MAX_LIMIT}, got {n}")));
+        }
+    }
+    Ok(())
+}
+
+fn check_window(name: &str, window: Duration) -> Result<()> {
+    // Whole milliseconds: the script stores ms, and a window that rounds to 0 would never end.
+    if window < Duration::from_millis(1) || window > MAX_WINDOW {
+        return Err(Error::Invalid(format!("the window of the {name} must be 1 ms ..= 24 h, got {window:?}")));
+    }
+    Ok(())
+}
+
 fn check_rate(name: &str, rate: Option<Option<RateLimit>>) -> Result<()> {
     let Some(Some(rate)) = rate else { return Ok(()) };
     if !(1..=MAX_LIMIT).contains(&rate.max) {
         return Err(Error::Invalid(format!("{name} must be in 1..={MAX_LIMIT} claims, got {}", rate.max)));
     }
-    if rate.window < Duration::from_millis(1) || rate.window > MAX_WINDOW {
-        return Err(Error::Invalid(format!("the window of the {name} must be 1 ms ..= 24 h, got {:?}", rate.window)));
-    }
-    Ok(())
+    check_window(name, rate.window)
 }
 
 /// The script's limit and window arguments: '' keeps, '0' removes.
@@ -157,7 +223,13 @@ fn cap_arg(cap: Option<Option<u32>>, share: impl Fn(u32) -> u32) -> String {
 }
 
 fn parse_limits(queue: &str, value: redis::Value) -> Result<QueueLimits> {
-    let items = reply::array(value)?.into_iter().map(reply::string).collect::<Result<Vec<String>>>()?;
+    let mut parts = reply::array(value)?;
+    if parts.len() != 9 {
+        return Err(Error::Protocol("set_limits: a reply of the wrong length".into()));
+    }
+    let own_caps = strings(parts.pop())?;
+    let own_rates = strings(parts.pop())?;
+    let items = parts.into_iter().map(reply::string).collect::<Result<Vec<String>>>()?;
     let number = |v: &String| -> Result<Option<u32>> {
         if v.is_empty() {
             return Ok(None);
@@ -174,6 +246,28 @@ fn parse_limits(queue: &str, value: redis::Value) -> Result<QueueLimits> {
             _ => None,
         })
     };
+    let mut group_rate_limits = own_rates
+        .chunks(2)
+        .map(|pair| {
+            let bad = || Error::Protocol(format!("set_limits: not a group rate limit: {pair:?}"));
+            let [group, value] = pair else { return Err(bad()) };
+            let (max, ms) = value.split_once('/').ok_or_else(bad)?;
+            let max = max.parse::<u32>().map_err(|_| bad())?;
+            let ms = ms.parse::<u64>().map_err(|_| bad())?;
+            Ok((group.clone(), RateLimit { max, window: Duration::from_millis(ms) }))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    group_rate_limits.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut group_caps = own_caps
+        .chunks(2)
+        .map(|pair| match pair {
+            [group, n] => number(n)?
+                .map(|n| (group.clone(), n))
+                .ok_or_else(|| Error::Protocol(format!("set_limits: an empty cap of group {group}"))),
+            _ => Err(Error::Protocol("set_limits: an odd list of group caps".into())),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    group_caps.sort();
     Ok(QueueLimits {
         queue_name: queue.to_string(),
         rate: rate_of(rate, window)?,
@@ -181,5 +275,12 @@ fn parse_limits(queue: &str, value: redis::Value) -> Result<QueueLimits> {
         cap: number(cap)?,
         group_cap: number(group_cap)?,
         workspace_cap: number(workspace_cap)?,
+        group_rate_limits,
+        group_caps,
     })
+}
+
+fn strings(value: Option<redis::Value>) -> Result<Vec<String>> {
+    let value = value.ok_or_else(|| Error::Protocol("set_limits: short reply".into()))?;
+    reply::array(value)?.into_iter().map(reply::string).collect()
 }

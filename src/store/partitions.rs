@@ -6,9 +6,18 @@
 //! CLI's `runledger partition Q N`), which records `Q -> P` in the HASH
 //! `<P>:partitions`, so every host and worker agrees. The count is fixed once
 //! declared (changing it would move run ids to other partitions). Runs sent
-//! to `Q` land in the partition of their partition key (the run id unless
-//! the caller gives one, so related runs can share a partition and keep
-//! their order); claims on `Q` go over its partitions.
+//! to `Q` land in the partition of their placement key (see
+//! [`placement_key`]): the run's group when `Q` groups its runs, so that a
+//! group lives in one partition and its limits are never multiplied; else
+//! the caller's partition key (so related runs can share a partition and
+//! keep their order), else the run id. Claims on `Q` go over its partitions.
+//!
+//! The placement follows `Q`'s `group_by` as this process last read it (from
+//! partition 0's meta, at most [`REFRESH`] old). The create script checks it
+//! against the partition's own setting before it writes anything and refuses
+//! a run placed by another (`MISPLACED`): the store reads the setting again
+//! and places the runs anew, so a change of `group_by` never leaves one
+//! group in two partitions.
 //!
 //! Ordering: priority order (then creation order) holds within a partition,
 //! not across partitions. Each claim starts at the next partition in
@@ -21,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use super::{Store, lock};
 use crate::error::{Error, Result};
+use crate::model::NewRun;
 use crate::validate;
 
 /// The most partitions a queue may have.
@@ -30,11 +40,14 @@ pub const MAX_PARTITIONS: u32 = 256;
 /// reaches every host and worker within this.
 const REFRESH: Duration = Duration::from_secs(2);
 
-/// The process's copy of `<P>:partitions`.
+/// The process's copy of `<P>:partitions`, and of the `group_by` of the
+/// partitioned queues it placed runs in.
 #[derive(Default)]
 pub(crate) struct PartitionCache {
     read_at: Option<Instant>,
     counts: HashMap<String, u32>,
+    /// Partitioned queue -> (when read, its `group_by`; '' = none).
+    group_by: HashMap<String, (Instant, String)>,
 }
 
 /// The physical queue of partition `i` of `queue`.
@@ -50,6 +63,25 @@ pub fn partition_index(key: &str, partitions: u32) -> u32 {
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
     (hash % u64::from(partitions.max(1))) as u32
+}
+
+/// The key a new run of a partitioned queue is placed by, given the queue's
+/// `group_by` ('' = none): the run's group (the value of that field, or its
+/// `group_key`) when it has one, so every run of a group shares a partition
+/// and the group's limits hold whole; else the caller's partition key, else
+/// its `group_key`, else its run id. A grouped run's partition key is not
+/// used: honouring it could split a group over partitions and multiply its
+/// limit.
+pub fn placement_key<'a>(run: &'a NewRun, group_by: &str) -> &'a str {
+    let group = match group_by {
+        "conversation_id" => run.conversation_id.as_deref(),
+        "thread_id" => run.thread_id.as_deref(),
+        "bot_id" => run.bot_id.as_deref(),
+        "workspace_id" => run.workspace_id.as_deref(),
+        "group_key" => run.group_key.as_deref(),
+        _ => None,
+    };
+    group.filter(|g| !g.is_empty()).or(run.partition_key.as_deref()).or(run.group_key.as_deref()).unwrap_or(&run.run_id)
 }
 
 impl Store {
@@ -140,6 +172,35 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// The `group_by` of partitioned `queue` ('' = none), as stored in its
+    /// first partition (every call of `set_groups` sets them all alike), at
+    /// most [`REFRESH`] old; `fresh` reads it again.
+    pub(crate) async fn partition_group_by(&self, queue: &str, fresh: bool) -> Result<String> {
+        if !fresh {
+            let cache = lock(&self.inner.partitions);
+            if let Some((at, by)) = cache.group_by.get(queue)
+                && at.elapsed() < REFRESH
+            {
+                return Ok(by.clone());
+            }
+        }
+        let mut conn = self.conn().await?;
+        let by: Option<String> = redis::cmd("HGET")
+            .arg(self.queue_keys(&partition_name(queue, 0)).meta())
+            .arg("group_by")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.failed(e))?;
+        let by = by.unwrap_or_default();
+        self.remember_group_by(queue, &by);
+        Ok(by)
+    }
+
+    /// What this process just set as `queue`'s `group_by` (see `set_groups`).
+    pub(crate) fn remember_group_by(&self, queue: &str, by: &str) {
+        lock(&self.inner.partitions).group_by.insert(queue.to_string(), (Instant::now(), by.to_string()));
     }
 
     /// The physical queue a new run of `queue` goes to.

@@ -7,6 +7,7 @@ use futures_util::future::join_all;
 use serde_json::Value;
 
 use super::locator::Reservation;
+use super::partitions::placement_key;
 use super::{Store, lock, reply};
 use crate::error::{Error, Result};
 use crate::keys::QueueKeys;
@@ -24,6 +25,10 @@ pub enum ClaimOutcome {
         now_ms: i64,
     },
 }
+
+/// How many times a create places runs of a partitioned queue whose group
+/// setting changed under it (see `partitions.rs`) before it gives up.
+const PLACEMENT_TRIES: u32 = 5;
 
 /// The most runs one `create_runs` call takes: a batch is validated whole
 /// and held in memory before anything is sent.
@@ -196,22 +201,26 @@ impl Store {
     }
 
     /// One create_run call for runs of one queue.
+    /// `placed_by`: the `group_by` a partition's runs were placed by, which
+    /// the script checks (None: not a partition, nothing to check).
     fn create_call(
         &self,
         queue: &str,
         (number, fresh): (u32, bool),
+        placed_by: Option<&str>,
         runs: &[Indexed<'_>],
     ) -> (Vec<String>, Vec<String>) {
         let keys = self.queue_keys(queue);
         let mut k: Vec<String> = keys.fixed().into();
         k.push(keys.meta());
-        let mut args = Vec::with_capacity(5 + runs.len() * 17);
+        let mut args = Vec::with_capacity(6 + runs.len() * 18);
         args.extend([
             keys.base.clone(),
             queue.to_string(),
             self.max_json().to_string(),
             number.to_string(),
             if fresh { "1" } else { "0" }.to_string(),
+            placed_by.unwrap_or("-").to_string(),
         ]);
         for (_, (run, values)) in runs {
             k.push(keys.run(&run.run_id));
@@ -261,23 +270,59 @@ impl Store {
     /// results come back in the order given. A run id that exists in another
     /// queue (or comes twice in the batch) gives the run that holds it.
     pub async fn create_runs(&self, runs: &[NewRun]) -> Result<Vec<Run>> {
-        const PER_CALL: usize = 100;
         if runs.len() > MAX_RUNS_PER_BATCH {
             return Err(Error::Invalid(format!(
                 "at most {MAX_RUNS_PER_BATCH} runs per create_runs call, got {}",
                 runs.len()
             )));
         }
+        // A partition refuses runs placed by a group setting it no longer has
+        // (MISPLACED, nothing written): placed again by the setting read anew.
+        // Runs an earlier attempt created are returned as existing ones.
+        let mut fresh = false;
+        for attempt in 0..PLACEMENT_TRIES {
+            match self.create_placed(runs, fresh).await {
+                Err(Error::Redis(e)) if e.code() == Some("MISPLACED") => {
+                    fresh = true;
+                    // set_groups sets the partitions one after another: give it time to reach them all.
+                    tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt + 1))).await;
+                }
+                other => return other,
+            }
+        }
+        let queues: Vec<&str> = runs.iter().map(NewRun::queue_name).collect();
+        Err(Error::Conflict(format!(
+            "the group settings of a partitioned queue ({}) kept changing while its runs were placed; nothing more was created, send the same create again",
+            queues.join(", ")
+        )))
+    }
+
+    /// [`Store::create_runs`] with the runs of partitioned queues placed by
+    /// their queue's `group_by` (read anew with `fresh`).
+    async fn create_placed(&self, runs: &[NewRun], fresh: bool) -> Result<Vec<Run>> {
+        const PER_CALL: usize = 100;
         // Runs sent to a partitioned queue go to one of its partitions.
         let counts = self.partition_counts().await?;
         let placed: Vec<NewRun>;
-        let runs = if runs.iter().any(|r| counts.contains_key(r.queue_name())) {
+        // Physical queue -> the group_by its runs were placed by, which its create checks.
+        let mut placed_by: HashMap<String, String> = HashMap::new();
+        let runs = if runs.iter().any(|r| counts.get(r.queue_name()).is_some_and(|&p| p > 1)) {
+            let mut group_by: HashMap<&str, String> = HashMap::new();
+            for r in runs {
+                let queue = r.queue_name();
+                if counts.get(queue).is_some_and(|&p| p > 1) && !group_by.contains_key(queue) {
+                    group_by.insert(queue, self.partition_group_by(queue, fresh).await?);
+                }
+            }
             placed = runs
                 .iter()
-                .map(|r| {
-                    // A group lives in one partition, so its limit is never multiplied.
-                    let key = r.partition_key.as_deref().or(r.group_key.as_deref()).unwrap_or(&r.run_id);
-                    NewRun { queue: Some(Self::place(&counts, r.queue_name(), key)), ..r.clone() }
+                .map(|r| match group_by.get(r.queue_name()) {
+                    Some(by) => {
+                        let physical = Self::place(&counts, r.queue_name(), placement_key(r, by));
+                        placed_by.insert(physical.clone(), by.clone());
+                        NewRun { queue: Some(physical), ..r.clone() }
+                    }
+                    None => r.clone(),
                 })
                 .collect();
             &placed[..]
@@ -317,11 +362,21 @@ impl Store {
         // Run ids whose locator the create script found naming another queue.
         let mut held_by: Vec<Option<String>> = vec![None; runs.len()];
         // Queues live in different slots: their calls go out side by side.
-        let replies = join_all(by_queue.iter().map(|(queue, group)| self.create_in(queue, group, PER_CALL))).await;
-        // A queue that refused its runs (a cap) wrote nothing: the locators
-        // taken for them go too, so that nothing of the refused create remains.
+        let replies =
+            join_all(by_queue.iter().map(|(queue, group)| {
+                self.create_in(queue, group, PER_CALL, placed_by.get(*queue).map(String::as_str))
+            }))
+            .await;
+        // A queue that refused its runs (a cap, a placement by an old group
+        // setting) wrote nothing: the locators taken for them go too, so that
+        // nothing of the refused create remains.
         for (result, (queue, group)) in replies.iter().zip(&by_queue) {
-            if matches!(result, Err(Error::QueueFull(_))) {
+            let refused = match result {
+                Err(Error::QueueFull(_)) => true,
+                Err(Error::Redis(e)) => e.code() == Some("MISPLACED"),
+                _ => false,
+            };
+            if refused {
                 let taken: Vec<String> = group
                     .iter()
                     .filter(|(_, (run, _))| matches!(reservations[owner_of[run.run_id.as_str()]], Reservation::Taken))
@@ -373,10 +428,17 @@ impl Store {
     /// The create_run calls of one queue, `per_call` runs each, pipelined.
     /// A queue the server no longer knows (it restarted without its data)
     /// is registered again and the calls sent once more.
-    async fn create_in(&self, queue: &str, group: &[Indexed<'_>], per_call: usize) -> Result<Vec<redis::Value>> {
+    async fn create_in(
+        &self,
+        queue: &str,
+        group: &[Indexed<'_>],
+        per_call: usize,
+        placed_by: Option<&str>,
+    ) -> Result<Vec<redis::Value>> {
         let mut number = self.queue_number_fresh(queue).await?;
         for attempt in 0..2 {
-            let calls: Vec<_> = group.chunks(per_call).map(|chunk| self.create_call(queue, number, chunk)).collect();
+            let calls: Vec<_> =
+                group.chunks(per_call).map(|chunk| self.create_call(queue, number, placed_by, chunk)).collect();
             let sent = match calls.len() {
                 1 => self.eval(&self.scripts().create_run, &calls[0].0, &calls[0].1).await.map(|v| vec![v]),
                 _ => self.eval_many(&self.scripts().create_run, &calls).await,

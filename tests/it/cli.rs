@@ -1058,6 +1058,59 @@ async fn claim_wait_without_queue_notices_a_new_queue() {
     assert_eq!(str_of(&run, "run_id"), "fresh", "{}", out.describe());
 }
 
+// `queue set` with groups' own rate limits and caps: shown in JSON and
+// text, a group's own cap of 0 refuses its runs (exit 6), bad values exit 2
+// and write nothing, `GROUP=` drops one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_group_overrides() {
+    let redis = common::redis().await;
+    let url = redis.url.as_str();
+    let args = [
+        "--json",
+        "queue",
+        "set",
+        "q",
+        "--group-by",
+        "conversation_id",
+        "--group-rate-limit-for",
+        "vip=5/60",
+        "--group-cap-for",
+        "vip=2",
+        "--group-cap-for",
+        "closed=0",
+    ];
+    let shown = rl(url, &args).await.json();
+    assert_eq!(shown["group_rate_limits"], serde_json::json!([["vip", {"max": 5, "window": 60.0}]]), "{shown}");
+    assert_eq!(shown["group_caps"], serde_json::json!([["closed", 0], ["vip", 2]]), "{shown}");
+    let text = rl(url, &["queue", "show", "q"]).await.ok();
+    assert!(text.stdout.contains("rate limit of group vip: 5 claims per 60 s"), "{}", text.describe());
+    assert!(text.stdout.contains("cap of group closed: 0 queued runs"), "{}", text.describe());
+    rl(url, &["enqueue", "--queue", "q", "--runner", "r", "--run-id", "a", "--conversation", "vip"]).await.ok();
+    let mut raw = common::raw(&redis).await;
+    let before = common::keyspace(&mut raw).await;
+    let line = rl(url, &["enqueue", "--queue", "q", "--runner", "r", "--run-id", "b", "--conversation", "closed"])
+        .await
+        .fails(6);
+    assert!(line.contains("group closed"), "{line}");
+    for bad in [
+        ["--group-rate-limit-for", "vip"],
+        ["--group-rate-limit-for", "vip=3/0"],
+        ["--group-cap-for", "vip=x"],
+        ["--group-cap-for", "a{b}=1"],
+    ] {
+        let mut args = vec!["queue", "set", "q"];
+        args.extend(bad);
+        let out = rl(url, &args).await;
+        assert_eq!(out.code, Some(2), "{}", out.describe());
+    }
+    assert_eq!(common::keyspace(&mut raw).await, before, "a refused call wrote something");
+    let args = ["--json", "queue", "set", "q", "--group-cap-for", "closed=", "--group-rate-limit-for", "vip="];
+    let shown = rl(url, &args).await.json();
+    assert_eq!(shown["group_caps"], serde_json::json!([["vip", 2]]), "{shown}");
+    assert_eq!(shown["group_rate_limits"], serde_json::json!([]), "{shown}");
+    rl(url, &["enqueue", "--queue", "q", "--runner", "r", "--run-id", "b", "--conversation", "closed"]).await.ok();
+}
+
 // `queue set` with a rate limit and caps; a create past a cap exits 6, one
 // line, and writes nothing; bad limits exit 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

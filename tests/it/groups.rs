@@ -596,7 +596,130 @@ fn the_limit_check_refuses_an_overlap_and_accepts_a_handover() {
     assert_eq!(overlap.assert_within_limits(|_| 2)["g"], 2);
 }
 
+/// A partitioned queue (4 partitions) grouped by conversation, concurrency
+/// 1: every run of a conversation lands in one partition, chosen by the
+/// conversation even where the caller gave another partition key, and many
+/// concurrent Workers on the logical queue never hold two runs of one
+/// conversation at once over the whole recorded history (server times).
+/// Runs without a group keep their partition key.
+async fn a_partitioned_queue_places_each_group_in_one_partition() {
+    const P: &str = "pchat";
+    const GROUPS: usize = 6;
+    const PER: usize = 8;
+    let (_redis, store) = common::store().await;
+    store.declare_partitions(P, 4).await.expect("partitions");
+    let settings =
+        GroupSettings { group_by: Some(Some(GroupBy::ConversationId)), concurrency: Some(1), ..Default::default() };
+    store.set_groups(P, &settings).await.expect("groups");
+    let runs: Vec<NewRun> = (0..GROUPS * PER)
+        .map(|i| {
+            let run = NewRun::new(format!("p{i:03}"), "agent").queue(P).conversation(format!("c{}", i % GROUPS));
+            // A partition key of its own on every third run: the group wins.
+            if i % 3 == 0 { run.partition_key(format!("k{i}")) } else { run }
+        })
+        .collect();
+    store.create_runs(&runs).await.expect("create");
+    let mut partition_of: HashMap<String, String> = HashMap::new();
+    for r in &runs {
+        let got = store.get_run(&r.run_id).await.expect("get");
+        let group = r.conversation_id.clone().expect("conversation");
+        assert_eq!(got.group_key.as_deref(), Some(group.as_str()));
+        let first = partition_of.entry(group.clone()).or_insert_with(|| got.queue_name.clone());
+        assert_eq!(*first, got.queue_name, "{} of {group} is not in its group's partition", r.run_id);
+    }
+    let used: std::collections::HashSet<&String> = partition_of.values().collect();
+    assert!(used.len() > 1, "the groups spread over the partitions: {partition_of:?}");
+    // An ungrouped run (no conversation) is placed by its partition key, as before.
+    let loose: Vec<NewRun> =
+        (0..3).map(|i| NewRun::new(format!("loose{i}"), "agent").queue(P).partition_key("one-key")).collect();
+    let created = store.create_runs(&loose).await.expect("create ungrouped");
+    assert!(created.iter().all(|r| r.queue_name == created[0].queue_name && r.group_key.is_none()), "{created:?}");
+
+    let handled = common::run_counting_workers(
+        &store,
+        P,
+        "pw",
+        (4, 3),
+        Duration::from_secs(5),
+        Duration::from_millis(3),
+        GROUPS * PER + loose.len(),
+    )
+    .await;
+    assert_eq!(handled.len(), GROUPS * PER + loose.len(), "every run handled");
+    assert!(handled.values().all(|&n| n == 1), "each run handled once: {handled:?}");
+    let mut by_group: HashMap<String, Vec<(i64, i64, String)>> = HashMap::new();
+    let mut raw = store.conn().await.expect("conn");
+    for r in &runs {
+        let group = r.conversation_id.clone().expect("conversation");
+        let key = store.queue_keys(&partition_of[&group]).run(&r.run_id);
+        let v: Vec<Option<i64>> = redis::cmd("HMGET")
+            .arg(&key)
+            .arg(&["last_claimed_at", "started_at", "finished_at"])
+            .query_async(&mut raw)
+            .await
+            .expect("HMGET");
+        let from = v[0].or(v[1]).unwrap_or_else(|| panic!("{} was never claimed", r.run_id));
+        let to = v[2].unwrap_or_else(|| panic!("{} never finished", r.run_id));
+        by_group.entry(group).or_default().push((from, to, r.run_id.clone()));
+    }
+    for (group, mut spans) in by_group {
+        spans.sort();
+        for pair in spans.windows(2) {
+            assert!(pair[1].0 >= pair[0].1, "group {group}: {} and {} held at once: {pair:?}", pair[0].2, pair[1].2);
+        }
+    }
+}
+
+/// Another host changes the group setting of a partitioned queue while this
+/// one's copy of it is fresh: this host's next create is refused by the
+/// partition it chose by the old setting (nothing written), and placed anew
+/// by the new one, so the group still lives in one partition.
+async fn a_create_placed_by_an_old_group_setting_is_placed_anew() {
+    const P: &str = "pmoved";
+    let (redis, store) = common::store().await;
+    let other = Store::connect(&redis.url).await.expect("a second host");
+    store.declare_partitions(P, 4).await.expect("partitions");
+    let by = |g: GroupBy| GroupSettings { group_by: Some(Some(g)), ..Default::default() };
+    store.set_groups(P, &by(GroupBy::ConversationId)).await.expect("by conversation");
+    // This host's copy: grouped by conversation.
+    store.create_run(&NewRun::new("first", "agent").queue(P).conversation("c")).await.expect("create");
+    other.set_groups(P, &by(GroupBy::GroupKey)).await.expect("by group_key, from the other host");
+    let runs: Vec<NewRun> = (0..12)
+        .map(|i| NewRun::new(format!("m{i}"), "agent").queue(P).group_key("G").conversation(format!("c{i}")))
+        .collect();
+    let created = store.create_runs(&runs).await.expect("create");
+    assert!(created.iter().all(|r| r.group_key.as_deref() == Some("G")), "{created:?}");
+    let partitions: std::collections::HashSet<&str> = created.iter().map(|r| r.queue_name.as_str()).collect();
+    assert_eq!(partitions.len(), 1, "group G in one partition: {partitions:?}");
+    assert_eq!(
+        partitions.into_iter().next(),
+        Some(
+            store.partitions(P).await.expect("partitions")
+                [runledger::store::partitions::partition_index("G", 4) as usize]
+                .as_str()
+        )
+    );
+}
+
+/// The placement key, by the queue's group_by.
+#[test]
+fn the_placement_key_is_the_group_when_the_queue_groups() {
+    use runledger::store::partitions::placement_key;
+    let run = NewRun::new("r", "agent").conversation("c").bot("b").partition_key("k").group_key("g");
+    assert_eq!(placement_key(&run, "conversation_id"), "c");
+    assert_eq!(placement_key(&run, "bot_id"), "b");
+    assert_eq!(placement_key(&run, "group_key"), "g");
+    // A run without a value of the grouping field is not grouped: its partition key.
+    assert_eq!(placement_key(&run, "thread_id"), "k");
+    assert_eq!(placement_key(&run, ""), "k");
+    let bare = NewRun::new("r", "agent").group_key("g");
+    assert_eq!(placement_key(&bare, ""), "g");
+    assert_eq!(placement_key(&NewRun::new("r", "agent"), "conversation_id"), "r");
+}
+
 backend_tests!(
+    a_partitioned_queue_places_each_group_in_one_partition,
+    a_create_placed_by_an_old_group_setting_is_placed_anew,
     a_group_at_its_limit_blocks_no_other_group,
     a_lapsed_lease_gives_its_slot_back,
     limits_order_and_overrides_take_effect_at_once,

@@ -230,7 +230,203 @@ async fn refused_limits_write_nothing() {
     assert_eq!((shown.cap, shown.rate.map(|r| r.max)), (Some(10), Some(6)));
 }
 
+/// Groups' own rate limits and caps take the place of the queue's for
+/// them: a group with a higher rate gets more claims in the window, one at 0
+/// gets none (and its runs wait, blocking no one), and dropping an override
+/// puts the group back on the queue's limit at once. Caps likewise: a group's
+/// own cap lets more of its runs in, 0 refuses every one, and a refused
+/// create writes nothing. `queue_limits` shows them, sorted.
+async fn a_groups_own_rate_and_cap_take_the_place_of_the_queues() {
+    const WINDOW: u64 = 60_000;
+    let (redis, store) = common::store().await;
+    let mut raw = common::raw(&redis).await;
+    let groups =
+        GroupSettings { group_by: Some(Some(GroupBy::ConversationId)), concurrency: Some(10), ..Default::default() };
+    store.set_groups(Q, &groups).await.expect("groups");
+    let window = Duration::from_millis(WINDOW);
+    let limits = LimitSettings {
+        group_rate: rate(1, WINDOW),
+        group_rate_overrides: vec![
+            ("vip".into(), Some(RateLimit { max: 3, window })),
+            ("held".into(), Some(RateLimit { max: 0, window })),
+        ],
+        group_cap: Some(Some(4)),
+        group_cap_overrides: vec![("vip".into(), Some(6)), ("closed".into(), Some(0))],
+        ..Default::default()
+    };
+    let shown = store.set_limits(Q, &limits).await.expect("limits");
+    assert_eq!(
+        shown.group_rate_limits,
+        vec![("held".to_string(), RateLimit { max: 0, window }), ("vip".to_string(), RateLimit { max: 3, window })]
+    );
+    assert_eq!(shown.group_caps, vec![("closed".to_string(), 0), ("vip".to_string(), 6)]);
+    assert_eq!(store.queue_limits(Q).await.expect("show"), shown);
+    let conv = |id: &str, c: &str| run(id).conversation(c);
+    let mut batch: Vec<NewRun> = (0..4).map(|i| conv(&format!("a{i}"), "A")).collect();
+    batch.extend((0..5).map(|i| conv(&format!("v{i}"), "vip")));
+    batch.extend((0..2).map(|i| conv(&format!("h{i}"), "held")));
+    store.create_runs(&batch).await.expect("create: vip's own cap lets five in");
+
+    // Caps: the queue's 4 for A, vip's own 6, nothing at all for closed.
+    let before = common::keyspace(&mut raw).await;
+    for (refused, what) in [
+        (vec![conv("a4", "A")], "group A"),
+        (vec![conv("v5", "vip"), conv("v6", "vip")], "group vip"),
+        (vec![conv("x0", "closed")], "group closed"),
+    ] {
+        let err = store.create_runs(&refused).await.expect_err(what);
+        assert!(matches!(&err, Error::QueueFull(m) if m.contains(what)), "{what}: {err:?}");
+    }
+    assert_eq!(common::keyspace(&mut raw).await, before, "a refused create wrote something");
+    store.create_run(&conv("v5", "vip")).await.expect("vip's sixth");
+
+    // Rates: one of A in the window, three of vip, none of held.
+    let mut got = Vec::new();
+    while let Some(r) = claim(&store).await {
+        got.push(r.run_id);
+        assert!(got.len() <= 10, "claims past every rate: {got:?}");
+    }
+    got.sort();
+    assert_eq!(got, ["a0", "v0", "v1", "v2"]);
+    // held's own limit dropped: the queue's (one per window) holds for it now, at once.
+    let drop = LimitSettings { group_rate_overrides: vec![("held".into(), None)], ..Default::default() };
+    let shown = store.set_limits(Q, &drop).await.expect("drop held's own");
+    assert_eq!(shown.group_rate_limits, vec![("vip".to_string(), RateLimit { max: 3, window })]);
+    assert_eq!(claim(&store).await.expect("held's first").run_id, "h0");
+    assert!(claim(&store).await.is_none(), "held is at the queue's rate now");
+    // Without the queue's group rate, only vip's own holds: A's and held's runs are free.
+    let base_off = LimitSettings { group_rate: Some(None), ..Default::default() };
+    assert_eq!(store.set_limits(Q, &base_off).await.expect("no base").group_rate, None);
+    let mut rest = Vec::new();
+    while let Some(r) = claim(&store).await {
+        rest.push(r.run_id);
+        assert!(rest.len() <= 10, "too many: {rest:?}");
+    }
+    rest.sort();
+    assert_eq!(rest, ["a1", "a2", "a3", "h1"], "vip's own rate still holds v3..v5");
+    // Every override dropped: nothing of them is left in the keyspace.
+    let all_off = LimitSettings {
+        group_rate_overrides: vec![("vip".into(), None)],
+        group_cap_overrides: vec![("vip".into(), None), ("closed".into(), None)],
+        group_cap: Some(None),
+        ..Default::default()
+    };
+    let shown = store.set_limits(Q, &all_off).await.expect("all off");
+    assert!(shown.group_rate_limits.is_empty() && shown.group_caps.is_empty(), "{shown:?}");
+    let keys = store.queue_keys(Q);
+    for key in [keys.group_rate_limits(), keys.group_caps()] {
+        let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut raw).await.expect("TYPE");
+        assert_eq!(kind, "none", "{key}");
+    }
+    let marks: Vec<Option<String>> = redis::cmd("HMGET")
+        .arg(keys.meta())
+        .arg(&["group_rate_overrides", "group_cap_overrides", "limits"])
+        .query_async(&mut raw)
+        .await
+        .expect("HMGET meta");
+    assert_eq!(marks, [None, None, None], "no mark left once nothing is set");
+    assert_eq!(claim(&store).await.expect("vip is free").run_id, "v3");
+}
+
+async fn refused_overrides_write_nothing() {
+    let (redis, store) = common::store().await;
+    let mut raw = common::raw(&redis).await;
+    store.create_run(&run("a")).await.expect("create");
+    let before = common::keyspace(&mut raw).await;
+    let second = Duration::from_secs(1);
+    let bad = [
+        LimitSettings { group_rate_overrides: vec![("g{1}".into(), None)], ..Default::default() },
+        LimitSettings {
+            group_rate_overrides: vec![("g".into(), Some(RateLimit { max: 1, window: Duration::ZERO }))],
+            ..Default::default()
+        },
+        LimitSettings {
+            group_rate_overrides: vec![("g".into(), Some(RateLimit { max: 2_000_000_000, window: second }))],
+            ..Default::default()
+        },
+        LimitSettings { group_cap_overrides: vec![("".into(), Some(1))], ..Default::default() },
+        LimitSettings { group_cap_overrides: vec![("g".into(), Some(2_000_000_000))], ..Default::default() },
+        // A good override beside a bad one: the whole call is refused.
+        LimitSettings {
+            group_cap_overrides: vec![("ok".into(), Some(1)), ("bad\ngroup".into(), Some(1))],
+            ..Default::default()
+        },
+        LimitSettings {
+            group_cap_overrides: (0..1001).map(|i| (format!("g{i}"), Some(1))).collect(),
+            ..Default::default()
+        },
+    ];
+    for settings in &bad {
+        let err = store.set_limits(Q, settings).await.expect_err("refused");
+        assert!(matches!(err, Error::Invalid(_)), "{err:?}");
+    }
+    assert_eq!(common::keyspace(&mut raw).await, before, "a refused override wrote something");
+}
+
+/// The inner commands of a create and a claim, with the queue's name
+/// replaced, so runs of two queues compare (single server: MONITOR).
+async fn create_and_claim_commands(store: &Store, port: &str, queue: &str) -> Vec<(String, String)> {
+    let recorder = common::monitor::Monitor::start(&format!("127.0.0.1:{port}")).await;
+    let new = |i: u32| NewRun::new(format!("{queue}-r{i}"), "agent").queue(queue).conversation("A");
+    store.create_runs(&[new(1), new(2)]).await.expect("create");
+    store.claim_next_run(&ClaimRequest::new("rt").queue(queue)).await.expect("claim").expect("a run");
+    common::monitor::commands(&recorder.stop().await)
+        .into_iter()
+        .filter(|c| c.is_inside_script())
+        .map(|c| {
+            let key = c.args.get(1).cloned().unwrap_or_default().replace(queue, "Q");
+            // A claim's receipt is named by its random token.
+            let key = key.split("receipt:").next().unwrap_or_default().to_string();
+            (c.args[0].to_ascii_uppercase(), key)
+        })
+        .collect()
+}
+
+/// A queue without overrides runs the commands it ran before they existed:
+/// the same as a queue whose overrides were set and dropped, and none of
+/// them reads the override hashes; a queue with an override (of another
+/// group) reads them.
+#[tokio::test]
+async fn a_queue_without_overrides_runs_the_same_commands() {
+    let (redis, store) = common::store().await;
+    let port = redis.url.trim_end_matches('/').rsplit(':').next().expect("port").to_string();
+    let limits = LimitSettings { group_rate: rate(5, 60_000), group_cap: Some(Some(10)), ..Default::default() };
+    let groups = GroupSettings { group_by: Some(Some(GroupBy::ConversationId)), ..Default::default() };
+    for queue in ["plain", "dropped", "other"] {
+        store.set_groups(queue, &groups).await.expect("groups");
+        store.set_limits(queue, &limits).await.expect("limits");
+        // Registered and warm: the first create of a queue registers it.
+        let warm = NewRun::new(format!("{queue}-warm"), "agent").queue(queue).status(RunStatus::Running);
+        store.create_run(&warm).await.expect("warm");
+    }
+    let some = LimitSettings {
+        group_rate_overrides: vec![("B".into(), Some(RateLimit { max: 1, window: Duration::from_secs(1) }))],
+        group_cap_overrides: vec![("B".into(), Some(1))],
+        ..Default::default()
+    };
+    let none = LimitSettings {
+        group_rate_overrides: vec![("B".into(), None)],
+        group_cap_overrides: vec![("B".into(), None)],
+        ..Default::default()
+    };
+    store.set_limits("dropped", &some).await.expect("set");
+    store.set_limits("dropped", &none).await.expect("drop");
+    store.set_limits("other", &some).await.expect("set");
+    let plain = create_and_claim_commands(&store, &port, "plain").await;
+    let dropped = create_and_claim_commands(&store, &port, "dropped").await;
+    let other = create_and_claim_commands(&store, &port, "other").await;
+    let reads_overrides = |cmds: &[(String, String)]| {
+        cmds.iter().any(|(_, k)| k.ends_with(":group-rate-limits") || k.ends_with(":group-caps"))
+    };
+    assert!(plain.len() > 10, "recorded too little: {plain:?}");
+    assert!(!reads_overrides(&plain), "{plain:?}");
+    assert_eq!(dropped, plain, "a queue whose overrides were dropped runs other commands");
+    assert!(reads_overrides(&other), "an override is read where one is set: {other:?}");
+}
+
 backend_tests!(
+    a_groups_own_rate_and_cap_take_the_place_of_the_queues,
+    refused_overrides_write_nothing,
     a_claim_past_the_rate_answers_when_the_next_is_allowed,
     many_workers_keep_the_rate_over_the_whole_history,
     a_group_rate_holds_its_group_and_not_the_others,

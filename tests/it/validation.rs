@@ -393,14 +393,15 @@ fn create_keys(qk: &QueueKeys, run_id: &str) -> Vec<String> {
 }
 
 /// ARGV of a valid create_run call for one run (see lua/create_run.lua):
-/// base, queue, JSON limit, queue number, registered flag, then the run's 18 values.
+/// base, queue, JSON limit, queue number, registered flag, placement, then the run's 18 values.
 fn create_args(qk: &QueueKeys, run_id: &str) -> Vec<String> {
-    let mut args = vec![String::new(); 23]; // the 18th value, group_key, stays empty
+    let mut args = vec![String::new(); 24]; // the 18th value, group_key, stays empty
     args[0] = qk.base.clone();
     args[1] = Q.into(); // queue name
     args[2] = "1000".into(); // max JSON bytes
     args[3] = "0".into(); // queue number
     args[4] = "1".into(); // just registered
+    args[5] = "-".into(); // not a partition: the placement is not checked
     args[at(3)] = run_id.into();
     args[at(6)] = "agent".into(); // runner_id
     args[at(14)] = r#"{"a":1}"#.into(); // metadata
@@ -411,9 +412,9 @@ fn create_args(qk: &QueueKeys, run_id: &str) -> Vec<String> {
 }
 
 /// Where value `i` of the cases below sits: the run's values start after
-/// the queue number and its flag.
+/// the queue number, its flag and the placement.
 fn at(i: usize) -> usize {
-    if i < 3 { i } else { i + 2 }
+    if i < 3 { i } else { i + 3 }
 }
 
 #[tokio::test]
@@ -471,6 +472,16 @@ async fn create_run_script_rejects_bad_argv_before_writing() {
         "201-byte run_id",
     );
     assert_eq!(dbsize(&mut raw).await, 0);
+
+    // A placement by a group setting the queue does not have (a partition
+    // whose group_by changed since the client read it) is refused, unwritten.
+    for placed in ["conversation_id", "group_key"] {
+        let mut args = create_args(&qk, "r1");
+        args[5] = placed.into();
+        let err = eval(&mut raw, &scripts.create_run.script, &keys, &args).await.expect_err("misplaced");
+        assert_eq!(err.code(), Some("MISPLACED"), "{err:?}");
+        assert_eq!(dbsize(&mut raw).await, 0, "a misplaced create wrote something");
+    }
 
     // The same call with good arguments goes through: the harness above is right.
     let ok = eval(&mut raw, &scripts.create_run.script, &keys, &create_args(&qk, "r1")).await.expect("a valid create");

@@ -56,6 +56,14 @@ struct SetArgs {
     /// At most N runs queued of each workspace (workspace_id); 0 removes it.
     #[arg(long, value_name = "N")]
     workspace_cap: Option<u32>,
+    /// GROUP=N[/SECS]: a rate limit of one group's own, in place of --group-rate-limit
+    /// (0 holds the group's claims); GROUP= drops it. Repeat.
+    #[arg(long = "group-rate-limit-for", value_name = "GROUP=N[/SECS]")]
+    group_rate_limits_for: Vec<String>,
+    /// GROUP=N: a cap of one group's own, in place of --group-cap (0 refuses every
+    /// new queued run of the group); GROUP= drops it. Repeat.
+    #[arg(long = "group-cap-for", value_name = "GROUP=N")]
+    group_caps_for: Vec<String>,
 }
 
 #[derive(Args)]
@@ -77,7 +85,12 @@ pub async fn run(store: &Store, out: &Output, a: QueueArgs) -> Result<()> {
                 Some("none") => Some(None),
                 Some(text) => Some(Some(text.parse::<GroupBy>()?)),
             };
-            let overrides = a.group_limits.iter().map(|pair| group_limit(pair)).collect::<Result<Vec<_>>>()?;
+            let overrides =
+                a.group_limits.iter().map(|pair| group_value("--group-limit", pair)).collect::<Result<Vec<_>>>()?;
+            let group_rate_overrides =
+                a.group_rate_limits_for.iter().map(|pair| group_rate_limit(pair)).collect::<Result<Vec<_>>>()?;
+            let group_cap_overrides =
+                a.group_caps_for.iter().map(|pair| group_value("--group-cap-for", pair)).collect::<Result<Vec<_>>>()?;
             let groups = GroupSettings { group_by, concurrency: a.group_concurrency, overrides };
             let limits = LimitSettings {
                 rate: a.rate_limit.as_deref().map(|v| rate_limit("--rate-limit", v)).transpose()?,
@@ -85,6 +98,8 @@ pub async fn run(store: &Store, out: &Output, a: QueueArgs) -> Result<()> {
                 cap: a.cap.map(|n| (n > 0).then_some(n)),
                 group_cap: a.group_cap.map(|n| (n > 0).then_some(n)),
                 workspace_cap: a.workspace_cap.map(|n| (n > 0).then_some(n)),
+                group_rate_overrides,
+                group_cap_overrides,
             };
             // Limits first: a refused limit leaves the groups as they were too.
             let limits = store.set_limits(&a.queue, &limits).await?;
@@ -100,31 +115,47 @@ pub async fn run(store: &Store, out: &Output, a: QueueArgs) -> Result<()> {
     Ok(())
 }
 
-/// `GROUP=N` or `GROUP=`.
-fn group_limit(pair: &str) -> Result<(String, Option<u32>)> {
+/// `GROUP=N` or `GROUP=` (a group's own value dropped).
+fn group_value(flag: &str, pair: &str) -> Result<(String, Option<u32>)> {
     let Some((group, limit)) = pair.rsplit_once('=') else {
-        return Err(Error::Invalid(format!("--group-limit takes GROUP=N, got {pair:?}")));
+        return Err(Error::Invalid(format!("{flag} takes GROUP=N, got {pair:?}")));
     };
     if limit.is_empty() {
         return Ok((group.to_string(), None));
     }
-    let n = limit.parse().map_err(|_| Error::Invalid(format!("--group-limit {pair:?}: N must be a whole number")))?;
+    let n = limit.parse().map_err(|_| Error::Invalid(format!("{flag} {pair:?}: N must be a whole number")))?;
     Ok((group.to_string(), Some(n)))
+}
+
+/// `GROUP=N[/SECS]` (N = 0 holds the group) or `GROUP=`.
+fn group_rate_limit(pair: &str) -> Result<(String, Option<RateLimit>)> {
+    const FLAG: &str = "--group-rate-limit-for";
+    let Some((group, limit)) = pair.rsplit_once('=') else {
+        return Err(Error::Invalid(format!("{FLAG} takes GROUP=N[/SECS], got {pair:?}")));
+    };
+    if limit.is_empty() {
+        return Ok((group.to_string(), None));
+    }
+    let (max, window) = parse_rate(FLAG, limit)?;
+    Ok((group.to_string(), Some(RateLimit { max, window })))
 }
 
 /// `N` (per second), `N/SECS`, or `0` (no limit).
 fn rate_limit(flag: &str, text: &str) -> Result<Option<RateLimit>> {
+    let (max, window) = parse_rate(flag, text)?;
+    Ok((max > 0).then_some(RateLimit { max, window }))
+}
+
+/// `N` or `N/SECS`: the claims and the window.
+fn parse_rate(flag: &str, text: &str) -> Result<(u32, Duration)> {
     let bad = || Error::Invalid(format!("{flag} takes N or N/SECS (claims per seconds), got {text:?}"));
     let (max, secs) = text.split_once('/').unwrap_or((text, "1"));
     let max: u32 = max.trim().parse().map_err(|_| bad())?;
     let secs: f64 = secs.trim().parse().map_err(|_| bad())?;
-    if max == 0 {
-        return Ok(None);
-    }
     if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
         return Err(Error::Invalid(format!("{flag} {text:?}: the window must be more than 0 and at most 86400 s")));
     }
-    Ok(Some(RateLimit { max, window: Duration::from_secs_f64(secs) }))
+    Ok((max, Duration::from_secs_f64(secs)))
 }
 
 async fn pause(store: &Store, out: &Output, a: PauseArgs, paused: bool) -> Result<()> {
@@ -174,9 +205,15 @@ fn print_rules(out: &Output, groups: &QueueGroups, limits: &QueueLimits) {
     if let Some(r) = &limits.group_rate {
         println!("  rate limit per group: {}", rate(r));
     }
+    for (g, r) in &limits.group_rate_limits {
+        println!("  rate limit of group {g}: {}", rate(r));
+    }
     for (what, cap) in [("queue", limits.cap), ("group", limits.group_cap), ("workspace", limits.workspace_cap)] {
         if let Some(n) = cap {
             println!("  cap per {what}: {n} queued runs");
         }
+    }
+    for (g, n) in &limits.group_caps {
+        println!("  cap of group {g}: {n} queued runs");
     }
 }
