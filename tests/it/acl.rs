@@ -35,7 +35,7 @@ use serde_json::{Value, json};
 /// the Worker, the demo and the bench need (`-@all` first, then these).
 const ACL_COMMANDS: &str = "+ping +time +wait +fcall +fcall_ro +evalsha +script|load +get +set +del +exists +pexpire +pttl +persist +copy \
     +rename +incr +mget +hget +hmget +hgetall +hkeys +hlen +hset +hsetnx +hdel +hincrby +lpush +llen +blpop +sadd +srem \
-    +smembers +sismember +scard +zadd +zrem +zcard +zcount +zscore +zrange +zrangebyscore +zunionstore +xadd +xdel +xlen +xrange +xrevrange \
+    +smembers +sscan +sismember +scard +zadd +zrem +zcard +zcount +zscore +zrange +zrangebyscore +zunionstore +xadd +xdel +xlen +xrange +xrevrange \
     +xread +xinfo|stream +publish +subscribe +spublish +ssubscribe +cluster|slots";
 
 /// What an operator user adds for the bench's server-wide figures (and the
@@ -706,6 +706,11 @@ async fn tenant_runs_everything(way: WayIn) {
     let held = a(&["--json", "claim", "--runtime", "rt-chat", "--queue", "chat"]).await.json();
     assert_eq!(held["run_id"], "chat-1");
     a(&["queue", "pause", "chat", "--group", "c"]).await.ok();
+    // The dashboard's list of paused groups (SSCAN), through the library as the tenant.
+    let tenant = Store::connect_with(&url, StoreConfig { prefix: "a".into(), ..Default::default() })
+        .await
+        .expect("the library as tenant_a");
+    assert_eq!(tenant.paused_groups("chat", 10).await.expect("paused groups"), vec!["c".to_string()]);
     a(&["queue", "resume", "chat", "--group", "c"]).await.ok();
     a(&["queue", "pause", "chat"]).await.ok();
     a(&["queue", "resume", "chat"]).await.ok();
