@@ -209,6 +209,19 @@ pub(crate) fn server_command(binary: &Path, port: u16, dir: &Path) -> Command {
 /// Waits until a just-spawned server answers PING on `port`; an error (with
 /// the end of its log) when it exits first or is silent for `timeout`.
 pub(crate) fn wait_until_up(child: &mut Child, port: u16, log: &Path, timeout: Duration) -> Result<()> {
+    wait_answering(child, port, log, timeout, || if ping(port) { Ok(()) } else { Err("no PONG".to_string()) })
+}
+
+/// Waits until `probe` (a PING as the caller talks to the server: password,
+/// TLS) succeeds; an error with the end of the server's log when it exits
+/// first, or with the probe's last error when it stays silent for `timeout`.
+pub(crate) fn wait_answering(
+    child: &mut Child,
+    port: u16,
+    log: &Path,
+    timeout: Duration,
+    mut probe: impl FnMut() -> std::result::Result<(), String>,
+) -> Result<()> {
     let started = Instant::now();
     loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -220,11 +233,12 @@ pub(crate) fn wait_until_up(child: &mut Child, port: u16, log: &Path, timeout: D
                 tail.join(" | ")
             )));
         }
-        if ping(port) {
-            return Ok(());
-        }
+        let last = match probe() {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
         if started.elapsed() > timeout {
-            return Err(Error::Server(format!("redis-server on port {port}: no answer after {timeout:?}")));
+            return Err(Error::Server(format!("redis-server on port {port}: no answer after {timeout:?}: {last}")));
         }
         std::thread::sleep(Duration::from_millis(20));
     }

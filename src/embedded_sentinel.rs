@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::embedded::{INSTALL_HINT, die_with_parent, find_redis_server, free_port, server_command};
+use crate::embedded::{INSTALL_HINT, die_with_parent, find_redis_server, free_port, server_command, wait_answering};
 use crate::error::{Error, Result};
 
 /// The name the sentinels monitor the master by.
@@ -570,31 +570,11 @@ fn spawn_sentinel(binary: &Path, port: u16, dir: &Path, master: u16, quorum: usi
 }
 
 /// Waits until a just-spawned process answers `PING` as this module talks
-/// to it (its password, TLS); an error with the end of its log when it
-/// exits first or stays silent for [`STARTUP_TIMEOUT`].
+/// to it (its password, TLS), for at most [`STARTUP_TIMEOUT`].
 fn wait_answers(child: &mut Child, role: Role, port: u16, log: &Path, probe: &Probe) -> Result<()> {
-    let started = Instant::now();
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(5).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            return Err(Error::Server(format!(
-                "redis-server on port {port} exited with {status}: {}",
-                tail.join(" | ")
-            )));
-        }
-        let last = match probe.query(role, port, &["PING"]) {
-            Ok(_) => return Ok(()),
-            Err(e) => e,
-        };
-        if started.elapsed() > STARTUP_TIMEOUT {
-            return Err(Error::Server(format!(
-                "redis-server on port {port}: no answer after {STARTUP_TIMEOUT:?}: {last}"
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_answering(child, port, log, STARTUP_TIMEOUT, || {
+        probe.query(role, port, &["PING"]).map(|_| ()).map_err(|e| e.to_string())
+    })
 }
 
 impl Probe {
