@@ -36,6 +36,7 @@ _COROUTINES = (
     "set_queue_limits",
     "pause_queue",
     "resume_queue",
+    "paused_groups",
 )
 
 

@@ -766,6 +766,14 @@ impl RunLedgerStore {
         self.set_paused(py, queue_name, group, by, false)
     }
 
+    /// The paused groups of a queue, sorted; at most `limit` (1 to 1000) of
+    /// them. queue_stats()["paused_groups"] counts them all.
+    #[pyo3(signature = (queue_name, *, limit=100))]
+    fn paused_groups<'py>(&self, py: Python<'py>, queue_name: String, limit: usize) -> PyResult<Bound<'py, PyAny>> {
+        let shared = self.shared.clone();
+        awaitable(py, async move { shared.store().await?.paused_groups(&queue_name, limit).await.py_err() }, dict)
+    }
+
     /// Queue depths and counters of one queue (beyond the SQL store).
     #[pyo3(signature = (queue_name="default"))]
     fn queue_stats<'py>(&self, py: Python<'py>, queue_name: &str) -> PyResult<Bound<'py, PyAny>> {

@@ -29,11 +29,18 @@ async def test_pause_and_resume_a_queue_and_a_group(store):
     assert await store.claim_next_run(runtime_id="rt", queue_name="chat") is None
     assert await store.resume_queue("chat") is True
     assert await store.pause_queue("chat", group="g1") is True
+    assert await store.pause_queue("chat", group="g0") is True
+    assert await store.paused_groups("chat") == ["g0", "g1"]
+    assert await store.paused_groups("chat", limit=1) in (["g0"], ["g1"])
+    assert (await store.queue_stats("chat"))["paused_groups"] == 2
+    assert await store.resume_queue("chat", group="g0") is True
+    assert await store.paused_groups("chat") == ["g1"]
     assert (await store.claim_next_run(runtime_id="rt", queue_name="chat"))["run_id"] == "y"
     assert await store.claim_next_run(runtime_id="rt", queue_name="chat") is None
     assert (await store.get_run("x"))["status"] == "queued"
     await store.resume_queue("chat", group="g1")
     assert (await store.claim_next_run(runtime_id="rt", queue_name="chat"))["run_id"] == "x"
+    assert await store.paused_groups("chat") == []
 
 
 async def test_bad_group_settings_are_refused(store):

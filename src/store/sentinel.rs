@@ -144,28 +144,27 @@ impl SentinelLink {
 
     /// A pub/sub connection to the master.
     pub async fn pubsub(&self) -> Result<redis::aio::PubSub> {
-        let deadline = Instant::now() + FAILOVER_WAIT;
-        loop {
-            let master = self.master().await?;
-            match master.client.get_async_pubsub().await {
-                Ok(pubsub) => return Ok(pubsub),
-                Err(e) if Error::is_connection_failure(&e) && Instant::now() < deadline => {
-                    self.forget_if(&master.addr, &e);
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.on_master(|client| async move { client.get_async_pubsub().await }).await
     }
 
-    /// Opens a connection to the master, asking the sentinels again while
-    /// the one they named cannot be reached (it died, they have not
-    /// noticed yet).
+    /// Opens a connection to the master.
     async fn open(&self, config: &AsyncConnectionConfig) -> Result<MultiplexedConnection> {
+        self.on_master(|client| async move { client.get_multiplexed_async_connection_with_config(config).await }).await
+    }
+
+    /// Runs `connect` on the master's client, asking the sentinels again
+    /// while the one they named cannot be reached (it died, they have not
+    /// noticed yet), with a backoff, for at most [`FAILOVER_WAIT`].
+    async fn on_master<T, F, Fut>(&self, connect: F) -> Result<T>
+    where
+        F: Fn(redis::Client) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
         let deadline = Instant::now() + FAILOVER_WAIT;
         let mut pause = Duration::from_millis(50);
         loop {
             let master = self.master().await?;
-            match master.client.get_multiplexed_async_connection_with_config(config).await {
+            match connect(master.client.clone()).await {
                 Ok(conn) => return Ok(conn),
                 Err(e) if Error::is_connection_failure(&e) && Instant::now() + pause < deadline => {
                     self.forget_if(&master.addr, &e);

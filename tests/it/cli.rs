@@ -1058,6 +1058,41 @@ async fn claim_wait_without_queue_notices_a_new_queue() {
     assert_eq!(str_of(&run, "run_id"), "fresh", "{}", out.describe());
 }
 
+// `queue pause`/`resume` show in `queue show` (text and JSON) and in
+// `queues`: the queue's pause and each paused group, gone again on resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_show_and_queues_show_what_is_paused() {
+    let redis = common::redis().await;
+    let url = redis.url.as_str();
+    rl(url, &["queue", "set", "q", "--group-by", "conversation_id"]).await.ok();
+    rl(url, &["enqueue", "--queue", "q", "--runner", "r", "--run-id", "a", "--conversation", "c1"]).await.ok();
+    let shown = rl(url, &["--json", "queue", "show", "q"]).await.json();
+    assert_eq!((&shown["paused"], &shown["paused_groups"]), (&json!(false), &json!([])), "{shown}");
+    rl(url, &["queue", "pause", "q"]).await.ok();
+    rl(url, &["queue", "pause", "q", "--group", "c2"]).await.ok();
+    rl(url, &["queue", "pause", "q", "--group", "c1"]).await.ok();
+    let shown = rl(url, &["--json", "queue", "show", "q"]).await.json();
+    assert_eq!(shown["paused"], json!(true), "{shown}");
+    assert_eq!(shown["paused_groups"], json!(["c1", "c2"]), "{shown}");
+    assert_eq!(shown["paused_group_count"], json!(2), "{shown}");
+    let text = rl(url, &["queue", "show", "q"]).await.ok();
+    for line in ["q: paused", "group c1: paused", "group c2: paused"] {
+        assert!(text.stdout.contains(line), "{line:?} missing: {}", text.describe());
+    }
+    let listed = rl(url, &["queues"]).await.ok();
+    assert!(listed.stdout.contains("paused: claims hand out nothing"), "{}", listed.describe());
+    assert!(listed.stdout.contains("2 paused group(s)"), "{}", listed.describe());
+    rl(url, &["queue", "resume", "q"]).await.ok();
+    rl(url, &["queue", "resume", "q", "--group", "c1"]).await.ok();
+    let shown = rl(url, &["--json", "queue", "show", "q"]).await.json();
+    assert_eq!((&shown["paused"], &shown["paused_groups"]), (&json!(false), &json!(["c2"])), "{shown}");
+    let text = rl(url, &["queue", "show", "q"]).await.ok();
+    assert!(!text.stdout.contains("q: paused") && !text.stdout.contains("c1: paused"), "{}", text.describe());
+    let listed = rl(url, &["queues"]).await.ok();
+    assert!(!listed.stdout.contains("paused: claims"), "{}", listed.describe());
+    assert!(listed.stdout.contains("1 paused group(s)"), "{}", listed.describe());
+}
+
 // `queue set` with groups' own rate limits and caps: shown in JSON and
 // text, a group's own cap of 0 refuses its runs (exit 6), bad values exit 2
 // and write nothing, `GROUP=` drops one.

@@ -161,6 +161,12 @@ impl Output {
                 s.dead,
                 s.oldest_queued_age.map(|a| format!("{a:.1}")).unwrap_or_else(|| "-".into())
             );
+            if s.paused {
+                println!("    paused: claims hand out nothing until `queue resume`");
+            }
+            if s.paused_groups > 0 {
+                println!("    {} paused group(s); `queue show` lists them", s.paused_groups);
+            }
             if let Some(age) = s.oldest_running_age {
                 println!(
                     "    oldest running run started {age:.0} s ago (timed out by the reaper after the running timeout)"

@@ -2,7 +2,7 @@
 //! run field is the group, how many runs of one group are claimed at once,
 //! per-group limits), its rate limits and its caps; `pause` and `resume` stop
 //! and restart its claims (the whole queue or one group), `show` prints the
-//! settings.
+//! settings and what is paused.
 
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ pub struct QueueArgs {
 enum QueueAction {
     /// Configure the queue's groups, rate limits and caps; what is not given is kept.
     Set(SetArgs),
-    /// Print the queue's group settings, rate limits and caps.
+    /// Print the queue's group settings, rate limits, caps, and what is paused.
     Show { queue: String },
     /// Stop claims of the queue, or of one group of it; runs stay queued.
     Pause(PauseArgs),
@@ -103,11 +103,18 @@ pub async fn run(store: &Store, out: &Output, a: QueueArgs) -> Result<()> {
             };
             // Limits first: a refused limit leaves the groups as they were too.
             let limits = store.set_limits(&a.queue, &limits).await?;
-            print_rules(out, &store.set_groups(&a.queue, &groups).await?, &limits);
+            print_rules(out, &store.set_groups(&a.queue, &groups).await?, &limits, None);
         }
         QueueAction::Show { queue } => {
             let limits = store.queue_limits(&queue).await?;
-            print_rules(out, &store.queue_groups(&queue).await?, &limits);
+            let groups = store.queue_groups(&queue).await?;
+            let stats = store.queue_stats(&queue, 0).await?;
+            let pauses = Pauses {
+                queue: stats.paused,
+                groups: store.paused_groups(&queue, PAUSED_GROUPS_SHOWN).await?,
+                group_count: stats.paused_groups,
+            };
+            print_rules(out, &groups, &limits, Some(&pauses));
         }
         QueueAction::Pause(a) => pause(store, out, a, true).await?,
         QueueAction::Resume(a) => pause(store, out, a, false).await?,
@@ -180,14 +187,42 @@ async fn pause(store: &Store, out: &Output, a: PauseArgs, paused: bool) -> Resul
     Ok(())
 }
 
-fn print_rules(out: &Output, groups: &QueueGroups, limits: &QueueLimits) {
+/// Paused groups `queue show` lists; past that it says how many it left out.
+const PAUSED_GROUPS_SHOWN: usize = 100;
+
+/// What `queue show` adds to the settings: the queue's pause and its paused groups.
+struct Pauses {
+    queue: bool,
+    groups: Vec<String>,
+    /// All the paused groups, `groups` being at most [`PAUSED_GROUPS_SHOWN`] of them.
+    group_count: i64,
+}
+
+fn print_rules(out: &Output, groups: &QueueGroups, limits: &QueueLimits, pauses: Option<&Pauses>) {
     if out.json {
         let mut value = serde_json::json!(groups);
         if let (Some(object), serde_json::Value::Object(more)) = (value.as_object_mut(), serde_json::json!(limits)) {
             object.extend(more);
+            if let Some(p) = pauses {
+                object.insert("paused".into(), p.queue.into());
+                object.insert("paused_groups".into(), serde_json::json!(p.groups));
+                object.insert("paused_group_count".into(), p.group_count.into());
+            }
         }
         out.json(&value);
         return;
+    }
+    if let Some(p) = pauses {
+        if p.queue {
+            println!("{}: paused (claims hand out nothing until `queue resume`)", groups.queue_name);
+        }
+        for g in &p.groups {
+            println!("  group {g}: paused");
+        }
+        let more = p.group_count - p.groups.len() as i64;
+        if more > 0 {
+            println!("  and {more} more paused groups");
+        }
     }
     match &groups.group_by {
         None => println!("{}: runs are not grouped", groups.queue_name),
