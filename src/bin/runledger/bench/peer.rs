@@ -172,7 +172,7 @@ async fn measure(probe: &Probe<'_>, a: &BenchArgs, side: &impl Side) -> Result<S
     f.lifecycle_per_s = a.runs as f64 / side.lifecycle("bench", a.workers, a.runs).await?;
     f.redis_cpu_us_per_lifecycle = per_run(cpu_before, probe.redis_cpu().await?, 1e6, a.runs);
     if let (Some(b), Some(c)) = (calls_before, probe.command_calls().await?) {
-        f.commands_per_lifecycle = Some(commands_between(&b, &c, a.runs).0);
+        f.commands_per_lifecycle = Some(commands_between(&b, &c, a.runs).total);
     }
     f.memory_per_finished_run = per_run(before, probe.used_memory().await?, 1.0, a.runs);
     if a.many_workers > 0 {

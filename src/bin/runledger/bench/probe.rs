@@ -136,29 +136,46 @@ pub(crate) fn per_run(before: Option<f64>, after: Option<f64>, scale: f64, runs:
     Some((after? - before?) * scale / runs as f64)
 }
 
+/// What the server ran between two INFO commandstats readings, per run.
+#[derive(Default)]
+pub(crate) struct CommandCounts {
+    /// Commands per run, those run inside scripts included.
+    pub total: f64,
+    /// Calls per run of each command.
+    pub by_command: HashMap<String, f64>,
+    /// Microseconds per run spent running each command (a script's time
+    /// includes that of the commands it called).
+    pub us_by_command: HashMap<String, f64>,
+    /// Microseconds per run spent running scripts (FCALL, FCALL_RO, EVALSHA).
+    pub script_us: f64,
+}
+
 /// The commands the server ran between two INFO commandstats readings, per
-/// run: (total, by command, microseconds running scripts). The bench's own
-/// probes (INFO, CONFIG GET, MEMORY PURGE, the XINFO STREAM of its progress
-/// polls, which no script of a lifecycle sends) are left out.
+/// run. The bench's own probes (INFO, CONFIG GET, MEMORY PURGE, the XINFO
+/// STREAM of its progress polls, which no script of a lifecycle sends) are
+/// left out.
 pub(crate) fn commands_between(
     before: &HashMap<String, (f64, f64)>,
     after: &HashMap<String, (f64, f64)>,
     runs: usize,
-) -> (f64, HashMap<String, f64>, f64) {
-    let (mut total, mut breakdown, mut script_us) = (0.0, HashMap::new(), 0.0);
+) -> CommandCounts {
+    let mut out = CommandCounts::default();
+    let runs = runs as f64;
     for (name, (calls_after, usec_after)) in after {
         if name == "info" || name == "config|get" || name == "memory|purge" || name == "xinfo|stream" {
             continue;
         }
         let (calls_before, usec_before) = before.get(name).copied().unwrap_or_default();
+        let usec = (usec_after - usec_before) / runs;
         if OPERATION_CALLS.contains(&name.as_str()) {
-            script_us += (usec_after - usec_before) / runs as f64;
+            out.script_us += usec;
         }
         let delta = calls_after - calls_before;
         if delta > 0.0 {
-            breakdown.insert(name.clone(), delta / runs as f64);
-            total += delta;
+            out.by_command.insert(name.clone(), delta / runs);
+            out.us_by_command.insert(name.clone(), usec);
+            out.total += delta / runs;
         }
     }
-    (total / runs as f64, breakdown, script_us)
+    out
 }

@@ -15,6 +15,8 @@ pub struct Figures {
     /// Redis CPU and script time per run of the batched enqueue: what bounds its rate.
     /// Figures read from INFO are null when the server refuses INFO (an ACL user).
     pub enqueue_redis_cpu_us_per_run: Option<f64>,
+    /// Calls per run of each command of the single enqueue, sorted by name.
+    pub enqueue_single_commands: std::collections::BTreeMap<String, f64>,
     pub enqueue_script_us_per_run: Option<f64>,
     pub lifecycle_per_s: f64,
     pub lifecycle_workers: usize,
@@ -31,6 +33,9 @@ pub struct Figures {
     pub memory_per_finished_run: Option<f64>,
     pub commands_per_lifecycle: Option<f64>,
     pub command_breakdown: HashMap<String, f64>,
+    /// Microseconds per lifecycle spent in each command of `command_breakdown`
+    /// (INFO commandstats; a script's figure includes the commands it called).
+    pub command_us_breakdown: HashMap<String, f64>,
     pub round_trips_per_lifecycle: Option<f64>,
     pub redis_cpu_us_per_lifecycle: Option<f64>,
     /// The part of it spent running the scripts (the rest is network I/O and the event loop).

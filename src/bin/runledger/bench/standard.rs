@@ -186,10 +186,14 @@ async fn phases(store: &Store, probe: &Probe<'_>, a: &BenchArgs, f: &mut Figures
     );
     f.limit = Some(limit);
 
-    // 1. Enqueue, one call at a time.
+    // 1. Enqueue, one call at a time; the commands of one create.
+    let calls_before = probe.command_calls().await?;
     let spent =
         enqueue_single(&store, "bench-single", a.runs).await.map_err(|e| fresh_prefix_refused(e, fresh, &prefix))?;
     f.enqueue_single_per_s = a.runs as f64 / spent.as_secs_f64();
+    if let (Some(before), Some(after)) = (calls_before, probe.command_calls().await?) {
+        f.enqueue_single_commands = commands_between(&before, &after, a.runs).by_command.into_iter().collect();
+    }
     eprintln!("bench: enqueue one at a time {:.0}/s", f.enqueue_single_per_s);
 
     // 2. Enqueue batched; memory per queued run.
@@ -217,10 +221,11 @@ async fn phases(store: &Store, probe: &Probe<'_>, a: &BenchArgs, f: &mut Figures
     f.lifecycle_per_s = a.runs as f64 / took.as_secs_f64();
     f.redis_cpu_us_per_lifecycle = per_run(cpu_before, cpu_after, 1e6, a.runs);
     if let (Some(calls_before), Some(calls_after)) = (calls_before, calls_after) {
-        let (total, breakdown, script_us) = commands_between(&calls_before, &calls_after, a.runs);
-        f.command_breakdown = breakdown;
-        f.script_us_per_lifecycle = Some(script_us);
-        f.commands_per_lifecycle = Some(total);
+        let counted = commands_between(&calls_before, &calls_after, a.runs);
+        f.command_breakdown = counted.by_command;
+        f.command_us_breakdown = counted.us_by_command;
+        f.script_us_per_lifecycle = Some(counted.script_us);
+        f.commands_per_lifecycle = Some(counted.total);
         // Round trips: the commands only a client sends (scripts, blocking
         // waits, pool pings); commands run inside scripts are not round trips.
         f.round_trips_per_lifecycle = Some(

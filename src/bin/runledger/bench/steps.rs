@@ -21,6 +21,8 @@ const CALLERS: usize = 4;
 #[derive(Serialize, Default, Clone, Debug)]
 pub struct StepCost {
     pub commands: Option<f64>,
+    /// Calls per run of each command (those inside scripts included), sorted by name.
+    pub by_command: std::collections::BTreeMap<String, f64>,
     pub redis_cpu_us: Option<f64>,
     pub script_us: Option<f64>,
 }
@@ -46,9 +48,10 @@ where
         _ => None,
     };
     Ok(StepCost {
-        commands: counted.as_ref().map(|(total, _, _)| *total),
+        commands: counted.as_ref().map(|c| c.total),
+        by_command: counted.as_ref().map(|c| c.by_command.clone().into_iter().collect()).unwrap_or_default(),
         redis_cpu_us: per_run(cpu_before, cpu_after, 1e6, runs),
-        script_us: counted.map(|(_, _, script_us)| script_us),
+        script_us: counted.map(|c| c.script_us),
     })
 }
 
