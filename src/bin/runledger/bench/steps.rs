@@ -47,11 +47,15 @@ where
         (Some(before), Some(after)) => Some(commands_between(&before, &after, runs)),
         _ => None,
     };
-    Ok(StepCost {
-        commands: counted.as_ref().map(|c| c.total),
-        by_command: counted.as_ref().map(|c| c.by_command.clone().into_iter().collect()).unwrap_or_default(),
-        redis_cpu_us: per_run(cpu_before, cpu_after, 1e6, runs),
-        script_us: counted.map(|c| c.script_us),
+    let redis_cpu_us = per_run(cpu_before, cpu_after, 1e6, runs);
+    Ok(match counted {
+        Some(c) => StepCost {
+            commands: Some(c.total),
+            by_command: c.by_command.into_iter().collect(),
+            redis_cpu_us,
+            script_us: Some(c.script_us),
+        },
+        None => StepCost { redis_cpu_us, ..StepCost::default() },
     })
 }
 
